@@ -30,5 +30,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e"
 
+bench: $(STAMP)
+	$(PY) bench/load_base.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,46 @@
+"""The command line: help, version, usage errors, and the demo on the real default model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chainlora import __version__
+from chainlora.cli import main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+def test_unknown_command_is_one_line_exit_2(capsys):
+    assert main(["frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'frobnicate'" in err
+
+
+def test_model_json_on_local_dir(tiny_model_dir, capsys):
+    assert main(["model", str(tiny_model_dir), "--device", "cpu", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layers"] == 2 and info["chat_template"] is True and info["device"] == "cpu"
+
+
+def test_data_json_on_demo(capsys):
+    from chainlora.data import DEMO_TASKS, demo_path
+
+    assert main(["data", str(demo_path("train")), "--test-file", str(demo_path("test")), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["task"] for r in rows) == sorted(DEMO_TASKS)
+
+
+@pytest.mark.e2e
+def test_demo_quick(tmp_path, default_base, cli):
+    result = cli("demo", "--quick", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert report["parameters"] == 134_515_008 and len(report["tasks"]) == 10
+    assert len(report["zero_shot_answers"]) == 3
+    assert all(a["base_answer"] for a in report["zero_shot_answers"])
