@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +38,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from chainlora import demo
 
     demo.run(Path(args.out), quick=args.quick)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from chainlora import config
+    from chainlora.train import train_library
+
+    cfg = config.load(args.config, overrides=args.set)
+    root = train_library(cfg, args.out, resume=args.resume, force=args.force)
+    print(f"library: {root}")
     return 0
 
 
@@ -99,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="fewer examples, for a fast look")
     d.set_defaults(func=cmd_demo)
 
+    d = sub.add_parser("train", help="train task adapters, the task selector and the mixed baseline")
+    d.add_argument("config", help="YAML config (see configs/demo.yaml)")
+    d.add_argument("--out", help="library directory (default: the config's output_dir)")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    d.add_argument("--force", action="store_true", help="retrain, replacing an existing library")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. training.max_steps=20 (repeatable)")
+    d.set_defaults(func=cmd_train)
+
     d = sub.add_parser("data", help="check a data file: per-task counts and train/test split")
     d.add_argument("file", help=".jsonl/.json/.csv/.parquet file or a hub dataset name")
     d.add_argument("--test-file", help="explicit test split (else a seeded hash split)")
@@ -121,7 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """Library warnings are for developers; users get chainlora's one-line messages."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading / shard writing bars
+    warnings.filterwarnings("ignore", category=UserWarning, module="(torch|transformers|peft)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func

@@ -1,0 +1,178 @@
+"""The adapter library on disk: a directory of plain PEFT adapters plus a manifest.
+
+    LIB/chainlora.json                       the manifest (below)
+    LIB/tasks/<name>/adapter_config.json     one LoRA per task (plain PEFT format)
+    LIB/tasks/<name>/adapter_model.safetensors
+    LIB/router/...                           the task-selection LoRA
+    LIB/mixed/...                            the mixed-task baseline LoRA
+
+The manifest records the base model (name + sha256 of its weights), every adapter's path and
+sha256 and training facts, the router's task_prompt and labels, and the training config. Every
+adapter is written to a temporary directory and renamed into place, and the manifest is
+rewritten atomically after each one, so a killed run never leaves a half-written adapter that
+looks finished. Opening a library checks the format, that no path leaves the library, and
+(by default) every adapter's hash; a mismatch names the file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from chainlora import __version__, atomic
+from chainlora.data import check_task_name
+from chainlora.errors import ChainloraError
+
+FORMAT_VERSION = 1
+MANIFEST = "chainlora.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def adapter_sha256(directory: Path) -> str:
+    """One sha256 over an adapter's config and weights (what changes its outputs)."""
+    h = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        path = directory / name
+        if not path.is_file():
+            raise ChainloraError(f"{path}: missing adapter file")
+        h.update(f"{name}\n".encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def task_path(name: str) -> str:
+    """Where a task's adapter lives, relative to the library; the name is checked first."""
+    return f"tasks/{check_task_name(name, 'task')}"
+
+
+def inside(root: Path, rel: str) -> Path:
+    """`root/rel`, refusing anything that resolves outside `root` (absolute paths, `..`, links)."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        raise ChainloraError(f"{root / MANIFEST}: adapter path {rel!r} must be relative to the library")
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ChainloraError(f"{root / MANIFEST}: adapter path {rel!r} leaves the library")
+    return path
+
+
+def save_adapter(peft_model: Any, root: Path, rel: str) -> str:
+    """Save the active adapter of `peft_model` as plain PEFT files at root/rel, atomically."""
+    target = inside(root, rel)
+    with atomic.directory(target, replace=True) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        sha = adapter_sha256(tmp)
+    return sha
+
+
+def new_manifest(base_name: str, base_fingerprint: str, config: dict, config_sha256: str) -> dict:
+    """An empty, unfinished manifest for a run about to start."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "chainlora_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+        "base_model": {"name": base_name, "fingerprint": base_fingerprint},
+        "tasks": [],
+        "router": None,
+        "mixed": None,
+        "training": config,
+        "config_sha256": config_sha256,
+    }
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    atomic.write_json(root / MANIFEST, manifest)
+
+
+def read_manifest(root: Path) -> dict | None:
+    """The manifest of `root`, or None when there is none; malformed is an error."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChainloraError(f"{path}: corrupt manifest ({e})")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise ChainloraError(f"{path}: not a chainlora library manifest of format {FORMAT_VERSION}")
+    return manifest
+
+
+class Library:
+    """An opened, checked adapter library."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, root: str | Path, *, verify: bool = True) -> "Library":
+        root = Path(root)
+        if not root.is_dir():
+            raise ChainloraError(f"{root}: library directory not found")
+        manifest = read_manifest(root)
+        if manifest is None:
+            raise ChainloraError(f"{root}: not a chainlora library (no {MANIFEST})")
+        if not manifest.get("complete"):
+            raise ChainloraError(f"{root / MANIFEST}: training did not finish; run `chainlora train` with --resume")
+        lib = cls(root, manifest)
+        for entry in lib.entries():
+            if entry in lib.tasks:
+                check_task_name(entry.get("name", ""), f"{root / MANIFEST}: tasks")
+            inside(root, entry.get("path"))
+        if verify:
+            lib.verify()
+        return lib
+
+    @property
+    def tasks(self) -> list[dict]:
+        return self.manifest["tasks"]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t["name"] for t in self.tasks]
+
+    @property
+    def router(self) -> dict | None:
+        return self.manifest.get("router")
+
+    @property
+    def mixed(self) -> dict | None:
+        return self.manifest.get("mixed")
+
+    def entries(self) -> list[dict]:
+        """Every adapter entry: tasks, then router and mixed when present."""
+        return self.tasks + [e for e in (self.router, self.mixed) if e]
+
+    def task(self, name: str) -> dict:
+        for t in self.tasks:
+            if t["name"] == name:
+                return t
+        raise ChainloraError(f"{self.root}: no task {name!r} (tasks: {', '.join(self.task_names)})")
+
+    def path(self, entry: dict) -> Path:
+        return inside(self.root, entry["path"])
+
+    def verify(self) -> None:
+        """Recompute every adapter's sha256 and compare with the manifest."""
+        for entry in self.entries():
+            directory = self.path(entry)
+            if adapter_sha256(directory) != entry.get("sha256"):
+                raise ChainloraError(
+                    f"{directory / ADAPTER_FILES[1]}: sha256 does not match the manifest "
+                    "(corrupt or modified adapter; retrain it or restore the file)"
+                )
+
+    def check_base(self, name: str, fingerprint: str) -> None:
+        """Refuse a base model other than the one the adapters were trained on."""
+        expected = self.manifest["base_model"]
+        if expected["fingerprint"] != fingerprint:
+            raise ChainloraError(
+                f"{self.root / MANIFEST}: adapters were trained on base model {expected['name']!r} "
+                f"({expected['fingerprint'][:23]}...), not on {name!r} ({fingerprint[:23]}...)"
+            )

@@ -1,0 +1,94 @@
+"""Progress of a training run: one overall bar above the Trainer's per-step bar, and a summary.
+
+The overall bar counts optimizer steps over ALL adapters (so its ETA is honest even though the
+mixed adapter may take as long as all task adapters together) and shows which adapter runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+class RunProgress:
+    """Overall bar + per-adapter results; silent on non-main processes."""
+
+    def __init__(self, jobs: list, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.enabled = enabled
+        self.n_jobs = len(jobs)
+        self.done = 0
+        self.rows: list[tuple[Any, dict, bool]] = []
+        self.bar = tqdm(total=sum(j.steps for j in jobs), desc="chainlora", unit="step",
+                        position=0, disable=not enabled, dynamic_ncols=True)
+
+    def _status(self, job: Any) -> None:
+        self.bar.set_postfix_str(f"adapter {self.done + 1}/{self.n_jobs}: {job.name}")
+
+    def callback(self, job: Any):
+        """A TrainerCallback that advances the overall bar with the Trainer's steps."""
+        from transformers import TrainerCallback
+
+        progress = self
+
+        class _Overall(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                progress._status(job)
+                progress.bar.update(state.global_step)  # resumed: steps already done
+
+            def on_step_end(self, args, state, control, **kw):
+                progress.bar.update(1)
+
+        return _Overall()
+
+    def step_bar(self):
+        """The Trainer's per-step bar, showing the latest loss instead of printing log dicts."""
+        from transformers.trainer_callback import ProgressCallback
+
+        class _StepBar(ProgressCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if self.training_bar is not None and logs and "loss" in logs:
+                    self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+
+        return _StepBar()
+
+    def skip(self, job: Any, entry: dict) -> None:
+        """An adapter finished by an earlier run (resume)."""
+        self.bar.update(job.steps)
+        self.done += 1
+        self.rows.append((job, entry, True))
+
+    def finish(self, job: Any, entry: dict) -> None:
+        self.done += 1
+        self.rows.append((job, entry, False))
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.enabled and self.rows:
+            Console(stderr=True, width=110).print(summary_table(self.rows))
+
+
+def summary_table(rows: list[tuple[Any, dict, bool]]) -> Table:
+    """Adapters, steps, tokens, wall time, tokens/s and losses; a total row."""
+    table = Table(title="training summary")
+    cols = ("adapter", "steps", "tokens", "seconds", "tokens/s", "train loss", "test loss", "base loss")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "adapter" else "right")
+    tokens = seconds = steps = 0
+    for job, e, skipped in rows:
+        tps = e["tokens"] / e["seconds"] if e.get("seconds") else 0.0
+        name = job.name if job.kind == "task" else f"({job.kind})"
+        table.add_row(name + (" (earlier run)" if skipped else ""), str(e["steps"]), str(e["tokens"]),
+                      f"{e['seconds']:.1f}", f"{tps:.0f}", f"{e['train_loss']:.3f}",
+                      _fmt(e.get("test_loss")), _fmt(e.get("base_test_loss")))
+        tokens, seconds, steps = tokens + e["tokens"], seconds + e["seconds"], steps + e["steps"]
+    table.add_row("total", str(steps), str(tokens), f"{seconds:.1f}",
+                  f"{tokens / seconds:.0f}" if seconds else "-", "", "", "")
+    return table
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"

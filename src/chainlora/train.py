@@ -1,0 +1,327 @@
+"""`chainlora train`: the routed chain's adapters, trained one after another into a library.
+
+A run is a plan of jobs — one LoRA per task (M_t), the task-selection LoRA (P) and the
+mixed-task baseline (M_mix) — executed by transformers' Trainer on ONE base model loaded once:
+each job wraps the base with `get_peft_model`, trains, saves the adapter atomically into the
+library, and `unload()`s the LoRA layers so the next job starts from the untouched base.
+The Trainer brings gradient accumulation, bf16/fp16, checkpoints, logging and
+accelerate/torchrun multi-process training; only the main process writes the library.
+
+Resume: each job checkpoints into LIB/.work/<job>/; the manifest is rewritten after every
+finished adapter. `--resume` skips finished adapters (hash-checked) and continues the job in
+progress from its last complete Trainer checkpoint (RNG, optimizer, data order included).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chainlora import library
+from chainlora.config import Config, TrainingSettings
+from chainlora.data import Record, TaskData, demo_path, load_tasks
+from chainlora.errors import ChainloraError
+from chainlora.examples import Pair, answer_pairs, build_dataset, collator, selector_pairs
+from chainlora.progress import RunProgress
+
+WORK = ".work"
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt")
+
+
+@dataclass
+class Job:
+    """One adapter to train."""
+
+    kind: str  # "task", "router" or "mixed"
+    name: str  # the task's name, or "router" / "mixed"
+    path: str  # where it goes, relative to the library
+    train: list[Pair]
+    test: list[Pair]
+    settings: TrainingSettings
+    steps: int = 0
+    info: dict[str, Any] = field(default_factory=dict)  # extra manifest fields (label, ...)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def load_data(cfg: Config) -> dict[str, TaskData]:
+    """The config's data, split by task ("demo" means the bundled data and its fixed split)."""
+    d = cfg.data
+    train, test = (demo_path("train"), demo_path("test")) if d.train == "demo" else (d.train, d.test)
+    return load_tasks(train, test_source=test, test_fraction=d.test_fraction, seed=cfg.training.seed,
+                      min_records=d.min_records, fields=d.fields or None, task=d.task)
+
+
+def _sample(records: list[Record], limit: int | None, seed: int) -> list[Record]:
+    """At most `limit` records, a seeded sample (data files are often sorted)."""
+    if limit is None or len(records) <= limit:
+        return list(records)
+    return random.Random(seed).sample(records, limit)
+
+
+def steps_for(settings: TrainingSettings, n_examples: int, world_size: int = 1) -> int:
+    """Optimizer steps for a job: max_steps, else epochs over the data."""
+    if settings.max_steps is not None:
+        return settings.max_steps
+    per_step = settings.batch_size * settings.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(math.ceil(n_examples / per_step) * settings.epochs))
+
+
+def labels_for(cfg: Config, tasks: list[str]) -> dict[str, str]:
+    """Router labels: the configured ones, else the task names; unique and non-empty."""
+    for key in cfg.router.labels:
+        if key not in tasks:
+            raise ChainloraError(f"{cfg.source}: router.labels.{key}: not a trained task")
+    labels = {t: cfg.router.labels.get(t, t).strip() for t in tasks}
+    seen: dict[str, str] = {}
+    for task, label in labels.items():
+        if not label:
+            raise ChainloraError(f"{cfg.source}: router.labels.{task}: empty label")
+        if label in seen:
+            raise ChainloraError(f"{cfg.source}: router.labels.{task}: label {label!r} also names {seen[label]!r}")
+        seen[label] = task
+    return labels
+
+
+def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:
+    """Task adapters in task order, then the router, then the mixed baseline."""
+    names = list(data) if cfg.tasks == "all" else cfg.tasks
+    for name in names:
+        if name not in data:
+            raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")
+    seed, d = cfg.training.seed, cfg.data
+    train = {t: _sample(data[t].train, d.max_train_per_task, seed) for t in names}
+    test = {t: _sample(data[t].test, d.max_test_per_task, seed) for t in names}
+    jobs = []
+    for t in names:
+        job = Job("task", t, library.task_path(t), answer_pairs(train[t]), answer_pairs(test[t]),
+                  cfg.training, info={"name": t, "label": t})
+        job.steps = steps_for(job.settings, len(job.train), world_size)
+        jobs.append(job)
+    task_steps = [j.steps for j in jobs]
+    if cfg.router.enabled:
+        labels = labels_for(cfg, names)
+        for job in jobs:
+            job.info["label"] = labels[job.name]
+        template = cfg.router.task_prompt
+        rtrain = [r for t in names for r in _sample(train[t], cfg.router.max_train_per_task, seed)]
+        router = Job("router", "router", "router", selector_pairs(rtrain, labels, template),
+                     selector_pairs([r for t in names for r in test[t]], labels, template),
+                     cfg.training_for("router"),
+                     info={"kind": "lora", "selector": "score", "task_prompt": template, "labels": labels})
+        router.steps = steps_for(router.settings, len(router.train), world_size)
+        jobs.append(router)
+    if cfg.mixed.enabled:
+        mixed = Job("mixed", "mixed", "mixed", answer_pairs([r for t in names for r in train[t]]),
+                    answer_pairs([r for t in names for r in test[t]]), cfg.training_for("mixed"),
+                    info={"budget": cfg.mixed.budget})
+        budget = cfg.mixed.budget
+        mixed.steps = (sum(task_steps) if budget == "matched" else max(task_steps) if budget == "same"
+                       else budget)
+        jobs.append(mixed)
+    return jobs
+
+
+# --------------------------------------------------------------------------- one job
+
+
+def last_checkpoint(work: Path) -> Path | None:
+    """The newest COMPLETE Trainer checkpoint in `work` (trainer_state.json is written last)."""
+    import json
+
+    found = []
+    for ckpt in work.glob("checkpoint-*"):
+        try:
+            step = int(ckpt.name.split("-")[1])
+            json.loads((ckpt / "trainer_state.json").read_text())
+        except (ValueError, IndexError, OSError, json.JSONDecodeError):
+            continue
+        if all((ckpt / f).is_file() for f in CHECKPOINT_FILES):
+            found.append((step, ckpt))
+    return max(found)[1] if found else None
+
+
+def _precision(settings: TrainingSettings) -> dict[str, bool]:
+    import torch
+
+    p = settings.precision
+    if p == "auto":
+        p = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if p == "fp16" and not torch.cuda.is_available():
+        raise ChainloraError("training.precision: fp16 needs a CUDA GPU (use fp32 or bf16 on CPU)")
+    return {"bf16": p == "bf16", "fp16": p == "fp16"}
+
+
+def training_args(job: Job, work: Path, logs: Path):
+    """TrainingArguments for one job; everything from the config, nothing hidden."""
+    import importlib.util
+
+    from transformers import TrainingArguments
+
+    s = job.settings
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs)  # transformers reads it per run
+    return TrainingArguments(
+        output_dir=str(work),
+        max_steps=job.steps,
+        per_device_train_batch_size=s.batch_size,
+        per_device_eval_batch_size=s.eval_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=s.warmup_ratio,
+        weight_decay=s.weight_decay,
+        seed=s.seed,
+        data_seed=s.seed,
+        save_strategy="steps",
+        save_steps=s.save_steps,
+        save_total_limit=2,
+        logging_steps=s.logging_steps,
+        report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        **_precision(s),
+    )
+
+
+def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress: RunProgress) -> dict:
+    """Train one adapter on `base`, save it into the library, restore the base; return its entry."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, set_seed
+    from transformers.trainer_callback import ProgressCallback
+
+    work, tok = root / WORK / job.path.replace("/", "-"), base.tokenizer
+    checkpoint = last_checkpoint(work) if resume else None
+    if checkpoint is None and work.exists():
+        shutil.rmtree(work)  # stale partial work of an earlier, abandoned attempt
+    set_seed(job.settings.seed)  # same LoRA init whether or not earlier jobs ran in this process
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(base.model, lora)
+    except ValueError as e:
+        raise ChainloraError(f"{cfg.source}: lora.target_modules: {e}".splitlines()[0])
+    tok.padding_side = "right"
+    train_ds = build_dataset(tok, job.train, job.settings.max_length)
+    test_ds = build_dataset(tok, job.test, job.settings.max_length) if job.test else None
+    trainer = Trainer(model=model, args=training_args(job, work, root / "logs" / job.name),
+                      train_dataset=train_ds, data_collator=collator(tok),
+                      callbacks=[progress.callback(job)])
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress.step_bar())
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - t0
+    entry = {**job.info, "path": job.path, "n_train": len(job.train), "n_test": len(job.test),
+             "steps": job.steps, "tokens": int(trainer.state.num_input_tokens_seen),
+             "train_loss": round(result.training_loss, 5), "seconds": round(seconds, 1)}
+    if test_ds is not None:
+        entry["test_loss"] = round(trainer.evaluate(test_ds)["eval_loss"], 5)
+        if job.kind == "task":
+            with model.disable_adapter():
+                entry["base_test_loss"] = round(trainer.evaluate(test_ds)["eval_loss"], 5)
+    if trainer.is_world_process_zero():
+        entry["sha256"] = library.save_adapter(model, root, job.path)
+    trainer.accelerator.wait_for_everyone()
+    base.model = model.unload()  # the LoRA layers go; base weights were never touched
+    return entry
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _prepare_root(cfg: Config, root: Path, resume: bool, force: bool, digest: str) -> dict | None:
+    """Decide what to do with an existing output directory; return a manifest to continue."""
+    manifest = library.read_manifest(root)
+    if manifest is None:
+        if root.exists() and any(p.name != WORK for p in root.iterdir()) and not force:
+            raise ChainloraError(f"{root}: exists and is not a chainlora library; choose another --out")
+        if force and root.exists():
+            shutil.rmtree(root)
+        return None
+    if force:
+        shutil.rmtree(root)
+        return None
+    if manifest.get("config_sha256") != digest:
+        raise ChainloraError(f"{root}: holds a library trained with a different config; "
+                             "use --force to overwrite it or another --out")
+    if manifest.get("complete") or resume:
+        return manifest
+    raise ChainloraError(f"{root}: an unfinished run is here; --resume to continue it, --force to start over")
+
+
+def _finished(root: Path, manifest: dict, job: Job) -> dict | None:
+    """The manifest entry of `job` when its adapter is on disk with the recorded hash."""
+    entries = manifest["tasks"] if job.kind == "task" else [manifest.get(job.kind)]
+    for entry in entries:
+        if entry and entry.get("path") == job.path:
+            try:
+                if library.adapter_sha256(library.inside(root, job.path)) == entry.get("sha256"):
+                    return entry
+            except ChainloraError:
+                return None
+    return None
+
+
+def _record(manifest: dict, job: Job, entry: dict) -> None:
+    if job.kind == "task":
+        manifest["tasks"] = [e for e in manifest["tasks"] if e["path"] != job.path] + [entry]
+    else:
+        manifest[job.kind] = entry
+
+
+def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = False,
+                  force: bool = False) -> Path:
+    """Train every adapter the config asks for into the library at `out`; return its path."""
+    from accelerate import PartialState
+
+    from chainlora.models import load_base
+
+    state = PartialState()  # sets up torch.distributed under accelerate launch / torchrun
+    root = Path(out or cfg.output_dir)
+    digest = cfg.digest()
+    data = load_data(cfg)  # check data before loading a model: bad input fails fast
+    jobs = plan(cfg, data, state.num_processes)
+    base = load_base(cfg.base_model, dtype=cfg.dtype)
+    if state.is_main_process:
+        manifest = _prepare_root(cfg, root, resume, force, digest)
+        if manifest is None:
+            manifest = library.new_manifest(cfg.base_model, base.fingerprint, cfg.to_dict(), digest)
+        elif manifest["base_model"]["fingerprint"] != base.fingerprint:
+            raise ChainloraError(f"{root / library.MANIFEST}: trained on another base model than "
+                                 f"{cfg.base_model!r}; use --force to retrain")
+        root.mkdir(parents=True, exist_ok=True)
+        library.write_manifest(root, manifest)
+    state.wait_for_everyone()
+    manifest = library.read_manifest(root)  # every process sees what the main one decided
+    if manifest["complete"]:
+        if state.is_main_process:
+            print(f"{root}: already trained with this config (use --force to retrain)")
+        return root
+    progress = RunProgress(jobs, enabled=state.is_main_process)
+    for job in jobs:
+        done = _finished(root, manifest, job)
+        if done is not None:
+            progress.skip(job, done)
+            continue
+        entry = run_job(job, base, cfg, root, resume, progress)
+        progress.finish(job, entry)
+        if state.is_main_process:
+            _record(manifest, job, entry)
+            library.write_manifest(root, manifest)
+        state.wait_for_everyone()
+    if state.is_main_process:
+        manifest["complete"] = True
+        library.write_manifest(root, manifest)
+        shutil.rmtree(root / WORK, ignore_errors=True)
+    progress.close()
+    state.wait_for_everyone()
+    return root
