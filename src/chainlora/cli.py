@@ -151,7 +151,8 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight loading / shard writing bars
-    warnings.filterwarnings("ignore", category=UserWarning, module="(torch|transformers|peft)")
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module="(torch|transformers|peft|accelerate)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

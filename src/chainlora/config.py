@@ -92,6 +92,9 @@ class Config:
     base_model: str = DEFAULT_MODEL
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     tasks: Union[Literal["all"], list[str]] = "all"
+    # System message for every prompt; null keeps the chat template's own default. Recorded in
+    # the library so inference renders prompts exactly as training did.
+    system_prompt: str | None = None
     data: DataSettings = field(default_factory=DataSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)

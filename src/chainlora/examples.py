@@ -35,13 +35,13 @@ def selector_pairs(records: Iterable[Record], labels: dict[str, str], template: 
     return [Pair(prompts.task_prompt(r.instruction, r.input, template), labels[r.task]) for r in records]
 
 
-def tokenize(tokenizer: object, pair: Pair, max_length: int) -> dict[str, list[int]]:
+def tokenize(tokenizer: object, pair: Pair, max_length: int, system: str | None = None) -> dict[str, list[int]]:
     """input_ids / attention_mask / labels for one pair, answer-only labels.
 
     Too long: the prompt loses tokens from its start (the request is at its end), and the
     answer is cut only if it alone does not fit.
     """
-    prompt = tokenizer(prompts.render(tokenizer, pair.text), add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(prompts.render(tokenizer, pair.text, system), add_special_tokens=False)["input_ids"]
     answer = tokenizer(pair.answer + prompts.end_of_answer(tokenizer), add_special_tokens=False)["input_ids"]
     answer = answer[: max(1, max_length - 1)]
     prompt = prompt[-(max_length - len(answer)):] if len(prompt) + len(answer) > max_length else prompt
@@ -50,11 +50,11 @@ def tokenize(tokenizer: object, pair: Pair, max_length: int) -> dict[str, list[i
             "labels": [IGNORE] * len(prompt) + answer}
 
 
-def build_dataset(tokenizer: object, pairs: list[Pair], max_length: int):
+def build_dataset(tokenizer: object, pairs: list[Pair], max_length: int, system: str | None = None):
     """A `datasets.Dataset` of tokenized pairs (Arrow-backed, ready for the Trainer)."""
     import datasets
 
-    rows = [tokenize(tokenizer, p, max_length) for p in pairs]
+    rows = [tokenize(tokenizer, p, max_length, system) for p in pairs]
     return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in ("input_ids", "attention_mask", "labels")})
 
 

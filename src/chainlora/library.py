@@ -69,7 +69,8 @@ def save_adapter(peft_model: Any, root: Path, rel: str) -> str:
     return sha
 
 
-def new_manifest(base_name: str, base_fingerprint: str, config: dict, config_sha256: str) -> dict:
+def new_manifest(base_name: str, base_fingerprint: str, config: dict, config_sha256: str,
+                 system_prompt: str | None = None) -> dict:
     """An empty, unfinished manifest for a run about to start."""
     return {
         "format_version": FORMAT_VERSION,
@@ -77,6 +78,7 @@ def new_manifest(base_name: str, base_fingerprint: str, config: dict, config_sha
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
         "base_model": {"name": base_name, "fingerprint": base_fingerprint},
+        "system_prompt": system_prompt,
         "tasks": [],
         "router": None,
         "mixed": None,
@@ -176,3 +178,28 @@ class Library:
                 f"{self.root / MANIFEST}: adapters were trained on base model {expected['name']!r} "
                 f"({expected['fingerprint'][:23]}...), not on {name!r} ({fingerprint[:23]}...)"
             )
+
+
+def load_adapters(model: Any, lib: Library, names: list[str] | None = None) -> Any:
+    """Wrap `model` in ONE PeftModel holding the library's adapters under their names.
+
+    Task adapters are named after their task; the router is "router", the mixed one "mixed".
+    Plain `PeftModel.from_pretrained` / `load_adapter` do the loading, so what chainlora runs
+    is exactly what plain PEFT loads.
+    """
+    from peft import PeftModel
+
+    named = {t["name"]: t for t in lib.tasks}
+    named.update({k: e for k, e in (("router", lib.router), ("mixed", lib.mixed)) if e})
+    wanted = names or list(named)
+    peft_model = None
+    for name in wanted:
+        if name not in named:
+            raise ChainloraError(f"{lib.root}: no adapter {name!r} (have: {', '.join(named)})")
+        path = str(lib.path(named[name]))
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        else:
+            peft_model.load_adapter(path, adapter_name=name)
+    peft_model.eval()
+    return peft_model

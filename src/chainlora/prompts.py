@@ -28,10 +28,13 @@ def has_chat_template(tokenizer: object) -> bool:
 
 
 def render(tokenizer: object, text: str, system: str | None = None) -> str:
-    """The prompt string for `text`, ending where the model's answer starts."""
+    """The prompt string for `text`, ending where the model's answer starts.
+
+    system=None keeps the chat template's own default system message (if it has one).
+    """
     if not has_chat_template(tokenizer):
         return (f"{system}\n\n" if system else "") + PLAIN_TEMPLATE.format(text=text)
-    messages = ([{"role": "system", "content": system}] if system else []) + [
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": text}
     ]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

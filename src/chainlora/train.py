@@ -31,6 +31,7 @@ from chainlora.examples import Pair, answer_pairs, build_dataset, collator, sele
 from chainlora.progress import RunProgress
 
 WORK = ".work"
+RESERVED = ("chain", "router", "mixed")  # adapter / model names of their own
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt")
 
 
@@ -96,6 +97,8 @@ def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Jo
     for name in names:
         if name not in data:
             raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")
+        if name in RESERVED:
+            raise ChainloraError(f"{cfg.source}: tasks: {name!r} is a reserved name; rename that task")
     seed, d = cfg.training.seed, cfg.data
     train = {t: _sample(data[t].train, d.max_train_per_task, seed) for t in names}
     test = {t: _sample(data[t].test, d.max_test_per_task, seed) for t in names}
@@ -115,13 +118,14 @@ def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Jo
         router = Job("router", "router", "router", selector_pairs(rtrain, labels, template),
                      selector_pairs([r for t in names for r in test[t]], labels, template),
                      cfg.training_for("router"),
-                     info={"kind": "lora", "selector": "score", "task_prompt": template, "labels": labels})
+                     info={"name": "router", "kind": "lora", "selector": "score",
+                           "task_prompt": template, "labels": labels})
         router.steps = steps_for(router.settings, len(router.train), world_size)
         jobs.append(router)
     if cfg.mixed.enabled:
         mixed = Job("mixed", "mixed", "mixed", answer_pairs([r for t in names for r in train[t]]),
                     answer_pairs([r for t in names for r in test[t]]), cfg.training_for("mixed"),
-                    info={"budget": cfg.mixed.budget})
+                    info={"name": "mixed", "budget": cfg.mixed.budget})
         budget = cfg.mixed.budget
         mixed.steps = (sum(task_steps) if budget == "matched" else max(task_steps) if budget == "same"
                        else budget)
@@ -188,6 +192,7 @@ def training_args(job: Job, work: Path, logs: Path):
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+        prediction_loss_only=True,  # evaluation needs the loss, not 49k-wide logits kept in RAM
         **_precision(s),
     )
 
@@ -210,8 +215,9 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
     except ValueError as e:
         raise ChainloraError(f"{cfg.source}: lora.target_modules: {e}".splitlines()[0])
     tok.padding_side = "right"
-    train_ds = build_dataset(tok, job.train, job.settings.max_length)
-    test_ds = build_dataset(tok, job.test, job.settings.max_length) if job.test else None
+    system = cfg.system_prompt
+    train_ds = build_dataset(tok, job.train, job.settings.max_length, system)
+    test_ds = build_dataset(tok, job.test, job.settings.max_length, system) if job.test else None
     trainer = Trainer(model=model, args=training_args(job, work, root / "logs" / job.name),
                       train_dataset=train_ds, data_collator=collator(tok),
                       callbacks=[progress.callback(job)])
@@ -294,7 +300,8 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     if state.is_main_process:
         manifest = _prepare_root(cfg, root, resume, force, digest)
         if manifest is None:
-            manifest = library.new_manifest(cfg.base_model, base.fingerprint, cfg.to_dict(), digest)
+            manifest = library.new_manifest(cfg.base_model, base.fingerprint, cfg.to_dict(), digest,
+                                            cfg.system_prompt)
         elif manifest["base_model"]["fingerprint"] != base.fingerprint:
             raise ChainloraError(f"{root / library.MANIFEST}: trained on another base model than "
                                  f"{cfg.base_model!r}; use --force to retrain")

@@ -1,0 +1,194 @@
+"""Training into a library, on a tiny model: layout, hashes, plain-PEFT loading, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chainlora import config, library
+from chainlora.cli import main
+from chainlora.errors import ChainloraError
+from chainlora.library import Library, load_adapters
+from chainlora.models import load_base
+from chainlora.train import train_library
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def tiny_config(model_dir: Path, *extra: str) -> config.Config:
+    return config.load(TINY, overrides=[f"base_model={model_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_lib(tiny_model_dir, tmp_path_factory) -> Path:
+    return train_library(tiny_config(tiny_model_dir), tmp_path_factory.mktemp("lib") / "lib")
+
+
+def adapter_weights(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {str(p.parent.relative_to(root)): load_file(p) for p in sorted(root.rglob("adapter_model.safetensors"))}
+
+
+def test_library_layout_and_manifest(tiny_lib, tiny_model_dir):
+    lib = Library.open(tiny_lib)  # verifies every hash
+    m = lib.manifest
+    assert m["complete"] and m["format_version"] == 1
+    assert m["base_model"]["fingerprint"] == load_base(str(tiny_model_dir), device="cpu").fingerprint
+    assert lib.task_names == ["antonym", "sentiment", "rhyme"]
+    for t in lib.tasks:
+        assert t["path"] == f"tasks/{t['name']}" and t["n_train"] == 16 and t["n_test"] == 8
+        assert t["steps"] == 4 and t["tokens"] > 0 and "base_test_loss" in t
+    assert lib.router["labels"] == {"antonym": "antonym", "sentiment": "sentiment", "rhyme": "rhyme"}
+    assert "{instruction}" in lib.router["task_prompt"] and lib.router["steps"] == 6
+    assert lib.mixed["steps"] == 12  # budget: matched = 3 tasks x 4 steps
+    assert m["training"]["lora"]["r"] == 4
+    assert not (tiny_lib / ".work").exists()
+    cfg = json.loads((tiny_lib / "tasks/antonym/adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_plain_peft_gives_same_logits_as_chainlora(tiny_lib, tiny_model_dir):
+    """Every adapter loads with plain PeftModel.from_pretrained and matches chainlora's loading."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lib = Library.open(tiny_lib)
+    base = load_base(str(tiny_model_dir), device="cpu")
+    multi = load_adapters(base.model, lib)
+    ids = base.tokenizer("Give the antonym of hot", return_tensors="pt")["input_ids"]
+    for entry in lib.entries():
+        name = entry["name"]
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                          str(tiny_lib / entry["path"])).eval()
+        multi.set_adapter(name)
+        with torch.no_grad():
+            a, b = plain(ids).logits, multi(ids).logits
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        with torch.no_grad(), multi.disable_adapter():
+            assert not torch.allclose(multi(ids).logits, b, atol=1e-7), f"{name} changed nothing"
+
+
+def test_training_leaves_the_base_untouched(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, "tasks=[antonym]", "router.enabled=false", "mixed.enabled=false")
+    fresh = load_base(str(tiny_model_dir), device="cpu").model
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    import chainlora.train as train_mod
+
+    seen = {}
+    real = train_mod.run_job
+
+    def spy(job, base, *a, **kw):
+        entry = real(job, base, *a, **kw)
+        seen["model"] = base.model
+        return entry
+
+    train_mod.run_job = spy
+    try:
+        train_library(cfg, tmp_path / "lib")
+    finally:
+        train_mod.run_job = real
+    after = seen["model"].state_dict()
+    assert before.keys() == after.keys()  # LoRA layers are gone again
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rerun_is_noop_and_changes_need_force(tiny_lib, tiny_model_dir, capsys):
+    stamp = (tiny_lib / library.MANIFEST).stat().st_mtime_ns
+    train_library(tiny_config(tiny_model_dir), tiny_lib)
+    assert "already trained with this config" in capsys.readouterr().out
+    assert (tiny_lib / library.MANIFEST).stat().st_mtime_ns == stamp
+    with pytest.raises(ChainloraError, match="trained with a different config; use --force"):
+        train_library(tiny_config(tiny_model_dir, "lora.r=2"), tiny_lib)
+
+
+def test_refuses_foreign_directory(tiny_model_dir, tmp_path):
+    (tmp_path / "precious.txt").write_text("do not delete")
+    with pytest.raises(ChainloraError, match="exists and is not a chainlora library"):
+        train_library(tiny_config(tiny_model_dir), tmp_path)
+    assert (tmp_path / "precious.txt").exists()
+
+
+def test_corrupt_adapter_and_wrong_base_are_refused(tiny_lib, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "lib"
+    shutil.copytree(tiny_lib, copy)
+    lib = Library.open(copy)
+    with pytest.raises(ChainloraError, match="adapters were trained on base model"):
+        lib.check_base("other", "sha256:" + "0" * 64)
+    weights = copy / "tasks/rhyme/adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x01")
+    with pytest.raises(ChainloraError, match=r"tasks/rhyme/adapter_model.safetensors: sha256 does not match"):
+        Library.open(copy)
+    manifest = json.loads((copy / library.MANIFEST).read_text())
+    manifest["tasks"][0]["path"] = "../../etc"
+    (copy / library.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ChainloraError, match="adapter path '../../etc' leaves the library"):
+        Library.open(copy, verify=False)
+
+
+# ----------------------------------------------------------------------------- kill and resume
+
+RESUME_ARGS = ["training.max_steps=12", "training.save_steps=3", "router.training.max_steps=12",
+               "data.max_train_per_task=48"]
+
+
+def _train_cmd(model_dir: Path, out: Path, *flags: str) -> list[str]:
+    sets = [a for s in [f"base_model={model_dir}", *RESUME_ARGS] for a in ("--set", s)]
+    return [sys.executable, "-m", "chainlora", "train", str(TINY), "--out", str(out), *sets, *flags]
+
+
+def _kill_when(cmd: list[str], ready) -> None:
+    """Start `cmd`, SIGKILL it as soon as `ready()` is true; it must not have finished."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
+    """SIGKILL mid-task and again mid-router; --resume twice; adapters equal a clean run."""
+    clean = tmp_path / "clean"
+    subprocess.run(_train_cmd(tiny_model_dir, clean), check=True, capture_output=True, cwd=REPO)
+
+    out = tmp_path / "killed"
+    _kill_when(_train_cmd(tiny_model_dir, out),
+               lambda: (out / ".work/tasks-sentiment/checkpoint-3/trainer_state.json").exists())
+    manifest = json.loads((out / library.MANIFEST).read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["antonym"] and not manifest["complete"]
+
+    # Without --resume an unfinished run is refused, not overwritten.
+    refused = subprocess.run(_train_cmd(tiny_model_dir, out), capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode == 2 and "--resume to continue" in refused.stderr
+
+    _kill_when(_train_cmd(tiny_model_dir, out, "--resume"),
+               lambda: any((out / ".work/router").glob("checkpoint-*/trainer_state.json")))
+    done = subprocess.run(_train_cmd(tiny_model_dir, out, "--resume"), capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(earlier run)" in done.stderr
+
+    a, b = adapter_weights(clean), adapter_weights(out)
+    assert a.keys() == b.keys() and len(a) == 5
+    for name in a:
+        for key in a[name]:
+            torch.testing.assert_close(b[name][key], a[name][key], rtol=0, atol=1e-5, msg=f"{name} {key}")
+    Library.open(out)
+
+
+def test_cli_train_prints_library(tiny_model_dir, tmp_path, capsys):
+    args = ["train", str(TINY), "--out", str(tmp_path / "lib"), "--set", f"base_model={tiny_model_dir}",
+            "--set", "tasks=[antonym]", "--set", "router.enabled=false", "--set", "mixed.enabled=false"]
+    assert main(args) == 0
+    assert f"library: {tmp_path / 'lib'}" in capsys.readouterr().out
