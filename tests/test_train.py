@@ -192,3 +192,21 @@ def test_cli_train_prints_library(tiny_model_dir, tmp_path, capsys):
             "--set", "tasks=[antonym]", "--set", "router.enabled=false", "--set", "mixed.enabled=false"]
     assert main(args) == 0
     assert f"library: {tmp_path / 'lib'}" in capsys.readouterr().out
+
+
+def test_accelerate_launch_two_cpu_processes(tiny_lib, tiny_model_dir, tmp_path):
+    """`accelerate launch` with 2 processes (CPU, gloo) writes one valid library."""
+    out = tmp_path / "lib"
+    exe = Path(sys.executable).with_name("accelerate")
+    cmd = [str(exe), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "chainlora", "train", str(TINY),
+           "--out", str(out), "--set", f"base_model={tiny_model_dir}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("library: ") == 1  # only the main process reports (and writes)
+    lib = Library.open(out)
+    single = Library.open(tiny_lib)
+    for t in lib.tasks:  # two processes, each a full per-device batch: twice the tokens per step
+        assert t["steps"] == single.task(t["name"])["steps"]
+        assert t["tokens"] > 1.5 * single.task(t["name"])["tokens"]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != ".work"]

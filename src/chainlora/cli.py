@@ -47,7 +47,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, overrides=args.set)
     root = train_library(cfg, args.out, resume=args.resume, force=args.force)
-    print(f"library: {root}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"library: {root}")
     return 0
 
 

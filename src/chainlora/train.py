@@ -152,6 +152,18 @@ def last_checkpoint(work: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def use_cpu() -> bool:
+    """Train on the CPU when there is no accelerator; multi-process CPU runs then use gloo.
+
+    The Trainer and our PartialState must agree: accelerate only treats torchrun's
+    WORLD_SIZE > 1 as a CPU process group when asked for the CPU explicitly.
+    """
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps and mps.is_available())
+
+
 def _precision(settings: TrainingSettings) -> dict[str, bool]:
     import torch
 
@@ -192,7 +204,8 @@ def training_args(job: Job, work: Path, logs: Path):
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
-        prediction_loss_only=True,  # evaluation needs the loss, not 49k-wide logits kept in RAM
+        prediction_loss_only=True,
+        use_cpu=use_cpu(),  # evaluation needs the loss, not 49k-wide logits kept in RAM
         **_precision(s),
     )
 
@@ -259,7 +272,7 @@ def _prepare_root(cfg: Config, root: Path, resume: bool, force: bool, digest: st
     if manifest.get("config_sha256") != digest:
         raise ChainloraError(f"{root}: holds a library trained with a different config; "
                              "use --force to overwrite it or another --out")
-    if manifest.get("complete") or resume:
+    if resume:
         return manifest
     raise ChainloraError(f"{root}: an unfinished run is here; --resume to continue it, --force to start over")
 
@@ -291,11 +304,16 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
 
     from chainlora.models import load_base
 
-    state = PartialState()  # sets up torch.distributed under accelerate launch / torchrun
+    state = PartialState(cpu=use_cpu())  # torch.distributed under accelerate launch / torchrun
     root = Path(out or cfg.output_dir)
     digest = cfg.digest()
     data = load_data(cfg)  # check data before loading a model: bad input fails fast
     jobs = plan(cfg, data, state.num_processes)
+    existing = library.read_manifest(root)
+    if existing and existing.get("complete") and existing.get("config_sha256") == digest and not force:
+        if state.is_main_process:
+            print(f"{root}: already trained with this config (use --force to retrain)")
+        return root
     base = load_base(cfg.base_model, dtype=cfg.dtype)
     if state.is_main_process:
         manifest = _prepare_root(cfg, root, resume, force, digest)
@@ -309,10 +327,6 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         library.write_manifest(root, manifest)
     state.wait_for_everyone()
     manifest = library.read_manifest(root)  # every process sees what the main one decided
-    if manifest["complete"]:
-        if state.is_main_process:
-            print(f"{root}: already trained with this config (use --force to retrain)")
-        return root
     progress = RunProgress(jobs, enabled=state.is_main_process)
     for job in jobs:
         done = _finished(root, manifest, job)
