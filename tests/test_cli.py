@@ -38,9 +38,14 @@ def test_data_json_on_demo(capsys):
 
 @pytest.mark.e2e
 def test_demo_quick(tmp_path, default_base, cli):
+    """The quick demo trains the whole chain on the real default model; adapters beat the base."""
     result = cli("demo", "--quick", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "demo.json").read_text())
-    assert report["parameters"] == 134_515_008 and len(report["tasks"]) == 10
-    assert len(report["zero_shot_answers"]) == 3
-    assert all(a["base_answer"] for a in report["zero_shot_answers"])
+    assert len(report["test_loss"]) == 10
+    for task, loss in report["test_loss"].items():
+        assert loss["adapter"] < loss["base"], task
+    assert report["mixed_test_loss"] > 0 and report["router_test_loss"] > 0
+    assert len(report["answers"]) == 3 and all(a["adapter"] for a in report["answers"])
+    again = cli("demo", "--quick", "--out", str(tmp_path))  # reuses the trained library
+    assert again.returncode == 0 and "already trained" in again.stdout
