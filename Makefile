@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/load_base.py
+	$(PY) bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -260,7 +260,7 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
     return cfg
 
 
-def apply_overrides(data: Any, overrides: list[str], source: str) -> dict:
+def apply_overrides(data: Any, overrides: list[str]) -> dict:
     """Apply command-line `key.sub=value` overrides (values parsed as YAML) to a config mapping."""
     import yaml
 
@@ -305,5 +305,5 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ChainloraError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}")
     if overrides:
-        data = apply_overrides(data, overrides, str(path))
+        data = apply_overrides(data, overrides)
     return from_dict(data, str(path))

@@ -123,9 +123,9 @@ class Library:
         if not manifest.get("complete"):
             raise ChainloraError(f"{root / MANIFEST}: training did not finish; run `chainlora train` with --resume")
         lib = cls(root, manifest)
+        for task in lib.tasks:
+            check_task_name(task.get("name", ""), f"{root / MANIFEST}: tasks")
         for entry in lib.entries():
-            if entry in lib.tasks:
-                check_task_name(entry.get("name", ""), f"{root / MANIFEST}: tasks")
             inside(root, entry.get("path"))
         if verify:
             lib.verify()
