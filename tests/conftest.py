@@ -90,3 +90,47 @@ def cli():
                               env={**os.environ, **(env or {})}, cwd=REPO)
 
     return run
+
+
+def make_random_library(root: Path, model_dir: Path, tasks: list[str], *, router: bool = True,
+                        mixed: bool = True, r: int = 4) -> Path:
+    """A library of RANDOM LoRA adapters (B != 0) on `model_dir`: every adapter changes the
+    outputs visibly, so engine tests cannot pass by accident. Written with chainlora.library."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from chainlora import library
+    from chainlora.models import load_base
+    from chainlora.prompts import DEFAULT_TASK_PROMPT
+
+    base = load_base(str(model_dir), device="cpu")
+    manifest = library.new_manifest(str(model_dir), base.fingerprint, {}, "test", None)
+    names = list(tasks) + (["router"] if router else []) + (["mixed"] if mixed else [])
+    for i, name in enumerate(names):
+        torch.manual_seed(1000 + i)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"],
+                         init_lora_weights=False, task_type="CAUSAL_LM")
+        model = get_peft_model(base.model, cfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        path = library.task_path(name) if name in tasks else name
+        entry = {"name": name, "path": path, "sha256": library.save_adapter(model, root, path)}
+        base.model = model.unload()
+        if name in tasks:
+            manifest["tasks"].append({**entry, "label": name})
+        elif name == "router":
+            manifest["router"] = {**entry, "kind": "lora", "selector": "score",
+                                  "task_prompt": DEFAULT_TASK_PROMPT, "labels": {t: t for t in tasks}}
+        else:
+            manifest["mixed"] = entry
+    manifest["complete"] = True
+    library.write_manifest(root, manifest)
+    return root
+
+
+@pytest.fixture(scope="session")
+def random_lib(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_random_library(tmp_path_factory.mktemp("rlib") / "lib", tiny_model_dir,
+                               ["antonym", "sentiment", "rhyme", "hypernym", "definition"])

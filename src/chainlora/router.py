@@ -147,7 +147,9 @@ def score_labels(model: Any, tokenizer: Any, texts: Sequence[str], labels: Seque
     ids = torch.tensor([x + [pad] * (T - len(x)) for x in label_ids], device=model.device)  # [L, T]
     lmask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in label_ids], device=model.device)
     with torch.no_grad():
-        pre = model(**enc, use_cache=True, adapter_names=[adapter] * B)
+        # Left padding: positions must count real tokens only (a plain forward does not do this).
+        pre_pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        pre = model(**enc, position_ids=pre_pos, use_cache=True, adapter_names=[adapter] * B)
         first = torch.log_softmax(pre.logits[:, -1].float(), -1)  # [B, V]: predicts label token 0
         cache = pre.past_key_values
         cache.batch_repeat_interleave(L)

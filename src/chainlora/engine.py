@@ -1,0 +1,209 @@
+"""The inference engine: route each instruction to its task adapter and answer, in batches.
+
+`Chain.load(LIB)` holds one base model and one PeftModel whose adapters come and go through
+the AdapterCache (the router pinned). A batch of instructions is routed in one selector pass
+and answered in ONE `generate` call with PEFT's mixed-adapter batches (`adapter_names`): each
+row runs its own LoRA, rows share everything else. Below the confidence threshold — or when
+the `generate` selector names no label — the mixed adapter answers (the base model when the
+library has none), and the result says so (`fallback`).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from chainlora import prompts, router
+from chainlora.adapter_cache import AdapterCache
+from chainlora.errors import ChainloraError
+from chainlora.library import Library
+from chainlora.models import Base, load_base
+
+BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch
+
+
+@dataclass
+class Route:
+    """Where an instruction goes: the chosen task, its score, the ranking, and what answers."""
+
+    task: str | None  # the selector's best task (None: no label found)
+    probability: float
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    fallback: bool = False  # True: below the threshold / no label -> `adapter` is the fallback
+    adapter: str = BASE  # the adapter that answers: a task, "mixed" or "__base__"
+    selector: str = "score"
+
+
+@dataclass
+class Answer:
+    text: str
+    route: Route
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of answer or a stop string) or "length"
+
+
+class Chain:
+    """A loaded adapter library, ready to route and answer."""
+
+    def __init__(self, lib: Library, base: Base, *, selector: str = "score", threshold: float = 0.0,
+                 device_cache_bytes: int = 256 << 20, cpu_cache_bytes: int = 1 << 30):
+        if selector not in router.SELECTORS:
+            raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
+        lib.check_base(base.name, base.fingerprint)
+        if getattr(base.model, "peft_config", None):
+            raise ChainloraError("this base model already carries adapters; load a fresh one per Chain")
+        self.lib, self.base, self.tok = lib, base, base.tokenizer
+        self.selector, self.threshold = selector, threshold
+        self.system = lib.manifest.get("system_prompt")
+        self.cache = AdapterCache(base.model, lib, device_bytes=device_cache_bytes, cpu_bytes=cpu_cache_bytes)
+        self.lock = threading.Lock()  # one generate at a time on the shared model
+        if lib.router:
+            self.cache.acquire(["router"])
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | None = None, dtype: str = "float32", **kw: Any) -> "Chain":
+        """Open the library at `path` (hashes checked lazily, per adapter) and its base model."""
+        lib = Library.open(path, verify=False)
+        base = load_base(lib.manifest["base_model"]["name"], dtype=dtype, device=device)
+        return cls(lib, base, **kw)
+
+    # ------------------------------------------------------------------ checks
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.lib.task_names
+
+    def _check_texts(self, texts: Sequence[str], reserve: int = 0) -> list[str]:
+        limit = getattr(self.base.model.config, "max_position_embeddings", None) or 10**9
+        out = []
+        for i, text in enumerate(texts, 1):
+            if not isinstance(text, str) or not text.strip():
+                raise ChainloraError(f"instruction {i}: empty")
+            n = len(self.tok(prompts.render(self.tok, text, self.system), add_special_tokens=False)["input_ids"])
+            if n + reserve > limit:
+                raise ChainloraError(f"instruction {i}: {n} prompt tokens + {reserve} new tokens exceed "
+                                     f"the model's context of {limit}; shorten it")
+            out.append(text)
+        return out
+
+    def _check_task(self, task: str) -> str:
+        if task == "mixed" and self.lib.mixed:
+            return task
+        if task not in self.tasks:
+            raise ChainloraError(f"unknown task {task!r} (tasks: {', '.join(self.tasks)})")
+        return task
+
+    # ------------------------------------------------------------------ routing
+
+    def route(self, texts: Sequence[str], *, top_k: int = 3, selector: str | None = None) -> list[Route]:
+        """Choose a task for every instruction in one batched selector pass."""
+        texts = self._check_texts(texts)
+        if not self.lib.router:
+            raise ChainloraError(f"{self.lib.root}: library has no task-selection adapter (router)")
+        selector = selector or self.selector
+        rank = {"score": router.rank_by_score, "generate": router.rank_by_generation}.get(selector)
+        if rank is None:
+            raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
+        r = self.lib.router
+        tasks = list(r["labels"])
+        with self.lock:
+            model = self.cache.acquire(["router"])
+            rankings = rank(model, self.tok, texts, tasks, [r["labels"][t] for t in tasks],
+                            template=r["task_prompt"], system=self.system)
+        return [self._decide(rk, top_k, selector) for rk in rankings]
+
+    def _decide(self, rk: router.Ranking, top_k: int, selector: str) -> Route:
+        best = rk.tasks[0] if rk.tasks else None
+        prob = rk.scores[0] if rk.scores else 0.0
+        fallback = best is None or prob < self.threshold
+        adapter = best if not fallback else ("mixed" if self.lib.mixed else BASE)
+        return Route(best, prob, list(zip(rk.tasks, rk.scores))[:top_k], fallback, adapter, selector)
+
+    # ------------------------------------------------------------------ answering
+
+    def _inputs(self, texts: Sequence[str]) -> dict:
+        self.tok.padding_side = "left"
+        rendered = [prompts.render(self.tok, t, self.system) for t in texts]
+        return self.tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(self.base.model.device)
+
+    def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, stop: Sequence[str] | None) -> dict:
+        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
+        if temperature > 0:
+            kw.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop:
+            kw.update(stop_strings=list(stop), tokenizer=self.tok)
+        return kw
+
+    def routes_for(self, texts: Sequence[str], task: str | Sequence[str] | None) -> list[Route]:
+        """Routes for a batch: pinned to `task` (one for all, or one per text), else selected."""
+        if task is None:
+            return self.route(texts)
+        pinned = [task] * len(texts) if isinstance(task, str) else list(task)
+        if len(pinned) != len(texts):
+            raise ChainloraError(f"task: {len(pinned)} tasks for {len(texts)} instructions")
+        return [Route(self._check_task(t), 1.0, [(t, 1.0)], False, t, "pinned") for t in pinned]
+
+    def _model_for(self, names: list[str]) -> tuple[Any, dict]:
+        """The model to run a batch on, with its per-row adapters resident."""
+        real = [n for n in names if n != BASE]
+        model = self.cache.acquire(real) if real else self.cache.model
+        if model is None:  # no adapter loaded at all: plain base model
+            return self.base.model, {}
+        return model, {"adapter_names": names}
+
+    def generate(self, texts: Sequence[str], *, task: str | Sequence[str] | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: Sequence[str] | None = None) -> list[Answer]:
+        """Answer a batch: route (unless `task` pins it), then ONE mixed-adapter generate call."""
+        import torch
+
+        texts = self._check_texts(texts, reserve=max_new_tokens)
+        routes = self.routes_for(texts, task)
+        names = [r.adapter for r in routes]
+        with self.lock:
+            model, extra = self._model_for(names)
+            enc = self._inputs(texts)
+            with torch.no_grad():
+                out = model.generate(**enc, **extra, **self._gen_kwargs(max_new_tokens, temperature, top_p, stop))
+        new = out[:, enc["input_ids"].shape[1]:]
+        return [self._answer(row, route, int(mask.sum()), stop)
+                for row, route, mask in zip(new, routes, enc["attention_mask"])]
+
+    def _answer(self, ids: Any, route: Route, prompt_tokens: int, stop: Sequence[str] | None) -> Answer:
+        ids = ids.tolist()
+        eos = {self.tok.eos_token_id, self.tok.pad_token_id}
+        n = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+        text = self.tok.decode(ids[:n], skip_special_tokens=True)
+        finish = "stop" if n < len(ids) else "length"
+        for s in stop or ():
+            if s in text:
+                text, finish = text[: text.index(s)], "stop"
+        return Answer(text.strip(), route, prompt_tokens, n, finish)
+
+    def stream(self, text: str, *, task: str | None = None, max_new_tokens: int = 64,
+               temperature: float = 0.0, top_p: float = 1.0,
+               stop: Sequence[str] | None = None) -> tuple[Route, Iterator[str]]:
+        """Route one instruction, then yield its answer's text as it is generated."""
+        from transformers import TextIteratorStreamer
+
+        (text,) = self._check_texts([text], reserve=max_new_tokens)
+        (route,) = self.routes_for([text], task)
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+
+        def work() -> None:
+            import torch
+
+            with self.lock:
+                model, extra = self._model_for([route.adapter])
+                enc = self._inputs([text])
+                with torch.no_grad():
+                    model.generate(**enc, **extra, streamer=streamer,
+                                   **self._gen_kwargs(max_new_tokens, temperature, top_p, stop))
+
+        threading.Thread(target=work, daemon=True).start()
+        return route, iter(streamer)
