@@ -90,11 +90,13 @@ class AdapterCache:
         """CPU tier -> device: add the LoRA modules and copy the weights in (no disk access)."""
         from peft import get_peft_model, set_peft_model_state_dict
 
+        # low_cpu_mem_usage: create the LoRA weights empty (meta) and assign the loaded ones,
+        # instead of random-initialising them only to overwrite them.
         if self.model is None:
-            self.model = get_peft_model(self.base_model, config, adapter_name=name)
+            self.model = get_peft_model(self.base_model, config, adapter_name=name, low_cpu_mem_usage=True)
         else:
-            self.model.add_adapter(name, config)
-        result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+            self.model.add_adapter(name, config, low_cpu_mem_usage=True)
+        result = set_peft_model_state_dict(self.model, state, adapter_name=name, low_cpu_mem_usage=True)
         if getattr(result, "unexpected_keys", None):
             raise ChainloraError(f"{self.lib.root}: adapter {name!r} does not fit this base model "
                                  f"(unexpected weights, e.g. {result.unexpected_keys[0]})")

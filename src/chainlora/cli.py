@@ -54,6 +54,57 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instructions(args: argparse.Namespace) -> list[str]:
+    from chainlora.data import read_instructions
+
+    if args.input and args.text:
+        raise ChainloraError("give instructions as TEXT arguments or --input FILE, not both")
+    if args.input:
+        return read_instructions(args.input)
+    if not args.text:
+        raise ChainloraError("no instructions: give TEXT arguments or --input FILE")
+    return list(args.text)
+
+
+def _load_chain(args: argparse.Namespace):
+    from chainlora.engine import Chain
+
+    return Chain.load(args.library, device=args.device, selector=args.selector, threshold=args.threshold)
+
+
+def _route_dict(route) -> dict:
+    return {"task": route.task, "probability": round(route.probability, 6),
+            "top_k": [[t, round(p, 6)] for t, p in route.top_k], "fallback": route.fallback,
+            "adapter": route.adapter, "selector": route.selector}
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    texts = _instructions(args)
+    routes = _load_chain(args).route(texts, top_k=args.top_k)
+    for text, route in zip(texts, routes):
+        if args.json:
+            print(json.dumps({"instruction": text, **_route_dict(route)}, ensure_ascii=False))
+        else:
+            ranked = ", ".join(f"{t} {p:.3f}" for t, p in route.top_k)
+            note = f" -> fallback {route.adapter}" if route.fallback else ""
+            print(f"{route.task or '(no label)'}{note}\t[{ranked}]\t{text!r}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    texts = _instructions(args)
+    answers = _load_chain(args).generate(texts, task=args.task, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_p=args.top_p, stop=args.stop or None)
+    for text, a in zip(texts, answers):
+        if args.json:
+            print(json.dumps({"instruction": text, "text": a.text, "finish_reason": a.finish_reason,
+                              "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
+                              **_route_dict(a.route)}, ensure_ascii=False))
+        else:
+            print(f"[{a.route.adapter}] {text}\n{a.text}\n")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Check a data file and show its tasks and split, without loading any model."""
     from chainlora.data import load_tasks
@@ -121,6 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. training.max_steps=20 (repeatable)")
     d.set_defaults(func=cmd_train)
+
+    for name, func, help_ in (("route", cmd_route, "pick the task adapter for instructions"),
+                              ("generate", cmd_generate, "route and answer instructions")):
+        d = sub.add_parser(name, help=help_)
+        d.add_argument("library", help="adapter library directory")
+        d.add_argument("text", nargs="*", help="instructions")
+        d.add_argument("--input", help="file of instructions: JSONL or text, one a line")
+        d.add_argument("--selector", default="score", help="score (default) or generate")
+        d.add_argument("--threshold", type=float, default=0.0,
+                       help="below this top probability the mixed adapter answers")
+        d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+        d.add_argument("--json", action="store_true", help="one JSON object per instruction")
+        if name == "route":
+            d.add_argument("--top-k", type=int, default=3)
+        else:
+            d.add_argument("--task", help="pin this task adapter (or 'mixed') instead of routing")
+            d.add_argument("--max-new-tokens", type=int, default=64)
+            d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+            d.add_argument("--top-p", type=float, default=1.0)
+            d.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+        d.set_defaults(func=func)
 
     d = sub.add_parser("data", help="check a data file: per-task counts and train/test split")
     d.add_argument("file", help=".jsonl/.json/.csv/.parquet file or a hub dataset name")

@@ -329,3 +329,37 @@ def demo_path(split: str) -> Path:
 def load_demo() -> dict[str, TaskData]:
     """The bundled ten-task demo data, with its fixed train/test split."""
     return load_tasks(demo_path("train"), test_source=demo_path("test"))
+
+
+def read_instructions(path: str | Path) -> list[str]:
+    """Instructions for `route` / `generate --input`: JSONL records (`instruction` + optional
+    `input`, or `text`) or plain text, one instruction a line; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChainloraError(f"{path}: input file not found")
+    out = []
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if _data_suffix(path) not in (".jsonl", ".ndjson", ".json"):
+                    out.append(line.rstrip("\n"))
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ChainloraError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})")
+                where = f"{path}:{lineno}"
+                if not isinstance(row, Mapping):
+                    raise ChainloraError(f"{where}: expected a record object, got {type(row).__name__}")
+                if "text" in row and "instruction" not in row:
+                    out.append(_text(row, "text", where, required=True))
+                else:
+                    out.append(user_message(_text(row, "instruction", where, required=True),
+                                            _text(row, "input", where, required=False)))
+    except UnicodeDecodeError as e:
+        raise ChainloraError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    if not out:
+        raise ChainloraError(f"{path}: empty file (no instructions)")
+    return out

@@ -2,8 +2,9 @@
 
 Trains the routed chain's adapters on the ten bundled tasks with the default model (one LoRA
 per task, the task-selection LoRA and the mixed baseline; configs/demo.yaml), then shows per
-task the test loss of the base model against its task adapter and the mixed adapter, and
-answers one held-out instruction per task with the base model and with the task's adapter.
+task the test loss of the base model against its task adapter, the task selectors' top-1 /
+top-3 accuracy on the test split (held-out templates included), and answers one held-out
+instruction per task with the base model and with the chain (routed, one batch).
 Everything printed is computed here; it is also written to OUT/demo.json. A second run reuses
 the trained library.
 """
@@ -17,13 +18,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from chainlora import atomic, config, prompts
+from chainlora import atomic, config
 from chainlora.data import Record, TaskData, load_demo
-from chainlora.library import Library, load_adapters, read_manifest
-from chainlora.models import load_base
+from chainlora.engine import BASE, Chain
+from chainlora.evaluate import selection_accuracy
+from chainlora.library import Library, read_manifest
 from chainlora.train import train_library
 
-QUICK = ["training.max_steps=3", "training.batch_size=4", "router.training.max_steps=8",
+QUICK = ["training.max_steps=3", "training.batch_size=4", "router.training.max_steps=16",
          "data.max_test_per_task=8"]
 
 
@@ -60,31 +62,36 @@ def loss_table(lib: Library) -> Table:
     return table
 
 
-def answer(model, tokenizer, text: str, system: str | None, max_new_tokens: int = 32) -> str:
-    """Greedy answer to one instruction through the chat template."""
-    import torch
-
-    ids = tokenizer(prompts.render(tokenizer, text, system), return_tensors="pt",
-                    add_special_tokens=False).to(model.device)
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+def selector_table(scores: list) -> Table:
+    table = Table(title="task selection on the test split (held-out templates included)")
+    for col in ("selector", "n", "top-1", "top-3", "top-1 held-out templates", "ms / instruction"):
+        table.add_column(col, justify="left" if col == "selector" else "right")
+    for s in scores:
+        table.add_row(s.selector, str(s.n), f"{s.top1:.1%}", f"{s.top3:.1%}",
+                      f"{s.heldout_top1:.1%} of {s.heldout_n}", f"{s.ms_per_instruction:.0f}")
+    return table
 
 
-def compare_answers(model, tokenizer, examples: list[Record], system: str | None,
-                    console: Console) -> list[dict]:
-    """Base model vs the task's own adapter (task given, not routed) on held-out examples."""
+def routed_answers(chain: Chain, examples: list[Record], console: Console) -> list[dict]:
+    """One held-out instruction per task: base model vs the chain (routed), one batch each."""
+    texts = [r.text for r in examples]
+    base = chain.generate(texts, task=BASE, max_new_tokens=32)
+    routed = chain.generate(texts, max_new_tokens=32)
     rows = []
-    for r in examples:
-        model.set_adapter(r.task)
-        with model.disable_adapter():
-            base_text = answer(model, tokenizer, r.text, system)
-        rows.append({"task": r.task, "instruction": r.text, "reference": r.output,
-                     "base": base_text, "adapter": answer(model, tokenizer, r.text, system)})
-        console.print(f"\n[bold]{r.task}[/bold]  {r.text!r}\n  reference:     {r.output}\n"
-                      f"  base model:    {base_text}\n  task adapter:  {rows[-1]['adapter']}")
+    for r, b, a in zip(examples, base, routed):
+        rows.append({"task": r.task, "instruction": r.text, "reference": r.output, "base": b.text,
+                     "routed_to": a.route.adapter, "probability": round(a.route.probability, 4),
+                     "chain": a.text})
+        console.print(f"\n[bold]{r.task}[/bold]  {r.text!r}\n  reference:   {r.output}\n"
+                      f"  base model:  {b.text}\n  chain:       {a.text}   "
+                      f"[dim](routed to {a.route.adapter}, p={a.route.probability:.2f})[/dim]")
     return rows
+
+
+def heldout_templates(tasks: dict[str, TaskData]) -> dict[str, set]:
+    """Per task, the templates that occur only in the test split."""
+    return {t: {r.meta.get("template") for r in d.test} - {r.meta.get("template") for r in d.train}
+            for t, d in tasks.items()}
 
 
 def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
@@ -102,11 +109,14 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     train_s = time.perf_counter() - t0
     lib = Library.open(root)
     console.print(loss_table(lib))
-    base = load_base(cfg.base_model, dtype=cfg.dtype)
-    lib.check_base(base.name, base.fingerprint)
-    model = load_adapters(base.model, lib, lib.task_names)
+    chain = Chain.load(root)
+    per_task = 4 if quick else 16  # instructions per task for the selector accuracy
+    eval_records = [r for t in lib.task_names for r in tasks[t].test[:per_task]]
+    scores = [selection_accuracy(chain, eval_records, sel, heldout_templates(tasks))
+              for sel in ("score", "generate")]
+    console.print(selector_table(scores))
     examples = [tasks[t].test[0] for t in lib.task_names[: 3 if quick else None]]
-    answers = compare_answers(model, base.tokenizer, examples, lib.manifest["system_prompt"], console)
+    answers = routed_answers(chain, examples, console)
     result = {
         "library": str(root),
         "quick": quick,
@@ -115,6 +125,7 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
                       for t in lib.tasks},
         "mixed_test_loss": lib.mixed["test_loss"] if lib.mixed else None,
         "router_test_loss": lib.router["test_loss"] if lib.router else None,
+        "selection": [sc.to_dict() for sc in scores],
         "answers": answers,
     }
     atomic.write_json(out / "demo.json", result)

@@ -22,6 +22,7 @@ from chainlora.library import Library
 from chainlora.models import Base, load_base
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch
+ROUTE_CHUNK = 16  # instructions per selector pass (x labels rows share their prompt's KV cache)
 
 
 @dataclass
@@ -90,7 +91,7 @@ class Chain:
         return out
 
     def _check_task(self, task: str) -> str:
-        if task == "mixed" and self.lib.mixed:
+        if (task == "mixed" and self.lib.mixed) or task == BASE:
             return task
         if task not in self.tasks:
             raise ChainloraError(f"unknown task {task!r} (tasks: {', '.join(self.tasks)})")
@@ -109,10 +110,13 @@ class Chain:
             raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
         r = self.lib.router
         tasks = list(r["labels"])
+        labels = [r["labels"][t] for t in tasks]
+        rankings = []
         with self.lock:
             model = self.cache.acquire(["router"])
-            rankings = rank(model, self.tok, texts, tasks, [r["labels"][t] for t in tasks],
-                            template=r["task_prompt"], system=self.system)
+            for i in range(0, len(texts), ROUTE_CHUNK):  # bounds the label-expanded KV cache
+                rankings += rank(model, self.tok, texts[i:i + ROUTE_CHUNK], tasks, labels,
+                                 template=r["task_prompt"], system=self.system)
         return [self._decide(rk, top_k, selector) for rk in rankings]
 
     def _decide(self, rk: router.Ranking, top_k: int, selector: str) -> Route:
@@ -129,8 +133,11 @@ class Chain:
         rendered = [prompts.render(self.tok, t, self.system) for t in texts]
         return self.tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(self.base.model.device)
 
-    def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, stop: Sequence[str] | None) -> dict:
+    def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, stop: Sequence[str] | None,
+                    min_new_tokens: int = 0) -> dict:
         kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
+        if min_new_tokens:
+            kw["min_new_tokens"] = min_new_tokens
         if temperature > 0:
             kw.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
@@ -158,8 +165,11 @@ class Chain:
 
     def generate(self, texts: Sequence[str], *, task: str | Sequence[str] | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 stop: Sequence[str] | None = None) -> list[Answer]:
-        """Answer a batch: route (unless `task` pins it), then ONE mixed-adapter generate call."""
+                 stop: Sequence[str] | None = None, min_new_tokens: int = 0) -> list[Answer]:
+        """Answer a batch: route (unless `task` pins it), then ONE mixed-adapter generate call.
+
+        min_new_tokens forces answers to a length (benchmarks compare equal work with it).
+        """
         import torch
 
         texts = self._check_texts(texts, reserve=max_new_tokens)
@@ -169,7 +179,8 @@ class Chain:
             model, extra = self._model_for(names)
             enc = self._inputs(texts)
             with torch.no_grad():
-                out = model.generate(**enc, **extra, **self._gen_kwargs(max_new_tokens, temperature, top_p, stop))
+                out = model.generate(**enc, **extra, **self._gen_kwargs(max_new_tokens, temperature, top_p,
+                                                                        stop, min_new_tokens))
         new = out[:, enc["input_ids"].shape[1]:]
         return [self._answer(row, route, int(mask.sum()), stop)
                 for row, route, mask in zip(new, routes, enc["attention_mask"])]

@@ -1,0 +1,147 @@
+"""Benchmark the inference engine on a trained library (default: the demo library).
+
+P1  routed answer latency / answer latency with the adapter pre-chosen (64 new tokens, one
+    instruction at a time), for the `score` selector and the paper's `generate` selector.
+P2  16 instructions spread over 8 adapters in ONE mixed batch: tokens/s relative to the same
+    16 instructions all on one adapter, and to answering task by task (8 calls).
+P3  warm adapter switch (cache hit) vs PEFT's `set_adapter`; cold load from disk vs the raw
+    read of the adapter file, and vs PEFT's `load_adapter` + `set_adapter`.
+
+All sides run in one process, alternating; answers are forced to equal length
+(min_new_tokens) so every side does the same work. Medians are compared.
+
+    .venv/bin/python bench/engine.py [--library runs/demo/library] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median_of(fn, repeats: int) -> float:
+    return statistics.median(timed(fn) for _ in range(repeats))
+
+
+def p1(chain, texts: list[str], repeats: int, n_new: int) -> dict:
+    """Routed vs pre-chosen, same adapter (the routed one), same forced length."""
+    out = {}
+    for selector in ("score", "generate"):
+        routed, pinned = [], []
+        for text in texts:
+            (route,) = chain.route([text], selector=selector)
+            kw = dict(max_new_tokens=n_new, min_new_tokens=n_new)
+            routed.append(median_of(lambda: (chain.route([text], selector=selector),
+                                             chain.generate([text], task=route.adapter, **kw)), repeats))
+            pinned.append(median_of(lambda: chain.generate([text], task=route.adapter, **kw), repeats))
+        out[selector] = (statistics.median(routed), statistics.median(pinned))
+    return out
+
+
+def p2(chain, texts: list[str], tasks: list[str], repeats: int, n_new: int) -> dict:
+    """Mixed batch over 8 adapters vs one adapter vs task by task; tokens/s."""
+    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new)
+    n_tokens = len(texts) * n_new
+    chain.generate(texts, task=tasks, **kw)  # warm: every adapter resident
+
+    def by_task() -> None:
+        for t in dict.fromkeys(tasks):
+            idx = [i for i, x in enumerate(tasks) if x == t]
+            chain.generate([texts[i] for i in idx], task=t, **kw)
+
+    mixed, one, sequential = [], [], []
+    for _ in range(repeats):
+        mixed.append(n_tokens / timed(lambda: chain.generate(texts, task=tasks, **kw)))
+        one.append(n_tokens / timed(lambda: chain.generate(texts, task=tasks[0], **kw)))
+        sequential.append(n_tokens / timed(by_task))
+    return {"mixed": statistics.median(mixed), "one": statistics.median(one),
+            "by_task": statistics.median(sequential)}
+
+
+def p3(chain, lib_path: Path, names: list[str], repeats: int) -> dict:
+    """Warm switch and cold load, against the raw file read and PEFT's own calls."""
+    cache = chain.cache
+    cache.acquire(names[:2])
+    warm = median_of(lambda: cache.acquire([names[0]]), 200)
+    peft_switch = median_of(lambda: cache.model.set_adapter(names[1]), repeats * 5)
+
+    def cold(name: str) -> float:
+        if name in cache.resident:
+            cache.model.delete_adapter(name)
+            del cache.resident[name]
+        cache.cpu.pop(name, None)
+        return timed(lambda: cache.acquire([name]))
+
+    entry = {e["name"]: e for e in chain.lib.entries()}
+    weights = [lib_path / entry[n]["path"] / "adapter_model.safetensors" for n in names]
+    raw = statistics.median(timed(lambda: w.read_bytes()) for w in weights for _ in range(repeats))
+    colds = [cold(n) for n in names for _ in range(repeats)]
+
+    def peft_load(name: str) -> float:
+        tmp = f"peft-{name}"
+        t = timed(lambda: (cache.model.load_adapter(str(lib_path / entry[name]["path"]), adapter_name=tmp),
+                           cache.model.set_adapter(tmp)))
+        cache.model.delete_adapter(tmp)
+        return t
+
+    pefts = [peft_load(n) for n in names for _ in range(repeats)]
+    return {"warm": warm, "peft_switch": peft_switch, "cold": statistics.median(colds), "raw": raw,
+            "peft_load": statistics.median(pefts), "bytes": weights[0].stat().st_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--library", default="runs/demo/library")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    import torch
+
+    from chainlora.data import load_demo
+    from chainlora.engine import Chain
+
+    chain = Chain.load(args.library, device="cpu")
+    demo = load_demo()
+    tasks = chain.tasks
+    one_each = [demo[t].test[0].text for t in tasks]
+    eight = tasks[:8]
+    texts16 = [demo[t].test[i].text for t in eight for i in (1, 2)]
+    tasks16 = [t for t in eight for _ in (1, 2)]
+
+    r1 = p1(chain, one_each[:5], args.repeats, args.new_tokens)
+    r2 = p2(chain, texts16, tasks16, args.repeats, 32)
+    r3 = p3(chain, Path(args.library), tasks[:4], args.repeats)
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+          f"library {args.library} ({len(tasks)} task adapters); medians of {args.repeats}")
+    print("\n| P1: routed / pre-chosen latency, 64 new tokens | routed s | pre-chosen s | ratio |")
+    print("|---|---|---|---|")
+    for sel, (routed, pinned) in r1.items():
+        print(f"| selector `{sel}` | {routed:.3f} | {pinned:.3f} | {routed / pinned:.3f} |")
+    print("\n| P2: 16 instructions, 32 new tokens each | tokens/s | ratio to one adapter |")
+    print("|---|---|---|")
+    print(f"| 16 on one adapter, one batch (baseline) | {r2['one']:.1f} | 1.00 |")
+    print(f"| 16 over 8 adapters, ONE mixed batch | {r2['mixed']:.1f} | {r2['mixed'] / r2['one']:.3f} |")
+    print(f"| 16 over 8 adapters, task by task (8 calls) | {r2['by_task']:.1f} | {r2['by_task'] / r2['one']:.3f} |")
+    print(f"\n| P3: adapter switching and loading ({r3['bytes'] / 1e6:.2f} MB adapter) | ms | ratio |")
+    print("|---|---|---|")
+    print(f"| warm switch: cache hit | {r3['warm'] * 1e3:.4f} | - |")
+    print(f"| PEFT set_adapter | {r3['peft_switch'] * 1e3:.2f} | {r3['peft_switch'] / max(r3['warm'], 1e-9):.0f}x the hit |")
+    print(f"| raw read of adapter_model.safetensors (baseline) | {r3['raw'] * 1e3:.2f} | 1.00 |")
+    print(f"| cold load from disk into the engine | {r3['cold'] * 1e3:.2f} | {r3['cold'] / r3['raw']:.2f} |")
+    print(f"| PEFT load_adapter + set_adapter | {r3['peft_load'] * 1e3:.2f} | {r3['peft_load'] / r3['raw']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
