@@ -173,3 +173,11 @@ def test_console_script_has_no_traceback(tmp_path, cli):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "bad.jsonl:1: malformed JSON" in result.stderr
+
+
+def test_hub_dataset_name_offline_is_one_line(capsys):
+    """An org/name that is not a file is read from the hub; offline, that fails in one line."""
+    assert main(["data", "YeungNLP/firefly-train-1.1M"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "YeungNLP/firefly-train-1.1M: not a data file, and the hub dataset could not be read" in err

@@ -176,7 +176,8 @@ READERS = {".jsonl": _jsonl_rows, ".ndjson": _jsonl_rows, ".json": _json_rows,
 def _rows(source: str | Path, split: str) -> Iterator[tuple[str, Any]]:
     path = Path(source).expanduser()
     if not path.exists():
-        if isinstance(source, str) and re.fullmatch(r"[\w.\-]+/[\w.\-]+", source) and not path.suffix:
+        hub_like = re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(source)) and _data_suffix(path) not in READERS
+        if hub_like:
             yield from _hub_rows(source, split)
             return
         raise ChainloraError(f"{source}: data file not found")
