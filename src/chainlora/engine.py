@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 from chainlora import prompts, router
 from chainlora.adapter_cache import AdapterCache
 from chainlora.errors import ChainloraError
-from chainlora.library import Library
+from chainlora.library import Library, adapter_sha256
 from chainlora.models import Base, load_base
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch
@@ -61,6 +61,7 @@ class Chain:
         self.system = lib.manifest.get("system_prompt")
         self.cache = AdapterCache(base.model, lib, device_bytes=device_cache_bytes, cpu_bytes=cpu_cache_bytes)
         self.lock = threading.Lock()  # one generate at a time on the shared model
+        self._classifier: tuple | None = None  # (encoder, head, tasks), loaded on first use
         if lib.router:
             self.cache.acquire(["router"])
 
@@ -102,12 +103,14 @@ class Chain:
     def route(self, texts: Sequence[str], *, top_k: int = 3, selector: str | None = None) -> list[Route]:
         """Choose a task for every instruction in one batched selector pass."""
         texts = self._check_texts(texts)
+        selector = selector or self.selector
+        if selector not in router.SELECTORS:
+            raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
+        if selector == "classifier":
+            return [self._decide(rk, top_k, selector) for rk in self._classify(texts)]
         if not self.lib.router:
             raise ChainloraError(f"{self.lib.root}: library has no task-selection adapter (router)")
-        selector = selector or self.selector
-        rank = {"score": router.rank_by_score, "generate": router.rank_by_generation}.get(selector)
-        if rank is None:
-            raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
+        rank = {"score": router.rank_by_score, "generate": router.rank_by_generation}[selector]
         r = self.lib.router
         tasks = list(r["labels"])
         labels = [r["labels"][t] for t in tasks]
@@ -118,6 +121,27 @@ class Chain:
                 rankings += rank(model, self.tok, texts[i:i + ROUTE_CHUNK], tasks, labels,
                                  template=r["task_prompt"], system=self.system)
         return [self._decide(rk, top_k, selector) for rk in rankings]
+
+    def _classify(self, texts: Sequence[str]) -> list[router.Ranking]:
+        """The `classifier` selector; its encoder and head load on first use."""
+        from chainlora import classifier
+
+        entry = self.lib.classifier
+        if not entry:
+            raise ChainloraError(f"{self.lib.root}: library has no classifier selector "
+                                 "(train with classifier.enabled: true)")
+        with self.lock:
+            if self._classifier is None:
+                directory = self.lib.path(entry)
+                if adapter_sha256(directory, classifier.FILES) != entry.get("sha256"):
+                    raise ChainloraError(f"{directory}: classifier is corrupt (sha256 does not match)")
+                head, info = classifier.load(directory)
+                model = self.cache.model if self.cache.model is not None else self.base.model
+                self._classifier = (classifier.Encoder(info["encoder"], model, self.tok), head, info["tasks"])
+            encoder, head, tasks = self._classifier
+            if encoder.kind == "base":  # the PeftModel may have been created since: use it, adapters off
+                encoder.model = self.cache.model if self.cache.model is not None else self.base.model
+            return classifier.rank(encoder, head, texts, tasks)
 
     def _decide(self, rk: router.Ranking, top_k: int, selector: str) -> Route:
         best = rk.tasks[0] if rk.tasks else None

@@ -31,10 +31,10 @@ MANIFEST = "chainlora.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def adapter_sha256(directory: Path) -> str:
+def adapter_sha256(directory: Path, files: tuple[str, ...] = ADAPTER_FILES) -> str:
     """One sha256 over an adapter's config and weights (what changes its outputs)."""
     h = hashlib.sha256()
-    for name in ADAPTER_FILES:
+    for name in files:
         path = directory / name
         if not path.is_file():
             raise ChainloraError(f"{path}: missing adapter file")
@@ -81,6 +81,7 @@ def new_manifest(base_name: str, base_fingerprint: str, config: dict, config_sha
         "system_prompt": system_prompt,
         "tasks": [],
         "router": None,
+        "classifier": None,
         "mixed": None,
         "training": config,
         "config_sha256": config_sha256,
@@ -125,7 +126,7 @@ class Library:
         lib = cls(root, manifest)
         for task in lib.tasks:
             check_task_name(task.get("name", ""), f"{root / MANIFEST}: tasks")
-        for entry in lib.entries():
+        for entry in lib.entries() + ([lib.classifier] if lib.classifier else []):
             inside(root, entry.get("path"))
         if verify:
             lib.verify()
@@ -147,6 +148,10 @@ class Library:
     def mixed(self) -> dict | None:
         return self.manifest.get("mixed")
 
+    @property
+    def classifier(self) -> dict | None:
+        return self.manifest.get("classifier")
+
     def entries(self) -> list[dict]:
         """Every adapter entry: tasks, then router and mixed when present."""
         return self.tasks + [e for e in (self.router, self.mixed) if e]
@@ -162,11 +167,15 @@ class Library:
 
     def verify(self) -> None:
         """Recompute every adapter's sha256 and compare with the manifest."""
-        for entry in self.entries():
+        from chainlora.classifier import FILES as CLASSIFIER_FILES
+
+        checks = [(e, ADAPTER_FILES) for e in self.entries()]
+        checks += [(self.classifier, CLASSIFIER_FILES)] if self.classifier else []
+        for entry, files in checks:
             directory = self.path(entry)
-            if adapter_sha256(directory) != entry.get("sha256"):
+            if adapter_sha256(directory, files) != entry.get("sha256"):
                 raise ChainloraError(
-                    f"{directory / ADAPTER_FILES[1]}: sha256 does not match the manifest "
+                    f"{directory / files[1]}: sha256 does not match the manifest "
                     "(corrupt or modified adapter; retrain it or restore the file)"
                 )
 

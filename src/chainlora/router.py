@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from chainlora import prompts
 
-SELECTORS = ("score", "generate")
+SELECTORS = ("score", "generate", "classifier")
 
 
 # --------------------------------------------------------------------------- KMP matching

@@ -31,7 +31,7 @@ from chainlora.examples import Pair, answer_pairs, build_dataset, collator, sele
 from chainlora.progress import RunProgress
 
 WORK = ".work"
-RESERVED = ("chain", "router", "mixed")  # adapter / model names of their own
+RESERVED = ("chain", "router", "mixed", "classifier")  # adapter / model names of their own
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt")
 
 
@@ -39,8 +39,8 @@ CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimize
 class Job:
     """One adapter to train."""
 
-    kind: str  # "task", "router" or "mixed"
-    name: str  # the task's name, or "router" / "mixed"
+    kind: str  # "task", "router", "classifier" or "mixed"
+    name: str  # the task's name, or the kind
     path: str  # where it goes, relative to the library
     train: list[Pair]
     test: list[Pair]
@@ -122,6 +122,13 @@ def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Jo
                            "task_prompt": template, "labels": labels})
         router.steps = steps_for(router.settings, len(router.train), world_size)
         jobs.append(router)
+    if cfg.classifier.enabled:
+        c = cfg.classifier
+        ctrain = [r for t in names for r in _sample(train[t], c.max_train_per_task, seed)]
+        clf = Job("classifier", "classifier", "classifier", [Pair(r.text, r.task) for r in ctrain],
+                  [Pair(r.text, r.task) for t in names for r in test[t]], cfg.training, steps=c.epochs,
+                  info={"name": "classifier", "encoder": c.encoder, "tasks": names})
+        jobs.append(clf)
     if cfg.mixed.enabled:
         mixed = Job("mixed", "mixed", "mixed", answer_pairs([r for t in names for r in train[t]]),
                     answer_pairs([r for t in names for r in test[t]]), cfg.training_for("mixed"),
@@ -254,6 +261,38 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
     return entry
 
 
+def run_classifier_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
+    """Embed the instructions with the frozen encoder and fit the linear head (no Trainer:
+    a full-batch probe on fixed features is a few hundred tiny steps)."""
+    import torch
+
+    from chainlora import atomic, classifier
+
+    t0 = time.perf_counter()
+    tasks = job.info["tasks"]
+    encoder = classifier.Encoder(cfg.classifier.encoder, base.model, base.tokenizer)
+    x = encoder.embed([p.text for p in job.train])
+    y = torch.tensor([tasks.index(p.answer) for p in job.train])
+    head, loss = classifier.train_head(x, y, len(tasks), epochs=job.steps,
+                                       lr=cfg.classifier.learning_rate, seed=cfg.training.seed)
+    entry = {**job.info, "path": job.path, "n_train": len(job.train), "n_test": len(job.test),
+             "steps": job.steps, "tokens": 0, "train_loss": round(loss, 5)}
+    with torch.no_grad():
+        entry["train_accuracy"] = round(float((head(x).argmax(-1) == y).float().mean()), 4)
+        if job.test:
+            xt = encoder.embed([p.text for p in job.test])
+            yt = torch.tensor([tasks.index(p.answer) for p in job.test])
+            entry["test_accuracy"] = round(float((head(xt).argmax(-1) == yt).float().mean()), 4)
+    entry["seconds"] = round(time.perf_counter() - t0, 1)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        with atomic.directory(library.inside(root, job.path), replace=True) as tmp:
+            classifier.save(tmp, head, {"encoder": cfg.classifier.encoder, "tasks": tasks})
+            entry["sha256"] = library.adapter_sha256(tmp, classifier.FILES)
+    return entry
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -279,11 +318,14 @@ def _prepare_root(cfg: Config, root: Path, resume: bool, force: bool, digest: st
 
 def _finished(root: Path, manifest: dict, job: Job) -> dict | None:
     """The manifest entry of `job` when its adapter is on disk with the recorded hash."""
+    from chainlora.classifier import FILES as CLASSIFIER_FILES
+
     entries = manifest["tasks"] if job.kind == "task" else [manifest.get(job.kind)]
+    files = CLASSIFIER_FILES if job.kind == "classifier" else library.ADAPTER_FILES
     for entry in entries:
         if entry and entry.get("path") == job.path:
             try:
-                if library.adapter_sha256(library.inside(root, job.path)) == entry.get("sha256"):
+                if library.adapter_sha256(library.inside(root, job.path), files) == entry.get("sha256"):
                     return entry
             except ChainloraError:
                 return None
@@ -333,7 +375,11 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         if done is not None:
             progress.skip(job, done)
             continue
-        entry = run_job(job, base, cfg, root, resume, progress)
+        if job.kind == "classifier":
+            entry = run_classifier_job(job, base, cfg, root)
+            progress.bar.update(job.steps)
+        else:
+            entry = run_job(job, base, cfg, root, resume, progress)
         progress.finish(job, entry)
         if state.is_main_process:
             _record(manifest, job, entry)
