@@ -12,6 +12,12 @@ from rich.console import Console
 from rich.table import Table
 
 
+def trainer_steps(job: Any) -> int:
+    """Optimizer steps the Trainer will run for `job` (the classifier's head is not a Trainer job
+    and takes seconds, so it does not weigh on the ETA)."""
+    return 0 if job.kind == "classifier" else job.steps
+
+
 class RunProgress:
     """Overall bar + per-adapter results; silent on non-main processes."""
 
@@ -22,7 +28,7 @@ class RunProgress:
         self.n_jobs = len(jobs)
         self.done = 0
         self.rows: list[tuple[Any, dict, bool]] = []
-        self.bar = tqdm(total=sum(j.steps for j in jobs), desc="chainlora", unit="step",
+        self.bar = tqdm(total=sum(trainer_steps(j) for j in jobs), desc="chainlora", unit="step",
                         position=0, disable=not enabled, dynamic_ncols=True)
 
     def _status(self, job: Any) -> None:
@@ -57,7 +63,7 @@ class RunProgress:
 
     def skip(self, job: Any, entry: dict) -> None:
         """An adapter finished by an earlier run (resume)."""
-        self.bar.update(job.steps)
+        self.bar.update(trainer_steps(job))
         self.done += 1
         self.rows.append((job, entry, True))
 

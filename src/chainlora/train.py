@@ -92,7 +92,7 @@ def labels_for(cfg: Config, tasks: list[str]) -> dict[str, str]:
 
 
 def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:
-    """Task adapters in task order, then the router, then the mixed baseline."""
+    """Task adapters in task order, then the router, the classifier selector, the mixed baseline."""
     names = list(data) if cfg.tasks == "all" else cfg.tasks
     for name in names:
         if name not in data:
@@ -377,7 +377,6 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
             continue
         if job.kind == "classifier":
             entry = run_classifier_job(job, base, cfg, root)
-            progress.bar.update(job.steps)
         else:
             entry = run_job(job, base, cfg, root, resume, progress)
         progress.finish(job, entry)
