@@ -33,6 +33,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/load_base.py
 	$(PY) bench/train_throughput.py
+	test -f runs/demo/library/chainlora.json || $(VENV)/bin/chainlora demo
+	$(PY) bench/engine.py --library runs/demo/library
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
