@@ -37,8 +37,9 @@ def test_score_selector_kv_reuse_equals_full_sequences(chain):
     lib_router = chain.lib.router
     labels = list(lib_router["labels"].values())
     model = chain.cache.acquire(["router"])
+    slot = chain.cache.slot("router")
     fast = router.score_labels(model, chain.tok, TEXTS[:3], labels, template=lib_router["task_prompt"],
-                               system=None)
+                               system=None, adapter=slot)
     for i, text in enumerate(TEXTS[:3]):
         prompt = prompts.render(chain.tok, prompts.task_prompt(text, "", lib_router["task_prompt"]))
         p_ids = chain.tok(prompt, add_special_tokens=False)["input_ids"]
@@ -46,7 +47,7 @@ def test_score_selector_kv_reuse_equals_full_sequences(chain):
             l_ids = chain.tok(label + chain.tok.eos_token, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([p_ids + l_ids])
             with torch.no_grad():
-                logits = model(input_ids=ids, adapter_names=["router"]).logits[0].float()
+                logits = model(input_ids=ids, adapter_names=[slot]).logits[0].float()
             logp = torch.log_softmax(logits, -1)
             naive = sum(float(logp[len(p_ids) - 1 + k, t]) for k, t in enumerate(l_ids))
             assert float(fast[i, j]) == pytest.approx(naive, abs=1e-3)
@@ -112,12 +113,15 @@ def test_lru_cache_evicts_and_reloads_from_memory(random_lib, chain):
     size = next(iter(small.cache.resident.values()))
     small.cache.device_bytes = 3 * size  # router + 2 task adapters fit
     first = small.generate(TEXTS[:2], task=TASKS[:2], max_new_tokens=8)
-    small.generate(TEXTS[2:4], task=TASKS[2:4], max_new_tokens=8)  # evicts the first two
+    mid = small.generate(TEXTS[2:4], task=TASKS[2:4], max_new_tokens=8)  # evicts the first two
+    assert [a.text for a in mid] == [a.text for a in chain.generate(TEXTS[2:4], task=TASKS[2:4], max_new_tokens=8)]
     assert small.cache.stats.evictions >= 2 and "router" in small.cache.resident
     disk = small.cache.stats.disk_loads
     again = small.generate(TEXTS[:2], task=TASKS[:2], max_new_tokens=8)
     assert [a.text for a in again] == [a.text for a in first]
     assert small.cache.stats.disk_loads == disk  # came back from the CPU tier
+    assert small.cache.stats.hotswaps >= 2  # into the slots of evicted adapters (same LoRA shape)
+    assert len(small.cache.model.peft_config) == len(small.cache.resident)  # no orphan slots
     small.generate(TEXTS[:2], task=TASKS[:2], max_new_tokens=8)  # both resident now: hits
     assert small.cache.stats.hits == 2 and small.cache.stats.misses == 7
 

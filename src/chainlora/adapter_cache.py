@@ -3,9 +3,12 @@
     disk (safetensors in the library)  ->  CPU tier (state dicts)  ->  device tier (in the PeftModel)
 
 All adapters of a library live in ONE PeftModel so a batch can mix them (`adapter_names`).
-`acquire(names)` makes every adapter of a batch resident on the device, evicting the least
-recently used others (`delete_adapter`) when the device budget would be exceeded; evicted
-adapters stay in the CPU tier until it overflows too, so a re-load skips the disk. Pinned
+Each resident adapter occupies a slot (a PEFT adapter named `_sN_`). `acquire(names)` makes
+every adapter of a batch resident, evicting the least recently used others when the device
+budget would be exceeded; a new adapter with the same LoRA shape reuses an evicted slot by
+copying its weights in (PEFT hotswap) instead of deleting and re-injecting LoRA modules, which
+walks the whole model. Evicted adapters stay in the CPU tier until it overflows too, so a
+re-load skips the disk. Pinned
 adapters (the router) are never evicted. Each disk read is checked against the manifest's
 sha256; a missing or corrupt adapter is refused by name and the others keep working.
 """
@@ -27,6 +30,7 @@ class CacheStats:
     misses: int = 0  # had to be loaded (from the CPU tier or disk)
     disk_loads: int = 0
     evictions: int = 0  # removed from the device
+    hotswaps: int = 0  # loads that reused an evicted adapter's slot (weights copied in place)
 
 
 def state_bytes(state: dict) -> int:
@@ -43,6 +47,9 @@ class AdapterCache:
         self.pinned = set(pinned)
         self.model: Any = None  # the PeftModel, created with the first adapter
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, LRU first
+        self.slot_of: dict[str, str] = {}  # resident adapter name -> its PeftModel adapter (slot)
+        self.slot_config: dict[str, Any] = {}  # slot -> config of the weights it holds
+        self._slots = 0
         self.cpu: OrderedDict[str, tuple[Any, dict, int]] = OrderedDict()  # name -> (config, state, bytes)
         self.stats = CacheStats()
         self.entries = {e["name"]: e for e in lib.entries()}
@@ -86,36 +93,73 @@ class AdapterCache:
             self.cpu.popitem(last=False)
         return item
 
-    def _install(self, name: str, config: Any, state: dict) -> None:
-        """CPU tier -> device: add the LoRA modules and copy the weights in (no disk access)."""
+    def _install(self, slot: str, config: Any, state: dict) -> None:
+        """CPU tier -> device, new slot: add the LoRA modules and copy the weights in."""
         from peft import get_peft_model, set_peft_model_state_dict
 
         # low_cpu_mem_usage: create the LoRA weights empty (meta) and assign the loaded ones,
         # instead of random-initialising them only to overwrite them.
         if self.model is None:
-            self.model = get_peft_model(self.base_model, config, adapter_name=name, low_cpu_mem_usage=True)
+            self.model = get_peft_model(self.base_model, config, adapter_name=slot, low_cpu_mem_usage=True)
         else:
-            self.model.add_adapter(name, config, low_cpu_mem_usage=True)
-        result = set_peft_model_state_dict(self.model, state, adapter_name=name, low_cpu_mem_usage=True)
+            self.model.add_adapter(slot, config, low_cpu_mem_usage=True)
+        # Clone: with low_cpu_mem_usage PEFT adopts the given tensors as the parameters, and a later
+        # hotswap into this slot would then overwrite the CPU tier's copy of this adapter.
+        owned = {k: v.clone() for k, v in state.items()}
+        result = set_peft_model_state_dict(self.model, owned, adapter_name=slot, low_cpu_mem_usage=True)
         if getattr(result, "unexpected_keys", None):
-            raise ChainloraError(f"{self.lib.root}: adapter {name!r} does not fit this base model "
+            raise ChainloraError(f"{self.lib.root}: adapter does not fit this base model "
                                  f"(unexpected weights, e.g. {result.unexpected_keys[0]})")
         self.model.eval()
+        self.slot_config[slot] = config
 
-    def _evict_for(self, need: int, keep: set[str]) -> None:
+    def _swap_into(self, slot: str, config: Any, state: dict) -> bool:
+        """CPU tier -> device, recycled slot: copy the weights into an evicted adapter's modules
+        (PEFT hotswap), skipping PEFT's module walks. False when the shapes do not allow it."""
+        from peft.utils.hotswap import hotswap_adapter_from_state_dict
+
+        if not _same_shape(self.slot_config[slot], config):
+            return False
+        keyed = {}
+        for key, value in state.items():
+            for part in (".lora_A.", ".lora_B."):
+                if part + "weight" in key:
+                    keyed[key.replace(part + "weight", f"{part}{slot}.weight")] = value
+                    break
+            else:
+                return False  # not plain LoRA A/B weights: take the slow, general path
+        try:
+            hotswap_adapter_from_state_dict(self.model, keyed, slot, config)
+        except (RuntimeError, ValueError):
+            return False
+        self.slot_config[slot] = config
+        self.stats.hotswaps += 1
+        return True
+
+    def _evict_for(self, need: int, keep: set[str]) -> list[str]:
+        """Evict LRU adapters until `need` bytes fit; return the freed slots (still in the model)."""
+        freed = []
         for name in list(self.resident):
             if sum(self.resident.values()) + need <= self.device_bytes:
-                return
+                break
             if name in self.pinned or name in keep or len(self.resident) <= 1:
                 continue
-            self.model.delete_adapter(name)
+            freed.append(self.slot_of.pop(name))
             del self.resident[name]
             self.stats.evictions += 1
+        return freed
+
+    def _new_slot(self) -> str:
+        self._slots += 1
+        return f"_s{self._slots}_"  # no slot name is a substring of another (PEFT matches by substring)
 
     # ------------------------------------------------------------------ API
 
     def acquire(self, names: list[str]) -> Any:
-        """Make every adapter in `names` resident (LRU-touched); return the PeftModel."""
+        """Make every adapter in `names` resident (LRU-touched); return the PeftModel.
+
+        Rows of a batch name their adapter by `slot(name)`.
+        """
         keep = set(names)
         for name in dict.fromkeys(names):
             if name in self.resident:
@@ -124,7 +168,27 @@ class AdapterCache:
                 continue
             self.stats.misses += 1
             config, state, size = self._from_cpu(name)
-            self._evict_for(size, keep)
-            self._install(name, config, state)
+            freed = self._evict_for(size, keep)
+            slot = next((f for f in freed if self._swap_into(f, config, state)), None)
+            for f in freed:
+                if f != slot:
+                    self.model.delete_adapter(f)
+                    del self.slot_config[f]
+            if slot is None:
+                slot = self._new_slot()
+                self._install(slot, config, state)
+            self.slot_of[name] = slot
             self.resident[name] = size
         return self.model
+
+    def slot(self, name: str) -> str:
+        """The PeftModel adapter name holding `name` (resident adapters only)."""
+        return self.slot_of[name]
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    """Configs whose LoRA modules are interchangeable: same targets, rank and options."""
+    fields = ("r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias", "rank_pattern",
+              "alpha_pattern", "modules_to_save", "layers_to_transform")
+    return (type(a) is type(b) and set(a.target_modules or ()) == set(b.target_modules or ())
+            and all(getattr(a, f, None) == getattr(b, f, None) for f in fields))

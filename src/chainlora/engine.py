@@ -119,7 +119,8 @@ class Chain:
             model = self.cache.acquire(["router"])
             for i in range(0, len(texts), ROUTE_CHUNK):  # bounds the label-expanded KV cache
                 rankings += rank(model, self.tok, texts[i:i + ROUTE_CHUNK], tasks, labels,
-                                 template=r["task_prompt"], system=self.system)
+                                 template=r["task_prompt"], system=self.system,
+                                 adapter=self.cache.slot("router"))
         return [self._decide(rk, top_k, selector) for rk in rankings]
 
     def _classify(self, texts: Sequence[str]) -> list[router.Ranking]:
@@ -185,7 +186,7 @@ class Chain:
         model = self.cache.acquire(real) if real else self.cache.model
         if model is None:  # no adapter loaded at all: plain base model
             return self.base.model, {}
-        return model, {"adapter_names": names}
+        return model, {"adapter_names": [n if n == BASE else self.cache.slot(n) for n in names]}
 
     def generate(self, texts: Sequence[str], *, task: str | Sequence[str] | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
