@@ -32,7 +32,9 @@ def test_generate_text_input_file(random_lib, tmp_path, capsys):
     inp = tmp_path / "in.txt"
     inp.write_text("What rhymes with cat?\nDefine dog.\n")
     assert main(["generate", str(random_lib), "--input", str(inp), "--max-new-tokens", "3", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.count("\n[") >= 1
+    out = capsys.readouterr().out
+    first, second = out.index("] What rhymes with cat?\n"), out.index("] Define dog.\n")
+    assert 0 < first < second and out.startswith("[")
 
 
 @pytest.mark.parametrize("args,expected", [

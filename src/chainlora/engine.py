@@ -102,7 +102,9 @@ class Chain:
 
     def route(self, texts: Sequence[str], *, top_k: int = 3, selector: str | None = None) -> list[Route]:
         """Choose a task for every instruction in one batched selector pass."""
-        texts = self._check_texts(texts)
+        return self._route(self._check_texts(texts), top_k, selector)
+
+    def _route(self, texts: Sequence[str], top_k: int = 3, selector: str | None = None) -> list[Route]:
         selector = selector or self.selector
         if selector not in router.SELECTORS:
             raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
@@ -172,9 +174,10 @@ class Chain:
         return kw
 
     def routes_for(self, texts: Sequence[str], task: str | Sequence[str] | None) -> list[Route]:
-        """Routes for a batch: pinned to `task` (one for all, or one per text), else selected."""
+        """Routes for an already checked batch: pinned to `task` (one for all, or one per text),
+        else selected."""
         if task is None:
-            return self.route(texts)
+            return self._route(texts)
         pinned = [task] * len(texts) if isinstance(task, str) else list(task)
         if len(pinned) != len(texts):
             raise ChainloraError(f"task: {len(pinned)} tasks for {len(texts)} instructions")
