@@ -15,13 +15,12 @@ sha256; a missing or corrupt adapter is refused by name and the others keep work
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from chainlora.errors import ChainloraError
-from chainlora.library import ADAPTER_FILES, Library
+from chainlora.library import ADAPTER_FILES, Library, files_sha256
 
 
 @dataclass
@@ -70,11 +69,7 @@ class AdapterCache:
             weights = (directory / ADAPTER_FILES[1]).read_bytes()
         except OSError as e:
             raise ChainloraError(f"{directory}: adapter {name!r} is missing ({e.strerror})")
-        h = hashlib.sha256()
-        for fname, data in zip(ADAPTER_FILES, (config_bytes, weights)):
-            h.update(f"{fname}\n".encode())
-            h.update(data)
-        if h.hexdigest() != entry.get("sha256"):
+        if files_sha256(list(zip(ADAPTER_FILES, (config_bytes, weights)))) != entry.get("sha256"):
             raise ChainloraError(f"{directory / ADAPTER_FILES[1]}: adapter {name!r} is corrupt "
                                  "(sha256 does not match the manifest); refusing it")
         config = PeftConfig.from_pretrained(str(directory))

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("library", help="adapter library directory")
         d.add_argument("text", nargs="*", help="instructions")
         d.add_argument("--input", help="file of instructions: JSONL or text, one a line")
-        d.add_argument("--selector", default="score", help="score (default) or generate")
+        d.add_argument("--selector", default="score", help="score (default), generate or classifier")
         d.add_argument("--threshold", type=float, default=0.0,
                        help="below this top probability the mixed adapter answers")
         d.add_argument("--device", help="cpu, cuda, mps (default: best available)")

@@ -31,18 +31,24 @@ MANIFEST = "chainlora.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def adapter_sha256(directory: Path, files: tuple[str, ...] = ADAPTER_FILES) -> str:
-    """One sha256 over an adapter's config and weights (what changes its outputs)."""
+def files_sha256(named: list[tuple[str, bytes]]) -> str:
+    """One sha256 over (file name, content) pairs: the digest every manifest entry records."""
     h = hashlib.sha256()
+    for name, data in named:
+        h.update(f"{name}\n".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def adapter_sha256(directory: Path, files: tuple[str, ...] = ADAPTER_FILES) -> str:
+    """The digest of an adapter's config and weights (what changes its outputs)."""
+    named = []
     for name in files:
         path = directory / name
         if not path.is_file():
             raise ChainloraError(f"{path}: missing adapter file")
-        h.update(f"{name}\n".encode())
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-    return h.hexdigest()
+        named.append((name, path.read_bytes()))
+    return files_sha256(named)
 
 
 def task_path(name: str) -> str:
