@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import json
 import subprocess
 import sys
@@ -170,3 +171,18 @@ def test_two_processes_converting_at_once(tmp_path):
     (model_dir,) = [e for e in entries if not e.endswith(".lock")]
     source = json.loads((env_home / "models" / model_dir / models.SOURCE_FILE).read_text())
     assert len(source["gguf_sha256"]) == 64
+
+
+def test_local_fingerprint_is_cached_until_weights_change(tmp_path, monkeypatch):
+    from conftest import make_tiny_model
+
+    monkeypatch.setenv("CHAINLORA_HOME", str(tmp_path / "home"))
+    directory = make_tiny_model(tmp_path / "m")
+    first = models.fingerprint(str(directory))
+    calls = []
+    real = models._weights_sha256
+    monkeypatch.setattr(models, "_weights_sha256", lambda d: calls.append(d) or real(d))
+    assert models.fingerprint(str(directory)) == first and calls == []  # remembered
+    weights = directory / "model.safetensors"
+    os.utime(weights, ns=(1, 1))  # same bytes, new mtime: recomputed
+    assert models.fingerprint(str(directory)) == first and len(calls) == 1

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from chainlora import config, library
 from chainlora.cli import main
 from chainlora.errors import ChainloraError
-from chainlora.library import Library, load_adapters
+from chainlora.library import Library
 from chainlora.models import load_base
 from chainlora.train import train_library
 
@@ -62,27 +62,28 @@ def test_library_layout_and_manifest(tiny_lib, tiny_model_dir):
 
 
 def test_plain_peft_gives_same_logits_as_chainlora(tiny_lib, tiny_model_dir):
-    """Every adapter loads with plain PeftModel.from_pretrained and matches chainlora's loading."""
+    """Every adapter loads with plain PeftModel.from_pretrained and matches the engine's loading
+    (all adapters in one PeftModel, each in its cache slot)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    lib = Library.open(tiny_lib)
-    base = load_base(str(tiny_model_dir), device="cpu")
-    multi = load_adapters(base.model, lib)
-    ids = base.tokenizer("Give the antonym of hot", return_tensors="pt")["input_ids"]
-    for entry in lib.entries():
+    from chainlora.engine import Chain
+
+    chain = Chain.load(tiny_lib, device="cpu")
+    ids = chain.tok("Give the antonym of hot", return_tensors="pt")["input_ids"]
+    for entry in chain.lib.entries():
         name = entry["name"]
         plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                           str(tiny_lib / entry["path"])).eval()
-        multi.set_adapter(name)
+        multi = chain.cache.acquire([name])
         with torch.no_grad():
-            a, b = plain(ids).logits, multi(ids).logits
+            a, b = plain(ids).logits, multi(ids, adapter_names=[chain.cache.slot(name)]).logits
+            base_logits = multi(ids, adapter_names=["__base__"]).logits
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-        with torch.no_grad(), multi.disable_adapter():
-            assert not torch.allclose(multi(ids).logits, b, atol=1e-7), f"{name} changed nothing"
+        assert not torch.allclose(base_logits, b, atol=1e-7), f"{name} changed nothing"
 
 
-def test_training_leaves_the_base_untouched(tiny_model_dir, tmp_path):
+def test_training_leaves_the_base_untouched(tiny_model_dir, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_model_dir, "tasks=[antonym]", "router.enabled=false", "mixed.enabled=false")
     fresh = load_base(str(tiny_model_dir), device="cpu").model
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
@@ -96,11 +97,8 @@ def test_training_leaves_the_base_untouched(tiny_model_dir, tmp_path):
         seen["model"] = base.model
         return entry
 
-    train_mod.run_job = spy
-    try:
-        train_library(cfg, tmp_path / "lib")
-    finally:
-        train_mod.run_job = real
+    monkeypatch.setattr(train_mod, "run_job", spy)
+    train_library(cfg, tmp_path / "lib")
     after = seen["model"].state_dict()
     assert before.keys() == after.keys()  # LoRA layers are gone again
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -194,27 +194,3 @@ class Library:
                 f"({expected['fingerprint'][:23]}...), not on {name!r} ({fingerprint[:23]}...)"
             )
 
-
-def load_adapters(model: Any, lib: Library, names: list[str] | None = None) -> Any:
-    """Wrap `model` in ONE PeftModel holding the library's adapters under their names.
-
-    Task adapters are named after their task; the router is "router", the mixed one "mixed".
-    Plain `PeftModel.from_pretrained` / `load_adapter` do the loading, so what chainlora runs
-    is exactly what plain PEFT loads.
-    """
-    from peft import PeftModel
-
-    named = {t["name"]: t for t in lib.tasks}
-    named.update({k: e for k, e in (("router", lib.router), ("mixed", lib.mixed)) if e})
-    wanted = names or list(named)
-    peft_model = None
-    for name in wanted:
-        if name not in named:
-            raise ChainloraError(f"{lib.root}: no adapter {name!r} (have: {', '.join(named)})")
-        path = str(lib.path(named[name]))
-        if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, path, adapter_name=name)
-        else:
-            peft_model.load_adapter(path, adapter_name=name)
-    peft_model.eval()
-    return peft_model

@@ -194,8 +194,25 @@ def fingerprint(path: str, revision: str | None = None) -> str:
     if (directory / SOURCE_FILE).is_file():  # converted copy: hash recorded at conversion
         return "sha256:" + json.loads((directory / SOURCE_FILE).read_text())["weights_sha256"]
     if directory.is_dir():
-        return "sha256:" + _weights_sha256(directory)
+        return "sha256:" + _cached_weights_sha256(directory)
     return f"revision:{revision or 'unknown'}"
+
+
+def _cached_weights_sha256(directory: Path) -> str:
+    """_weights_sha256, remembered per (path, sizes, mtimes) in the cache: hashing a 14 GB model
+    on every library load would cost half a minute."""
+    files = sorted(directory.glob("*.safetensors"))
+    stamp = hashlib.sha256(repr([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
+                                 for f in files]).encode()).hexdigest()
+    store = home() / "fingerprints.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if stamp not in known:
+        known[stamp] = _weights_sha256(directory)
+        atomic.write_json(store, known)
+    return known[stamp]
 
 
 def prepare_tokenizer(tokenizer: object) -> object:
