@@ -49,6 +49,24 @@ class LoraSettings:
 
 
 @dataclass
+class ColaSettings:
+    """The residual chain (COLA, Xia et al. 2024): train a link, merge it, start a fresh one.
+
+    The knots (optimizer steps where a link is merged) come from `knots` if given, else every
+    `steps_per_link` steps, else `links` evenly spaced links (default 3) over the adapter's steps.
+    """
+
+    links: int | None = _bounds(1, 1000, default=None)  # L; default 3 when no knots are given
+    steps_per_link: int | None = _bounds(1, default=None)
+    knots: list[int] | None = None  # explicit optimizer steps at which links are merged
+    reset_optimizer: bool = True  # fresh AdamW state for each new link
+    restart_warmup_steps: int = _bounds(0, default=0)  # linear LR re-warm-up after each knot
+    rank_schedule: list[int] | None = None  # rank of each link, e.g. [16, 8, 4]
+    init: Literal["kaiming", "gaussian"] = "kaiming"  # new link's A; B is always zero
+    compress_rank: int | None = _bounds(1, default=None)  # save an SVD-truncated rank-r adapter
+
+
+@dataclass
 class TrainingSettings:
     max_steps: int | None = _bounds(1, default=100)  # optimizer steps per adapter
     epochs: float | None = _bounds(0.0, default=None)  # used when max_steps is null
@@ -64,9 +82,12 @@ class TrainingSettings:
     save_steps: int = _bounds(1, default=50)  # checkpoint every N steps (resume granularity)
     logging_steps: int = _bounds(1, default=10)
     eval_batch_size: int = _bounds(1, default=16)
+    method: Literal["lora", "cola"] = "lora"  # cola: the residual chain, settings in `cola`
+    cola: ColaSettings = field(default_factory=ColaSettings)
 
 
 TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainingSettings))
+COLA_KEYS = tuple(f.name for f in dataclasses.fields(ColaSettings))
 
 
 @dataclass
@@ -146,7 +167,8 @@ def _type_name(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
-        return "a list of text"
+        item = typing.get_args(tp)[0]
+        return "a list of text" if item is str else "a list of integers"
     if origin is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(tp, str(tp))
@@ -170,9 +192,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise _fail(source, key, f"expected {_type_name(tp)}, got {value!r}")
         return value
     if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise _fail(source, key, f"expected a list of text, got {value!r}")
-        return list(value)
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            raise _fail(source, key, f"expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise _fail(source, key, f"expected a mapping, got {value!r}")
@@ -240,12 +263,35 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     return cls(**values)
 
 
-def _check_overrides(section: str, overrides: dict[str, Any], source: str) -> dict[str, Any]:
-    """Overrides use `training` keys and are checked like them."""
+def _check_overrides(section: str, overrides: dict[str, Any], base: TrainingSettings,
+                     source: str) -> dict[str, Any]:
+    """Overrides use `training` keys and are checked like them; a `cola` override is merged
+    key by key over `training.cola` (so `mixed.training.cola.links: 2` keeps the other keys)."""
     prefix = f"{section}.training"
     _check_keys(list(TRAINING_KEYS), overrides, f"{prefix}.", source)
+    if isinstance(overrides.get("cola"), dict):
+        _check_keys(list(COLA_KEYS), overrides["cola"], f"{prefix}.cola.", source)
+        overrides = {**overrides, "cola": {**dataclasses.asdict(base.cola), **overrides["cola"]}}
     checked = _build(TrainingSettings, overrides, prefix, source)
     return {k: getattr(checked, k) for k in overrides}
+
+
+def _check_cola(c: ColaSettings, key: str, source: str) -> None:
+    """What the types cannot say: knots increase, schedules agree with the number of links."""
+    if c.knots is not None:
+        if not c.knots or any(k < 1 for k in c.knots) or c.knots != sorted(set(c.knots)):
+            raise _fail(source, f"{key}.knots", f"expected increasing steps >= 1, got {c.knots}")
+        if c.links is not None and c.links != len(c.knots) + 1:
+            raise _fail(source, f"{key}.links", f"{c.links} links need {c.links - 1} knots, "
+                        f"knots lists {len(c.knots)}")
+    if c.knots is not None and c.steps_per_link is not None:
+        raise _fail(source, f"{key}.steps_per_link", "give knots or steps_per_link, not both")
+    if c.rank_schedule is not None:
+        if not c.rank_schedule or any(r < 1 for r in c.rank_schedule):
+            raise _fail(source, f"{key}.rank_schedule", f"expected ranks >= 1, got {c.rank_schedule}")
+        n = len(c.knots) + 1 if c.knots is not None else c.links
+        if n is not None and n != len(c.rank_schedule):
+            raise _fail(source, f"{key}.rank_schedule", f"{len(c.rank_schedule)} ranks for {n} links")
 
 
 def from_dict(data: Any, source: str = "<dict>") -> Config:
@@ -254,11 +300,12 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
     cfg.source = source
     for section in ("router", "mixed"):
         part = getattr(cfg, section)
-        part.training = _check_overrides(section, part.training, source)
+        part.training = _check_overrides(section, part.training, cfg.training, source)
     for name in ("training", "router.training", "mixed.training"):
         t = cfg.training_for(name.split(".")[0])
         if t.max_steps is None and t.epochs is None:
             raise _fail(source, f"{name}.max_steps", "set max_steps or epochs")
+        _check_cola(t.cola, f"{name}.cola", source)
     try:
         check_task_prompt(cfg.router.task_prompt)
     except ChainloraError as e:

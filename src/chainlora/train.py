@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chainlora import library
+from chainlora import cola, library
 from chainlora.config import Config, TrainingSettings
 from chainlora.data import Record, TaskData, demo_path, load_tasks
 from chainlora.errors import ChainloraError
@@ -47,6 +47,8 @@ class Job:
     settings: TrainingSettings
     steps: int = 0
     info: dict[str, Any] = field(default_factory=dict)  # extra manifest fields (label, ...)
+    section: str = "training"  # the config section its settings come from (for messages)
+    chain: Any = None  # cola.ChainPlan when trained as a residual chain (method: cola)
 
 
 # --------------------------------------------------------------------------- planning
@@ -91,6 +93,18 @@ def labels_for(cfg: Config, tasks: list[str]) -> dict[str, str]:
     return labels
 
 
+def _plan_chain(cfg: Config, job: Job) -> None:
+    """Knots and ranks of a `method: cola` job, checked against its step count before any model
+    is loaded (a bad knot fails in a second, not after the first adapters have trained)."""
+    from chainlora import cola
+
+    if job.settings.method != "cola":
+        return
+    section = job.section if job.section != "training" and "cola" in getattr(
+        cfg, job.section.split(".")[0]).training else "training"
+    job.chain = cola.plan(job.settings.cola, job.steps, cfg.lora.r, f"{cfg.source}: {section}.cola")
+
+
 def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:
     """Task adapters in task order, then the router, the classifier selector, the mixed baseline."""
     names = list(data) if cfg.tasks == "all" else cfg.tasks
@@ -117,7 +131,7 @@ def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Jo
         rtrain = [r for t in names for r in _sample(train[t], cfg.router.max_train_per_task, seed)]
         router = Job("router", "router", "router", selector_pairs(rtrain, labels, template),
                      selector_pairs([r for t in names for r in test[t]], labels, template),
-                     cfg.training_for("router"),
+                     cfg.training_for("router"), section="router.training",
                      info={"name": "router", "kind": "lora", "selector": "score",
                            "task_prompt": template, "labels": labels})
         router.steps = steps_for(router.settings, len(router.train), world_size)
@@ -132,19 +146,22 @@ def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Jo
     if cfg.mixed.enabled:
         mixed = Job("mixed", "mixed", "mixed", answer_pairs([r for t in names for r in train[t]]),
                     answer_pairs([r for t in names for r in test[t]]), cfg.training_for("mixed"),
-                    info={"name": "mixed", "budget": cfg.mixed.budget})
+                    section="mixed.training", info={"name": "mixed", "budget": cfg.mixed.budget})
         budget = cfg.mixed.budget
         mixed.steps = (sum(task_steps) if budget == "matched" else max(task_steps) if budget == "same"
                        else budget)
         jobs.append(mixed)
+    for job in jobs:
+        _plan_chain(cfg, job)
     return jobs
 
 
 # --------------------------------------------------------------------------- one job
 
 
-def last_checkpoint(work: Path) -> Path | None:
-    """The newest COMPLETE Trainer checkpoint in `work` (trainer_state.json is written last)."""
+def last_checkpoint(work: Path, files: tuple[str, ...] = CHECKPOINT_FILES) -> Path | None:
+    """The newest COMPLETE Trainer checkpoint in `work`: `files` all there (trainer_state.json
+    is the Trainer's last write; a COLA job's links follow it, so they are required too)."""
     import json
 
     found = []
@@ -154,7 +171,7 @@ def last_checkpoint(work: Path) -> Path | None:
             json.loads((ckpt / "trainer_state.json").read_text())
         except (ValueError, IndexError, OSError, json.JSONDecodeError):
             continue
-        if all((ckpt / f).is_file() for f in CHECKPOINT_FILES):
+        if all((ckpt / f).is_file() for f in files):
             found.append((step, ckpt))
     return max(found)[1] if found else None
 
@@ -224,31 +241,47 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
     from transformers.trainer_callback import ProgressCallback
 
     work, tok = root / WORK / job.path.replace("/", "-"), base.tokenizer
-    checkpoint = last_checkpoint(work) if resume else None
+    files = CHECKPOINT_FILES + ((cola.STATE_FILE,) if job.chain else ())
+    checkpoint = last_checkpoint(work, files) if resume else None
     if checkpoint is None and work.exists():
         shutil.rmtree(work)  # stale partial work of an earlier, abandoned attempt
     set_seed(job.settings.seed)  # same LoRA init whether or not earlier jobs ran in this process
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    c = job.settings.cola
+    lora = LoraConfig(r=job.chain.ranks[0] if job.chain else cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                      lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
+                      init_lora_weights=True if not job.chain or c.init == "kaiming" else "gaussian",
+                      task_type="CAUSAL_LM")
     try:
         model = get_peft_model(base.model, lora)
     except ValueError as e:
         raise ChainloraError(f"{cfg.source}: lora.target_modules: {e}".splitlines()[0])
+    chain = cola.ColaCallback(model, job.chain, c, cfg.lora.alpha) if job.chain else None
     tok.padding_side = "right"
     system = cfg.system_prompt
     train_ds = build_dataset(tok, job.train, job.settings.max_length, system)
     test_ds = build_dataset(tok, job.test, job.settings.max_length, system) if job.test else None
     trainer = Trainer(model=model, args=training_args(job, work, root / "logs" / job.name),
                       train_dataset=train_ds, data_collator=collator(tok),
-                      callbacks=[progress.callback(job)])
+                      callbacks=[progress.callback(job)] + ([chain] if chain else []))
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress.step_bar())
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        if chain and checkpoint:
+            chain.load(checkpoint)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except BaseException:
+        if chain:
+            chain.restore_base()  # the next job in this process must see W0, not merged links
+        raise
     seconds = time.perf_counter() - t0
     entry = {**job.info, "path": job.path, "n_train": len(job.train), "n_test": len(job.test),
              "steps": job.steps, "tokens": int(trainer.state.num_input_tokens_seen),
-             "train_loss": round(result.training_loss, 5), "seconds": round(seconds, 1)}
+             "train_loss": round(result.training_loss, 5), "seconds": round(seconds, 1),
+             "loss_curve": [[h["step"], round(h["loss"], 5)] for h in trainer.state.log_history
+                            if "loss" in h]}
+    if chain:  # from here on the model is W0 + one plain LoRA equal to the whole chain
+        entry["cola"] = chain.export(c.compress_rank, f"{cfg.source}: {job.section}.cola.compress_rank")
     if test_ds is not None:
         entry["test_loss"] = round(trainer.evaluate(test_ds)["eval_loss"], 5)
         if job.kind == "task":

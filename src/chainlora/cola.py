@@ -1,0 +1,310 @@
+"""COLA, the residual chain (Xia, Qin, Hazan 2024) as a Trainer callback, and its exact export.
+
+Training is the ordinary PEFT + Trainer run; `ColaCallback` ties a knot at each planned optimizer
+step: the current link's s·BA is added to the frozen weights (in float32), A and B are
+re-initialised (A Kaiming-uniform or Gaussian, B zero: the model's function is unchanged), the
+link's AdamW state is dropped, and — with a rank schedule — the LoRA modules are rebuilt at the
+next rank and the optimizer's parameter groups pointed at them. An optional linear LR re-warm-up
+after each knot gives ReLoRA's jagged schedule.
+
+The base stays exact: the original weights W0 of every wrapped module are copied (host memory)
+at the first knot, merged weights are always recomputed as W0 + Σ_j s_j B_j A_j from the links
+(no error piles up over knots, even in bf16), and W0 is copied back — never subtracted — when the
+chain is exported or training fails. Each link's factors are kept (float32, host memory, rank r
+each), so at the end Σ_j s_j B_j A_j is written as ONE ordinary LoRA of rank Σ_j r_j (A's stacked,
+scaled B's concatenated, lora_alpha = r so the scaling is 1) — or truncated to rank r by SVD with
+the relative Frobenius error reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from chainlora.config import ColaSettings
+from chainlora.errors import ChainloraError
+
+ADAPTER = "default"  # get_peft_model's adapter name
+STATE_FILE = "cola.safetensors"  # the chain's links inside each Trainer checkpoint
+DEFAULT_LINKS = 3
+
+
+@dataclass
+class ChainPlan:
+    """When knots are tied and the rank of each link (len(ranks) == len(knots) + 1)."""
+
+    knots: list[int]
+    ranks: list[int]
+
+    @property
+    def links(self) -> int:
+        return len(self.ranks)
+
+
+def plan(settings: ColaSettings, steps: int, rank: int, key: str) -> ChainPlan:
+    """The knots for an adapter of `steps` optimizer steps; `key` names the config section."""
+    c = settings
+    if c.knots is not None:
+        knots = list(c.knots)
+    elif c.steps_per_link is not None:
+        knots = list(range(c.steps_per_link, steps, c.steps_per_link))
+    else:
+        links = c.links or (len(c.rank_schedule) if c.rank_schedule else DEFAULT_LINKS)
+        if links > steps:
+            raise ChainloraError(f"{key}.links: {links} links need at least {links} steps, the adapter has {steps}")
+        knots = [round(i * steps / links) for i in range(1, links)]
+    late = [k for k in knots if k >= steps]
+    if late:
+        raise ChainloraError(f"{key}.knots: knot at step {late[0]} is not before the adapter's last step {steps}")
+    ranks = list(c.rank_schedule) if c.rank_schedule else [rank] * (len(knots) + 1)
+    if len(ranks) != len(knots) + 1:
+        raise ChainloraError(f"{key}.rank_schedule: {len(ranks)} ranks for {len(knots) + 1} links")
+    if c.compress_rank is not None and c.compress_rank > sum(ranks):
+        raise ChainloraError(f"{key}.compress_rank: {c.compress_rank} is above the chain's total rank {sum(ranks)}")
+    return ChainPlan(knots, ranks)
+
+
+def lora_layers(model: Any) -> dict[str, Any]:
+    """Every LoRA-wrapped Linear of `model`, by module name (the chain's unit of merging)."""
+    import torch.nn as nn
+    from peft.tuners.lora import LoraLayer
+
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            if not isinstance(module.lora_A[ADAPTER], nn.Linear):
+                raise ChainloraError(f"cola: {name}: only Linear layers can be chained (not "
+                                     f"{type(module.get_base_layer()).__name__}); change lora.target_modules")
+            layers[name] = module
+    if not layers:
+        raise ChainloraError("cola: the model has no LoRA layers to chain")
+    return layers
+
+
+def truncate(b: Any, a: Any, r: int) -> tuple[Any, Any, float, float]:
+    """Best rank-r factors (B', A') of ΔW = B A by SVD, computed on the factors (QR of each, then
+    an SVD of a (Σr)×(Σr) core) so ΔW is never formed. Returns B', A' and the squared Frobenius
+    norms of the dropped part and of ΔW."""
+    import torch
+
+    b64, a64 = b.double(), a.double()
+    qb, rb = torch.linalg.qr(b64)
+    qa, ra = torch.linalg.qr(a64.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    new_b = (qb @ u[:, :r]) * s[:r]
+    new_a = vh[:r] @ qa.T
+    return new_b.to(b.dtype), new_a.to(a.dtype), float((s[r:] ** 2).sum()), float((s ** 2).sum())
+
+
+class ColaCallback(TrainerCallback):
+    """The residual chain for one PEFT model under one Trainer (see the module docstring)."""
+
+    def __init__(self, model: Any, chain: ChainPlan, settings: ColaSettings, alpha: float):
+        import torch.distributed as dist
+
+        self.model, self.chain, self.settings, self.alpha = model, chain, settings, alpha
+        self.layers = lora_layers(model)
+        self.links: list[dict[str, tuple[Any, Any]]] = []  # per link: module -> (A, B) float32 CPU
+        self.scalings: list[float] = []
+        self.w0: dict[str, Any] = {}
+        if len(set(chain.ranks)) > 1 and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            raise ChainloraError("cola.rank_schedule: changing ranks needs a single training process "
+                                 "(distributed training wraps a fixed set of parameters)")
+
+    # ---------------------------------------------------------------- Trainer hooks
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kw):
+        if self.settings.restart_warmup_steps and lr_scheduler is not None:
+            self._jag(lr_scheduler)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kw):
+        if state.global_step in self.chain.knots and len(self.links) < len(self.chain.knots):
+            self.tie(optimizer)
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    # ---------------------------------------------------------------- the knot
+
+    def _scaling(self) -> float:
+        """The current link's s (uniform over modules: chainlora sets no per-module alpha)."""
+        return float(next(iter(self.layers.values())).scaling[ADAPTER])
+
+    def _current(self) -> dict[str, tuple[Any, Any]]:
+        return {name: (layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
+                       layer.lora_B[ADAPTER].weight.detach().float().cpu().clone())
+                for name, layer in self.layers.items()}
+
+    def _merge(self) -> None:
+        """Set every wrapped weight to W0 + Σ_j s_j B_j A_j, summed in float32."""
+        import torch
+
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                weight = layer.get_base_layer().weight
+                if name not in self.w0:
+                    self.w0[name] = weight.detach().cpu().clone()
+                delta = sum(s * (link[name][1] @ link[name][0]) for s, link in zip(self.scalings, self.links))
+                merged = self.w0[name].float() + delta
+                weight.copy_(merged.to(device=weight.device, dtype=weight.dtype))
+
+    def _new_link(self, rank: int) -> list[tuple[Any, Any]]:
+        """Re-initialise every layer's A and B (rebuilt when the rank changes); return the
+        (old, new) parameter pairs so the optimizer can follow."""
+        import torch
+        import torch.distributed as dist
+        import torch.nn as nn
+
+        init = True if self.settings.init == "kaiming" else "gaussian"
+        swaps = []
+        for layer in self.layers.values():
+            a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+            if a.out_features != rank:
+                w = a.weight
+                layer.lora_A[ADAPTER] = nn.Linear(a.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+                layer.lora_B[ADAPTER] = nn.Linear(rank, b.out_features, bias=False, device=w.device,
+                                                  dtype=b.weight.dtype)
+                layer.r[ADAPTER], layer.scaling[ADAPTER] = rank, self.alpha / rank
+                swaps += [(a.weight, layer.lora_A[ADAPTER].weight), (b.weight, layer.lora_B[ADAPTER].weight)]
+            with torch.no_grad():
+                layer.reset_lora_parameters(ADAPTER, init)
+                if dist.is_available() and dist.is_initialized():
+                    dist.broadcast(layer.lora_A[ADAPTER].weight, src=0)  # one chain on every rank
+        return swaps
+
+    def tie(self, optimizer: Any = None) -> None:
+        """Tie a knot: merge the current link into the weights and start the next one."""
+        self.scalings.append(self._scaling())
+        self.links.append(self._current())
+        self._merge()
+        swaps = self._new_link(self.chain.ranks[len(self.links)])
+        if optimizer is not None:
+            self._follow(getattr(optimizer, "optimizer", optimizer), swaps)
+
+    def _follow(self, optimizer: Any, swaps: list[tuple[Any, Any]]) -> None:
+        """Point the optimizer at rebuilt parameters and drop the new link's state."""
+        new_for = {id(old): new for old, new in swaps}
+        for group in optimizer.param_groups:
+            group["params"] = [new_for.get(id(p), p) for p in group["params"]]
+        for old, _ in swaps:
+            optimizer.state.pop(old, None)
+        if self.settings.reset_optimizer:
+            for layer in self.layers.values():
+                for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight):
+                    optimizer.state.pop(p, None)  # AdamW starts a fresh state (step 0) lazily
+
+    def _jag(self, scheduler: Any) -> None:
+        """Multiply the schedule by a linear ramp over `restart_warmup_steps` after each knot."""
+        if not hasattr(scheduler, "lr_lambdas"):
+            raise ChainloraError("cola.restart_warmup_steps: needs a LambdaLR schedule "
+                                 "(training.lr_scheduler linear / cosine / constant)")
+        knots, warm = list(self.chain.knots), self.settings.restart_warmup_steps
+
+        def jagged(inner):
+            def factor(step: int) -> float:
+                last = max((k for k in knots if k <= step), default=None)
+                ramp = 1.0 if last is None else min(1.0, (step - last + 1) / warm)
+                return inner(step) * ramp
+            return factor
+
+        # The ramp is a function of the step alone, so a resumed run gets the same schedule;
+        # step 0 is never after a knot, and a resumed optimizer carries its current lr.
+        scheduler.lr_lambdas = [jagged(f) for f in scheduler.lr_lambdas]
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self, directory: Path) -> None:
+        """Write the tied links into a Trainer checkpoint (safetensors; atomic rename)."""
+        import os
+
+        from safetensors.torch import save_file
+
+        tensors = {f"{i}.{name}.{part}": t.contiguous()
+                   for i, link in enumerate(self.links) for name, ab in link.items()
+                   for part, t in zip("AB", ab)}
+        meta = {"links": str(len(self.links)), "scalings": json.dumps(self.scalings)}
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{STATE_FILE}.tmp"
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, directory / STATE_FILE)
+
+    def load(self, directory: Path) -> None:
+        """Resume: rebuild the links tied before the checkpoint, the merged weights and the
+        current link's rank (the Trainer then loads that link's A, B and optimizer state)."""
+        from safetensors import safe_open
+
+        with safe_open(str(directory / STATE_FILE), framework="pt") as f:
+            meta = f.metadata()
+            n = int(meta["links"])
+            self.links = [{name: (f.get_tensor(f"{i}.{name}.A"), f.get_tensor(f"{i}.{name}.B"))
+                           for name in self.layers} for i in range(n)]
+            self.scalings = json.loads(meta["scalings"])
+        if n:
+            self._merge()
+            self._new_link(self.chain.ranks[n])
+
+    # ---------------------------------------------------------------- the end
+
+    def restore_base(self) -> None:
+        """Copy W0 back into every merged weight (exact: a copy, not a subtraction)."""
+        import torch
+
+        with torch.no_grad():
+            for name, w0 in self.w0.items():
+                weight = self.layers[name].get_base_layer().weight
+                weight.copy_(w0.to(weight.device))
+        self.w0 = {}
+
+    def export(self, compress_rank: int | None = None, key: str = "cola.compress_rank") -> dict:
+        """Turn the model into W0 + ONE LoRA equal to the whole chain (or its rank-r SVD);
+        return the manifest facts. Saving the PEFT model then writes a plain PEFT adapter."""
+        import torch
+
+        links = self.links + [self._current()]
+        scalings = self.scalings + [self._scaling()]
+        total = sum(next(iter(link.values()))[0].shape[0] for link in links)
+        if compress_rank is not None and compress_rank > total:
+            raise ChainloraError(f"{key}: {compress_rank} is above the chain's total rank {total}")
+        rank = compress_rank or total
+        self.restore_base()
+        errors, dropped, norm = {}, 0.0, 0.0
+        for name, layer in self.layers.items():
+            a = torch.cat([link[name][0] for link in links], dim=0)
+            b = torch.cat([s * link[name][1] for s, link in zip(scalings, links)], dim=1)
+            if compress_rank is not None:
+                b, a, tail, full = truncate(b, a, rank)
+                errors[name] = round(math.sqrt(tail / full), 6) if full > 0 else 0.0
+                dropped, norm = dropped + tail, norm + full
+            self._install(layer, a, b, rank)
+        peft_cfg = self.model.peft_config[ADAPTER]
+        peft_cfg.r, peft_cfg.lora_alpha = rank, rank  # scaling 1: the s_j are inside B
+        peft_cfg.init_lora_weights = True
+        info: dict[str, Any] = {"links": len(links), "knots": self.chain.knots,
+                                "ranks": [next(iter(link.values()))[0].shape[0] for link in links],
+                                "export_rank": rank}
+        if compress_rank is not None:
+            info["compress"] = {"rank": rank, "total_rank": total,
+                                "relative_error": round(math.sqrt(dropped / norm), 6) if norm > 0 else 0.0,
+                                "module_errors": errors}
+        return info
+
+    def _install(self, layer: Any, a: Any, b: Any, rank: int) -> None:
+        import torch
+        import torch.nn as nn
+
+        old_a, old_b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+        dev, dtype = old_a.weight.device, old_a.weight.dtype
+        layer.lora_A[ADAPTER] = nn.Linear(old_a.in_features, rank, bias=False, device=dev, dtype=dtype)
+        layer.lora_B[ADAPTER] = nn.Linear(rank, old_b.out_features, bias=False, device=dev,
+                                          dtype=old_b.weight.dtype)
+        with torch.no_grad():
+            layer.lora_A[ADAPTER].weight.copy_(a)
+            layer.lora_B[ADAPTER].weight.copy_(b)
+        layer.r[ADAPTER], layer.lora_alpha[ADAPTER], layer.scaling[ADAPTER] = rank, rank, 1.0
