@@ -54,6 +54,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from chainlora import config
+    from chainlora.train import train_library
+
+    cfg = config.load(args.config, overrides=args.set)
+    root = train_library(cfg, args.out, resume=args.resume, force=args.force, finetune=True)
+    if PartialState().is_main_process:
+        from chainlora.library import Library
+
+        entry = Library.open(root, verify=False).tasks[0]
+        print(f"adapter: {root / entry['path']}  (plain PEFT; library: {root})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from chainlora.export import export
+
+    report = export(args.library, args.out, args.format, adapter=args.adapter, compress_rank=args.compress_rank)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for name, info in report.get("adapters", {}).items():
+        c = info.get("compress")
+        note = f"  rank {c['from_rank']} -> {c['rank']}, relative error {c['relative_error']:.4f}" if c else ""
+        print(f"{name}: {Path(args.out) / info['path']}{note}")
+    if report["format"] == "merged":
+        print(f"merged model ({report['adapter']}): {args.out}")
+    return 0
+
+
 def _instructions(args: argparse.Namespace) -> list[str]:
     from chainlora.data import read_instructions
 
@@ -172,6 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. training.max_steps=20 (repeatable)")
     d.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("finetune", help="train ONE adapter on all the config's data (e.g. method: cola)")
+    d.add_argument("config", help="YAML config, the same format as `train` (router/mixed/classifier unused)")
+    d.add_argument("--out", help="library directory (default: the config's output_dir)")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    d.add_argument("--force", action="store_true", help="retrain, replacing an existing library")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. training.method=cola (repeatable)")
+    d.set_defaults(func=cmd_finetune)
+
+    d = sub.add_parser("export", help="write adapters as plain PEFT dirs (optionally compressed) or a merged model")
+    d.add_argument("library", help="adapter library directory")
+    d.add_argument("--format", required=True, help="peft or merged")
+    d.add_argument("--out", required=True, help="output directory (created; replaced if an earlier export)")
+    d.add_argument("--adapter", help="one adapter by name (default: all for peft; required for merged "
+                                     "unless the library has one)")
+    d.add_argument("--compress-rank", type=int, help="peft: truncate every adapter to this rank by SVD")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_export)
 
     for name, func, help_ in (("route", cmd_route, "pick the task adapter for instructions"),
                               ("generate", cmd_generate, "route and answer instructions")):

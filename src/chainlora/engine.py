@@ -110,6 +110,9 @@ class Chain:
             raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
         if selector == "classifier":
             return [self._decide(rk, top_k, selector) for rk in self._classify(texts)]
+        if not self.lib.router and len(self.tasks) == 1:  # a single adapter (chainlora finetune)
+            return [Route(self.tasks[0], 1.0, [(self.tasks[0], 1.0)], False, self.tasks[0], "single")
+                    for _ in texts]
         if not self.lib.router:
             raise ChainloraError(f"{self.lib.root}: library has no task-selection adapter (router)")
         rank = {"score": router.rank_by_score, "generate": router.rank_by_generation}[selector]
@@ -183,7 +186,7 @@ class Chain:
             raise ChainloraError(f"task: {len(pinned)} tasks for {len(texts)} instructions")
         return [Route(self._check_task(t), 1.0, [(t, 1.0)], False, t, "pinned") for t in pinned]
 
-    def _model_for(self, names: list[str]) -> tuple[Any, dict]:
+    def model_for(self, names: list[str]) -> tuple[Any, dict]:
         """The model to run a batch on, with its per-row adapters resident."""
         real = [n for n in names if n != BASE]
         model = self.cache.acquire(real) if real else self.cache.model
@@ -204,7 +207,7 @@ class Chain:
         routes = self.routes_for(texts, task)
         names = [r.adapter for r in routes]
         with self.lock:
-            model, extra = self._model_for(names)
+            model, extra = self.model_for(names)
             enc = self._inputs(texts)
             with torch.no_grad():
                 out = model.generate(**enc, **extra, **self._gen_kwargs(max_new_tokens, temperature, top_p,
@@ -238,7 +241,7 @@ class Chain:
             import torch
 
             with self.lock:
-                model, extra = self._model_for([route.adapter])
+                model, extra = self.model_for([route.adapter])
                 enc = self._inputs([text])
                 with torch.no_grad():
                     model.generate(**enc, **extra, streamer=streamer,

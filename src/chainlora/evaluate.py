@@ -1,17 +1,61 @@
-"""Evaluation of a library. So far: task-selection accuracy (Qiu et al. Table II).
+"""Evaluation of a library: answer perplexity, exact match, task-selection accuracy.
 
-Top-k accuracy counts an instruction as correct when its true task is among the selector's k
-best; accuracy on held-out instruction templates (wording the router never saw in training)
-is reported separately when records carry a `template` the training split did not use.
+Perplexity is over response tokens only: exp(Σ NLL / N) over ALL answer tokens of a test set
+(token-weighted — not the mean of per-batch means the Trainer's eval_loss reports), the
+prompt rendered exactly as at inference. Top-k accuracy counts an instruction as correct when
+its true task is among the selector's k best; accuracy on held-out instruction templates
+(wording the router never saw in training) is reported separately when records carry a
+`template` the training split did not use.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from chainlora.data import Record
+from chainlora.examples import IGNORE, answer_pairs, collator, tokenize
+
+EVAL_MAX_LENGTH = 1024  # prompt + answer tokens scored; longer prompts lose their start
+
+
+def answer_nll(chain, records: Sequence[Record], adapter: str, batch_size: int = 16) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of the records' answers (+ end-of-answer token)
+    under `adapter` (a task, "mixed" or engine.BASE), and the number of tokens scored."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = [tokenize(chain.tok, p, EVAL_MAX_LENGTH, chain.system) for p in answer_pairs(records)]
+    chain.tok.padding_side = "right"
+    pad = collator(chain.tok)
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = pad(rows[i:i + batch_size]).to(chain.base.model.device)
+        labels = batch.pop("labels")
+        with chain.lock, torch.no_grad():
+            model, extra = chain.model_for([adapter] * len(labels))
+            logits = model(**batch, **extra).logits[:, :-1].float()
+        target = labels[:, 1:]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                       ignore_index=IGNORE, reduction="sum"))
+        count += int((target != IGNORE).sum())
+    return total, count
+
+
+def perplexity(nll: float, tokens: int) -> float:
+    return math.exp(nll / tokens) if tokens else float("nan")
+
+
+def normalize(text: str) -> str:
+    """Case, surrounding quotes / punctuation and inner whitespace do not count in a match."""
+    return re.sub(r"\s+", " ", text.strip().strip("\"'`.!?;:").strip()).casefold()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize(prediction) == normalize(reference)
 
 
 @dataclass

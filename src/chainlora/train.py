@@ -31,6 +31,7 @@ from chainlora.examples import Pair, answer_pairs, build_dataset, collator, sele
 from chainlora.progress import RunProgress
 
 WORK = ".work"
+FINETUNE = "finetune"  # the adapter's name in a `chainlora finetune` library
 RESERVED = ("chain", "router", "mixed", "classifier")  # adapter / model names of their own
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt")
 
@@ -154,6 +155,26 @@ def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Jo
     for job in jobs:
         _plan_chain(cfg, job)
     return jobs
+
+
+def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:
+    """`chainlora finetune`: ONE adapter on every selected task's records together, named after
+    `data.task` (else "finetune") — a plain single-adapter fine-tune, e.g. with method: cola."""
+    names = list(data) if cfg.tasks == "all" else cfg.tasks
+    for name in names:
+        if name not in data:
+            raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")
+    seed, d = cfg.training.seed, cfg.data
+    train = [r for t in names for r in _sample(data[t].train, d.max_train_per_task, seed)]
+    test = [r for t in names for r in _sample(data[t].test, d.max_test_per_task, seed)]
+    name = d.task or FINETUNE
+    if name in RESERVED:
+        raise ChainloraError(f"{cfg.source}: data.task: {name!r} is a reserved name")
+    job = Job("task", name, library.task_path(name), answer_pairs(train), answer_pairs(test), cfg.training,
+              info={"name": name, "label": name, "tasks": names})
+    job.steps = steps_for(job.settings, len(job.train), world_size)
+    _plan_chain(cfg, job)
+    return [job]
 
 
 # --------------------------------------------------------------------------- one job
@@ -373,17 +394,18 @@ def _record(manifest: dict, job: Job, entry: dict) -> None:
 
 
 def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = False,
-                  force: bool = False) -> Path:
-    """Train every adapter the config asks for into the library at `out`; return its path."""
+                  force: bool = False, finetune: bool = False) -> Path:
+    """Train every adapter the config asks for into the library at `out`; return its path.
+    finetune=True trains ONE adapter on all selected tasks (no router, classifier or mixed)."""
     from accelerate import PartialState
 
     from chainlora.models import load_base
 
     state = PartialState(cpu=use_cpu())  # torch.distributed under accelerate launch / torchrun
     root = Path(out or cfg.output_dir)
-    digest = cfg.digest()
+    digest = cfg.digest() if not finetune else library.files_sha256([("finetune", cfg.digest().encode())])
     data = load_data(cfg)  # check data before loading a model: bad input fails fast
-    jobs = plan(cfg, data, state.num_processes)
+    jobs = plan_finetune(cfg, data, state.num_processes) if finetune else plan(cfg, data, state.num_processes)
     existing = library.read_manifest(root)
     if existing and existing.get("complete") and existing.get("config_sha256") == digest and not force:
         if state.is_main_process:

@@ -1,0 +1,140 @@
+"""`chainlora export`: a library's adapters in the forms other tools load.
+
+    peft     plain PEFT adapter directories (optionally SVD-compressed to a lower rank)
+    merged   a full model with one adapter merged in: no adapter, no PEFT, at inference
+
+Compression works on any LoRA adapter (a COLA chain exports at rank Σ r_j, which this brings
+back down): ΔW = s·B A per module is truncated to its best rank-r approximation and the
+relative Frobenius error is reported per module and in total (export.json beside the adapter).
+Everything is written to a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from chainlora import atomic
+from chainlora.errors import ChainloraError
+from chainlora.library import ADAPTER_FILES, Library
+
+FORMATS = ("peft", "merged")
+
+
+def _adapters(lib: Library, name: str | None) -> list[dict]:
+    """The entries to export: one by name, else all (tasks, router, mixed)."""
+    if name is None:
+        return lib.entries()
+    for entry in lib.entries():
+        if entry["name"] == name:
+            return [entry]
+    names = ", ".join(e["name"] for e in lib.entries())
+    raise ChainloraError(f"--adapter: no adapter {name!r} in {lib.root} (adapters: {names})")
+
+
+def compress_adapter(src: Path, dst: Path, rank: int) -> dict:
+    """Write src's LoRA truncated to `rank` (scaling folded into B, lora_alpha = r) to dst."""
+    from safetensors.torch import load_file, save_file
+
+    from chainlora.cola import truncate
+
+    cfg = json.loads((src / ADAPTER_FILES[0]).read_text())
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+        raise ChainloraError(f"{src}: only plain LoRA adapters can be compressed")
+    tensors = load_file(str(src / ADAPTER_FILES[1]))
+    out: dict[str, Any] = {}
+    errors, dropped, norm, total_rank = {}, 0.0, 0.0, 0
+    for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):
+        module = key[: -len(".lora_A.weight")]
+        a, b = tensors[key].float(), tensors[f"{module}.lora_B.weight"].float()
+        r = a.shape[0]
+        short = module.split(".", 2)[-1] if module.startswith("base_model.model.") else module
+        r_mod = _pattern(cfg.get("rank_pattern") or {}, short, cfg["r"])
+        alpha = _pattern(cfg.get("alpha_pattern") or {}, short, cfg["lora_alpha"])
+        s = alpha / math.sqrt(r_mod) if cfg.get("use_rslora") else alpha / r_mod
+        if rank > r:
+            raise ChainloraError(f"--compress-rank: {rank} is above {src.name}'s rank {r} ({module})")
+        new_b, new_a, tail, full = truncate(s * b, a, rank)
+        out[f"{module}.lora_A.weight"] = new_a.to(tensors[key].dtype).contiguous()
+        out[f"{module}.lora_B.weight"] = new_b.to(tensors[key].dtype).contiguous()
+        errors[module] = round(math.sqrt(tail / full), 6) if full > 0 else 0.0
+        dropped, norm, total_rank = dropped + tail, norm + full, max(total_rank, r)
+    rest = {k: v for k, v in tensors.items() if ".lora_A." not in k and ".lora_B." not in k}
+    if rest:
+        raise ChainloraError(f"{src}: has non-LoRA weights ({next(iter(rest))}); cannot compress")
+    cfg.update(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, use_rslora=False)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(dst / ADAPTER_FILES[1]), metadata={"format": "pt"})
+    (dst / ADAPTER_FILES[0]).write_text(json.dumps(cfg, indent=2) + "\n")
+    return {"rank": rank, "from_rank": total_rank,
+            "relative_error": round(math.sqrt(dropped / norm), 6) if norm > 0 else 0.0,
+            "module_errors": errors}
+
+
+def _pattern(pattern: dict, module: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern: the first key that ends the module name wins."""
+    for key, value in pattern.items():
+        if module == key or module.endswith(f".{key}"):
+            return value
+    return default
+
+
+def export_peft(lib: Library, out: Path, adapter: str | None = None, compress_rank: int | None = None) -> dict:
+    """Every (or one) adapter as OUT/<name>/ in plain PEFT format; facts in OUT/export.json."""
+    report: dict[str, Any] = {"format": "peft", "library": str(lib.root),
+                              "base_model": lib.manifest["base_model"], "adapters": {}}
+    with atomic.directory(out, replace=True) as tmp:
+        for entry in _adapters(lib, adapter):
+            src, dst = lib.path(entry), tmp / entry["name"]
+            if compress_rank is None:
+                dst.mkdir()
+                for f in ADAPTER_FILES:
+                    shutil.copy2(src / f, dst / f)
+                report["adapters"][entry["name"]] = {"path": entry["name"]}
+            else:
+                report["adapters"][entry["name"]] = {"path": entry["name"],
+                                                     "compress": compress_adapter(src, dst, compress_rank)}
+        atomic.write_json(tmp / "export.json", report)
+    return report
+
+
+def export_merged(lib: Library, out: Path, adapter: str | None = None) -> dict:
+    """The base model with one adapter merged into its weights, saved as a plain HF model."""
+    from peft import PeftModel
+
+    from chainlora.models import load_base
+
+    if adapter is None:
+        if len(lib.entries()) != 1:
+            names = ", ".join(e["name"] for e in lib.entries())
+            raise ChainloraError(f"--adapter: name the adapter to merge (adapters: {names})")
+        adapter = lib.entries()[0]["name"]
+    (entry,) = _adapters(lib, adapter)
+    base = load_base(lib.manifest["base_model"]["name"], device="cpu")
+    lib.check_base(base.name, base.fingerprint)
+    merged = PeftModel.from_pretrained(base.model, str(lib.path(entry))).merge_and_unload()
+    with atomic.directory(out, replace=True) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        base.tokenizer.save_pretrained(str(tmp))
+        report = {"format": "merged", "library": str(lib.root), "adapter": adapter,
+                  "base_model": lib.manifest["base_model"], "adapter_sha256": entry.get("sha256")}
+        atomic.write_json(tmp / "export.json", report)
+    return report
+
+
+def export(library: str | Path, out: str | Path, fmt: str, adapter: str | None = None,
+           compress_rank: int | None = None) -> dict:
+    if fmt not in FORMATS:
+        raise ChainloraError(f"--format: unknown {fmt!r} (use {' or '.join(FORMATS)})")
+    if compress_rank is not None and (fmt != "peft" or compress_rank < 1):
+        raise ChainloraError("--compress-rank: a rank >= 1, with --format peft")
+    lib = Library.open(library)
+    out = Path(out)
+    if out.resolve() == lib.root.resolve() or out.resolve().is_relative_to(lib.root.resolve()):
+        raise ChainloraError(f"--out {out}: must be outside the library")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "export.json").is_file())):
+        raise ChainloraError(f"--out {out}: exists and is not an earlier export; choose another directory")
+    return export_peft(lib, out, adapter, compress_rank) if fmt == "peft" else export_merged(lib, out, adapter)
