@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.chainlora-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-cola clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ bench: $(STAMP)
 	$(PY) bench/train_throughput.py
 	test -f runs/demo/library/chainlora.json || $(VENV)/bin/chainlora demo
 	$(PY) bench/engine.py --library runs/demo/library
+	$(PY) bench/cola.py --throughput
+
+bench-cola: $(STAMP)
+	$(PY) bench/cola.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

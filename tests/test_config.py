@@ -14,9 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_configs_load():
-    for name in ("demo.yaml", "tiny.yaml", "firefly.yaml"):
+    for name in ("demo.yaml", "tiny.yaml", "firefly.yaml", "cola.yaml"):
         cfg = config.load(REPO / "configs" / name)
         assert cfg.lora.r >= 1 and cfg.training.batch_size >= 1
+    cola = config.load(REPO / "configs" / "cola.yaml")
+    assert cola.training.method == "cola" and cola.training.cola.links == 3
 
 
 def test_defaults_and_overrides():
