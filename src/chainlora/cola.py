@@ -151,9 +151,12 @@ class ColaCallback(TrainerCallback):
                 weight = layer.get_base_layer().weight
                 if name not in self.w0:
                     self.w0[name] = weight.detach().cpu().clone()
-                delta = sum(s * (link[name][1] @ link[name][0]) for s, link in zip(self.scalings, self.links))
-                merged = self.w0[name].float() + delta
-                weight.copy_(merged.to(device=weight.device, dtype=weight.dtype))
+                dev = weight.device  # the products run where the weights live (GPU when there is one)
+                merged = self.w0[name].to(dev, torch.float32, copy=True)  # never W0 itself
+                for s, link in zip(self.scalings, self.links):
+                    b, a = link[name][1].to(dev), link[name][0].to(dev)
+                    merged.addmm_(b, a, alpha=s)
+                weight.copy_(merged.to(weight.dtype))
 
     def _new_link(self, rank: int) -> list[tuple[Any, Any]]:
         """Re-initialise every layer's A and B (rebuilt when the rank changes); return the
