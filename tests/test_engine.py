@@ -163,7 +163,7 @@ def test_fallback_without_mixed_uses_the_base_model(random_lib, tmp_path):
     answers = chain.generate(TEXTS[:2], max_new_tokens=8)
     assert all(a.route.fallback and a.route.adapter == BASE for a in answers)
     model = chain.cache.model
-    enc = chain._inputs(TEXTS[:2])
+    enc = chain._inputs(chain.render(TEXTS[:2]))
     with torch.no_grad(), model.disable_adapter():
         out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=chain.tok.pad_token_id)
     plain = [chain._answer(row, answers[0].route, 0, None).text for row in out[:, enc["input_ids"].shape[1]:]]

@@ -40,9 +40,12 @@ class AdapterCache:
     """LRU adapter residency for one PeftModel built on `base_model`."""
 
     def __init__(self, base_model: Any, lib: Library, *, device_bytes: int = 256 << 20,
-                 cpu_bytes: int = 1 << 30, pinned: tuple[str, ...] = ("router",)):
+                 cpu_bytes: int = 1 << 30, pinned: tuple[str, ...] = ("router",),
+                 max_adapters: int | None = None):
         self.base_model, self.lib = base_model, lib
         self.device_bytes, self.cpu_bytes = device_bytes, cpu_bytes
+        self.max_adapters = max_adapters  # resident unpinned adapters at most (None: bytes decide)
+        self.free: list[str] = []  # slots still in the model that hold no adapter (after a reload)
         self.pinned = set(pinned)
         self.model: Any = None  # the PeftModel, created with the first adapter
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, LRU first
@@ -135,7 +138,9 @@ class AdapterCache:
         """Evict LRU adapters until `need` bytes fit; return the freed slots (still in the model)."""
         freed = []
         for name in list(self.resident):
-            if sum(self.resident.values()) + need <= self.device_bytes:
+            unpinned = sum(1 for n in self.resident if n not in self.pinned)
+            if sum(self.resident.values()) + need <= self.device_bytes and (
+                    self.max_adapters is None or unpinned < self.max_adapters):
                 break
             if name in self.pinned or name in keep or len(self.resident) <= 1:
                 continue
@@ -163,8 +168,10 @@ class AdapterCache:
                 continue
             self.stats.misses += 1
             config, state, size = self._from_cpu(name)
-            freed = self._evict_for(size, keep)
-            slot = next((f for f in freed if self._swap_into(f, config, state)), None)
+            freed = self._evict_for(size, keep) if name not in self.pinned else []
+            slot = next((f for f in self.free + freed if self._swap_into(f, config, state)), None)
+            if slot in self.free:
+                self.free.remove(slot)
             for f in freed:
                 if f != slot:
                     self.model.delete_adapter(f)
@@ -175,6 +182,16 @@ class AdapterCache:
             self.slot_of[name] = slot
             self.resident[name] = size
         return self.model
+
+    def refresh(self, lib: Library, drop: set[str]) -> None:
+        """Take a rescanned library: adapters in `drop` (changed or removed) leave both tiers;
+        their slots stay in the model, free for the next load to reuse."""
+        for name in drop:
+            self.cpu.pop(name, None)
+            if name in self.resident:
+                del self.resident[name]
+                self.free.append(self.slot_of.pop(name))
+        self.lib, self.entries = lib, {e["name"]: e for e in lib.entries()}
 
     def slot(self, name: str) -> str:
         """The PeftModel adapter name holding `name` (resident adapters only)."""

@@ -86,6 +86,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from chainlora.serve import serve
+
+    key = args.api_key or os.environ.get("CHAINLORA_API_KEY") or None
+    serve(args.library, host=args.host, port=args.port, api_key=key, device=args.device, dtype=args.dtype,
+          selector=args.selector, threshold=args.threshold, max_batch=args.max_batch, window_ms=args.window_ms,
+          max_queue=args.max_queue, timeout_s=args.timeout, max_adapters=args.max_adapters)
+    return 0
+
+
 def _instructions(args: argparse.Namespace) -> list[str]:
     from chainlora.data import read_instructions
 
@@ -244,6 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--top-p", type=float, default=1.0)
             d.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
         d.set_defaults(func=func)
+
+    d = sub.add_parser("serve", help="an OpenAI-compatible server that routes each request to its adapter")
+    d.add_argument("library", help="adapter library directory")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $CHAINLORA_API_KEY)")
+    d.add_argument("--selector", default="score", help="score (default), generate or classifier")
+    d.add_argument("--threshold", type=float, default=0.0, help="below this the mixed adapter answers")
+    d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    d.add_argument("--dtype", default="float32")
+    d.add_argument("--max-batch", type=int, default=16, help="requests per generate call")
+    d.add_argument("--window-ms", type=float, default=10.0, help="how long a batch waits for company")
+    d.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    d.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    d.add_argument("--max-adapters", type=int, help="task adapters resident at once (LRU beyond)")
+    d.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("data", help="check a data file: per-task counts and train/test split")
     d.add_argument("file", help=".jsonl/.json/.csv/.parquet file or a hub dataset name")

@@ -50,7 +50,8 @@ class Chain:
     """A loaded adapter library, ready to route and answer."""
 
     def __init__(self, lib: Library, base: Base, *, selector: str = "score", threshold: float = 0.0,
-                 device_cache_bytes: int = 256 << 20, cpu_cache_bytes: int = 1 << 30):
+                 device_cache_bytes: int = 256 << 20, cpu_cache_bytes: int = 1 << 30,
+                 max_adapters: int | None = None):
         if selector not in router.SELECTORS:
             raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
         lib.check_base(base.name, base.fingerprint)
@@ -59,7 +60,8 @@ class Chain:
         self.lib, self.base, self.tok = lib, base, base.tokenizer
         self.selector, self.threshold = selector, threshold
         self.system = lib.manifest.get("system_prompt")
-        self.cache = AdapterCache(base.model, lib, device_bytes=device_cache_bytes, cpu_bytes=cpu_cache_bytes)
+        self.cache = AdapterCache(base.model, lib, device_bytes=device_cache_bytes, cpu_bytes=cpu_cache_bytes,
+                                  max_adapters=max_adapters)
         self.lock = threading.Lock()  # one generate at a time on the shared model
         self._classifier: tuple | None = None  # (encoder, head, tasks), loaded on first use
         if lib.router:
@@ -72,23 +74,56 @@ class Chain:
         base = load_base(lib.manifest["base_model"]["name"], dtype=dtype, device=device)
         return cls(lib, base, **kw)
 
+    def reload(self) -> dict[str, list[str]]:
+        """Rescan the library on disk (hashes checked): new adapters become available, changed
+        (sha256) or removed ones leave the cache. Waits for the batch in flight, never cuts it."""
+        new = Library.open(self.lib.root, verify=True)
+        new.check_base(self.base.name, self.base.fingerprint)
+        old = {e["name"]: e.get("sha256") for e in self.lib.entries()}
+        cur = {e["name"]: e.get("sha256") for e in new.entries()}
+        changes = {"added": [n for n in cur if n not in old], "removed": [n for n in old if n not in cur],
+                   "changed": [n for n in cur if n in old and cur[n] != old[n]]}
+        with self.lock:
+            self.cache.refresh(new, set(changes["removed"]) | set(changes["changed"]))
+            if (new.classifier or {}).get("sha256") != (self.lib.classifier or {}).get("sha256"):
+                self._classifier = None
+            self.lib = new
+            if new.router:
+                self.cache.acquire(["router"])
+        return changes
+
     # ------------------------------------------------------------------ checks
 
     @property
     def tasks(self) -> list[str]:
         return self.lib.task_names
 
-    def _check_texts(self, texts: Sequence[str], reserve: int = 0) -> list[str]:
-        limit = getattr(self.base.model.config, "max_position_embeddings", None) or 10**9
-        out = []
-        for i, text in enumerate(texts, 1):
+    @property
+    def context(self) -> int:
+        return getattr(self.base.model.config, "max_position_embeddings", None) or 10**9
+
+    def render(self, texts: Sequence[str], rendered: Sequence[str] | None = None) -> list[str]:
+        """The model's input text per instruction: the chat template with the library's system
+        prompt, unless the caller rendered it already (e.g. a whole chat history)."""
+        if rendered is not None:
+            if len(rendered) != len(texts):
+                raise ChainloraError(f"rendered: {len(rendered)} prompts for {len(texts)} instructions")
+            return list(rendered)
+        return [prompts.render(self.tok, t, self.system) for t in texts]
+
+    def check(self, texts: Sequence[str], reserve: int | Sequence[int] = 0,
+              rendered: Sequence[str] | None = None) -> list[str]:
+        """Refuse empty instructions and prompts that do not fit the context with their new
+        tokens (never truncate silently); return the rendered prompts."""
+        out = self.render(texts, rendered)
+        reserves = [reserve] * len(texts) if isinstance(reserve, int) else list(reserve)
+        for i, (text, prompt, extra) in enumerate(zip(texts, out, reserves), 1):
             if not isinstance(text, str) or not text.strip():
                 raise ChainloraError(f"instruction {i}: empty")
-            n = len(self.tok(prompts.render(self.tok, text, self.system), add_special_tokens=False)["input_ids"])
-            if n + reserve > limit:
-                raise ChainloraError(f"instruction {i}: {n} prompt tokens + {reserve} new tokens exceed "
-                                     f"the model's context of {limit}; shorten it")
-            out.append(text)
+            n = len(self.tok(prompt, add_special_tokens=False)["input_ids"])
+            if n + extra > self.context:
+                raise ChainloraError(f"instruction {i}: {n} prompt tokens + {extra} new tokens exceed "
+                                     f"the model's context of {self.context}; shorten it")
         return out
 
     def _check_task(self, task: str) -> str:
@@ -102,7 +137,8 @@ class Chain:
 
     def route(self, texts: Sequence[str], *, top_k: int = 3, selector: str | None = None) -> list[Route]:
         """Choose a task for every instruction in one batched selector pass."""
-        return self._route(self._check_texts(texts), top_k, selector)
+        self.check(texts)
+        return self._route(list(texts), top_k, selector)
 
     def _route(self, texts: Sequence[str], top_k: int = 3, selector: str | None = None) -> list[Route]:
         selector = selector or self.selector
@@ -158,10 +194,10 @@ class Chain:
 
     # ------------------------------------------------------------------ answering
 
-    def _inputs(self, texts: Sequence[str]) -> dict:
+    def _inputs(self, rendered: Sequence[str]) -> dict:
         self.tok.padding_side = "left"
-        rendered = [prompts.render(self.tok, t, self.system) for t in texts]
-        return self.tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(self.base.model.device)
+        return self.tok(list(rendered), return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(self.base.model.device)
 
     def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, stop: Sequence[str] | None,
                     min_new_tokens: int = 0) -> dict:
@@ -176,15 +212,18 @@ class Chain:
             kw.update(stop_strings=list(stop), tokenizer=self.tok)
         return kw
 
-    def routes_for(self, texts: Sequence[str], task: str | Sequence[str] | None) -> list[Route]:
-        """Routes for an already checked batch: pinned to `task` (one for all, or one per text),
-        else selected."""
+    def routes_for(self, texts: Sequence[str], task: str | Sequence[str | None] | None) -> list[Route]:
+        """Routes for an already checked batch: pinned to `task` (one for all, or one per text;
+        None in the list = route that row), the rest selected in one pass."""
         if task is None:
             return self._route(texts)
         pinned = [task] * len(texts) if isinstance(task, str) else list(task)
         if len(pinned) != len(texts):
             raise ChainloraError(f"task: {len(pinned)} tasks for {len(texts)} instructions")
-        return [Route(self._check_task(t), 1.0, [(t, 1.0)], False, t, "pinned") for t in pinned]
+        free = [i for i, t in enumerate(pinned) if t is None]
+        routed = iter(self._route([texts[i] for i in free]) if free else [])
+        return [next(routed) if t is None else Route(self._check_task(t), 1.0, [(t, 1.0)], False, t, "pinned")
+                for t in pinned]
 
     def model_for(self, names: list[str]) -> tuple[Any, dict]:
         """The model to run a batch on, with its per-row adapters resident."""
@@ -194,27 +233,39 @@ class Chain:
             return self.base.model, {}
         return model, {"adapter_names": [n if n == BASE else self.cache.slot(n) for n in names]}
 
-    def generate(self, texts: Sequence[str], *, task: str | Sequence[str] | None = None,
-                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 stop: Sequence[str] | None = None, min_new_tokens: int = 0) -> list[Answer]:
+    def generate(self, texts: Sequence[str], *, task: str | Sequence[str | None] | None = None,
+                 max_new_tokens: int | Sequence[int] = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: Sequence[str] | None = None, min_new_tokens: int = 0,
+                 rendered: Sequence[str] | None = None, streamer: Any = None,
+                 stopping: Any = None, routes: Sequence[Route] | None = None) -> list[Answer]:
         """Answer a batch: route (unless `task` pins it), then ONE mixed-adapter generate call.
 
+        max_new_tokens may differ per row (the batch runs to the largest, each row is cut at its
+        own). `rendered` replaces the chat-template rendering (e.g. a whole conversation);
+        `streamer` (a transformers BaseStreamer seeing the whole batch) and `stopping`
+        (StoppingCriteria, per-row done flags) are the server's hooks; `routes` skips routing.
         min_new_tokens forces answers to a length (benchmarks compare equal work with it).
         """
         import torch
+        from transformers import StoppingCriteriaList
 
-        texts = self._check_texts(texts, reserve=max_new_tokens)
-        routes = self.routes_for(texts, task)
+        limits = [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        prompts_ = self.check(texts, limits, rendered)
+        routes = list(routes) if routes is not None else self.routes_for(texts, task)
         names = [r.adapter for r in routes]
+        kw = self._gen_kwargs(max(limits), temperature, top_p, stop, min_new_tokens)
+        if streamer is not None:
+            kw["streamer"] = streamer
+        if stopping is not None:
+            kw["stopping_criteria"] = StoppingCriteriaList([stopping])
         with self.lock:
             model, extra = self.model_for(names)
-            enc = self._inputs(texts)
+            enc = self._inputs(prompts_)
             with torch.no_grad():
-                out = model.generate(**enc, **extra, **self._gen_kwargs(max_new_tokens, temperature, top_p,
-                                                                        stop, min_new_tokens))
+                out = model.generate(**enc, **extra, **kw)
         new = out[:, enc["input_ids"].shape[1]:]
-        return [self._answer(row, route, int(mask.sum()), stop)
-                for row, route, mask in zip(new, routes, enc["attention_mask"])]
+        return [self._answer(row[:limit], route, int(mask.sum()), stop)
+                for row, route, mask, limit in zip(new, routes, enc["attention_mask"], limits)]
 
     def _answer(self, ids: Any, route: Route, prompt_tokens: int, stop: Sequence[str] | None) -> Answer:
         ids = ids.tolist()
@@ -233,7 +284,7 @@ class Chain:
         """Route one instruction, then yield its answer's text as it is generated."""
         from transformers import TextIteratorStreamer
 
-        (text,) = self._check_texts([text], reserve=max_new_tokens)
+        (prompt,) = self.check([text], max_new_tokens)
         (route,) = self.routes_for([text], task)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
 
@@ -242,7 +293,7 @@ class Chain:
 
             with self.lock:
                 model, extra = self.model_for([route.adapter])
-                enc = self._inputs([text])
+                enc = self._inputs([prompt])
                 with torch.no_grad():
                     model.generate(**enc, **extra, streamer=streamer,
                                    **self._gen_kwargs(max_new_tokens, temperature, top_p, stop))

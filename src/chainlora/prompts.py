@@ -64,3 +64,16 @@ def check_task_prompt(template: str) -> None:
         template.format(instruction="x", input="y")
     except (KeyError, IndexError, ValueError) as e:
         raise ChainloraError(f"task_prompt: bad template placeholder {e}")
+
+
+def render_chat(tokenizer: object, messages: list[dict], system: str | None = None) -> str:
+    """A whole conversation as the prompt (the server's chat requests); the library's system
+    prompt goes first unless the conversation brings its own. Without a chat template only the
+    last user turn is used."""
+    if not has_chat_template(tokenizer):
+        last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        sys_text = next((m["content"] for m in messages if m["role"] == "system"), system)
+        return render(tokenizer, last, sys_text)
+    if system is not None and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}] + list(messages)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

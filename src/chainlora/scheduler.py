@@ -1,0 +1,267 @@
+"""Window batching for the server: concurrent requests become ONE mixed-adapter generate call.
+
+Requests wait in a bounded queue. A single worker thread owns the engine: it takes the first
+waiting request, collects more for up to `window_ms` (or until `max_batch`), groups them by
+sampling settings (temperature, top_p, stop strings — one `generate` call shares those), routes
+the unpinned rows of a group in one selector pass and answers the group in one generate call,
+every row with its own adapter and its own max_tokens.
+
+Why a window and not continuous batching: transformers' `generate` runs a batch to its end and
+PEFT's mixed-adapter forward fixes each row's adapter for the call, so joining rows mid-flight
+would need our own decode loop and KV-cache slot manager — that is what vLLM is for, and
+`chainlora serve --backend openai` fronts it. Within a batch, a row that is done (its own
+max_tokens, end of answer, client gone, deadline passed) is marked finished by a stopping
+criterion, and the call ends when every row is — a disconnected client never holds a batch.
+Streaming rows get their text through `BatchStreamer`, which sees the whole batch each step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from chainlora.engine import Answer, Chain, Route
+from chainlora.errors import ChainloraError
+
+log = logging.getLogger("chainlora.serve")
+
+
+class QueueFull(Exception):
+    """The bounded queue has no room: the client should retry later."""
+
+
+class TimedOut(Exception):
+    """The request's deadline passed before it could start."""
+
+
+@dataclass
+class Request:
+    """One completion request as the scheduler sees it."""
+
+    text: str  # what the selector reads (the instruction / last user message)
+    rendered: str  # the model's input (chat template applied)
+    task: str | None  # a pinned adapter, or None to route
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    deadline: float = float("inf")  # time.monotonic() by which it must be done
+    on_route: Callable[[Route], None] | None = None  # called (worker thread) once routed
+    on_text: Callable[[str], None] | None = None  # streaming: called (worker thread) per delta
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    done: Callable[[Answer | None, BaseException | None], None] | None = None
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def key(self) -> tuple:
+        return (self.temperature, self.top_p, self.stop)
+
+
+def deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> Callable:
+    """A `done` callback resolving an asyncio future from the worker thread."""
+
+    def done(answer: Answer | None, error: BaseException | None) -> None:
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(answer)
+
+        loop.call_soon_threadsafe(settle)
+
+    return done
+
+
+class RowStopper:
+    """StoppingCriteria: a row is finished at its own max_tokens, or when its client left or
+    its deadline passed; generate stops when every row is finished."""
+
+    def __init__(self, requests: list[Request]):
+        self.requests = requests
+        self.start: int | None = None  # padded prompt length, seen at the first check
+
+    def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+        import torch
+
+        if self.start is None:
+            self.start = input_ids.shape[1] - 1  # checked after each new token
+        made = input_ids.shape[1] - self.start
+        now = time.monotonic()
+        flags = [made >= r.max_tokens or r.cancelled.is_set() or now > r.deadline for r in self.requests]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+
+class BatchStreamer:
+    """A transformers streamer for a whole batch: decodes each row as it grows and hands its
+    new text to the row's request. Text that might still turn into a stop string, or trailing
+    whitespace, is held back until it is safe; the answer's final text settles the rest."""
+
+    def __init__(self, tokenizer: Any, requests: list[Request]):
+        self.tok, self.requests = tokenizer, requests
+        self.ids: list[list[int]] = [[] for _ in requests]
+        self.sent = ["" for _ in requests]
+        self.closed = [r.on_text is None for r in requests]
+        self.prompt_seen = False
+        self.stops = {self.tok.eos_token_id, self.tok.pad_token_id}
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate hands over the prompt first
+            self.prompt_seen = True
+            return
+        for i, token in enumerate(value.reshape(len(self.requests), -1)[:, -1].tolist()):
+            if self.closed[i]:
+                continue
+            if token in self.stops or len(self.ids[i]) >= self.requests[i].max_tokens:
+                self.closed[i] = True
+                continue
+            self.ids[i].append(token)
+            self._emit(i, final=False)
+
+    def _emit(self, i: int, final: bool) -> None:
+        text = self.tok.decode(self.ids[i], skip_special_tokens=True).lstrip()
+        if not final:
+            stops = self.requests[i].stop
+            found = [text.index(s) for s in stops if s in text]
+            if found:  # a stop string is complete: nothing from it on is ever sent
+                text = text[: min(found)]
+            else:  # the tail might still become one
+                hold = max((len(s) for s in stops), default=1) - 1
+                text = text[: len(text) - hold] if hold else text
+            text = text.rstrip() if not text.endswith("\ufffd") else text[: text.rfind("\ufffd")].rstrip()
+        if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
+            self.requests[i].on_text(text[len(self.sent[i]):])
+            self.sent[i] = text
+
+    def finish(self, i: int, answer: Answer) -> None:
+        """Send what the answer adds to what was streamed (its text is the authority)."""
+        req = self.requests[i]
+        if req.on_text is not None and answer.text.startswith(self.sent[i]) and len(answer.text) > len(self.sent[i]):
+            req.on_text(answer.text[len(self.sent[i]):])
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class SchedulerStats:
+    batches: int = 0
+    requests: int = 0
+    completion_tokens: int = 0
+    busy_seconds: float = 0.0
+
+
+class Scheduler:
+    """The bounded queue and the one worker thread that runs the engine."""
+
+    def __init__(self, chain: Chain, *, max_batch: int = 16, window_ms: float = 10.0, max_queue: int = 256,
+                 on_batch: Callable[[list[Request], list[Answer], float], None] | None = None):
+        self.chain, self.max_batch, self.window = chain, max_batch, window_ms / 1000
+        self.queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
+        self.on_batch = on_batch
+        self.stats = SchedulerStats()
+        self.active = 0  # requests in the generate call now running
+        self.thread = threading.Thread(target=self._work, name="chainlora-scheduler", daemon=True)
+        self.running = True
+        self.thread.start()
+
+    def submit(self, request: Request) -> None:
+        try:
+            self.queue.put_nowait(request)
+        except queue.Full:
+            raise QueueFull(f"{self.queue.maxsize} requests are waiting")
+
+    def close(self) -> None:
+        self.running = False
+        try:
+            self.queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self.thread.join(timeout=30)
+
+    @property
+    def waiting(self) -> int:
+        return self.queue.qsize()
+
+    # ------------------------------------------------------------------ the worker
+
+    def _collect(self) -> list[Request]:
+        first = self.queue.get()
+        if first is None:
+            return []
+        batch, until = [first], time.monotonic() + self.window
+        while len(batch) < self.max_batch:
+            left = until - time.monotonic()
+            try:
+                item = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self.running = False
+                break
+            batch.append(item)
+        return batch
+
+    def _work(self) -> None:
+        while self.running:
+            batch = self._collect()
+            live = []
+            for r in batch:
+                if r.cancelled.is_set():
+                    r.done and r.done(None, asyncio.CancelledError())
+                elif time.monotonic() > r.deadline:
+                    r.done and r.done(None, TimedOut("the request waited past its timeout"))
+                else:
+                    live.append(r)
+            groups: dict[tuple, list[Request]] = {}
+            for r in live:
+                groups.setdefault(r.key(), []).append(r)
+            for group in groups.values():
+                self.active = len(group)
+                try:
+                    self._run(group)
+                finally:
+                    self.active = 0
+
+    def _run(self, group: list[Request]) -> None:
+        t0 = time.monotonic()
+        try:
+            routes = self.chain.routes_for([r.text for r in group], [r.task for r in group])
+            for r, route in zip(group, routes):
+                if r.on_route is not None:
+                    r.on_route(route)
+            streamer = BatchStreamer(self.chain.tok, group) if any(r.on_text for r in group) else None
+            first = group[0]
+            answers = self.chain.generate(
+                [r.text for r in group], routes=routes, rendered=[r.rendered for r in group],
+                max_new_tokens=[r.max_tokens for r in group], temperature=first.temperature,
+                top_p=first.top_p, stop=list(first.stop) or None, streamer=streamer, stopping=RowStopper(group))
+        except ChainloraError as e:
+            for r in group:
+                r.done and r.done(None, e)
+            return
+        except Exception as e:  # a bug: every waiting client gets an error, the server lives on
+            log.exception("generation failed for a batch of %d", len(group))
+            for r in group:
+                r.done and r.done(None, e)
+            return
+        seconds = time.monotonic() - t0
+        self.stats.batches += 1
+        self.stats.requests += len(group)
+        self.stats.completion_tokens += sum(a.completion_tokens for a in answers)
+        self.stats.busy_seconds += seconds
+        for i, (r, a) in enumerate(zip(group, answers)):
+            if r.cancelled.is_set():
+                a.finish_reason = "cancelled"
+            elif a.finish_reason == "stop" and time.monotonic() > r.deadline and a.completion_tokens < r.max_tokens:
+                a.finish_reason = "length"  # cut by the deadline, not by the model
+            if streamer is not None:
+                streamer.finish(i, a)
+            r.done and r.done(a, None)
+        if self.on_batch is not None:
+            self.on_batch(group, answers, seconds)

@@ -1,0 +1,362 @@
+"""`chainlora serve`: an OpenAI-compatible HTTP server in front of a routed chain.
+
+    GET  /v1/models                 chain, mixed, every task adapter
+    POST /v1/chat/completions       OpenAI chat (streaming: server-sent events, [DONE])
+    POST /v1/completions            OpenAI completions (the prompt is the instruction)
+    POST /v1/adapters/reload        rescan the library (API key required)
+    GET  /health, GET /metrics      liveness; Prometheus text
+
+`model: "chain"` routes with the library's selector, `"<task>"` pins an adapter, `"mixed"` uses
+the mixed one. Every response carries the routing decision in an extra `chainlora` field.
+Requests are batched across adapters by `scheduler.Scheduler`; errors use OpenAI's JSON shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal, Union
+
+from fastapi import Request as HttpRequest  # module level: FastAPI resolves annotations here
+from pydantic import BaseModel, ConfigDict, Field
+
+from chainlora import prompts
+from chainlora.engine import BASE, Answer, Chain, Route
+from chainlora.errors import ChainloraError
+from chainlora.metrics import Metrics
+from chainlora.scheduler import QueueFull, Request, Scheduler, TimedOut, deliver
+
+CHAIN, MIXED = "chain", "mixed"
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[dict[str, Any]], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, seed, ...)
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: Union[str, list[str], None] = None
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        items = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(items) > 4:
+            raise ApiError(400, "stop: at most 4 stop sequences", param="stop")
+        return tuple(s for s in items if s)
+
+
+class ChatBody(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionBody(Sampling):
+    prompt: Union[str, list[str]]
+
+
+# --------------------------------------------------------------------------- the app
+
+
+class Server:
+    """Everything a request handler needs: the chain, its scheduler, limits, metrics."""
+
+    def __init__(self, chain: Chain, *, api_key: str | None = None, max_batch: int = 16,
+                 window_ms: float = 10.0, max_queue: int = 256, timeout_s: float = 300.0,
+                 default_max_tokens: int = 256):
+        self.chain, self.api_key, self.timeout = chain, api_key, timeout_s
+        self.default_max_tokens = default_max_tokens
+        self.metrics = Metrics(chain)
+        self.scheduler = Scheduler(chain, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
+                                   on_batch=self.metrics.batch)
+        self.created = int(time.time())
+
+    def models(self) -> list[str]:
+        lib = self.chain.lib
+        return [CHAIN] + ([MIXED] if lib.mixed else []) + lib.task_names
+
+    def pin(self, model: str) -> str | None:
+        """The adapter a `model` names (None: route), or 404."""
+        if model == CHAIN:
+            if not self.chain.lib.router and len(self.chain.tasks) != 1 and self.chain.selector != "classifier":
+                raise ApiError(404, f"model 'chain' needs a task selector; this library has none "
+                                    f"(use one of: {', '.join(self.models()[1:])})", param="model",
+                               code="model_not_found")
+            return None
+        if model in self.models():
+            return model
+        raise ApiError(404, f"The model '{model}' does not exist (models: {', '.join(self.models())})",
+                       param="model", code="model_not_found")
+
+    def check_key(self, authorization: str | None) -> None:
+        if self.api_key is None:
+            return
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise ApiError(401, "Incorrect or missing API key (send Authorization: Bearer KEY)",
+                           type="authentication_error", code="invalid_api_key")
+
+    def request(self, body: Sampling, text: str, rendered: str, field: str) -> Request:
+        task = self.pin(body.model)  # an unknown model is a 404 whatever else is wrong
+        if body.n != 1:
+            raise ApiError(400, "n: only n=1 is supported", param="n")
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or self.default_max_tokens
+        try:
+            self.chain.check([text], max_tokens, [rendered])
+        except ChainloraError as e:
+            raise ApiError(400, str(e).replace("instruction 1: ", f"{field}: "), param=field,
+                           code="context_length_exceeded" if "context" in str(e) else None)
+        return Request(text=text, rendered=rendered, task=task, max_tokens=max_tokens,
+                       temperature=body.temperature, top_p=body.top_p, stop=body.stops(),
+                       deadline=time.monotonic() + self.timeout)
+
+    def chat(self, body: ChatBody) -> Request:
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        users = [m["content"] for m in msgs if m["role"] == "user"]
+        if not users or not users[-1].strip():
+            raise ApiError(400, "messages: needs a non-empty user message", param="messages")
+        system = self.chain.system
+        if len(msgs) == 1 or (len(msgs) == 2 and msgs[0]["role"] == "system"):
+            sys_text = msgs[0]["content"] if len(msgs) == 2 else system
+            rendered = prompts.render(self.chain.tok, users[-1], sys_text)  # exactly as in training
+        else:
+            rendered = prompts.render_chat(self.chain.tok, msgs, system)
+        return self.request(body, users[-1], rendered, "messages")
+
+    def completion(self, body: CompletionBody) -> Request:
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, "prompt: send one prompt per request", param="prompt")
+            prompt = prompt[0]
+        if not prompt.strip():
+            raise ApiError(400, "prompt: empty", param="prompt")
+        return self.request(body, prompt, prompts.render(self.chain.tok, prompt, self.chain.system), "prompt")
+
+    async def run(self, req: Request, is_disconnected) -> Answer:
+        """Queue the request and wait for its answer; a client that leaves cancels it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        req.done = deliver(loop, future)
+        self.submit(req)
+        while not future.done():
+            await asyncio.wait({future}, timeout=0.25)
+            if not future.done() and await is_disconnected():
+                req.cancelled.set()
+        return self.result(future)
+
+    def submit(self, req: Request) -> None:
+        try:
+            self.scheduler.submit(req)
+        except QueueFull as e:
+            self.metrics.rejected.inc()
+            raise ApiError(429, f"server busy: {e}; retry shortly", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"})
+
+    def result(self, future: asyncio.Future) -> Answer:
+        try:
+            return future.result()
+        except TimedOut as e:
+            raise ApiError(503, f"timed out: {e}", type="server_error", code="timeout",
+                           headers={"Retry-After": "1"})
+        except ChainloraError as e:
+            raise ApiError(500, str(e), type="server_error")
+
+
+def route_field(route: Route | None) -> dict | None:
+    if route is None:
+        return None
+    return {"task": route.task, "probability": round(route.probability, 6),
+            "top_k": [[t, round(p, 6)] for t, p in route.top_k], "fallback": route.fallback,
+            "adapter": None if route.adapter == BASE else route.adapter, "selector": route.selector}
+
+
+def usage(a: Answer) -> dict:
+    return {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
+            "total_tokens": a.prompt_tokens + a.completion_tokens}
+
+
+def finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def create_app(server: Server):
+    """The FastAPI application around a Server."""
+    import contextlib
+
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        server.scheduler.close()
+
+    app = FastAPI(title="chainlora", version=__import__("chainlora").__version__, lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: HttpRequest, e: ApiError):
+        server.metrics.error(request.url.path, e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: HttpRequest, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{loc or 'body'}: {first.get('msg', 'invalid request body')}"
+        return await _api_error(request, ApiError(400, message, param=loc or None))
+
+    def auth(request: HttpRequest) -> None:
+        server.check_key(request.headers.get("authorization"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "library": str(server.chain.lib.root), "waiting": server.scheduler.waiting,
+                "models": server.models()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: HttpRequest):
+        auth(request)
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": server.created,
+                                            "owned_by": "chainlora"} for m in server.models()]}
+
+    @app.post("/v1/adapters/reload")
+    async def reload(request: HttpRequest):
+        auth(request)
+        try:
+            changes = await asyncio.to_thread(server.chain.reload)
+        except ChainloraError as e:
+            raise ApiError(400, str(e), code="reload_failed")
+        return {"object": "reload", **changes, "models": server.models()}
+
+    async def answer(request: HttpRequest, req: Request, body: Sampling, kind: str):
+        t0 = time.monotonic()
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if body.stream:  # queued before the response starts, so a full queue is still a 429
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue = asyncio.Queue()
+            future: asyncio.Future = loop.create_future()
+            req.on_route = lambda r: loop.call_soon_threadsafe(events.put_nowait, ("route", r))
+            req.on_text = lambda t: loop.call_soon_threadsafe(events.put_nowait, ("text", t))
+            req.done = deliver(loop, future)
+            future.add_done_callback(lambda f: events.put_nowait(("done", None)))
+            server.submit(req)
+            return StreamingResponse(stream(req, events, future, body, kind, rid, t0),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        route: list[Route] = []
+        req.on_route = route.append
+        a = await server.run(req, request.is_disconnected)
+        server.metrics.done(kind, a, time.monotonic() - t0)
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": a.text},
+                      "finish_reason": finish(a.finish_reason), "logprobs": None}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": a.text, "finish_reason": finish(a.finish_reason), "logprobs": None}
+            obj = "text_completion"
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": body.model,
+                "choices": [choice], "usage": usage(a), "chainlora": route_field(a.route)}
+
+    async def stream(req: Request, events: asyncio.Queue, future: asyncio.Future, body: Sampling, kind: str,
+                     rid: str, t0: float) -> AsyncIterator[str]:
+        created, obj = int(time.time()), "chat.completion.chunk" if kind == "chat" else "text_completion"
+        route = None
+
+        def chunk(delta: dict | str, reason: str | None = None, **extra: Any) -> str:
+            choice = ({"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None} if kind == "chat"
+                      else {"index": 0, "text": delta, "finish_reason": reason, "logprobs": None})
+            data = {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [choice],
+                    "chainlora": route_field(route), **extra}
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        try:
+            while True:
+                what, value = await events.get()
+                if what == "route":
+                    route = value
+                    if kind == "chat":
+                        yield chunk({"role": "assistant", "content": ""})
+                elif what == "text":
+                    yield chunk({"content": value} if kind == "chat" else value)
+                else:
+                    break
+            try:
+                a = server.result(future)
+            except ApiError as e:
+                yield f"data: {json.dumps(e.body())}\n\n"
+                return
+            server.metrics.done(kind, a, time.monotonic() - t0)
+            yield chunk({} if kind == "chat" else "", finish(a.finish_reason))
+            if (body.stream_options or {}).get("include_usage"):
+                data = {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [],
+                        "usage": usage(a), "chainlora": route_field(route)}
+                yield f"data: {json.dumps(data)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not future.done():
+                req.cancelled.set()  # the client went away: its row stops at the next token
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: HttpRequest):
+        auth(request)
+        return await answer(request, server.chat(body), body, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: HttpRequest):
+        auth(request)
+        return await answer(request, server.completion(body), body, "text")
+
+    return app
+
+
+def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          device: str | None = None, dtype: str = "float32", selector: str = "score", threshold: float = 0.0,
+          max_batch: int = 16, window_ms: float = 10.0, max_queue: int = 256, timeout_s: float = 300.0,
+          max_adapters: int | None = None) -> None:
+    """Load the library and serve it until interrupted."""
+    import uvicorn
+
+    kw = {"max_adapters": max_adapters} if max_adapters else {}
+    chain = Chain.load(library, device=device, dtype=dtype, selector=selector, threshold=threshold, **kw)
+    server = Server(chain, api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
+                    timeout_s=timeout_s)
+    print(f"chainlora: serving {library} on http://{host}:{port}/v1 (models: {', '.join(server.models())})")
+    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

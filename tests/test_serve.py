@@ -1,0 +1,306 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official `openai` client and
+raw HTTP: routing field, streaming, errors in OpenAI's shape, batching under load, early
+disconnects, reload without restart. Every loop is bounded in count and time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chainlora import library
+from chainlora.engine import Chain
+from chainlora.serve import Server, create_app
+
+TEXTS = ["Give the antonym of hot.", "Is the word happy positive or negative?", "What rhymes with cat?"]
+
+
+class Live:
+    """A uvicorn server on a free loopback port, in a thread."""
+
+    def __init__(self, server: Server):
+        import uvicorn
+
+        self.server = server
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uv.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.uv.should_exit = True
+        self.thread.join(timeout=30)
+        self.server.scheduler.close()
+
+
+@pytest.fixture(scope="module")
+def live(random_lib):
+    srv = Live(Server(Chain.load(random_lib, device="cpu"), max_batch=16, window_ms=20))
+    yield srv
+    srv.close()
+
+
+def client(live: Live, key: str = "none"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{live.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_models_list_chain_mixed_and_tasks(live):
+    ids = [m.id for m in client(live).models.list().data]
+    assert ids == ["chain", "mixed", "antonym", "sentiment", "rhyme", "hypernym", "definition"]
+
+
+@pytest.mark.parametrize("model", ["chain", "sentiment"])
+def test_chat_and_completions_with_the_official_client(live, model):
+    c = client(live)
+    chat = c.chat.completions.create(model=model, messages=[{"role": "user", "content": TEXTS[1]}],
+                                     max_tokens=6, temperature=0)
+    route = chat.model_extra["chainlora"]
+    assert chat.object == "chat.completion" and isinstance(chat.choices[0].message.content, str)
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens <= 6
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+    assert set(route) == {"task", "probability", "top_k", "fallback", "adapter", "selector"}
+    if model == "chain":
+        assert route["selector"] == "score" and route["task"] in ids_of(live) and 0 < route["probability"] <= 1
+    else:
+        assert route == {"task": "sentiment", "probability": 1.0, "top_k": [["sentiment", 1.0]],
+                         "fallback": False, "adapter": "sentiment", "selector": "pinned"}
+    # the engine, asked directly, answers the same (greedy)
+    (direct,) = live.server.chain.generate([TEXTS[1]], task=route["adapter"], max_new_tokens=6)
+    assert chat.choices[0].message.content == direct.text
+    comp = c.completions.create(model=model, prompt=TEXTS[1], max_tokens=6, temperature=0)
+    assert comp.object == "text_completion" and comp.choices[0].text == direct.text
+    assert comp.model_extra["chainlora"]["adapter"] == route["adapter"]
+
+
+def ids_of(live) -> list[str]:
+    return live.server.models()
+
+
+@pytest.mark.parametrize("model", ["chain", "antonym"])
+def test_streaming_matches_the_whole_answer(live, model):
+    c = client(live)
+    whole = c.chat.completions.create(model=model, messages=[{"role": "user", "content": TEXTS[0]}],
+                                      max_tokens=12, temperature=0)
+    chunks = list(c.chat.completions.create(model=model, messages=[{"role": "user", "content": TEXTS[0]}],
+                                            max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(ch.model_extra["chainlora"]["adapter"] == whole.model_extra["chainlora"]["adapter"] for ch in chunks)
+    pieces = list(c.completions.create(model=model, prompt=TEXTS[0], max_tokens=12, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].message.content
+
+
+def test_stop_strings_and_multi_turn_chat(live):
+    c = client(live)
+    whole = c.completions.create(model="rhyme", prompt=TEXTS[2], max_tokens=16, temperature=0).choices[0].text
+    if len(whole) > 3:
+        cut = whole[2:4]
+        stopped = c.completions.create(model="rhyme", prompt=TEXTS[2], max_tokens=16, temperature=0, stop=[cut])
+        assert stopped.choices[0].text == whole[: whole.index(cut)].strip()
+        streamed = "".join(p.choices[0].text for p in c.completions.create(
+            model="rhyme", prompt=TEXTS[2], max_tokens=16, temperature=0, stop=[cut], stream=True))
+        assert streamed == stopped.choices[0].text
+    turns = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
+             {"role": "user", "content": TEXTS[0]}]
+    reply = c.chat.completions.create(model="chain", messages=turns, max_tokens=4, temperature=0)
+    assert reply.model_extra["chainlora"]["task"] is not None  # routed on the last user turn
+
+
+def error_of(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_bad_requests_get_openai_errors(live):
+    url = f"{live.url}/v1/chat/completions"
+    ok = {"model": "chain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [
+        ({**ok, "model": "gpt-9"}, 404, "model", "model_not_found"),
+        ({"model": "chain"}, 400, "messages", None),
+        ({**ok, "max_tokens": 0}, 400, "max_tokens", None),
+        ({**ok, "temperature": 5}, 400, "temperature", None),
+        ({**ok, "n": 2}, 400, "n", None),
+        ({**ok, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages", "context_length_exceeded"),
+        ({**ok, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", None),
+    ]
+    for body, status, param, code in cases:
+        r = httpx.post(url, json=body, timeout=30)
+        e = error_of(r)
+        assert r.status_code == status and e["param"] == param and e["code"] == code, (body, r.text)
+        assert param.split(".")[0] in e["message"]
+    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and error_of(r)["type"] == "invalid_request_error"
+    r = httpx.post(f"{live.url}/v1/completions", json={"model": "chain", "prompt": ""}, timeout=30)
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt"
+
+
+def test_api_key_is_required_and_compared(random_lib):
+    srv = Live(Server(Chain.load(random_lib, device="cpu"), api_key="s3cret"))
+    try:
+        body = {"model": "antonym", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cre"}):
+            r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+            assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
+        assert httpx.post(f"{srv.url}/v1/adapters/reload", timeout=30).status_code == 401
+        assert httpx.get(f"{srv.url}/health", timeout=30).status_code == 200
+        out = client(srv, "s3cret").chat.completions.create(model="antonym", messages=body["messages"], max_tokens=2)
+        assert out.choices[0].message.content is not None
+    finally:
+        srv.close()
+
+
+def test_full_queue_answers_429_with_retry_after(random_lib):
+    chain = Chain.load(random_lib, device="cpu")
+    srv = Live(Server(chain, max_queue=1, window_ms=0))
+    body = {"model": "antonym", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    url = f"{srv.url}/v1/chat/completions"
+    try:
+        with chain.lock:  # the worker blocks on the engine: requests pile up
+            first = threading.Thread(target=httpx.post, args=(url,), kwargs={"json": body, "timeout": 60})
+            first.start()
+            deadline = time.monotonic() + 20
+            while srv.server.scheduler.active == 0:  # the worker took it and waits for the engine
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            second = threading.Thread(target=httpx.post, args=(url,), kwargs={"json": body, "timeout": 60})
+            second.start()
+            while srv.server.scheduler.waiting < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            r = httpx.post(url, json=body, timeout=30)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert error_of(r)["code"] == "queue_full"
+        first.join(60), second.join(60)
+        assert "chainlora_rejected_total 1.0" in httpx.get(f"{srv.url}/metrics", timeout=30).text
+    finally:
+        srv.close()
+
+
+async def _load(url: str, n: int, concurrency: int, disconnect_every: int = 0) -> dict:
+    """n requests, `concurrency` at a time, over 4 models, chat/completions, streaming or not;
+    every `disconnect_every`-th streaming client hangs up after its first chunk."""
+    from openai import AsyncOpenAI
+
+    c = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+    models = ["chain", "antonym", "sentiment", "mixed"]
+    gate = asyncio.Semaphore(concurrency)
+    out = {"ok": 0, "errors": [], "disconnected": 0}
+
+    async def one(i: int) -> None:
+        async with gate:
+            model, stream = models[i % 4], i % 3 == 0
+            try:
+                if stream:
+                    s = await c.chat.completions.create(model=model, stream=True, max_tokens=8, temperature=0,
+                                                        messages=[{"role": "user", "content": TEXTS[i % 3]}])
+                    chunks = 0
+                    async for ch in s:
+                        assert ch.object == "chat.completion.chunk" and "chainlora" in ch.model_extra
+                        chunks += 1
+                        if disconnect_every and i % disconnect_every == 0:
+                            await s.close()
+                            out["disconnected"] += 1
+                            return
+                    assert chunks >= 2
+                else:
+                    r = await c.completions.create(model=model, prompt=TEXTS[i % 3], max_tokens=8, temperature=0)
+                    assert isinstance(r.choices[0].text, str) and r.model_extra["chainlora"]["adapter"]
+                    assert r.usage.completion_tokens <= 8
+                out["ok"] += 1
+            except Exception as e:  # counted, reported by the test
+                out["errors"].append(repr(e))
+
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), timeout=300)
+    await c.close()
+    return out
+
+
+def test_load_200_requests_32_concurrent_batches_without_errors(live):
+    before = live.server.scheduler.stats.batches, live.server.scheduler.stats.requests
+    t0 = time.monotonic()
+    out = asyncio.run(_load(live.url, 200, 32))
+    seconds = time.monotonic() - t0
+    assert out["errors"] == [] and out["ok"] == 200
+    batches = live.server.scheduler.stats.batches - before[0]
+    requests = live.server.scheduler.stats.requests - before[1]
+    assert requests == 200 and batches < 200  # requests shared generate calls
+    print(f"load: 200 requests in {seconds:.1f} s, {batches} batches ({requests / batches:.1f} requests each)")
+    metrics = httpx.get(f"{live.url}/metrics", timeout=30).text
+    for name in ("chainlora_requests_total", "chainlora_batch_size_bucket", "chainlora_adapter_cache_hits_total",
+                 "chainlora_routed_total", "chainlora_request_seconds_bucket", "chainlora_completion_tokens_total"):
+        assert name in metrics
+
+
+def test_clients_that_hang_up_free_their_rows(live):
+    out = asyncio.run(_load(live.url, 60, 16, disconnect_every=2))
+    assert out["errors"] == [] and out["disconnected"] >= 5 and out["ok"] + out["disconnected"] == 60
+    after = asyncio.run(_load(live.url, 8, 8))  # the server keeps answering
+    assert after["ok"] == 8
+    assert live.server.scheduler.waiting == 0
+
+
+def test_reload_adds_changes_and_removes_adapters_without_restart(random_lib, tmp_path):
+    lib = tmp_path / "lib"
+    shutil.copytree(random_lib, lib)
+    srv = Live(Server(Chain.load(lib, device="cpu")))
+    c = client(srv)
+    msg = [{"role": "user", "content": TEXTS[0]}]
+    try:
+        before = c.chat.completions.create(model="antonym", messages=msg, max_tokens=6, temperature=0)
+        manifest = json.loads((lib / library.MANIFEST).read_text())
+        # add "opposite" (a copy of rhyme), change antonym (becomes hypernym's weights), remove definition
+        shutil.copytree(lib / "tasks/rhyme", lib / "tasks/opposite")
+        manifest["tasks"].append({**next(t for t in manifest["tasks"] if t["name"] == "rhyme"),
+                                  "name": "opposite", "label": "opposite", "path": "tasks/opposite"})
+        for f in library.ADAPTER_FILES:
+            shutil.copy(lib / "tasks/hypernym" / f, lib / "tasks/antonym" / f)
+        hyp = next(t for t in manifest["tasks"] if t["name"] == "hypernym")
+        next(t for t in manifest["tasks"] if t["name"] == "antonym")["sha256"] = hyp["sha256"]
+        manifest["tasks"] = [t for t in manifest["tasks"] if t["name"] != "definition"]
+        library.write_manifest(lib, manifest)
+        r = httpx.post(f"{srv.url}/v1/adapters/reload", timeout=60)
+        assert r.status_code == 200, r.text
+        assert {k: r.json()[k] for k in ("added", "changed", "removed")} == {
+            "added": ["opposite"], "changed": ["antonym"], "removed": ["definition"]}
+        after = c.chat.completions.create(model="antonym", messages=msg, max_tokens=6, temperature=0)
+        hyper = c.chat.completions.create(model="hypernym", messages=msg, max_tokens=6, temperature=0)
+        assert after.choices[0].message.content == hyper.choices[0].message.content
+        assert before.choices[0].message.content != after.choices[0].message.content
+        assert c.chat.completions.create(model="opposite", messages=msg, max_tokens=2).choices
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": "definition", "messages": msg}, timeout=30)
+        assert r.status_code == 404
+        (lib / "tasks/rhyme/adapter_model.safetensors").write_bytes(b"corrupt")
+        r = httpx.post(f"{srv.url}/v1/adapters/reload", timeout=60)
+        assert r.status_code == 400 and "sha256" in error_of(r)["message"]
+        assert "antonym" in [m.id for m in c.models.list().data]  # the old library stays in service
+    finally:
+        srv.close()
+
+
+def test_per_row_token_limits_match_separate_calls(random_lib):
+    chain = Chain.load(random_lib, device="cpu")
+    together = chain.generate(TEXTS[:2], task=["antonym", None], max_new_tokens=[3, 9])
+    alone = [chain.generate([TEXTS[0]], task="antonym", max_new_tokens=3)[0],
+             chain.generate([TEXTS[1]], max_new_tokens=9)[0]]
+    assert [a.text for a in together] == [a.text for a in alone]
+    assert together[0].completion_tokens <= 3 and together[1].route.selector == "score"
