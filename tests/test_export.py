@@ -4,6 +4,7 @@ merged): what comes out loads in plain PEFT / transformers and gives the library
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,7 @@ def test_export_refuses_bad_requests(finetuned, random_lib, tmp_path, cli):
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
     cases = [
-        (["--format", "onnx", "--out", str(tmp_path / "x")], "--format: unknown 'onnx' (use peft or merged)"),
+        (["--format", "onnx", "--out", str(tmp_path / "x")], "--format: unknown 'onnx' (use peft, merged, vllm)"),
         (["--format", "peft", "--out", str(keep)], f"--out {keep}: exists and is not an earlier export"),
         (["--format", "peft", "--out", str(finetuned / "sub")], "must be outside the library"),
         (["--format", "peft", "--adapter", "nope", "--out", str(tmp_path / "y")], "--adapter: no adapter 'nope'"),
@@ -107,3 +108,30 @@ def test_export_refuses_bad_requests(finetuned, random_lib, tmp_path, cli):
     assert r.returncode == 2 and "--adapter: name the adapter to merge" in r.stderr
     with pytest.raises(ChainloraError, match="above finetune's rank 12"):
         export(finetuned, tmp_path / "big", "peft", compress_rank=13)
+
+
+def test_export_vllm_writes_adapters_and_the_command(random_lib, tmp_path, cli):
+    r = cli("export", str(random_lib), "--format", "vllm", "--out", str(tmp_path / "v"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "v/export.json").read_text())
+    names = ["antonym", "sentiment", "rhyme", "hypernym", "definition", "mixed"]
+    assert list(rep["lora_modules"]) == names and rep["max_lora_rank"] == 8 and rep["max_loras"] == 6
+    assert all((Path(p) / "adapter_model.safetensors").is_file() for p in rep["lora_modules"].values())
+    cmd = rep["command"]
+    assert cmd[:3] == ["vllm", "serve", rep["base_path"]] and "--enable-lora" in cmd and "antonym=" in " ".join(cmd)
+    assert (tmp_path / "v/serve.sh").stat().st_mode & 0o111 and "vllm serve" in r.stdout
+    bad = tmp_path / "bad"
+    shutil.copytree(random_lib, bad)
+    cfg_path = bad / "tasks/rhyme/adapter_config.json"
+    for change, message in [({"modules_to_save": ["lm_head"]}, "modules_to_save 'lm_head'"),
+                            ({"r": 600}, "rank 600 is above vLLM's largest --max-lora-rank 512")]:
+        cfg = json.loads((random_lib / "tasks/rhyme/adapter_config.json").read_text())
+        cfg_path.write_text(json.dumps({**cfg, **change}))
+        manifest = json.loads((bad / "chainlora.json").read_text())
+        from chainlora import library
+
+        entry = next(t for t in manifest["tasks"] if t["name"] == "rhyme")
+        entry["sha256"] = library.adapter_sha256(bad / "tasks/rhyme")
+        (bad / "chainlora.json").write_text(json.dumps(manifest))
+        r = cli("export", str(bad), "--format", "vllm", "--out", str(tmp_path / "v2"))
+        assert r.returncode == 2 and message in r.stderr, r.stderr

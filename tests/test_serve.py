@@ -304,3 +304,42 @@ def test_per_row_token_limits_match_separate_calls(random_lib):
              chain.generate([TEXTS[1]], max_new_tokens=9)[0]]
     assert [a.text for a in together] == [a.text for a in alone]
     assert together[0].completion_tokens <= 3 and together[1].route.selector == "score"
+
+
+def test_forwarding_routes_here_and_answers_on_the_backend(random_lib):
+    """`serve --backend openai`: a second chainlora server on loopback stands in for vLLM."""
+    from chainlora.forward import Forwarder
+
+    backend = Live(Server(Chain.load(random_lib, device="cpu")))
+    front = Live(Server(Chain.load(random_lib, device="cpu"), forwarder=Forwarder(backend.url)))
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    nowhere = Live(Server(Chain.load(random_lib, device="cpu"),
+                          forwarder=Forwarder(f"http://127.0.0.1:{dead.getsockname()[1]}")))
+    try:
+        f, b = client(front), client(backend)
+        msg = [{"role": "user", "content": TEXTS[1]}]
+        routed = f.chat.completions.create(model="chain", messages=msg, max_tokens=6, temperature=0)
+        route = routed.model_extra["chainlora"]
+        assert route["selector"] == "score" and route["adapter"]
+        direct = b.chat.completions.create(model=route["adapter"], messages=msg, max_tokens=6, temperature=0)
+        assert routed.choices[0].message.content == direct.choices[0].message.content
+        assert routed.model == route["adapter"]  # the backend answered as that adapter
+        pinned = f.completions.create(model="rhyme", prompt=TEXTS[2], max_tokens=6, temperature=0)
+        assert pinned.choices[0].text == b.completions.create(model="rhyme", prompt=TEXTS[2], max_tokens=6,
+                                                              temperature=0).choices[0].text
+        chunks = list(f.chat.completions.create(model="chain", messages=msg, max_tokens=6, temperature=0,
+                                                stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            direct.choices[0].message.content
+        assert all(c.model_extra["chainlora"] == route for c in chunks)
+        assert backend.server.scheduler.stats.requests >= 4 and front.server.scheduler.stats.requests == 0
+        r = httpx.post(f"{front.url}/v1/chat/completions", json={"model": "nope", "messages": msg}, timeout=30)
+        assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+        r = httpx.post(f"{nowhere.url}/v1/chat/completions", json={"model": "chain", "messages": msg,
+                                                                   "max_tokens": 2}, timeout=30)
+        assert r.status_code == 502 and error_of(r)["code"] == "backend_error"
+    finally:
+        for s in (front, backend, nowhere):
+            s.close()
+        dead.close()

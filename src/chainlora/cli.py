@@ -73,7 +73,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from chainlora.export import export
 
-    report = export(args.library, args.out, args.format, adapter=args.adapter, compress_rank=args.compress_rank)
+    report = export(args.library, args.out, args.format, adapter=args.adapter, compress_rank=args.compress_rank,
+                    max_loras=args.max_loras)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -83,6 +84,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"{name}: {Path(args.out) / info['path']}{note}")
     if report["format"] == "merged":
         print(f"merged model ({report['adapter']}): {args.out}")
+    if report["format"] == "vllm":
+        print(f"{len(report['lora_modules'])} adapters in {Path(args.out) / 'adapters'}; start vLLM with "
+              f"{Path(args.out) / 'serve.sh'}:\n  {' '.join(report['command'])}\nthen front it with:\n  {report['front']}")
     return 0
 
 
@@ -92,7 +96,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key = args.api_key or os.environ.get("CHAINLORA_API_KEY") or None
     serve(args.library, host=args.host, port=args.port, api_key=key, device=args.device, dtype=args.dtype,
           selector=args.selector, threshold=args.threshold, max_batch=args.max_batch, window_ms=args.window_ms,
-          max_queue=args.max_queue, timeout_s=args.timeout, max_adapters=args.max_adapters)
+          max_queue=args.max_queue, timeout_s=args.timeout, max_adapters=args.max_adapters,
+          cpu_cache_mb=args.cpu_cache_mb, backend=args.backend, backend_url=args.backend_url,
+          backend_key=args.backend_key or os.environ.get("CHAINLORA_BACKEND_KEY"),
+          backend_base_model=args.backend_base_model)
     return 0
 
 
@@ -226,11 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("export", help="write adapters as plain PEFT dirs (optionally compressed) or a merged model")
     d.add_argument("library", help="adapter library directory")
-    d.add_argument("--format", required=True, help="peft or merged")
+    d.add_argument("--format", required=True, help="peft, merged or vllm")
     d.add_argument("--out", required=True, help="output directory (created; replaced if an earlier export)")
     d.add_argument("--adapter", help="one adapter by name (default: all for peft; required for merged "
                                      "unless the library has one)")
     d.add_argument("--compress-rank", type=int, help="peft: truncate every adapter to this rank by SVD")
+    d.add_argument("--max-loras", type=int, help="vllm: adapters per batch (default: min(adapters, 8))")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_export)
 
@@ -269,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     d.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
     d.add_argument("--max-adapters", type=int, help="task adapters resident at once (LRU beyond)")
+    d.add_argument("--cpu-cache-mb", type=float, default=1024, help="host-memory tier for evicted adapters")
+    d.add_argument("--backend", default="local", help="local (default) or openai: route here, answer at --backend-url")
+    d.add_argument("--backend-url", help="OpenAI-compatible server with the adapters, e.g. vLLM's http://host:8000/v1")
+    d.add_argument("--backend-key", help="API key for the backend (default: $CHAINLORA_BACKEND_KEY)")
+    d.add_argument("--backend-base-model", help="the backend's name for the bare base model (fallback rows)")
     d.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("data", help="check a data file: per-task counts and train/test split")

@@ -2,6 +2,7 @@
 
     peft     plain PEFT adapter directories (optionally SVD-compressed to a lower rank)
     merged   a full model with one adapter merged in: no adapter, no PEFT, at inference
+    vllm     the task + mixed adapters and the `vllm serve ... --enable-lora` command for them
 
 Compression works on any LoRA adapter (a COLA chain exports at rank Σ r_j, which this brings
 back down): ΔW = s·B A per module is truncated to its best rank-r approximation and the
@@ -21,7 +22,9 @@ from chainlora import atomic
 from chainlora.errors import ChainloraError
 from chainlora.library import ADAPTER_FILES, Library
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged", "vllm")
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
+VLLM_NO_SAVE = ("lm_head", "embed_tokens", "wte", "embed_out", "word_embeddings")
 
 
 def _adapters(lib: Library, name: str | None) -> list[dict]:
@@ -125,10 +128,59 @@ def export_merged(lib: Library, out: Path, adapter: str | None = None) -> dict:
     return report
 
 
+def export_vllm(lib: Library, out: Path, max_loras: int | None = None) -> dict:
+    """The adapters vLLM serves for a routed chain (tasks + mixed; the selector stays with
+    `chainlora serve --backend openai`), checked against vLLM's LoRA limits, plus the command."""
+    import shlex
+
+    from chainlora.models import converted_dir, resolve
+
+    entries = lib.tasks + ([lib.mixed] if lib.mixed else [])
+    ranks = {}
+    for entry in entries:
+        cfg = json.loads((lib.path(entry) / ADAPTER_FILES[0]).read_text())
+        where = lib.path(entry) / ADAPTER_FILES[0]
+        if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+            raise ChainloraError(f"{where}: vLLM serves plain LoRA adapters only")
+        saved = [m for m in cfg.get("modules_to_save") or [] if any(k in m for k in VLLM_NO_SAVE)]
+        if saved:
+            raise ChainloraError(f"{where}: modules_to_save {saved[0]!r} (a full embedding / lm_head copy) "
+                                 "is not servable by vLLM; retrain without it")
+        ranks[entry["name"]] = max([cfg["r"], *(cfg.get("rank_pattern") or {}).values()])
+    top = max(ranks.values())
+    allowed = [r for r in VLLM_RANKS if r >= top]
+    if not allowed:
+        name = max(ranks, key=ranks.get)
+        raise ChainloraError(f"{lib.path(lib.task(name) if name != 'mixed' else lib.mixed)}: rank {top} is above "
+                             f"vLLM's largest --max-lora-rank {VLLM_RANKS[-1]}; compress it "
+                             "(chainlora export --format peft --compress-rank R)")
+    kind, where = resolve(lib.manifest["base_model"]["name"])
+    base = str(converted_dir(where)) if kind == "gguf" else str(where)
+    k = max_loras or min(len(entries), 8)
+    with atomic.directory(out, replace=True) as tmp:
+        for entry in entries:
+            (tmp / "adapters" / entry["name"]).mkdir(parents=True)
+            for f in ADAPTER_FILES:
+                shutil.copy2(lib.path(entry) / f, tmp / "adapters" / entry["name"] / f)
+        modules = {e["name"]: str(out.resolve() / "adapters" / e["name"]) for e in entries}
+        command = (["vllm", "serve", base, "--enable-lora", "--lora-modules"]
+                   + [f"{n}={p}" for n, p in modules.items()]
+                   + ["--max-loras", str(k), "--max-lora-rank", str(allowed[0])])
+        report = {"format": "vllm", "library": str(lib.root), "base_model": lib.manifest["base_model"],
+                  "base_path": base, "lora_modules": modules, "ranks": ranks, "max_loras": k,
+                  "max_lora_rank": allowed[0], "command": command,
+                  "front": f"chainlora serve {lib.root} --backend openai --backend-url http://HOST:8000/v1"}
+        atomic.write_json(tmp / "export.json", report)
+        atomic.write_text(tmp / "serve.sh", "#!/bin/sh\n# vLLM with every task adapter of the library\nexec "
+                          + " ".join(shlex.quote(c) for c in command) + "\n")
+        (tmp / "serve.sh").chmod(0o755)
+    return report
+
+
 def export(library: str | Path, out: str | Path, fmt: str, adapter: str | None = None,
-           compress_rank: int | None = None) -> dict:
+           compress_rank: int | None = None, max_loras: int | None = None) -> dict:
     if fmt not in FORMATS:
-        raise ChainloraError(f"--format: unknown {fmt!r} (use {' or '.join(FORMATS)})")
+        raise ChainloraError(f"--format: unknown {fmt!r} (use {', '.join(FORMATS)})")
     if compress_rank is not None and (fmt != "peft" or compress_rank < 1):
         raise ChainloraError("--compress-rank: a rank >= 1, with --format peft")
     lib = Library.open(library)
@@ -137,4 +189,6 @@ def export(library: str | Path, out: str | Path, fmt: str, adapter: str | None =
         raise ChainloraError(f"--out {out}: must be outside the library")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "export.json").is_file())):
         raise ChainloraError(f"--out {out}: exists and is not an earlier export; choose another directory")
+    if fmt == "vllm":
+        return export_vllm(lib, out, max_loras)
     return export_peft(lib, out, adapter, compress_rank) if fmt == "peft" else export_merged(lib, out, adapter)

@@ -68,7 +68,7 @@ class Metrics:
         self.prompt_tokens.inc(answer.prompt_tokens)
         self.completion_tokens.inc(answer.completion_tokens)
 
-    def error(self, path: str, status: int) -> None:
+    def status(self, path: str, status: int) -> None:
         self.requests.labels(path, str(status)).inc()
 
     def render(self) -> str:

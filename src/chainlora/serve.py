@@ -30,6 +30,7 @@ from chainlora.metrics import Metrics
 from chainlora.scheduler import QueueFull, Request, Scheduler, TimedOut, deliver
 
 CHAIN, MIXED = "chain", "mixed"
+ENDPOINT = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
 
 
 class ApiError(Exception):
@@ -94,8 +95,9 @@ class Server:
 
     def __init__(self, chain: Chain, *, api_key: str | None = None, max_batch: int = 16,
                  window_ms: float = 10.0, max_queue: int = 256, timeout_s: float = 300.0,
-                 default_max_tokens: int = 256):
+                 default_max_tokens: int = 256, forwarder: Any = None):
         self.chain, self.api_key, self.timeout = chain, api_key, timeout_s
+        self.forwarder = forwarder  # forward.Forwarder: answer on another server, route here
         self.default_max_tokens = default_max_tokens
         self.metrics = Metrics(chain)
         self.scheduler = Scheduler(chain, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
@@ -223,13 +225,15 @@ def create_app(server: Server):
     async def lifespan(app: FastAPI):
         yield
         server.scheduler.close()
+        if server.forwarder is not None:
+            await server.forwarder.close()
 
     app = FastAPI(title="chainlora", version=__import__("chainlora").__version__, lifespan=lifespan)
     app.state.server = server
 
     @app.exception_handler(ApiError)
     async def _api_error(request: HttpRequest, e: ApiError):
-        server.metrics.error(request.url.path, e.status)
+        server.metrics.status(request.url.path, e.status)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -269,6 +273,8 @@ def create_app(server: Server):
     async def answer(request: HttpRequest, req: Request, body: Sampling, kind: str):
         t0 = time.monotonic()
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if server.forwarder is not None:
+            return await forward(req, body, kind, t0)
         if body.stream:  # queued before the response starts, so a full queue is still a 429
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
@@ -294,6 +300,27 @@ def create_app(server: Server):
             obj = "text_completion"
         return {"id": rid, "object": obj, "created": int(time.time()), "model": body.model,
                 "choices": [choice], "usage": usage(a), "chainlora": route_field(a.route)}
+
+    async def forward(req: Request, body: Sampling, kind: str, t0: float):
+        """Route here, answer on the backend (see chainlora.forward)."""
+        try:
+            (route,) = await asyncio.to_thread(server.chain.routes_for, [req.text], [req.task])
+            model = server.forwarder.model_for(route)
+        except ChainloraError as e:
+            raise ApiError(500, str(e), type="server_error")
+        payload = {**body.model_dump(exclude_none=True), "model": model, "max_tokens": req.max_tokens}
+        payload.pop("max_completion_tokens", None)
+        path, rf = ("/chat/completions" if kind == "chat" else "/completions"), route_field(route)
+        server.metrics.routed.labels(route.adapter, str(route.fallback).lower()).inc()
+        if body.stream:
+            return StreamingResponse(server.forwarder.stream(path, payload, rf), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        status, data = await server.forwarder.complete(path, payload)
+        server.metrics.status(ENDPOINT[kind], status)
+        server.metrics.latency.labels(ENDPOINT[kind]).observe(time.monotonic() - t0)
+        if status == 200 and isinstance(data, dict):
+            data["chainlora"] = rf
+        return JSONResponse(data, status_code=status)
 
     async def stream(req: Request, events: asyncio.Queue, future: asyncio.Future, body: Sampling, kind: str,
                      rid: str, t0: float) -> AsyncIterator[str]:
@@ -350,13 +377,24 @@ def create_app(server: Server):
 def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           device: str | None = None, dtype: str = "float32", selector: str = "score", threshold: float = 0.0,
           max_batch: int = 16, window_ms: float = 10.0, max_queue: int = 256, timeout_s: float = 300.0,
-          max_adapters: int | None = None) -> None:
+          max_adapters: int | None = None, cpu_cache_mb: float = 1024, backend: str = "local",
+          backend_url: str | None = None, backend_key: str | None = None,
+          backend_base_model: str | None = None) -> None:
     """Load the library and serve it until interrupted."""
     import uvicorn
 
-    kw = {"max_adapters": max_adapters} if max_adapters else {}
-    chain = Chain.load(library, device=device, dtype=dtype, selector=selector, threshold=threshold, **kw)
+    forwarder = None
+    if backend == "openai":
+        from chainlora.forward import Forwarder
+
+        if not backend_url:
+            raise ChainloraError("--backend openai needs --backend-url URL (e.g. http://vllm-host:8000/v1)")
+        forwarder = Forwarder(backend_url, api_key=backend_key, base_model=backend_base_model, timeout_s=timeout_s)
+    elif backend != "local":
+        raise ChainloraError(f"--backend: unknown {backend!r} (use local or openai)")
+    chain = Chain.load(library, device=device, dtype=dtype, selector=selector, threshold=threshold,
+                       max_adapters=max_adapters, cpu_cache_bytes=int(cpu_cache_mb * (1 << 20)))
     server = Server(chain, api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
-                    timeout_s=timeout_s)
+                    timeout_s=timeout_s, forwarder=forwarder)
     print(f"chainlora: serving {library} on http://{host}:{port}/v1 (models: {', '.join(server.models())})")
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
