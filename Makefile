@@ -36,6 +36,7 @@ bench: $(STAMP)
 	test -f runs/demo/library/chainlora.json || $(VENV)/bin/chainlora demo
 	$(PY) bench/engine.py --library runs/demo/library
 	$(PY) bench/cola.py --throughput
+	$(PY) bench/serve_memory.py --library runs/demo/library
 
 bench-cola: $(STAMP)
 	$(PY) bench/cola.py
