@@ -90,6 +90,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from chainlora import tables
+    from chainlora.evaluate import evaluate, load_eval_data, save_eval
+
+    records, heldout, name = load_eval_data(args.data)
+    chain = _load_chain(args)
+    result = evaluate(chain, records, heldout=heldout, per_task=args.per_task, generate=not args.no_generate,
+                      max_new_tokens=args.max_new_tokens)
+    path = save_eval(chain.lib.root, args.name or name, result, args.data)
+    if args.json:
+        print(json.dumps(json.loads(path.read_text())))
+        return 0
+    console = Console()
+    console.print(tables.perplexity(result))
+    if result["selection"]:
+        console.print(tables.selection(result))
+    if "metrics" in result:
+        console.print(tables.metrics(result))
+    console.print(f"wrote {path}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from chainlora.serve import serve
 
@@ -262,6 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--top-p", type=float, default=1.0)
             d.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
         d.set_defaults(func=func)
+
+    d = sub.add_parser("eval", help="Tables I-III and task metrics of a library on test data")
+    d.add_argument("library", help="adapter library directory")
+    d.add_argument("--data", required=True, help="records with a task field (.jsonl/...), or 'demo' (bundled test split)")
+    d.add_argument("--per-task", type=int, help="at most this many records per task")
+    d.add_argument("--max-new-tokens", type=int, default=16, help="answer length for the task metrics")
+    d.add_argument("--no-generate", action="store_true", help="perplexity and selection only")
+    d.add_argument("--name", help="result name: LIB/eval/NAME.json (default: the data's name)")
+    d.add_argument("--selector", default="score", help="the chain's selector: score, generate or classifier")
+    d.add_argument("--threshold", type=float, default=0.0)
+    d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    d.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
+    d.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("serve", help="an OpenAI-compatible server that routes each request to its adapter")
     d.add_argument("library", help="adapter library directory")

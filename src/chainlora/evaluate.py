@@ -1,11 +1,14 @@
-"""Evaluation of a library: answer perplexity, exact match, task-selection accuracy.
+"""Evaluation of a library — Qiu et al.'s tables as numbers (`chainlora eval`).
 
-Perplexity is over response tokens only: exp(Σ NLL / N) over ALL answer tokens of a test set
-(token-weighted — not the mean of per-batch means the Trainer's eval_loss reports), the
-prompt rendered exactly as at inference. Top-k accuracy counts an instruction as correct when
-its true task is among the selector's k best; accuracy on held-out instruction templates
-(wording the router never saw in training) is reported separately when records carry a
-`template` the training split did not use.
+Table I, perplexity per task of the base model, the task's own adapter M_t, the mixed adapter
+and the chain (each record answered by the adapter its selector picks). Perplexity is over
+response tokens only: PPL = exp(Σ NLL / N), the sum over ALL answer tokens (plus the
+end-of-answer token) of a task's records in nats — token-weighted, not the mean of per-batch
+means the Trainer's eval_loss reports; the paper's 2^(Σ -log2 p / N) is the same number.
+Table II, task selection: top-1 / top-3 accuracy, per-task precision and recall, the confusion
+matrix, and accuracy on held-out instruction templates (wording the selector never saw).
+Table III, the selectors side by side with their latency. Task metrics for short answers:
+exact match, token F1 and chrF (sacrebleu) per task for base / mixed / chain, greedy answers.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from chainlora.data import Record
+from chainlora.errors import ChainloraError
 from chainlora.examples import IGNORE, answer_pairs, collator, tokenize
+
+NONE = "(none)"  # the selector named no task
 
 EVAL_MAX_LENGTH = 1024  # prompt + answer tokens scored; longer prompts lose their start
 
@@ -58,32 +63,227 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize(prediction) == normalize(reference)
 
 
-@dataclass
-class SelectionScore:
-    selector: str
-    n: int
-    top1: float
-    top3: float
-    heldout_n: int
-    heldout_top1: float
-    ms_per_instruction: float
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style F1 over normalized whitespace tokens."""
+    from collections import Counter
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    p, r = normalize(prediction).split(), normalize(reference).split()
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
 
 
-def selection_accuracy(chain, records: Sequence[Record], selector: str,
-                       heldout_templates: dict[str, set] | None = None) -> SelectionScore:
-    """Route every record's instruction with `selector`; compare with its task."""
+def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (sacrebleu, character 6-grams, beta 2), 0-100."""
+    from sacrebleu.metrics import CHRF
+
+    return float(CHRF().corpus_score(list(predictions), [list(references)]).score)
+
+
+# --------------------------------------------------------------------------- Table II / III
+
+
+def selection(chain, records: Sequence[Record], selector: str, heldout: dict[str, set] | None = None) -> dict:
+    """Route every record with `selector`; accuracy, precision / recall, confusion, latency."""
+    tasks = chain.tasks
     t0 = time.perf_counter()
     routes = chain.route([r.text for r in records], top_k=3, selector=selector)
     ms = 1000 * (time.perf_counter() - t0) / max(len(records), 1)
-    hits1 = [bool(rt.top_k) and rt.top_k[0][0] == r.task and not rt.fallback for r, rt in zip(records, routes)]
-    hits3 = [any(t == r.task for t, _ in rt.top_k[:3]) for r, rt in zip(records, routes)]
-    held = [i for i, r in enumerate(records)
-            if heldout_templates and r.meta.get("template") in heldout_templates.get(r.task, ())]
-    return SelectionScore(
-        selector=selector, n=len(records), top1=sum(hits1) / len(records), top3=sum(hits3) / len(records),
-        heldout_n=len(held), heldout_top1=(sum(hits1[i] for i in held) / len(held)) if held else float("nan"),
-        ms_per_instruction=ms,
-    )
+    picked = [rt.top_k[0][0] if rt.top_k and rt.task is not None else NONE for rt in routes]
+    hit1 = [p == r.task for p, r in zip(picked, records)]
+    hit3 = [any(t == r.task for t, _ in rt.top_k[:3]) for r, rt in zip(records, routes)]
+    confusion = {t: {u: 0 for u in tasks + [NONE]} for t in tasks}
+    for r, p in zip(records, picked):
+        row = confusion.setdefault(r.task, {u: 0 for u in tasks + [NONE]})
+        row[p] = row.get(p, 0) + 1
+    per_task = {}
+    for t in tasks:
+        tp = confusion[t][t]
+        predicted = sum(confusion[u][t] for u in tasks)
+        actual = sum(confusion[t].values())
+        per_task[t] = {"precision": tp / predicted if predicted else float("nan"),
+                       "recall": tp / actual if actual else float("nan"), "n": actual}
+    held = [i for i, r in enumerate(records) if heldout and r.meta.get("template") in heldout.get(r.task, ())]
+    return {"selector": selector, "n": len(records), "top1": _mean(hit1), "top3": _mean(hit3),
+            "heldout_n": len(held), "heldout_top1": _mean([hit1[i] for i in held]),
+            "ms_per_instruction": ms, "per_task": per_task, "confusion": confusion,
+            "confidence": [round(rt.probability, 4) for rt in routes],
+            "correct": hit1, "routes": routes}
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def selectors_of(chain) -> list[str]:
+    """The selectors this library can run (Table III)."""
+    return (["score", "generate"] if chain.lib.router else []) + (["classifier"] if chain.lib.classifier else [])
+
+
+# --------------------------------------------------------------------------- Table I
+
+
+def perplexity_table(chain, by_task: dict[str, list[Record]], routes: dict[str, list]) -> list[dict]:
+    """Per task: perplexity of base, own adapter, mixed and the chain (routed per record)."""
+    from chainlora.engine import BASE
+
+    rows = []
+    for task, records in by_task.items():
+        row: dict[str, Any] = {"task": task, "n": len(records)}
+        systems = {"base": BASE, "own": task} | ({"mixed": "mixed"} if chain.lib.mixed else {})
+        for name, adapter in systems.items():
+            nll, tokens = answer_nll(chain, records, adapter)
+            row[name], row["tokens"] = perplexity(nll, tokens), tokens
+        nll, tokens = 0.0, 0
+        for adapter in sorted({rt.adapter for rt in routes[task]}):
+            group = [r for r, rt in zip(records, routes[task]) if rt.adapter == adapter]
+            n, k = answer_nll(chain, group, adapter)
+            nll, tokens = nll + n, tokens + k
+        row["chain"] = perplexity(nll, tokens)
+        row["routed_right"] = _mean([rt.adapter == task for rt in routes[task]])
+        rows.append(row)
+    return rows
+
+
+def mean_row(rows: list[dict]) -> dict:
+    """The paper's mean row: the arithmetic mean of per-task perplexities."""
+    keys = [k for k in ("base", "own", "mixed", "chain") if all(k in r for r in rows)]
+    return {"task": "mean", **{k: _mean([r[k] for r in rows]) for k in keys}}
+
+
+# --------------------------------------------------------------------------- task metrics
+
+
+def task_metrics(chain, by_task: dict[str, list[Record]], routes: dict[str, list],
+                 max_new_tokens: int = 16, batch_size: int = 32) -> tuple[dict, dict]:
+    """Greedy answers of base / mixed / chain; EM, token F1, chrF per task and system.
+    Returns (metrics, answers) — answers[system][task] is the list of texts."""
+    from chainlora.engine import BASE
+
+    systems = ["base"] + (["mixed"] if chain.lib.mixed else []) + ["chain"]
+    metrics: dict[str, dict] = {}
+    answers: dict[str, dict] = {s: {} for s in systems}
+    for task, records in by_task.items():
+        metrics[task] = {}
+        for system in systems:
+            texts = []
+            for i in range(0, len(records), batch_size):
+                part = records[i:i + batch_size]
+                if system == "chain":
+                    out = chain.generate([r.text for r in part], routes=routes[task][i:i + batch_size],
+                                         max_new_tokens=max_new_tokens)
+                else:
+                    out = chain.generate([r.text for r in part], task=BASE if system == "base" else "mixed",
+                                         max_new_tokens=max_new_tokens)
+                texts += [a.text for a in out]
+            refs = [r.output for r in records]
+            answers[system][task] = texts
+            metrics[task][system] = {
+                "exact_match": _mean([exact_match(p, r) for p, r in zip(texts, refs)]),
+                "token_f1": _mean([token_f1(p, r) for p, r in zip(texts, refs)]),
+                "chrf": chrf(texts, refs)}
+    return metrics, answers
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def by_task_of(chain, records: Sequence[Record], per_task: int | None = None) -> dict[str, list[Record]]:
+    """Records grouped by the library's tasks (others dropped), at most `per_task` each."""
+    groups: dict[str, list[Record]] = {t: [] for t in chain.tasks}
+    for r in records:
+        if r.task in groups and (per_task is None or len(groups[r.task]) < per_task):
+            groups[r.task].append(r)
+    return {t: g for t, g in groups.items() if g}
+
+
+def evaluate(chain, records: Sequence[Record], *, heldout: dict[str, set] | None = None,
+             per_task: int | None = None, max_new_tokens: int = 16, generate: bool = True,
+             selectors: Sequence[str] | None = None) -> dict:
+    """Tables I-III and the task metrics for `records` (the whole evaluation, as JSON-able data)."""
+    from tqdm.auto import tqdm
+
+    by_task = by_task_of(chain, records, per_task)
+    if not by_task:
+        raise ChainloraError(f"no records of this library's tasks ({', '.join(chain.tasks)}) in the data")
+    flat = [r for rs in by_task.values() for r in rs]
+    steps = tqdm(total=3 + bool(generate), desc="evaluate", unit="part")
+    sel = {}
+    for s in selectors if selectors is not None else selectors_of(chain):
+        steps.set_postfix_str(f"selector {s}")
+        sel[s] = selection(chain, flat, s, heldout)
+    steps.update()
+    if chain.selector in sel:  # the library's own selector decides the chain's routes
+        routes_flat = sel[chain.selector]["routes"]
+    elif chain.lib.router or chain.lib.classifier or len(chain.tasks) == 1:
+        routes_flat = chain.routes_for([r.text for r in flat], None)
+    else:  # no selector at all: the "chain" is each task's own adapter (said in the result)
+        routes_flat = chain.routes_for([r.text for r in flat], [r.task for r in flat])
+    routes, i = {}, 0
+    for task, rs in by_task.items():
+        routes[task], i = routes_flat[i:i + len(rs)], i + len(rs)
+    steps.set_postfix_str("perplexity")
+    rows = perplexity_table(chain, by_task, routes)
+    steps.update()
+    chosen_by = routes_flat[0].selector if routes_flat else chain.selector
+    result: dict[str, Any] = {"n": len(flat), "tasks": list(by_task), "selector": chosen_by,
+                              "threshold": chain.threshold, "perplexity": rows, "perplexity_mean": mean_row(rows),
+                              "chain_beats_mixed": sum(r["chain"] < r["mixed"] for r in rows if "mixed" in r),
+                              "selection": {k: {kk: vv for kk, vv in v.items() if kk != "routes"}
+                                            for k, v in sel.items()}}
+    steps.update()
+    if generate:
+        steps.set_postfix_str("answers")
+        metrics, answers = task_metrics(chain, by_task, routes, max_new_tokens)
+        result["metrics"], result["answers"] = metrics, answers
+        result["routes"] = {t: [rt.adapter for rt in rs] for t, rs in routes.items()}
+        result["references"] = {t: [{"instruction": r.text, "output": r.output} for r in rs]
+                                for t, rs in by_task.items()}
+        steps.update()
+    steps.close()
+    return result
+
+
+# --------------------------------------------------------------------------- data and results
+
+
+def load_eval_data(source: str) -> tuple[list[Record], dict[str, set] | None, str]:
+    """Records to evaluate on, held-out templates (known for the bundled data), a result name."""
+    from pathlib import Path
+
+    from chainlora.data import load_demo, read_records
+
+    if source == "demo":
+        demo = load_demo()
+        heldout = {t: {r.meta.get("template") for r in d.test} - {r.meta.get("template") for r in d.train}
+                   for t, d in demo.items()}
+        return [r for d in demo.values() for r in d.test], heldout, "demo"
+    return list(read_records(source)), None, Path(source).name.split(".")[0]
+
+
+def _plain(x: Any) -> Any:
+    """JSON without NaN (browsers and strict parsers refuse it): NaN becomes null."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def save_eval(root, name: str, result: dict, data: str):
+    """LIB/eval/<name>.json, atomically; returns its path."""
+    import datetime as dt
+    from pathlib import Path
+
+    from chainlora import atomic
+    from chainlora.data import check_task_name
+
+    check_task_name(name, "--name")
+    out = {"data": data, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **result}
+    return atomic.write_json(Path(root) / "eval" / f"{name}.json", _plain(out))

@@ -1,0 +1,67 @@
+"""The evaluation's tables for the terminal (rich), from `evaluate.evaluate`'s result."""
+
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+
+
+def _f(x: float | None, fmt: str = ".2f") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def perplexity(result: dict) -> Table:
+    """Table I: perplexity per task, base / own adapter / mixed / chain."""
+    rows, mean = result["perplexity"], result["perplexity_mean"]
+    cols = [c for c in ("base", "own", "mixed", "chain") if c in mean]
+    names = {"base": "base (zero-shot)", "own": "own adapter M_t", "mixed": "mixed", "chain": "chain (routed)"}
+    t = Table(title="Table I — answer perplexity per task (lower is better)")
+    t.add_column("task")
+    for c in cols:
+        t.add_column(names[c], justify="right")
+    t.add_column("routed right", justify="right")
+    for r in rows:
+        best = min(r[c] for c in cols)
+        t.add_row(r["task"], *[f"[bold]{_f(r[c])}[/bold]" if r[c] == best else _f(r[c]) for c in cols],
+                  _f(r["routed_right"], ".0%"))
+    t.add_row("[bold]mean[/bold]", *[_f(mean[c]) for c in cols], "")
+    if "mixed" in mean:
+        t.caption = (f"chain < mixed on {result['chain_beats_mixed']} of {len(rows)} tasks; "
+                     f"chain routed by the {result['selector']} selector")
+    return t
+
+
+def selection(result: dict) -> Table:
+    """Tables II and III: every selector's accuracy and latency."""
+    t = Table(title="Tables II/III — task selection (held-out templates: wording never seen in training)")
+    for c in ("selector", "n", "top-1", "top-3", "top-1 held-out", "ms / instruction"):
+        t.add_column(c, justify="left" if c == "selector" else "right")
+    for s in result["selection"].values():
+        held = f"{_f(s['heldout_top1'], '.1%')} of {s['heldout_n']}" if s["heldout_n"] else "—"
+        t.add_row(s["selector"], str(s["n"]), _f(s["top1"], ".1%"), _f(s["top3"], ".1%"), held,
+                  _f(s["ms_per_instruction"], ".0f"))
+    return t
+
+
+def per_task_selection(result: dict, selector: str) -> Table:
+    s = result["selection"][selector]
+    t = Table(title=f"selector {selector}: precision / recall per task")
+    for c in ("task", "n", "precision", "recall"):
+        t.add_column(c, justify="left" if c == "task" else "right")
+    for task, v in s["per_task"].items():
+        t.add_row(task, str(v["n"]), _f(v["precision"], ".1%"), _f(v["recall"], ".1%"))
+    return t
+
+
+def metrics(result: dict) -> Table:
+    """Exact match / token F1 / chrF per task and system."""
+    systems = list(next(iter(result["metrics"].values())))
+    t = Table(title="task metrics of greedy answers: exact match / token F1 / chrF")
+    t.add_column("task")
+    for s in systems:
+        t.add_column(s, justify="right")
+    for task, by_system in result["metrics"].items():
+        t.add_row(task, *[f"{_f(m['exact_match'], '.0%')} / {_f(m['token_f1'], '.2f')} / {_f(m['chrf'], '.1f')}"
+                          for m in by_system.values()])
+    return t

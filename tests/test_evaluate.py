@@ -1,0 +1,100 @@
+"""Evaluation: the perplexity formula, selection tables and task metrics, on a tiny library."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from chainlora import evaluate
+from chainlora.data import Record, load_demo
+from chainlora.engine import Chain
+
+TASKS = ["antonym", "sentiment", "rhyme", "hypernym", "definition"]
+
+
+@pytest.fixture(scope="module")
+def chain(random_lib):
+    return Chain.load(random_lib, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def records():
+    demo = load_demo()
+    return [r for t in TASKS for r in demo[t].test[:3]]
+
+
+def test_answer_nll_is_token_weighted_over_answers_only(chain):
+    """Σ NLL over answer tokens equals the per-record sums (each record's mean loss x its
+    answer tokens, from the model's own loss) — the mean of means would differ."""
+    from chainlora.examples import answer_pairs, collator, tokenize
+
+    recs = [Record("antonym", "Give the antonym of hot.", "cold"),
+            Record("antonym", "Give the antonym of up.", "a very long answer with many more tokens in it")]
+    total, count = evaluate.answer_nll(chain, recs, "antonym")
+    model = chain.cache.acquire(["antonym"])
+    by_record = []
+    for pair in answer_pairs(recs):
+        row = collator(chain.tok)([tokenize(chain.tok, pair, 1024, chain.system)])
+        n = int((row["labels"][:, 1:] != -100).sum())
+        with torch.no_grad():
+            loss = model(**row, adapter_names=[chain.cache.slot("antonym")]).loss.item()
+        by_record.append((loss * n, n))
+    assert count == sum(n for _, n in by_record)
+    assert total == pytest.approx(sum(s for s, _ in by_record), rel=1e-5)
+    assert evaluate.perplexity(total, count) == pytest.approx(math.exp(total / count))
+    mean_of_means = sum(s / n for s, n in by_record) / 2
+    assert abs(mean_of_means - total / count) > 1e-3  # the two formulas really differ here
+
+
+def test_text_metrics():
+    assert evaluate.exact_match(" Cold. ", "cold") and not evaluate.exact_match("cold front", "cold")
+    assert evaluate.token_f1("the cold one", "cold") == pytest.approx(0.5)
+    assert evaluate.token_f1("", "") == 1.0 and evaluate.token_f1("x", "") == 0.0
+    assert evaluate.chrf(["maison"], ["maison"]) == pytest.approx(100.0)
+    assert 0 < evaluate.chrf(["maisons"], ["maison"]) < 100
+
+
+def test_evaluate_tables_are_consistent(chain, records):
+    result = evaluate.evaluate(chain, records, per_task=3, max_new_tokens=4)
+    rows = {r["task"]: r for r in result["perplexity"]}
+    assert list(rows) == TASKS and all(r["n"] == 3 for r in rows.values())
+    for r in rows.values():
+        assert all(v > 1 for k, v in r.items() if k in ("base", "own", "mixed", "chain"))
+        if r["routed_right"] == 1.0:
+            assert r["chain"] == pytest.approx(r["own"], rel=1e-6)  # every record on its own adapter
+    assert result["perplexity_mean"]["own"] == pytest.approx(sum(r["own"] for r in rows.values()) / 5)
+    assert result["chain_beats_mixed"] == sum(r["chain"] < r["mixed"] for r in rows.values())
+    sel = result["selection"]
+    assert list(sel) == ["score", "generate"]
+    for s in sel.values():
+        assert s["n"] == 15 and 0 <= s["top1"] <= s["top3"] <= 1
+        assert sum(sum(row.values()) for row in s["confusion"].values()) == 15
+        right = sum(s["confusion"][t][t] for t in TASKS)
+        assert s["top1"] == pytest.approx(right / 15)
+        assert all(0 <= v["recall"] <= 1 for v in s["per_task"].values())
+    m = result["metrics"]
+    assert set(m) == set(TASKS) and set(m["antonym"]) == {"base", "mixed", "chain"}
+    assert all(0 <= v["exact_match"] <= 1 and 0 <= v["chrf"] <= 100 for t in m.values() for v in t.values())
+    assert len(result["answers"]["chain"]["rhyme"]) == 3
+
+
+def test_eval_cli_writes_nan_free_json(random_lib, tmp_path, cli):
+    lib = tmp_path / "lib"
+    shutil.copytree(random_lib, lib)
+    r = cli("eval", str(lib), "--data", "demo", "--per-task", "2", "--max-new-tokens", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    saved = json.loads((lib / "eval/demo.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert saved["n"] == out["n"] == 10 and saved["data"] == "demo"
+    assert saved["selection"]["score"]["heldout_n"] >= 0
+    r = cli("eval", str(lib), "--data", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"task": "poetry", "instruction": "x", "output": "y"}) + "\n")
+    r = cli("eval", str(lib), "--data", str(other))
+    assert r.returncode == 2 and "no records of this library's tasks" in r.stderr
