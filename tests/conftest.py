@@ -134,3 +134,43 @@ def make_random_library(root: Path, model_dir: Path, tasks: list[str], *, router
 def random_lib(tiny_model_dir, tmp_path_factory) -> Path:
     return make_random_library(tmp_path_factory.mktemp("rlib") / "lib", tiny_model_dir,
                                ["antonym", "sentiment", "rhyme", "hypernym", "definition"])
+
+
+class LiveApp:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread (tests only)."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uv.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.uv.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def live_app():
+    """Start ASGI apps on loopback for one test: live_app(app) -> LiveApp (closed afterwards)."""
+    started = []
+
+    def start(app) -> LiveApp:
+        started.append(LiveApp(app))
+        return started[-1]
+
+    yield start
+    for a in started:
+        a.close()

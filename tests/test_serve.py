@@ -18,31 +18,20 @@ import pytest
 from chainlora import library
 from chainlora.engine import Chain
 from chainlora.serve import Server, create_app
+from conftest import LiveApp
 
 TEXTS = ["Give the antonym of hot.", "Is the word happy positive or negative?", "What rhymes with cat?"]
 
 
-class Live:
-    """A uvicorn server on a free loopback port, in a thread."""
+class Live(LiveApp):
+    """A chainlora Server on loopback."""
 
     def __init__(self, server: Server):
-        import uvicorn
-
         self.server = server
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uv.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
+        super().__init__(create_app(server))
 
     def close(self) -> None:
-        self.uv.should_exit = True
-        self.thread.join(timeout=30)
+        super().close()
         self.server.scheduler.close()
 
 

@@ -114,6 +114,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_judge(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from chainlora import judge
+    from chainlora.evaluate import by_task_of, load_eval_data, save_eval
+
+    records, _, name = load_eval_data(args.data)
+    chain = _load_chain(args)
+    chosen = [r for rs in by_task_of(chain, records, args.per_task).values() for r in rs]
+    if not chosen:
+        raise ChainloraError(f"--data {args.data}: no records of this library's tasks")
+    result = judge.run(chain, chosen, url=args.judge_url, model=args.judge_model,
+                       api_key=os.environ.get(args.api_key_env) or None,
+                       cache=Path(chain.lib.root) / "eval" / "judge-cache.jsonl",
+                       systems=[s.strip() for s in args.systems.split(",") if s.strip()],
+                       concurrency=args.concurrency, timeout_s=args.timeout, max_new_tokens=args.max_new_tokens)
+    path = save_eval(chain.lib.root, f"judge-{args.name or name}", result, args.data)
+    if args.json:
+        print(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "ratings"}))
+        return 0
+    from rich.table import Table
+
+    t = Table(title=f"Table IV — helpfulness 1-6 by {args.judge_model} (LIMA rubric)")
+    for c in ("system", "answers", "scored", "missing", "mean", "1", "2", "3", "4", "5", "6"):
+        t.add_column(c, justify="left" if c == "system" else "right")
+    for system, s in result["summary"].items():
+        mean = f"{s['mean']:.2f}" if s["mean"] is not None else "—"
+        t.add_row(system, str(s["n"]), str(s["scored"]), str(s["missing"]), mean,
+                  *[str(s["distribution"][str(k)]) for k in range(1, 7)])
+    Console().print(t)
+    print(f"{result['calls']} judge calls (the rest from {chain.lib.root / 'eval' / 'judge-cache.jsonl'}); wrote {path}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from chainlora.serve import serve
 
@@ -299,6 +333,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     d.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
     d.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("judge", help="Table IV: an LLM judge rates chain / mixed / base answers 1-6")
+    d.add_argument("library", help="adapter library directory")
+    d.add_argument("--data", required=True, help="records with a task field, or 'demo'")
+    d.add_argument("--judge-url", required=True, help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
+    d.add_argument("--judge-model", required=True, help="the judge model's name at that endpoint")
+    d.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding its API key")
+    d.add_argument("--per-task", type=int, default=8, help="records per task (default 8)")
+    d.add_argument("--systems", default="chain,mixed,base", help="comma list of chain, mixed, base, or a task")
+    d.add_argument("--concurrency", type=int, default=4)
+    d.add_argument("--timeout", type=float, default=60.0, help="seconds per judge call")
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--name", help="result name: LIB/eval/judge-NAME.json")
+    d.add_argument("--selector", default="score")
+    d.add_argument("--threshold", type=float, default=0.0)
+    d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    d.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    d.set_defaults(func=cmd_judge)
 
     d = sub.add_parser("serve", help="an OpenAI-compatible server that routes each request to its adapter")
     d.add_argument("library", help="adapter library directory")

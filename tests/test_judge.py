@@ -1,0 +1,107 @@
+"""The LLM judge end to end over loopback HTTP: a small FastAPI app answers like a judge (with
+flaky replies, server errors and unparseable scores); chainlora retries, records missing
+scores as missing, caches every reply and pays nothing on a rerun."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+from fastapi import FastAPI, Request
+
+from chainlora import judge
+
+
+@pytest.mark.parametrize("reply, score", [
+    ("Clear and right.\n5", 5), ("...\nScore: 4", 4), ("ok\n**6/6**", 6), ("fine\n3 out of 6", 3),
+    ("I would say 5.\n", None), ("7", None), ("", None), (None, None), ("Score 2\n\n", 2), ("2.", 2),
+])
+def test_parse_score_reads_only_the_last_line(reply, score):
+    assert judge.parse_score(reply) == score
+
+
+def fake_judge() -> tuple[FastAPI, dict]:
+    """Answers by the prompt's hash: most get reasoning + score, some need the retry, some never
+    give a score; the very first call fails with 503 (retried)."""
+    app, seen = FastAPI(), {"calls": 0, "auth": set()}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        seen["calls"] += 1
+        seen["auth"].add(request.headers.get("authorization"))
+        if seen["calls"] == 1:
+            from fastapi.responses import JSONResponse
+
+            return JSONResponse({"error": {"message": "busy"}}, status_code=503)
+        prompt = body["messages"][0]["content"]
+        h = int(hashlib.sha256(prompt.encode()).hexdigest(), 16)
+        retry = len(body["messages"]) > 1
+        if h % 5 == 0:
+            content = "I cannot decide."  # never a score: missing
+        elif h % 3 == 0 and not retry:
+            content = "The answer is short.\nI rate it as quite good."  # fixed by the retry
+        else:
+            content = f"Reasoning about the answer.\n{1 + h % 6}"
+        return {"id": "x", "object": "chat.completion", "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": "stop"}]}
+
+    return app, seen
+
+
+def test_judge_round_trip_with_retries_missing_and_cache(random_lib, tmp_path, live_app, cli, monkeypatch):
+    lib = tmp_path / "lib"
+    shutil.copytree(random_lib, lib)
+    app, seen = fake_judge()
+    server = live_app(app)
+    args = ["judge", str(lib), "--data", "demo", "--per-task", "2", "--judge-url", f"{server.url}/v1",
+            "--judge-model", "fake-judge", "--api-key-env", "FAKE_JUDGE_KEY", "--max-new-tokens", "4", "--json"]
+    r = cli(*args, env={"FAKE_JUDGE_KEY": "k123"})
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)["summary"]
+    assert list(summary) == ["chain", "mixed", "base"] and all(s["n"] == 10 for s in summary.values())
+    saved = json.loads((lib / "eval/judge-demo.json").read_text())
+    ratings = saved["ratings"]
+    assert len(ratings) == 30
+    for row in ratings:
+        assert row["score"] is None or 1 <= row["score"] <= 6
+    missing = [row for row in ratings if row["score"] is None]
+    assert all(row["retried"] for row in missing)  # asked twice before giving up
+    assert sum(s["missing"] for s in summary.values()) == len(missing)
+    for s in summary.values():
+        scored = [row["score"] for row in ratings if row["system"] == s and row["score"] is not None]
+        assert s["scored"] + s["missing"] == 10
+        assert sum(s["distribution"].values()) == s["scored"]
+        if scored:
+            assert s["mean"] == pytest.approx(sum(scored) / len(scored))
+    unique = {(row["instruction"], row["answer"]) for row in ratings}
+    retried = sum(row["retried"] for row in ratings if row["score"] is not None)
+    assert seen["auth"] == {"Bearer k123"}
+    first_calls = seen["calls"]
+    assert first_calls >= len(unique) + 1  # one 503 retried, retries for the unparseable ones
+    assert saved["calls"] == first_calls and retried >= 0
+    r = cli(*args, env={"FAKE_JUDGE_KEY": "k123"})  # a rerun pays nothing
+    assert r.returncode == 0 and seen["calls"] == first_calls
+    assert json.loads(r.stdout)["calls"] == 0
+
+
+def test_judge_gives_up_with_one_clear_line(random_lib, tmp_path, live_app, cli):
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
+
+    server = live_app(app)
+    lib = tmp_path / "lib"
+    shutil.copytree(random_lib, lib)
+    r = cli("judge", str(lib), "--data", "demo", "--per-task", "1", "--judge-url", server.url,
+            "--judge-model", "nope", "--max-new-tokens", "2")
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert r.returncode == 2 and len(errors) == 1 and "HTTP 404" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
