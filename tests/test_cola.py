@@ -183,7 +183,9 @@ def test_restart_warmup_makes_a_jagged_schedule(tiny_model_dir, tmp_path):
         lrs[warm] = probe.seen
     plain, jagged = lrs[0], lrs[2]
     assert jagged[1] == pytest.approx(plain[1]) and jagged[2] == pytest.approx(plain[2])
-    assert jagged[3] == pytest.approx(plain[3] / 2) and jagged[4] == pytest.approx(plain[4])
+    # two reduced steps after the knot at 3 (1/3, 2/3 of the schedule), then the schedule again
+    assert jagged[3] == pytest.approx(plain[3] / 3) and jagged[4] == pytest.approx(plain[4] * 2 / 3)
+    assert jagged[5] == pytest.approx(plain[5])
 
 
 # --------------------------------------------------------------------------- base and export
@@ -231,6 +233,9 @@ def test_truncated_svd_error_falls_with_rank():
         assert abs(direct - (tail / full) ** 0.5) < 1e-5  # the reported error is the real one
         errors.append(direct)
     assert all(x > y for x, y in zip(errors, errors[1:])) and errors[-1] < 1e-5
+    nb, na, tail, _ = cola.truncate(b[:4], a, 6)  # a 4-wide layer has 4 singular values, r = 6
+    assert nb.shape == (4, 6) and na.shape == (6, 40) and tail == 0.0
+    assert torch.allclose(nb @ na, b[:4] @ a, atol=1e-4)
     s = torch.linalg.svdvals(delta)  # Eckart-Young: the best rank-2 error
     assert errors[1] == pytest.approx((s[2:].square().sum() / s.square().sum()).sqrt().item(), rel=1e-4)
 

@@ -185,7 +185,32 @@ def test_full_queue_answers_429_with_retry_after(random_lib):
         srv.close()
 
 
-async def _load(url: str, n: int, concurrency: int, disconnect_every: int = 0) -> dict:
+def test_request_past_its_timeout_gets_503(random_lib):
+    chain = Chain.load(random_lib, device="cpu")
+    srv = Live(Server(chain, timeout_s=0.3, window_ms=0))
+    body = {"model": "antonym", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    try:
+        with chain.lock:
+            blocker = threading.Thread(target=httpx.post, args=(f"{srv.url}/v1/chat/completions",),
+                                       kwargs={"json": body, "timeout": 60})
+            blocker.start()
+            deadline = time.monotonic() + 20
+            while srv.server.scheduler.active == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            late = {}
+            waiter = threading.Thread(target=lambda: late.update(r=httpx.post(
+                f"{srv.url}/v1/chat/completions", json=body, timeout=60)))
+            waiter.start()
+            time.sleep(0.8)  # the second request's deadline passes while it waits
+        waiter.join(60), blocker.join(60)
+        assert late["r"].status_code == 503 and error_of(late["r"])["code"] == "timeout"
+        assert late["r"].headers["retry-after"] == "1"
+    finally:
+        srv.close()
+
+
+async def _load(url: str, n: int, concurrency: int, disconnect_every: int = 0, max_tokens: int = 8) -> dict:
     """n requests, `concurrency` at a time, over 4 models, chat/completions, streaming or not;
     every `disconnect_every`-th streaming client hangs up after its first chunk."""
     from openai import AsyncOpenAI
@@ -200,7 +225,7 @@ async def _load(url: str, n: int, concurrency: int, disconnect_every: int = 0) -
             model, stream = models[i % 4], i % 3 == 0
             try:
                 if stream:
-                    s = await c.chat.completions.create(model=model, stream=True, max_tokens=8, temperature=0,
+                    s = await c.chat.completions.create(model=model, stream=True, max_tokens=max_tokens, temperature=0,
                                                         messages=[{"role": "user", "content": TEXTS[i % 3]}])
                     chunks = 0
                     async for ch in s:
@@ -241,8 +266,13 @@ def test_load_200_requests_32_concurrent_batches_without_errors(live):
 
 
 def test_clients_that_hang_up_free_their_rows(live):
-    out = asyncio.run(_load(live.url, 60, 16, disconnect_every=2))
+    before = live.server.scheduler.stats.cancelled
+    out = asyncio.run(_load(live.url, 60, 16, disconnect_every=2, max_tokens=120))
     assert out["errors"] == [] and out["disconnected"] >= 5 and out["ok"] + out["disconnected"] == 60
+    deadline = time.monotonic() + 30
+    while live.server.scheduler.stats.cancelled == before:  # rows of gone clients were stopped
+        assert time.monotonic() < deadline, "no row was cancelled"
+        time.sleep(0.05)
     after = asyncio.run(_load(live.url, 8, 8))  # the server keeps answering
     assert after["ok"] == 8
     assert live.server.scheduler.waiting == 0

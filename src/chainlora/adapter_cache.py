@@ -190,7 +190,12 @@ class AdapterCache:
             self.cpu.pop(name, None)
             if name in self.resident:
                 del self.resident[name]
-                self.free.append(self.slot_of.pop(name))
+                slot = self.slot_of.pop(name)
+                if len(self.slot_config) > 1:  # PEFT keeps at least one adapter in the model
+                    self.model.delete_adapter(slot)
+                    del self.slot_config[slot]
+                else:
+                    self.free.append(slot)
         self.lib, self.entries = lib, {e["name"]: e for e in lib.entries()}
 
     def slot(self, name: str) -> str:

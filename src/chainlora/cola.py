@@ -77,7 +77,7 @@ def lora_layers(model: Any) -> dict[str, Any]:
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            if not isinstance(module.lora_A[ADAPTER], nn.Linear):
+            if not isinstance(module.lora_A[ADAPTER], nn.Linear) or getattr(module, "fan_in_fan_out", False):
                 raise ChainloraError(f"cola: {name}: only Linear layers can be chained (not "
                                      f"{type(module.get_base_layer()).__name__}); change lora.target_modules")
             layers[name] = module
@@ -96,9 +96,12 @@ def truncate(b: Any, a: Any, r: int) -> tuple[Any, Any, float, float]:
     qb, rb = torch.linalg.qr(b64)
     qa, ra = torch.linalg.qr(a64.T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
-    new_b = (qb @ u[:, :r]) * s[:r]
-    new_a = vh[:r] @ qa.T
-    return new_b.to(b.dtype), new_a.to(a.dtype), float((s[r:] ** 2).sum()), float((s ** 2).sum())
+    k = min(r, s.shape[0])  # a layer narrower than r has fewer singular values: pad with zeros
+    new_b = torch.zeros(b.shape[0], r, dtype=torch.float64)
+    new_a = torch.zeros(r, a.shape[1], dtype=torch.float64)
+    new_b[:, :k] = (qb @ u[:, :k]) * s[:k]
+    new_a[:k] = vh[:k] @ qa.T
+    return new_b.to(b.dtype), new_a.to(a.dtype), float((s[k:] ** 2).sum()), float((s ** 2).sum())
 
 
 class ColaCallback(TrainerCallback):
@@ -213,7 +216,7 @@ class ColaCallback(TrainerCallback):
         def jagged(inner):
             def factor(step: int) -> float:
                 last = max((k for k in knots if k <= step), default=None)
-                ramp = 1.0 if last is None else min(1.0, (step - last + 1) / warm)
+                ramp = 1.0 if last is None else min(1.0, (step - last + 1) / (warm + 1))
                 return inner(step) * ramp
             return factor
 

@@ -60,7 +60,7 @@ class ColaSettings:
     steps_per_link: int | None = _bounds(1, default=None)
     knots: list[int] | None = None  # explicit optimizer steps at which links are merged
     reset_optimizer: bool = True  # fresh AdamW state for each new link
-    restart_warmup_steps: int = _bounds(0, default=0)  # linear LR re-warm-up after each knot
+    restart_warmup_steps: int = _bounds(0, default=0)  # steps of linear LR re-warm-up after each knot
     rank_schedule: list[int] | None = None  # rank of each link, e.g. [16, 8, 4]
     init: Literal["kaiming", "gaussian"] = "kaiming"  # new link's A; B is always zero
     compress_rank: int | None = _bounds(1, default=None)  # save an SVD-truncated rank-r adapter

@@ -88,6 +88,7 @@ class Chain:
             if (new.classifier or {}).get("sha256") != (self.lib.classifier or {}).get("sha256"):
                 self._classifier = None
             self.lib = new
+            self.system = new.manifest.get("system_prompt")
             if new.router:
                 self.cache.acquire(["router"])
         return changes

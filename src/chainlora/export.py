@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ def compress_adapter(src: Path, dst: Path, rank: int) -> dict:
         out[f"{module}.lora_B.weight"] = new_b.to(tensors[key].dtype).contiguous()
         errors[module] = round(math.sqrt(tail / full), 6) if full > 0 else 0.0
         dropped, norm, total_rank = dropped + tail, norm + full, max(total_rank, r)
-    rest = {k: v for k, v in tensors.items() if ".lora_A." not in k and ".lora_B." not in k}
+    rest = {k: v for k, v in tensors.items() if not k.endswith((".lora_A.weight", ".lora_B.weight"))}
     if rest:
         raise ChainloraError(f"{src}: has non-LoRA weights ({next(iter(rest))}); cannot compress")
     cfg.update(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, use_rslora=False)
@@ -80,7 +81,7 @@ def compress_adapter(src: Path, dst: Path, rank: int) -> dict:
 def _pattern(pattern: dict, module: str, default: float) -> float:
     """PEFT's rank_pattern / alpha_pattern: the first key that ends the module name wins."""
     for key, value in pattern.items():
-        if module == key or module.endswith(f".{key}"):
+        if re.match(rf"(.*\.)?({key})$", module):  # PEFT's own matching (keys may be regexes)
             return value
     return default
 

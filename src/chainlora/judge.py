@@ -146,8 +146,14 @@ async def rate_all(judge: Judge, items: Sequence[dict]) -> list[dict]:
         bar.update()
         return {**item, "score": out["score"], "retried": out["retried"]}
 
+    tasks = [asyncio.ensure_future(one(i)) for i in items]
     try:
-        return await asyncio.gather(*(one(i) for i in items))
+        return await asyncio.gather(*tasks)
+    except BaseException:  # one call gave up: stop the others before the client closes
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     finally:
         bar.close()
 

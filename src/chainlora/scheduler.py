@@ -124,7 +124,7 @@ class BatchStreamer:
             self._emit(i, final=False)
 
     def _emit(self, i: int, final: bool) -> None:
-        text = self.tok.decode(self.ids[i], skip_special_tokens=True).lstrip()
+        text = self.tok.decode(self.ids[i], skip_special_tokens=True)
         if not final:
             stops = self.requests[i].stop
             found = [text.index(s) for s in stops if s in text]
@@ -133,7 +133,9 @@ class BatchStreamer:
             else:  # the tail might still become one
                 hold = max((len(s) for s in stops), default=1) - 1
                 text = text[: len(text) - hold] if hold else text
-            text = text.rstrip() if not text.endswith("\ufffd") else text[: text.rfind("\ufffd")].rstrip()
+            if "\ufffd" in text:  # half a multi-byte character: wait for the rest
+                text = text[: text.index("\ufffd")]
+            text = text.strip()  # as the final answer is (trailing space may still grow)
         if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
             self.requests[i].on_text(text[len(self.sent[i]):])
             self.sent[i] = text
@@ -154,6 +156,7 @@ class SchedulerStats:
     requests: int = 0
     completion_tokens: int = 0
     busy_seconds: float = 0.0
+    cancelled: int = 0  # rows whose client left (or handler was cancelled) mid-generation
 
 
 class Scheduler:
@@ -177,7 +180,15 @@ class Scheduler:
             raise QueueFull(f"{self.queue.maxsize} requests are waiting")
 
     def close(self) -> None:
+        """Stop the worker; requests still waiting get an error instead of silence."""
         self.running = False
+        while True:
+            try:
+                r = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if r is not None and r.done:
+                r.done(None, TimedOut("the server is shutting down"))
         try:
             self.queue.put_nowait(None)
         except queue.Full:
@@ -209,6 +220,13 @@ class Scheduler:
 
     def _work(self) -> None:
         while self.running:
+            try:
+                self._once()
+            except Exception:  # never let the worker die: every request would hang
+                log.exception("scheduler loop error")
+
+    def _once(self) -> None:
+        if self.running:
             batch = self._collect()
             live = []
             for r in batch:
@@ -258,6 +276,7 @@ class Scheduler:
         for i, (r, a) in enumerate(zip(group, answers)):
             if r.cancelled.is_set():
                 a.finish_reason = "cancelled"
+                self.stats.cancelled += 1
             elif a.finish_reason == "stop" and time.monotonic() > r.deadline and a.completion_tokens < r.max_tokens:
                 a.finish_reason = "length"  # cut by the deadline, not by the model
             if streamer is not None:

@@ -14,7 +14,9 @@ Requests are batched across adapters by `scheduler.Scheduler`; errors use OpenAI
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
+import logging
 import json
 import time
 import uuid
@@ -30,6 +32,7 @@ from chainlora.metrics import Metrics
 from chainlora.scheduler import QueueFull, Request, Scheduler, TimedOut, deliver
 
 CHAIN, MIXED = "chain", "mixed"
+log = logging.getLogger("chainlora.serve")
 ENDPOINT = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
 
 
@@ -99,6 +102,11 @@ class Server:
         self.chain, self.api_key, self.timeout = chain, api_key, timeout_s
         self.forwarder = forwarder  # forward.Forwarder: answer on another server, route here
         self.default_max_tokens = default_max_tokens
+        if max_queue < 1 or timeout_s <= 0 or max_batch < 1:
+            raise ChainloraError("serve: --max-queue and --max-batch must be >= 1, --timeout > 0")
+        # The worker thread tokenizes with padding; a fast tokenizer's padding state is not
+        # thread-safe, so request checks on the event loop use their own copy.
+        self.tok = copy.deepcopy(chain.tok)
         self.metrics = Metrics(chain)
         self.scheduler = Scheduler(chain, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
                                    on_batch=self.metrics.batch)
@@ -134,11 +142,11 @@ class Server:
         if body.n != 1:
             raise ApiError(400, "n: only n=1 is supported", param="n")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or self.default_max_tokens
-        try:
-            self.chain.check([text], max_tokens, [rendered])
-        except ChainloraError as e:
-            raise ApiError(400, str(e).replace("instruction 1: ", f"{field}: "), param=field,
-                           code="context_length_exceeded" if "context" in str(e) else None)
+        n = len(self.tok(rendered, add_special_tokens=False)["input_ids"])
+        if n + max_tokens > self.chain.context:
+            raise ApiError(400, f"{field}: {n} prompt tokens + {max_tokens} new tokens exceed the model's "
+                                f"context of {self.chain.context}; shorten it or lower max_tokens",
+                           param=field, code="context_length_exceeded")
         return Request(text=text, rendered=rendered, task=task, max_tokens=max_tokens,
                        temperature=body.temperature, top_p=body.top_p, stop=body.stops(),
                        deadline=time.monotonic() + self.timeout)
@@ -149,11 +157,14 @@ class Server:
         if not users or not users[-1].strip():
             raise ApiError(400, "messages: needs a non-empty user message", param="messages")
         system = self.chain.system
-        if len(msgs) == 1 or (len(msgs) == 2 and msgs[0]["role"] == "system"):
-            sys_text = msgs[0]["content"] if len(msgs) == 2 else system
-            rendered = prompts.render(self.chain.tok, users[-1], sys_text)  # exactly as in training
-        else:
-            rendered = prompts.render_chat(self.chain.tok, msgs, system)
+        try:
+            if len(msgs) == 1 or (len(msgs) == 2 and msgs[0]["role"] == "system"):
+                sys_text = msgs[0]["content"] if len(msgs) == 2 else system
+                rendered = prompts.render(self.tok, users[-1], sys_text)  # exactly as in training
+            else:
+                rendered = prompts.render_chat(self.tok, msgs, system)
+        except Exception as e:  # the model's chat template refuses this conversation (jinja raises)
+            raise ApiError(400, f"messages: the model's chat template refuses them: {e}", param="messages")
         return self.request(body, users[-1], rendered, "messages")
 
     def completion(self, body: CompletionBody) -> Request:
@@ -164,7 +175,11 @@ class Server:
             prompt = prompt[0]
         if not prompt.strip():
             raise ApiError(400, "prompt: empty", param="prompt")
-        return self.request(body, prompt, prompts.render(self.chain.tok, prompt, self.chain.system), "prompt")
+        try:
+            rendered = prompts.render(self.tok, prompt, self.chain.system)
+        except Exception as e:
+            raise ApiError(400, f"prompt: the model's chat template refuses it: {e}", param="prompt")
+        return self.request(body, prompt, rendered, "prompt")
 
     async def run(self, req: Request, is_disconnected) -> Answer:
         """Queue the request and wait for its answer; a client that leaves cancels it."""
@@ -172,10 +187,17 @@ class Server:
         future: asyncio.Future = loop.create_future()
         req.done = deliver(loop, future)
         self.submit(req)
-        while not future.done():
-            await asyncio.wait({future}, timeout=0.25)
-            if not future.done() and await is_disconnected():
-                req.cancelled.set()
+        give_up = req.deadline + 30.0  # a backstop: the worker resolves every request before this
+        try:
+            while not future.done():
+                await asyncio.wait({future}, timeout=0.25)
+                if not future.done() and (await is_disconnected() or time.monotonic() > give_up):
+                    req.cancelled.set()
+                    if time.monotonic() > give_up:
+                        raise ApiError(503, "timed out: no answer in time", type="server_error", code="timeout")
+        except asyncio.CancelledError:  # the handler itself was cancelled: stop the row too
+            req.cancelled.set()
+            raise
         return self.result(future)
 
     def submit(self, req: Request) -> None:
@@ -194,6 +216,10 @@ class Server:
                            headers={"Retry-After": "1"})
         except ChainloraError as e:
             raise ApiError(500, str(e), type="server_error")
+        except asyncio.CancelledError:
+            raise ApiError(499, "the request was cancelled", type="server_error", code="cancelled")
+        except Exception as e:  # a bug: logged by the scheduler; the client still gets JSON
+            raise ApiError(500, f"internal error: {e.__class__.__name__}: {e}", type="server_error")
 
 
 def route_field(route: Route | None) -> dict | None:
@@ -236,6 +262,12 @@ def create_app(server: Server):
         server.metrics.status(request.url.path, e.status)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(Exception)
+    async def _bug(request: HttpRequest, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return await _api_error(request, ApiError(500, f"internal error: {e.__class__.__name__}",
+                                                  type="server_error"))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: HttpRequest, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
@@ -248,8 +280,10 @@ def create_app(server: Server):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "library": str(server.chain.lib.root), "waiting": server.scheduler.waiting,
-                "models": server.models()}
+        alive = server.scheduler.thread.is_alive()
+        body = {"status": "ok" if alive else "worker stopped", "library": str(server.chain.lib.root),
+                "waiting": server.scheduler.waiting, "models": server.models()}
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def metrics():

@@ -99,7 +99,7 @@ def _plan_chain(cfg: Config, job: Job) -> None:
     is loaded (a bad knot fails in a second, not after the first adapters have trained)."""
     from chainlora import cola
 
-    if job.settings.method != "cola":
+    if job.settings.method != "cola" or job.kind == "classifier":  # the classifier head is no LoRA
         return
     section = job.section if job.section != "training" and "cola" in getattr(
         cfg, job.section.split(".")[0]).training else "training"
