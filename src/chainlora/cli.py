@@ -148,6 +148,52 @@ def cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from chainlora import annotate
+
+    if args.action == "export":
+        from chainlora.evaluate import by_task_of, load_eval_data
+
+        if not args.data or not args.out:
+            raise ChainloraError("annotate export: needs LIB, --data and --out")
+        records, _, _ = load_eval_data(args.data)
+        args.library = args.target
+        chain = _load_chain(args)
+        chosen = [r for rs in by_task_of(chain, records, args.per_task).values() for r in rs]
+        if not chosen:
+            raise ChainloraError(f"--data {args.data}: no records of this library's tasks")
+        info = annotate.export(chain, chosen, Path(args.out), seed=args.seed, max_new_tokens=args.max_new_tokens,
+                               systems=[s.strip() for s in args.systems.split(",") if s.strip()])
+        print(f"{info['items']} items: give annotators {Path(args.out) / 'sheet.html'} (or sheet.csv); "
+              f"keep {Path(args.out) / 'key.json'} to yourself")
+        return 0
+    if not args.sheets:
+        raise ChainloraError("annotate import: give the export directory and one or more filled sheets")
+    result = annotate.import_sheets(Path(args.target), [Path(p) for p in args.sheets])
+    from chainlora import atomic
+    from chainlora.evaluate import json_safe
+
+    atomic.write_json(Path(args.target) / "results.json", json_safe(result))
+    if args.json:
+        print(json.dumps(json_safe(result)))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"Table IV — human ratings ({len(result['annotators'])} annotators)")
+    for c in ("system", "ratings", "Fail", "Pass", "Excellent"):
+        t.add_column(c, justify="left" if c == "system" else "right")
+    for system, v in result["systems"].items():
+        t.add_row(system, str(v["n"]), *[f"{v[r.lower() + '_rate']:.0%}" if v["n"] else "—" for r in annotate.RATINGS])
+    Console().print(t)
+    for pair, v in result["cohen_kappa"].items():
+        print(f"Cohen's kappa {pair}: {v['cohen_kappa']:.3f} over {v['items']} items")
+    if result["fleiss_kappa"] is not None:
+        print(f"Fleiss' kappa: {result['fleiss_kappa']:.3f} over {result['fleiss_items']} items rated by all")
+    print(f"wrote {Path(args.target) / 'results.json'}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from chainlora.serve import serve
 
@@ -351,6 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     d.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     d.set_defaults(func=cmd_judge)
+
+    d = sub.add_parser("annotate", help="blind human evaluation sheets (export) and their results (import)")
+    d.add_argument("action", choices=["export", "import"])
+    d.add_argument("target", help="export: the library; import: the export directory")
+    d.add_argument("sheets", nargs="*", help="import: filled sheets (CSV), one per annotator")
+    d.add_argument("--data", help="export: records with a task field, or 'demo'")
+    d.add_argument("--out", help="export: the directory for sheet.csv, sheet.html, key.json")
+    d.add_argument("--per-task", type=int, default=4)
+    d.add_argument("--systems", default="chain,mixed,base")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--selector", default="score")
+    d.add_argument("--threshold", type=float, default=0.0)
+    d.add_argument("--device")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_annotate)
 
     d = sub.add_parser("serve", help="an OpenAI-compatible server that routes each request to its adapter")
     d.add_argument("library", help="adapter library directory")

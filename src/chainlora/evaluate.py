@@ -265,14 +265,14 @@ def load_eval_data(source: str) -> tuple[list[Record], dict[str, set] | None, st
     return list(read_records(source)), None, Path(source).name.split(".")[0]
 
 
-def _plain(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
     """JSON without NaN (browsers and strict parsers refuse it): NaN becomes null."""
     if isinstance(x, float) and math.isnan(x):
         return None
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
@@ -286,4 +286,4 @@ def save_eval(root, name: str, result: dict, data: str):
 
     check_task_name(name, "--name")
     out = {"data": data, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **result}
-    return atomic.write_json(Path(root) / "eval" / f"{name}.json", _plain(out))
+    return atomic.write_json(Path(root) / "eval" / f"{name}.json", json_safe(out))
