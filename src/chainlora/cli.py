@@ -194,6 +194,14 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from chainlora.report import build
+
+    html_path, md_path = build(args.library, human=args.human)
+    print(f"report: {html_path}  (Markdown: {md_path})")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from chainlora.serve import serve
 
@@ -413,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_annotate)
+
+    d = sub.add_parser("report", help="LIB/report.html (plots embedded) and report.md from LIB's results")
+    d.add_argument("library", help="adapter library directory")
+    d.add_argument("--human", help="results.json of `chainlora annotate import` to include")
+    d.set_defaults(func=cmd_report)
 
     d = sub.add_parser("serve", help="an OpenAI-compatible server that routes each request to its adapter")
     d.add_argument("library", help="adapter library directory")

@@ -1,12 +1,12 @@
 """`chainlora demo`: the main job on the bundled default model and data.
 
 Trains the routed chain's adapters on the ten bundled tasks with the default model (one LoRA
-per task, the task-selection LoRA and the mixed baseline; configs/demo.yaml), then shows per
-task the test loss of the base model against its task adapter, the task selectors' top-1 /
-top-3 accuracy on the test split (held-out templates included), and answers one held-out
-instruction per task with the base model and with the chain (routed, one batch).
-Everything printed is computed here; it is also written to OUT/demo.json. A second run reuses
-the trained library.
+per task, the task-selection LoRA and the mixed baseline; configs/demo.yaml), then evaluates
+the library on the test split (`chainlora eval`: Table I, perplexity per task of base / own
+adapter / mixed / chain; Table II, every selector's top-1 / top-3 accuracy, held-out templates
+included; task metrics), answers one held-out instruction per task with the base model and
+with the chain (routed, one batch), and writes LIB/report.html. Everything printed is computed
+here; it is also written to OUT/demo.json. A second run reuses the trained library.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from chainlora import atomic, config
-from chainlora.data import Record, TaskData, load_demo
-from chainlora.engine import BASE, Chain
-from chainlora.evaluate import selection_accuracy
+from chainlora import atomic, config, tables
+from chainlora.data import TaskData, load_demo
+from chainlora.engine import Chain
+from chainlora.evaluate import evaluate, save_eval
 from chainlora.library import Library, read_manifest
+from chainlora.report import build as build_report
 from chainlora.train import train_library
 
 QUICK = ["training.max_steps=3", "training.batch_size=4", "router.training.max_steps=16",
@@ -62,29 +63,17 @@ def loss_table(lib: Library) -> Table:
     return table
 
 
-def selector_table(scores: list) -> Table:
-    table = Table(title="task selection on the test split (held-out templates included)")
-    for col in ("selector", "n", "top-1", "top-3", "top-1 held-out templates", "ms / instruction"):
-        table.add_column(col, justify="left" if col == "selector" else "right")
-    for s in scores:
-        table.add_row(s.selector, str(s.n), f"{s.top1:.1%}", f"{s.top3:.1%}",
-                      f"{s.heldout_top1:.1%} of {s.heldout_n}", f"{s.ms_per_instruction:.0f}")
-    return table
-
-
-def routed_answers(chain: Chain, examples: list[Record], console: Console) -> list[dict]:
-    """One held-out instruction per task: base model vs the chain (routed), one batch each."""
-    texts = [r.text for r in examples]
-    base = chain.generate(texts, task=BASE, max_new_tokens=32)
-    routed = chain.generate(texts, max_new_tokens=32)
+def routed_answers(ev: dict, tasks: list[str], console: Console) -> list[dict]:
+    """The first test instruction of each task: the base model's answer vs the chain's (routed),
+    both from the evaluation's greedy answers."""
     rows = []
-    for r, b, a in zip(examples, base, routed):
-        rows.append({"task": r.task, "instruction": r.text, "reference": r.output, "base": b.text,
-                     "routed_to": a.route.adapter, "probability": round(a.route.probability, 4),
-                     "chain": a.text})
-        console.print(f"\n[bold]{r.task}[/bold]  {r.text!r}\n  reference:   {r.output}\n"
-                      f"  base model:  {b.text}\n  chain:       {a.text}   "
-                      f"[dim](routed to {a.route.adapter}, p={a.route.probability:.2f})[/dim]")
+    for t in tasks:
+        ref = ev["references"][t][0]
+        base, chain, adapter = ev["answers"]["base"][t][0], ev["answers"]["chain"][t][0], ev["routes"][t][0]
+        rows.append({"task": t, "instruction": ref["instruction"], "reference": ref["output"], "base": base,
+                     "routed_to": adapter, "chain": chain})
+        console.print(f"\n[bold]{t}[/bold]  {ref['instruction']!r}\n  reference:   {ref['output']}\n"
+                      f"  base model:  {base}\n  chain:       {chain}   [dim](routed to {adapter})[/dim]")
     return rows
 
 
@@ -110,13 +99,15 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     lib = Library.open(root)
     console.print(loss_table(lib))
     chain = Chain.load(root)
-    per_task = 4 if quick else 16  # instructions per task for the selector accuracy
-    eval_records = [r for t in lib.task_names for r in tasks[t].test[:per_task]]
-    scores = [selection_accuracy(chain, eval_records, sel, heldout_templates(tasks))
-              for sel in ("score", "generate") + (("classifier",) if lib.classifier else ())]
-    console.print(selector_table(scores))
-    examples = [tasks[t].test[0] for t in lib.task_names[: 3 if quick else None]]
-    answers = routed_answers(chain, examples, console)
+    per_task = 4 if quick else 16  # test records per task for the evaluation
+    records = [r for t in lib.task_names for r in tasks[t].test[:per_task]]
+    t1 = time.perf_counter()
+    ev = evaluate(chain, records, heldout=heldout_templates(tasks), per_task=per_task, max_new_tokens=16)
+    save_eval(root, "demo", ev, "demo")
+    eval_s = time.perf_counter() - t1
+    answers = routed_answers(ev, lib.task_names[: 3 if quick else None], console)
+    console.print(tables.perplexity(ev))
+    console.print(tables.selection(ev))
     result = {
         "library": str(root),
         "quick": quick,
@@ -125,11 +116,16 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
                       for t in lib.tasks},
         "mixed_test_loss": lib.mixed["test_loss"] if lib.mixed else None,
         "router_test_loss": lib.router["test_loss"] if lib.router else None,
-        "selection": [sc.to_dict() for sc in scores],
+        "eval_seconds": round(eval_s, 1),
+        "perplexity": ev["perplexity"], "perplexity_mean": ev["perplexity_mean"],
+        "chain_beats_mixed": ev["chain_beats_mixed"],
+        "selection": {k: {kk: v[kk] for kk in ("top1", "top3", "heldout_top1", "heldout_n", "ms_per_instruction")}
+                      for k, v in ev["selection"].items()},
         "answers": answers,
     }
     atomic.write_json(out / "demo.json", result)
+    report, _ = build_report(root)
     better = sum(t["test_loss"] < t["base_test_loss"] for t in lib.tasks)
     console.print(f"\n{better}/{len(lib.tasks)} task adapters beat the base model on their task's "
-                  f"test loss; library in {root}; wrote {out / 'demo.json'}")
+                  f"test loss; library in {root}; wrote {out / 'demo.json'}\nreport: {report}")
     return result

@@ -30,13 +30,19 @@ EVAL_MAX_LENGTH = 1024  # prompt + answer tokens scored; longer prompts lose the
 def answer_nll(chain, records: Sequence[Record], adapter: str, batch_size: int = 16) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) of the records' answers (+ end-of-answer token)
     under `adapter` (a task, "mixed" or engine.BASE), and the number of tokens scored."""
+    per = record_nll(chain, records, adapter, batch_size)
+    return sum(n for n, _ in per), sum(k for _, k in per)
+
+
+def record_nll(chain, records: Sequence[Record], adapter: str, batch_size: int = 16) -> list[tuple[float, int]]:
+    """(NLL sum, answer tokens) per record under `adapter`."""
     import torch
     import torch.nn.functional as F
 
     rows = [tokenize(chain.tok, p, EVAL_MAX_LENGTH, chain.system) for p in answer_pairs(records)]
     chain.tok.padding_side = "right"
     pad = collator(chain.tok)
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     for i in range(0, len(rows), batch_size):
         batch = pad(rows[i:i + batch_size]).to(chain.base.model.device)
         labels = batch.pop("labels")
@@ -44,10 +50,9 @@ def answer_nll(chain, records: Sequence[Record], adapter: str, batch_size: int =
             model, extra = chain.model_for([adapter] * len(labels))
             logits = model(**batch, **extra).logits[:, :-1].float()
         target = labels[:, 1:]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                       ignore_index=IGNORE, reduction="sum"))
-        count += int((target != IGNORE).sum())
-    return total, count
+        nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+        out += [(float(row.sum()), int(n)) for row, n in zip(nll, (target != IGNORE).sum(1))]
+    return out
 
 
 def perplexity(nll: float, tokens: int) -> float:
@@ -135,15 +140,20 @@ def perplexity_table(chain, by_task: dict[str, list[Record]], routes: dict[str, 
     for task, records in by_task.items():
         row: dict[str, Any] = {"task": task, "n": len(records)}
         systems = {"base": BASE, "own": task} | ({"mixed": "mixed"} if chain.lib.mixed else {})
+        scored: dict[str, list[tuple[float, int]]] = {}
         for name, adapter in systems.items():
-            nll, tokens = answer_nll(chain, records, adapter)
-            row[name], row["tokens"] = perplexity(nll, tokens), tokens
-        nll, tokens = 0.0, 0
-        for adapter in sorted({rt.adapter for rt in routes[task]}):
-            group = [r for r, rt in zip(records, routes[task]) if rt.adapter == adapter]
-            n, k = answer_nll(chain, group, adapter)
-            nll, tokens = nll + n, tokens + k
-        row["chain"] = perplexity(nll, tokens)
+            scored[adapter] = record_nll(chain, records, adapter)
+            row[name] = perplexity(sum(n for n, _ in scored[adapter]), sum(k for _, k in scored[adapter]))
+            row["tokens"] = sum(k for _, k in scored[adapter])
+        chosen = [rt.adapter for rt in routes[task]]
+        for adapter in sorted(set(chosen) - set(scored)):  # routed elsewhere: score just those
+            idx = [i for i, a in enumerate(chosen) if a == adapter]
+            part = record_nll(chain, [records[i] for i in idx], adapter)
+            scored[adapter] = [(0.0, 0)] * len(records)
+            for i, v in zip(idx, part):
+                scored[adapter][i] = v
+        per = [scored[a][i] for i, a in enumerate(chosen)]  # each record under its chosen adapter
+        row["chain"] = perplexity(sum(n for n, _ in per), sum(k for _, k in per))
         row["routed_right"] = _mean([rt.adapter == task for rt in routes[task]])
         rows.append(row)
     return rows

@@ -1,0 +1,254 @@
+"""`chainlora report LIB`: one self-contained HTML page (plots embedded) and a Markdown twin.
+
+Reads what the library already holds — the manifest (config, provenance, training-loss curves,
+COLA knots) and LIB/eval/ (`chainlora eval`, `chainlora judge`) plus, optionally, human
+ratings from `chainlora annotate import` — and draws: per-task perplexity as grouped bars
+(log scale), the selector's confusion matrix, its confidence for right and wrong choices,
+training-loss curves per adapter, and COLA adapters' curves with their knots. Nothing is
+recomputed here: a report is cheap to rebuild after any of those commands.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from chainlora import atomic
+from chainlora.errors import ChainloraError
+from chainlora.library import Library
+
+SYSTEMS = (("base", "base (zero-shot)", "#9aa5b1"), ("own", "own adapter M_t", "#3b82f6"),
+           ("mixed", "mixed", "#f59e0b"), ("chain", "chain (routed)", "#10b981"))
+
+
+def _latest(root: Path, judge: bool) -> dict | None:
+    files = [p for p in (root / "eval").glob("*.json") if p.name.startswith("judge-") == judge]
+    if not files:
+        return None
+    demo = root / "eval" / "demo.json"
+    path = demo if not judge and demo in files else max(files, key=lambda p: p.stat().st_mtime)
+    data = json.loads(path.read_text())
+    data["_file"] = path.name
+    return data
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_perplexity(ev: dict) -> bytes:
+    import matplotlib.pyplot as plt
+
+    rows = ev["perplexity"]
+    systems = [s for s in SYSTEMS if all(s[0] in r and r[s[0]] is not None for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 3.6))
+    width = 0.8 / len(systems)
+    for i, (key, label, color) in enumerate(systems):
+        ax.bar([x + i * width for x in range(len(rows))], [r[key] for r in rows], width, label=label, color=color)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], [r["task"] for r in rows], rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("answer perplexity (log)")
+    ax.legend(fontsize=8, ncol=len(systems))
+    ax.set_title("Table I — perplexity per task")
+    return _png(fig)
+
+
+def plot_confusion(sel: dict) -> bytes:
+    import matplotlib.pyplot as plt
+
+    tasks = list(sel["confusion"])
+    cols = list(next(iter(sel["confusion"].values())))
+    grid = [[sel["confusion"][t][c] for c in cols] for t in tasks]
+    fig, ax = plt.subplots(figsize=(0.55 * len(cols) + 3, 0.5 * len(tasks) + 2))
+    im = ax.imshow(grid, cmap="Blues")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    top = max(max(row) for row in grid) or 1
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > top / 2 else "black")
+    ax.set_xlabel("selected")
+    ax.set_ylabel("true task")
+    ax.set_title(f"confusion — {sel['selector']} selector")
+    fig.colorbar(im, ax=ax, shrink=0.7)
+    return _png(fig)
+
+
+def plot_confidence(sel: dict) -> bytes:
+    import matplotlib.pyplot as plt
+
+    conf, right = sel["confidence"], sel["correct"]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    bins = [i / 20 for i in range(21)]
+    ax.hist([c for c, r in zip(conf, right) if r], bins=bins, alpha=0.75, label="right", color="#10b981")
+    ax.hist([c for c, r in zip(conf, right) if not r], bins=bins, alpha=0.75, label="wrong", color="#ef4444")
+    ax.set_xlabel("selector probability of its choice")
+    ax.set_ylabel("instructions")
+    ax.legend()
+    ax.set_title(f"selector confidence — {sel['selector']}")
+    return _png(fig)
+
+
+def plot_losses(lib: Library) -> bytes | None:
+    import matplotlib.pyplot as plt
+
+    entries = [e for e in lib.entries() if e.get("loss_curve")]
+    if not entries:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for e in entries:
+        steps, losses = zip(*e["loss_curve"])
+        style = "--" if e["name"] in ("router", "mixed") else "-"
+        ax.plot(steps, losses, style, label=e["name"], lw=1.4)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (log)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("training loss per adapter")
+    return _png(fig)
+
+
+def plot_cola(lib: Library) -> bytes | None:
+    import matplotlib.pyplot as plt
+
+    chains = [e for e in lib.entries() if e.get("cola") and e.get("loss_curve")]
+    if not chains:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for e in chains:
+        steps, losses = zip(*e["loss_curve"])
+        line, = ax.plot(steps, losses, label=f"{e['name']} (ranks {e['cola']['ranks']})")
+        for k in e["cola"]["knots"]:
+            ax.axvline(k, color=line.get_color(), alpha=0.3, lw=1, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step (dotted: knots, where a link is merged)")
+    ax.set_ylabel("training loss (log)")
+    ax.legend(fontsize=7)
+    ax.set_title("COLA residual chains")
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _f(x: Any, fmt: str = ".2f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def tables(lib: Library, ev: dict | None, jd: dict | None, human: dict | None) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) for every table the data allows."""
+    out = []
+    if ev:
+        keys = [s for s in SYSTEMS if s[0] in ev["perplexity_mean"]]
+        rows = [[r["task"], *[_f(r.get(k)) for k, _, _ in keys], _f(r["routed_right"], ".0%")] for r in ev["perplexity"]]
+        rows.append(["mean", *[_f(ev["perplexity_mean"][k]) for k, _, _ in keys], ""])
+        note = f" — chain < mixed on {ev['chain_beats_mixed']} of {len(ev['perplexity'])} tasks" if "mixed" in ev["perplexity_mean"] else ""
+        out.append((f"Table I — answer perplexity per task (lower is better){note}",
+                    ["task", *[label for _, label, _ in keys], "routed right"], rows))
+        out.append(("Tables II / III — task selection", ["selector", "n", "top-1", "top-3", "top-1 held-out", "ms / instruction"],
+                    [[s["selector"], str(s["n"]), _f(s["top1"], ".1%"), _f(s["top3"], ".1%"),
+                      f"{_f(s['heldout_top1'], '.1%')} of {s['heldout_n']}" if s["heldout_n"] else "—",
+                      _f(s["ms_per_instruction"], ".0f")] for s in ev["selection"].values()]))
+        if "metrics" in ev:
+            systems = list(next(iter(ev["metrics"].values())))
+            out.append(("Task metrics — exact match / token F1 / chrF of greedy answers", ["task", *systems],
+                        [[t, *[f"{_f(m[s]['exact_match'], '.0%')} / {_f(m[s]['token_f1'])} / {_f(m[s]['chrf'], '.1f')}"
+                               for s in systems]] for t, m in ev["metrics"].items()]))
+    if jd:
+        out.append((f"Table IV — helpfulness 1-6 by {jd['judge']['model']}", ["system", "answers", "scored", "missing", "mean"],
+                    [[s, str(v["n"]), str(v["scored"]), str(v["missing"]), _f(v["mean"])] for s, v in jd["summary"].items()]))
+    if human:
+        out.append((f"Table IV — human ratings ({len(human['annotators'])} annotators, Fleiss' kappa "
+                    f"{_f(human.get('fleiss_kappa'), '.3f')})", ["system", "ratings", "Fail", "Pass", "Excellent"],
+                    [[s, str(v["n"]), *[_f(v[f"{r}_rate"], ".0%") for r in ("fail", "pass", "excellent")]]
+                     for s, v in human["systems"].items()]))
+    adapters = [[e["name"], str(e.get("steps", "")), _f(e.get("train_loss"), ".3f"), _f(e.get("test_loss"), ".3f"),
+                 _f(e.get("base_test_loss"), ".3f"), "COLA " + str(e["cola"]["ranks"]) if e.get("cola") else "LoRA"]
+                for e in lib.entries()]
+    out.append(("Adapters", ["adapter", "steps", "train loss", "test loss", "base test loss", "method"], adapters))
+    return out
+
+
+# --------------------------------------------------------------------------- the documents
+
+
+def build(root: str | Path, human: str | Path | None = None) -> tuple[Path, Path]:
+    """Write LIB/report.html and LIB/report.md (+ LIB/report/*.png for the Markdown)."""
+    lib = Library.open(root, verify=False)
+    root = lib.root
+    ev, jd = _latest(root, judge=False), _latest(root, judge=True)
+    hu = None
+    if human:
+        try:
+            hu = json.loads(Path(human).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ChainloraError(f"{human}: not a human-ratings results.json ({e.__class__.__name__})")
+    sel = ev["selection"].get(ev["selector"]) if ev else None
+    plots = [("perplexity", "Perplexity per task", plot_perplexity(ev) if ev else None),
+             ("confusion", "Confusion matrix", plot_confusion(sel) if sel else None),
+             ("confidence", "Selector confidence", plot_confidence(sel) if sel and sel.get("confidence") else None),
+             ("losses", "Training loss", plot_losses(lib)),
+             ("cola", "COLA vs LoRA", plot_cola(lib))]
+    plots = [p for p in plots if p[2]]
+    tabs = tables(lib, ev, jd, hu)
+    m = lib.manifest
+    prov = {"library": str(root), "base model": f"{m['base_model']['name']} ({m['base_model']['fingerprint'][:23]}…)",
+            "chainlora": m.get("chainlora_version"), "created": m.get("created"),
+            "config sha256": m.get("config_sha256", "")[:16], "evaluation": ev.get("_file") if ev else "none yet (chainlora eval)",
+            "judge": jd.get("_file") if jd else "none", "system prompt": m.get("system_prompt")}
+    config = json.dumps(m.get("training"), indent=2)
+    html_doc = _html(lib, tabs, plots, prov, config)
+    md = _markdown(tabs, plots, prov, config)
+    (root / "report").mkdir(exist_ok=True)
+    for key, _, png in plots:
+        tmp = root / "report" / f".{key}.png.tmp"
+        tmp.write_bytes(png)
+        tmp.replace(root / "report" / f"{key}.png")
+    return atomic.write_text(root / "report.html", html_doc), atomic.write_text(root / "report.md", md)
+
+
+def _table_html(title: str, header: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<h2>{e(title)}</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html(lib: Library, tabs, plots, prov: dict, config: str) -> str:
+    e = html.escape
+    figs = "".join(f'<figure><img alt="{e(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+                   f"<figcaption>{e(title)}</figcaption></figure>" for _, title, png in plots)
+    prov_rows = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in prov.items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>chainlora report — {e(lib.root.name)}</title>
+<style>body{{font:14px system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#1f2933;padding:0 1em}}
+h1{{margin-bottom:0}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #d9e2ec;padding:4px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}thead{{background:#f0f4f8}}figure{{display:inline-block;margin:.5em}}
+img{{max-width:100%;border:1px solid #e4e7eb}}table.prov td{{text-align:left}}pre{{background:#f5f7fa;padding:1em;overflow:auto;font-size:12px}}</style></head>
+<body><h1>chainlora report</h1><p>{e(str(lib.root))} — {len(lib.tasks)} task adapters{', router' if lib.router else ''}{', mixed' if lib.mixed else ''}{', classifier' if lib.classifier else ''}</p>
+{"".join(_table_html(*t) for t in tabs)}<h2>Plots</h2>{figs}
+<h2>Provenance</h2><table class="prov">{prov_rows}</table><h2>Training config</h2><pre>{e(config)}</pre></body></html>
+"""
+
+
+def _markdown(tabs, plots, prov: dict, config: str) -> str:
+    lines = ["# chainlora report", ""]
+    for title, header, rows in tabs:
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    lines += ["## Plots", ""] + [f"![{title}](report/{key}.png)" for key, title, _ in plots] + [""]
+    lines += ["## Provenance", ""] + [f"- {k}: {v}" for k, v in prov.items()]
+    lines += ["", "## Training config", "", "```json", config, "```", ""]
+    return "\n".join(lines)
