@@ -11,7 +11,6 @@ inter-annotator agreement (Cohen's kappa per pair, Fleiss' kappa over items ever
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import random

@@ -1,6 +1,6 @@
 """`chainlora train`: the routed chain's adapters, trained one after another into a library.
 
-A run is a plan of jobs — one LoRA per task (M_t), the task-selection LoRA (P) and the
+A run is a plan of jobs (chainlora.plan) — one LoRA per task (M_t), the task-selection LoRA (P) and the
 mixed-task baseline (M_mix) — executed by transformers' Trainer on ONE base model loaded once:
 each job wraps the base with `get_peft_model`, trains, saves the adapter atomically into the
 library, and `unload()`s the LoRA layers so the next job starts from the untouched base.
@@ -14,167 +14,21 @@ progress from its last complete Trainer checkpoint (RNG, optimizer, data order i
 
 from __future__ import annotations
 
-import math
 import os
-import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chainlora import cola, library
 from chainlora.config import Config, TrainingSettings
-from chainlora.data import Record, TaskData, demo_path, load_tasks
 from chainlora.errors import ChainloraError
-from chainlora.examples import Pair, answer_pairs, build_dataset, collator, selector_pairs
+from chainlora.examples import build_dataset, collator
+from chainlora.plan import Job, load_data, plan, plan_finetune  # noqa: F401  (train.plan: the API)
 from chainlora.progress import RunProgress
 
 WORK = ".work"
-FINETUNE = "finetune"  # the adapter's name in a `chainlora finetune` library
-RESERVED = ("chain", "router", "mixed", "classifier")  # adapter / model names of their own
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt")
-
-
-@dataclass
-class Job:
-    """One adapter to train."""
-
-    kind: str  # "task", "router", "classifier" or "mixed"
-    name: str  # the task's name, or the kind
-    path: str  # where it goes, relative to the library
-    train: list[Pair]
-    test: list[Pair]
-    settings: TrainingSettings
-    steps: int = 0
-    info: dict[str, Any] = field(default_factory=dict)  # extra manifest fields (label, ...)
-    section: str = "training"  # the config section its settings come from (for messages)
-    chain: Any = None  # cola.ChainPlan when trained as a residual chain (method: cola)
-
-
-# --------------------------------------------------------------------------- planning
-
-
-def load_data(cfg: Config) -> dict[str, TaskData]:
-    """The config's data, split by task ("demo" means the bundled data and its fixed split)."""
-    d = cfg.data
-    train, test = (demo_path("train"), demo_path("test")) if d.train == "demo" else (d.train, d.test)
-    return load_tasks(train, test_source=test, test_fraction=d.test_fraction, seed=cfg.training.seed,
-                      min_records=d.min_records, fields=d.fields or None, task=d.task)
-
-
-def _sample(records: list[Record], limit: int | None, seed: int) -> list[Record]:
-    """At most `limit` records, a seeded sample (data files are often sorted)."""
-    if limit is None or len(records) <= limit:
-        return list(records)
-    return random.Random(seed).sample(records, limit)
-
-
-def steps_for(settings: TrainingSettings, n_examples: int, world_size: int = 1) -> int:
-    """Optimizer steps for a job: max_steps, else epochs over the data."""
-    if settings.max_steps is not None:
-        return settings.max_steps
-    per_step = settings.batch_size * settings.gradient_accumulation_steps * world_size
-    return max(1, math.ceil(math.ceil(n_examples / per_step) * settings.epochs))
-
-
-def labels_for(cfg: Config, tasks: list[str]) -> dict[str, str]:
-    """Router labels: the configured ones, else the task names; unique and non-empty."""
-    for key in cfg.router.labels:
-        if key not in tasks:
-            raise ChainloraError(f"{cfg.source}: router.labels.{key}: not a trained task")
-    labels = {t: cfg.router.labels.get(t, t).strip() for t in tasks}
-    seen: dict[str, str] = {}
-    for task, label in labels.items():
-        if not label:
-            raise ChainloraError(f"{cfg.source}: router.labels.{task}: empty label")
-        if label in seen:
-            raise ChainloraError(f"{cfg.source}: router.labels.{task}: label {label!r} also names {seen[label]!r}")
-        seen[label] = task
-    return labels
-
-
-def _plan_chain(cfg: Config, job: Job) -> None:
-    """Knots and ranks of a `method: cola` job, checked against its step count before any model
-    is loaded (a bad knot fails in a second, not after the first adapters have trained)."""
-    from chainlora import cola
-
-    if job.settings.method != "cola" or job.kind == "classifier":  # the classifier head is no LoRA
-        return
-    section = job.section if job.section != "training" and "cola" in getattr(
-        cfg, job.section.split(".")[0]).training else "training"
-    job.chain = cola.plan(job.settings.cola, job.steps, cfg.lora.r, f"{cfg.source}: {section}.cola")
-
-
-def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:
-    """Task adapters in task order, then the router, the classifier selector, the mixed baseline."""
-    names = list(data) if cfg.tasks == "all" else cfg.tasks
-    for name in names:
-        if name not in data:
-            raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")
-        if name in RESERVED:
-            raise ChainloraError(f"{cfg.source}: tasks: {name!r} is a reserved name; rename that task")
-    seed, d = cfg.training.seed, cfg.data
-    train = {t: _sample(data[t].train, d.max_train_per_task, seed) for t in names}
-    test = {t: _sample(data[t].test, d.max_test_per_task, seed) for t in names}
-    jobs = []
-    for t in names:
-        job = Job("task", t, library.task_path(t), answer_pairs(train[t]), answer_pairs(test[t]),
-                  cfg.training, info={"name": t, "label": t})
-        job.steps = steps_for(job.settings, len(job.train), world_size)
-        jobs.append(job)
-    task_steps = [j.steps for j in jobs]
-    if cfg.router.enabled:
-        labels = labels_for(cfg, names)
-        for job in jobs:
-            job.info["label"] = labels[job.name]
-        template = cfg.router.task_prompt
-        rtrain = [r for t in names for r in _sample(train[t], cfg.router.max_train_per_task, seed)]
-        router = Job("router", "router", "router", selector_pairs(rtrain, labels, template),
-                     selector_pairs([r for t in names for r in test[t]], labels, template),
-                     cfg.training_for("router"), section="router.training",
-                     info={"name": "router", "kind": "lora", "selector": "score",
-                           "task_prompt": template, "labels": labels})
-        router.steps = steps_for(router.settings, len(router.train), world_size)
-        jobs.append(router)
-    if cfg.classifier.enabled:
-        c = cfg.classifier
-        ctrain = [r for t in names for r in _sample(train[t], c.max_train_per_task, seed)]
-        clf = Job("classifier", "classifier", "classifier", [Pair(r.text, r.task) for r in ctrain],
-                  [Pair(r.text, r.task) for t in names for r in test[t]], cfg.training, steps=c.epochs,
-                  info={"name": "classifier", "encoder": c.encoder, "tasks": names})
-        jobs.append(clf)
-    if cfg.mixed.enabled:
-        mixed = Job("mixed", "mixed", "mixed", answer_pairs([r for t in names for r in train[t]]),
-                    answer_pairs([r for t in names for r in test[t]]), cfg.training_for("mixed"),
-                    section="mixed.training", info={"name": "mixed", "budget": cfg.mixed.budget})
-        budget = cfg.mixed.budget
-        mixed.steps = (sum(task_steps) if budget == "matched" else max(task_steps) if budget == "same"
-                       else budget)
-        jobs.append(mixed)
-    for job in jobs:
-        _plan_chain(cfg, job)
-    return jobs
-
-
-def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:
-    """`chainlora finetune`: ONE adapter on every selected task's records together, named after
-    `data.task` (else "finetune") — a plain single-adapter fine-tune, e.g. with method: cola."""
-    names = list(data) if cfg.tasks == "all" else cfg.tasks
-    for name in names:
-        if name not in data:
-            raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")
-    seed, d = cfg.training.seed, cfg.data
-    train = [r for t in names for r in _sample(data[t].train, d.max_train_per_task, seed)]
-    test = [r for t in names for r in _sample(data[t].test, d.max_test_per_task, seed)]
-    name = d.task or FINETUNE
-    if name in RESERVED:
-        raise ChainloraError(f"{cfg.source}: data.task: {name!r} is a reserved name")
-    job = Job("task", name, library.task_path(name), answer_pairs(train), answer_pairs(test), cfg.training,
-              info={"name": name, "label": name, "tasks": names})
-    job.steps = steps_for(job.settings, len(job.train), world_size)
-    _plan_chain(cfg, job)
-    return [job]
 
 
 # --------------------------------------------------------------------------- one job
