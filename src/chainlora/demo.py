@@ -127,5 +127,6 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     report, _ = build_report(root)
     better = sum(t["test_loss"] < t["base_test_loss"] for t in lib.tasks)
     console.print(f"\n{better}/{len(lib.tasks)} task adapters beat the base model on their task's "
-                  f"test loss; library in {root}; wrote {out / 'demo.json'}\nreport: {report}")
+                  f"test loss; library in {root}; wrote {out / 'demo.json'}")
+    print(f"report: {report}", flush=True)  # plain print: a long path is never wrapped
     return result
