@@ -51,6 +51,8 @@ def test_annotate_round_trip(random_lib, tmp_path, cli):
     page = (out / "sheet.html").read_text()
     assert "Download CSV" in page and all(rt in page for rt in annotate.RATINGS)
     assert '"system"' not in page and "adapter" not in page  # blind
+    export_id = json.loads((out / "key.json").read_text())["export"]
+    assert all(item.startswith(export_id + "-") for item in key)  # ids unique to this export
     # A always follows the system: chain Excellent, mixed Pass, base Fail; B agrees except on the
     # first 6 rows (Pass); C rates only the first 10 rows, like A.
     truth = {"chain": "Excellent", "mixed": "Pass", "base": "Fail"}

@@ -98,3 +98,20 @@ def test_eval_cli_writes_nan_free_json(random_lib, tmp_path, cli):
     other.write_text(json.dumps({"task": "poetry", "instruction": "x", "output": "y"}) + "\n")
     r = cli("eval", str(lib), "--data", str(other))
     assert r.returncode == 2 and "no records of this library's tasks" in r.stderr
+
+
+def test_chain_perplexity_scores_each_record_under_its_routed_adapter(chain, records):
+    """Hand-made routes (some right, some to another task, one fallback to mixed): the chain's
+    perplexity is exp of Σ over records of that record's NLL under ITS adapter."""
+    from chainlora.engine import Route
+
+    by_task = evaluate.by_task_of(chain, records, 3)
+    plan = {"antonym": ["antonym", "rhyme", "mixed"], "sentiment": ["sentiment"] * 3}
+    by_task = {t: by_task[t] for t in plan}
+    routes = {t: [Route(a, 1.0, [], a == "mixed", a, "test") for a in adapters] for t, adapters in plan.items()}
+    rows = {r["task"]: r for r in evaluate.perplexity_table(chain, by_task, routes)}
+    expect = [evaluate.record_nll(chain, [rec], a)[0] for rec, a in zip(by_task["antonym"], plan["antonym"])]
+    assert rows["antonym"]["chain"] == pytest.approx(
+        math.exp(sum(n for n, _ in expect) / sum(k for _, k in expect)), rel=1e-6)
+    assert rows["antonym"]["routed_right"] == pytest.approx(1 / 3)
+    assert rows["sentiment"]["chain"] == pytest.approx(rows["sentiment"]["own"], rel=1e-9)

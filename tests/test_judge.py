@@ -82,7 +82,8 @@ def test_judge_round_trip_with_retries_missing_and_cache(random_lib, tmp_path, l
     assert seen["auth"] == {"Bearer k123"}
     first_calls = seen["calls"]
     assert first_calls >= len(unique) + 1  # one 503 retried, retries for the unparseable ones
-    assert saved["calls"] == first_calls and retried >= 0
+    assert saved["calls"] == first_calls
+    assert first_calls <= len(unique) + 1 + retried + len(missing)  # nothing paid twice
     r = cli(*args, env={"FAKE_JUDGE_KEY": "k123"})  # a rerun pays nothing
     assert r.returncode == 0 and seen["calls"] == first_calls
     assert json.loads(r.stdout)["calls"] == 0
@@ -105,3 +106,35 @@ def test_judge_gives_up_with_one_clear_line(random_lib, tmp_path, live_app, cli)
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
     assert r.returncode == 2 and len(errors) == 1 and "HTTP 404" in errors[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_same_prompt_is_paid_once_and_a_torn_cache_line_costs_nothing_else(live_app, tmp_path):
+    import asyncio
+
+    app, seen = fake_judge()
+    seen["calls"] = 1  # skip the fake's opening 503
+    server = live_app(app)
+    cache = tmp_path / "cache.jsonl"
+
+    async def rate(items):
+        j = judge.Judge(f"{server.url}/v1", "fake", cache=cache, concurrency=4)
+        try:
+            return await judge.rate_all(j, items), j.calls
+        finally:
+            await j.close()
+
+    items = [{"system": s, "task": "t", "instruction": "Say hi.", "reference": "hi", "answer": "hi"}
+             for s in ("chain", "mixed", "base")]  # three systems, one identical answer
+    rated, calls = asyncio.run(rate(items))
+    assert len({r["score"] for r in rated}) == 1 and calls in (1, 2)  # 2 only if the fake wanted a retry
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 1
+    cache.write_bytes(cache.read_bytes() + '{"key": "torn", "reply": "é'.encode()[:-1])  # killed mid-write
+    other = [{**items[0], "answer": "hello"}]
+    rated2, calls2 = asyncio.run(rate(items + other))
+    assert calls2 >= 1 and rated2[0]["score"] == rated[0]["score"]  # the old answer: from the cache
+    keys = [json.loads(ln)["key"] for ln in cache.read_text(encoding="utf-8", errors="replace").splitlines()
+            if ln.startswith('{"key": "') and ln.endswith("}")]
+    assert len(keys) == 2  # the torn line did not swallow the new entry
+    _, calls3 = asyncio.run(rate(items + other))
+    assert calls3 == 0

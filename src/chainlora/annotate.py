@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import random
+import secrets
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +31,8 @@ def export(chain: Any, records: Sequence[Any], out: Path, *, systems: Sequence[s
     """Write OUT/sheet.csv, OUT/sheet.html and OUT/key.json; return a summary."""
     from chainlora.engine import BASE
 
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # the order only; ids are random per export, so nothing can be unblinded
+    export_id = secrets.token_hex(4)
     items, key = [], {}
     texts = [r.text for r in records]
     for system in systems:
@@ -41,7 +43,7 @@ def export(chain: Any, records: Sequence[Any], out: Path, *, systems: Sequence[s
         for i in range(0, len(texts), 32):
             answers += chain.generate(texts[i:i + 32], task=task, max_new_tokens=max_new_tokens)
         for r, a in zip(records, answers):
-            item_id = f"{rng.getrandbits(40):010x}"
+            item_id = f"{export_id}-{secrets.token_hex(5)}"
             items.append({"item_id": item_id, "instruction": r.text, "reference": r.output, "answer": a.text})
             key[item_id] = {"system": system, "task": r.task, "adapter": a.route.adapter}
     rng.shuffle(items)  # systems interleaved: nothing in the order gives them away
@@ -52,16 +54,17 @@ def export(chain: Any, records: Sequence[Any], out: Path, *, systems: Sequence[s
         w.writerow({**it, "rating": "", "annotator": "", "note": ""})
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "sheet.csv", buf.getvalue())
-    atomic.write_text(out / "sheet.html", sheet_html(items))
-    atomic.write_json(out / "key.json", {"systems": list(dict.fromkeys(v["system"] for v in key.values())),
+    atomic.write_text(out / "sheet.html", sheet_html(items, export_id))
+    atomic.write_json(out / "key.json", {"export": export_id,
+                                         "systems": list(dict.fromkeys(v["system"] for v in key.values())),
                                          "items": key})
     return {"items": len(items), "dir": str(out)}
 
 
-def sheet_html(items: list[dict]) -> str:
+def sheet_html(items: list[dict], export_id: str) -> str:
     """A self-contained rating page: buttons per item, progress kept in the browser, CSV download."""
     data = json.dumps([{k: it[k] for k in ("item_id", "instruction", "reference", "answer")} for it in items],
-                      ensure_ascii=False).replace("</", "<\\/")
+                      ensure_ascii=False).replace("<", "\\u003c")  # no tag can open inside the script
     return """<!doctype html><html><head><meta charset="utf-8"><title>chainlora rating sheet</title>
 <style>body{font:15px system-ui,sans-serif;max-width:860px;margin:2em auto;color:#222}
 .item{border:1px solid #ddd;border-radius:8px;padding:1em;margin:1em 0}.q{font-weight:600}
@@ -77,11 +80,12 @@ Your ratings stay in this browser until you download them.</p>
 <script>
 const ITEMS = """ + data + """;
 const RATINGS = ["Fail", "Pass", "Excellent"];
-const store = JSON.parse(localStorage.getItem("chainlora-ratings") || "{}");
+const KEY = "chainlora-ratings-""" + export_id + """";  // one store per export
+const store = JSON.parse(localStorage.getItem(KEY) || "{}");
 const who = document.getElementById("who");
 who.value = localStorage.getItem("chainlora-annotator") || "";
 who.oninput = () => localStorage.setItem("chainlora-annotator", who.value);
-function save() { localStorage.setItem("chainlora-ratings", JSON.stringify(store)); count(); }
+function save() { localStorage.setItem(KEY, JSON.stringify(store)); count(); }
 function count() { document.getElementById("count").textContent =
   Object.keys(store).length + " / " + ITEMS.length + " rated"; }
 const box = document.getElementById("items");
@@ -95,7 +99,7 @@ ITEMS.forEach((it, i) => {
       b.className = "on"; save(); };
     d.appendChild(b); });
   box.appendChild(d); });
-function cell(s) { s = String(s == null ? "" : s); return /[",\\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }
+function cell(s) { s = String(s == null ? "" : s); return /[",\\r\\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }
 document.getElementById("dl").onclick = () => {
   const rows = [["item_id", "instruction", "reference", "answer", "rating", "annotator", "note"]];
   ITEMS.forEach(it => rows.push([it.item_id, it.instruction, it.reference, it.answer, store[it.item_id] || "", who.value, ""]));
@@ -116,11 +120,17 @@ def read_sheet(path: Path, known: set[str]) -> tuple[str, dict[str, str]]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ChainloraError(f"{path}: cannot read sheet ({e})")
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or "item_id" not in reader.fieldnames or "rating" not in reader.fieldnames:
-        raise ChainloraError(f"{path}:1: needs columns item_id and rating")
+    try:
+        return _read_rows(path, list(csv.DictReader(io.StringIO(text))), known)
+    except csv.Error as e:
+        raise ChainloraError(f"{path}: not a readable CSV sheet ({e})")
+
+
+def _read_rows(path: Path, rows: list[dict], known: set[str]) -> tuple[str, dict[str, str]]:
+    if not rows or "item_id" not in rows[0] or "rating" not in rows[0]:
+        raise ChainloraError(f"{path}:1: needs columns item_id and rating (and at least one row)")
     annotator, ratings = "", {}
-    for line, row in enumerate(reader, 2):
+    for line, row in enumerate(rows, 2):
         item, rating = (row.get("item_id") or "").strip(), (row.get("rating") or "").strip()
         if not item and not rating:
             continue

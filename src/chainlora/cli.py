@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("report", help="LIB/report.html (plots embedded) and report.md from LIB's results")
     d.add_argument("library", help="adapter library directory")
     d.add_argument("--human", help="results.json of `chainlora annotate import` to include")
+    d.add_argument("--eval", help="which LIB/eval/NAME.json to show (default: the newest)")
     d.set_defaults(func=cmd_report)
 
     d = sub.add_parser("serve", help="an OpenAI-compatible server that routes each request to its adapter")

@@ -124,6 +124,6 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from chainlora.report import build
 
-    html_path, md_path = build(args.library, human=args.human)
+    html_path, md_path = build(args.library, human=args.human, eval_name=args.eval)
     print(f"report: {html_path}  (Markdown: {md_path})")
     return 0

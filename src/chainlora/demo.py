@@ -21,7 +21,7 @@ from rich.table import Table
 from chainlora import atomic, config, tables
 from chainlora.data import TaskData, load_demo
 from chainlora.engine import Chain
-from chainlora.evaluate import evaluate, save_eval
+from chainlora.evaluate import evaluate, json_safe, save_eval
 from chainlora.library import Library, read_manifest
 from chainlora.report import build as build_report
 from chainlora.train import train_library
@@ -123,7 +123,7 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
                       for k, v in ev["selection"].items()},
         "answers": answers,
     }
-    atomic.write_json(out / "demo.json", result)
+    atomic.write_json(out / "demo.json", json_safe(result))
     report, _ = build_report(root)
     better = sum(t["test_loss"] < t["base_test_loss"] for t in lib.tasks)
     console.print(f"\n{better}/{len(lib.tasks)} task adapters beat the base model on their task's "

@@ -46,12 +46,15 @@ def record_nll(chain, records: Sequence[Record], adapter: str, batch_size: int =
     for i in range(0, len(rows), batch_size):
         batch = pad(rows[i:i + batch_size]).to(chain.base.model.device)
         labels = batch.pop("labels")
+        target = labels[:, 1:]
+        keep = target != IGNORE  # only answer positions: a vocabulary-wide float copy of a few tokens
         with chain.lock, torch.no_grad():
             model, extra = chain.model_for([adapter] * len(labels))
-            logits = model(**batch, **extra).logits[:, :-1].float()
-        target = labels[:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
-        out += [(float(row.sum()), int(n)) for row, n in zip(nll, (target != IGNORE).sum(1))]
+            logits = model(**batch, **extra).logits[:, :-1][keep].float()
+        nll = F.cross_entropy(logits, target[keep], reduction="none")
+        rows_of = keep.nonzero()[:, 0]
+        sums = torch.zeros(len(labels), dtype=torch.float64).index_add_(0, rows_of.cpu(), nll.double().cpu())
+        out += [(float(s), int(n)) for s, n in zip(sums, keep.sum(1))]
     return out
 
 
@@ -95,6 +98,7 @@ def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
 def selection(chain, records: Sequence[Record], selector: str, heldout: dict[str, set] | None = None) -> dict:
     """Route every record with `selector`; accuracy, precision / recall, confusion, latency."""
     tasks = chain.tasks
+    chain.route([records[0].text], top_k=3, selector=selector)  # untimed: first-use loading, warm-up
     t0 = time.perf_counter()
     routes = chain.route([r.text for r in records], top_k=3, selector=selector)
     ms = 1000 * (time.perf_counter() - t0) / max(len(records), 1)
@@ -229,7 +233,9 @@ def evaluate(chain, records: Sequence[Record], *, heldout: dict[str, set] | None
     steps.update()
     if chain.selector in sel:  # the library's own selector decides the chain's routes
         routes_flat = sel[chain.selector]["routes"]
-    elif chain.lib.router or chain.lib.classifier or len(chain.tasks) == 1:
+    elif sel:  # the chosen selector is not in this library (e.g. score without a router)
+        routes_flat = next(iter(sel.values()))["routes"]
+    elif len(chain.tasks) == 1:
         routes_flat = chain.routes_for([r.text for r in flat], None)
     else:  # no selector at all: the "chain" is each task's own adapter (said in the result)
         routes_flat = chain.routes_for([r.text for r in flat], [r.task for r in flat])

@@ -62,15 +62,16 @@ class Judge:
                  concurrency: int = 4, timeout_s: float = 60.0, retries: int = 2):
         import httpx
 
-        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1")
+        self.url = url.rstrip("/")  # a base URL as the OpenAI SDK takes it: .../v1, .../v1beta/openai
         self.model, self.cache_path, self.retries = model, cache, retries
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(headers=headers, timeout=timeout_s)
         self.gate = asyncio.Semaphore(concurrency)
         self.cache: dict[str, dict] = {}
+        self.pending: dict[str, asyncio.Future] = {}  # same prompt twice in one run: one call
         self.calls = 0
         if cache is not None and cache.is_file():
-            for line in cache.read_text(encoding="utf-8").splitlines():
+            for line in cache.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     item = json.loads(line)
                     self.cache[item["key"]] = item
@@ -84,8 +85,15 @@ class Judge:
         self.cache[item["key"]] = item
         if self.cache_path is not None:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.cache_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(item, ensure_ascii=False) + "\n")
+            with open(self.cache_path, "a+b") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell():  # a torn last line (killed run) must not swallow this one
+                    f.seek(-1, os.SEEK_END)
+                    torn = f.read(1) != b"\n"
+                    f.seek(0, os.SEEK_END)
+                    if torn:
+                        f.write(b"\n")
+                f.write((json.dumps(item, ensure_ascii=False) + "\n").encode())
                 f.flush()
                 os.fsync(f.fileno())
 
@@ -101,7 +109,10 @@ class Judge:
                     r = await self.client.post(f"{self.url}/chat/completions", json={
                         "model": self.model, "messages": messages, "temperature": 0, "max_tokens": 512})
                 if r.status_code == 200:
-                    return r.json()["choices"][0]["message"]["content"] or ""
+                    content = r.json()["choices"][0]["message"]["content"]
+                    if content is not None and not isinstance(content, str):
+                        raise TypeError("message content is not text")
+                    return content or ""
                 last = f"HTTP {r.status_code}: {r.text[:200]}"
                 if r.status_code not in (408, 409, 429) and r.status_code < 500:
                     raise ChainloraError(f"judge {self.url}: {last}")
@@ -118,6 +129,20 @@ class Judge:
         key = self._key(prompt)
         if key in self.cache:
             return self.cache[key]
+        if key in self.pending:
+            return await asyncio.shield(self.pending[key])
+        self.pending[key] = asyncio.get_running_loop().create_future()
+        try:
+            item = await self._rate(key, prompt)
+        except BaseException as e:
+            fut = self.pending.pop(key)
+            fut.set_exception(e)
+            fut.exception()  # retrieved: waiters (if any) still get it; no "never retrieved" noise
+            raise
+        self.pending.pop(key).set_result(item)
+        return item
+
+    async def _rate(self, key: str, prompt: str) -> dict:
         messages = [{"role": "user", "content": prompt}]
         reply = await self._chat(messages)
         score, retried = parse_score(reply), False

@@ -25,15 +25,23 @@ SYSTEMS = (("base", "base (zero-shot)", "#9aa5b1"), ("own", "own adapter M_t", "
            ("mixed", "mixed", "#f59e0b"), ("chain", "chain (routed)", "#10b981"))
 
 
-def _latest(root: Path, judge: bool) -> dict | None:
+def _latest(root: Path, judge: bool, name: str | None = None) -> dict | None:
+    """The named evaluation (LIB/eval/NAME.json), else the newest of its kind."""
+    want = "summary" if judge else "perplexity"
     files = [p for p in (root / "eval").glob("*.json") if p.name.startswith("judge-") == judge]
-    if not files:
-        return None
-    demo = root / "eval" / "demo.json"
-    path = demo if not judge and demo in files else max(files, key=lambda p: p.stat().st_mtime)
-    data = json.loads(path.read_text())
-    data["_file"] = path.name
-    return data
+    if name:
+        files = [root / "eval" / (f"judge-{name}.json" if judge else f"{name}.json")]
+        if not files[0].is_file():
+            raise ChainloraError(f"{files[0]}: no such evaluation (run chainlora {'judge' if judge else 'eval'})")
+    for path in sorted(files, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and want in data:
+            data["_file"] = path.name
+            return data
+    return None
 
 
 # --------------------------------------------------------------------------- plots
@@ -185,17 +193,19 @@ def tables(lib: Library, ev: dict | None, jd: dict | None, human: dict | None) -
 # --------------------------------------------------------------------------- the documents
 
 
-def build(root: str | Path, human: str | Path | None = None) -> tuple[Path, Path]:
+def build(root: str | Path, human: str | Path | None = None, eval_name: str | None = None) -> tuple[Path, Path]:
     """Write LIB/report.html and LIB/report.md (+ LIB/report/*.png for the Markdown)."""
     lib = Library.open(root, verify=False)
     root = lib.root
-    ev, jd = _latest(root, judge=False), _latest(root, judge=True)
+    ev, jd = _latest(root, judge=False, name=eval_name), _latest(root, judge=True)
     hu = None
     if human:
         try:
             hu = json.loads(Path(human).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ChainloraError(f"{human}: not a human-ratings results.json ({e.__class__.__name__})")
+        if not isinstance(hu, dict) or not {"systems", "annotators"} <= set(hu):
+            raise ChainloraError(f"{human}: not the results.json of `chainlora annotate import`")
     sel = ev["selection"].get(ev["selector"]) if ev else None
     plots = [("perplexity", "Perplexity per task", plot_perplexity(ev) if ev else None),
              ("confusion", "Confusion matrix", plot_confusion(sel) if sel else None),
