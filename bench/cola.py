@@ -115,12 +115,12 @@ def render(results: list[dict], meta: dict) -> str:
         lines += [
              "Exact match of greedy answers on the whole test split (sentiment: label accuracy), "
              f"mean ± std over {len(seeds)} seed(s); higher is better:", "",
-             "| method | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
+             "| method | " + " | ".join(tasks) + " | mean over tasks |", "|---" * (len(tasks) + 2) + "|"]
     for m in methods if results else []:
         row = [mean_std([r["exact_match"] for r in cell.get((t, m), [])]) for t in tasks]
-        allm = [statistics.mean(r["exact_match"] for r in cell[(t, m)] if r["seed"] == s)
-                for s in seeds for t in tasks if (t, m) in cell]
-        lines.append(f"| {m} | " + " | ".join(row) + f" | {statistics.mean(allm):.3f} |")
+        per_seed = [statistics.mean(r["exact_match"] for t in tasks for r in cell.get((t, m), []) if r["seed"] == sd)
+                    for sd in seeds if all(any(r["seed"] == sd for r in cell.get((t, m), [])) for t in tasks)]
+        lines.append(f"| {m} | " + " | ".join(row) + f" | {mean_std(per_seed)} |")
     lines += ["", "Answer perplexity (response tokens, token-weighted) on the same test split; lower is better:", "",
               "| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"] if results else []
     for m in methods if results else []:
