@@ -100,13 +100,13 @@ def test_streaming_matches_the_whole_answer(live, model):
 def test_stop_strings_and_multi_turn_chat(live):
     c = client(live)
     whole = c.completions.create(model="rhyme", prompt=TEXTS[2], max_tokens=16, temperature=0).choices[0].text
-    if len(whole) > 3:
-        cut = whole[2:4]
-        stopped = c.completions.create(model="rhyme", prompt=TEXTS[2], max_tokens=16, temperature=0, stop=[cut])
-        assert stopped.choices[0].text == whole[: whole.index(cut)].strip()
-        streamed = "".join(p.choices[0].text for p in c.completions.create(
-            model="rhyme", prompt=TEXTS[2], max_tokens=16, temperature=0, stop=[cut], stream=True))
-        assert streamed == stopped.choices[0].text
+    assert len(whole) > 3  # random adapters on the tiny model never end early; else this test tests nothing
+    cut = whole[2:4]
+    stopped = c.completions.create(model="rhyme", prompt=TEXTS[2], max_tokens=16, temperature=0, stop=[cut])
+    assert stopped.choices[0].text == whole[: whole.index(cut)].strip()
+    streamed = "".join(p.choices[0].text for p in c.completions.create(
+        model="rhyme", prompt=TEXTS[2], max_tokens=16, temperature=0, stop=[cut], stream=True))
+    assert streamed == stopped.choices[0].text
     turns = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
              {"role": "user", "content": TEXTS[0]}]
     reply = c.chat.completions.create(model="chain", messages=turns, max_tokens=4, temperature=0)
@@ -157,6 +157,25 @@ def test_api_key_is_required_and_compared(random_lib):
         srv.close()
 
 
+def wait_until(cond, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def post_in_background(url: str, body: dict, out: dict | None = None) -> threading.Thread:
+    """POST from a thread (its response lands in out["r"]); started."""
+    def go() -> None:
+        r = httpx.post(url, json=body, timeout=60)
+        if out is not None:
+            out["r"] = r
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t
+
+
 def test_full_queue_answers_429_with_retry_after(random_lib):
     chain = Chain.load(random_lib, device="cpu")
     srv = Live(Server(chain, max_queue=1, window_ms=0))
@@ -164,17 +183,10 @@ def test_full_queue_answers_429_with_retry_after(random_lib):
     url = f"{srv.url}/v1/chat/completions"
     try:
         with chain.lock:  # the worker blocks on the engine: requests pile up
-            first = threading.Thread(target=httpx.post, args=(url,), kwargs={"json": body, "timeout": 60})
-            first.start()
-            deadline = time.monotonic() + 20
-            while srv.server.scheduler.active == 0:  # the worker took it and waits for the engine
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            second = threading.Thread(target=httpx.post, args=(url,), kwargs={"json": body, "timeout": 60})
-            second.start()
-            while srv.server.scheduler.waiting < 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            first = post_in_background(url, body)
+            wait_until(lambda: srv.server.scheduler.active > 0)  # the worker took it, waits for the engine
+            second = post_in_background(url, body)
+            wait_until(lambda: srv.server.scheduler.waiting >= 1)
             r = httpx.post(url, json=body, timeout=30)
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
             assert error_of(r)["code"] == "queue_full"
@@ -188,19 +200,13 @@ def test_request_past_its_timeout_gets_503(random_lib):
     chain = Chain.load(random_lib, device="cpu")
     srv = Live(Server(chain, timeout_s=0.3, window_ms=0))
     body = {"model": "antonym", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    url = f"{srv.url}/v1/chat/completions"
     try:
         with chain.lock:
-            blocker = threading.Thread(target=httpx.post, args=(f"{srv.url}/v1/chat/completions",),
-                                       kwargs={"json": body, "timeout": 60})
-            blocker.start()
-            deadline = time.monotonic() + 20
-            while srv.server.scheduler.active == 0:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            late = {}
-            waiter = threading.Thread(target=lambda: late.update(r=httpx.post(
-                f"{srv.url}/v1/chat/completions", json=body, timeout=60)))
-            waiter.start()
+            blocker = post_in_background(url, body)
+            wait_until(lambda: srv.server.scheduler.active > 0)
+            late: dict = {}
+            waiter = post_in_background(url, body, late)
             time.sleep(0.8)  # the second request's deadline passes while it waits
         waiter.join(60), blocker.join(60)
         assert late["r"].status_code == 503 and error_of(late["r"])["code"] == "timeout"
@@ -268,10 +274,7 @@ def test_clients_that_hang_up_free_their_rows(live):
     before = live.server.scheduler.stats.cancelled
     out = asyncio.run(_load(live.url, 60, 16, disconnect_every=2, max_tokens=120))
     assert out["errors"] == [] and out["disconnected"] >= 5 and out["ok"] + out["disconnected"] == 60
-    deadline = time.monotonic() + 30
-    while live.server.scheduler.stats.cancelled == before:  # rows of gone clients were stopped
-        assert time.monotonic() < deadline, "no row was cancelled"
-        time.sleep(0.05)
+    wait_until(lambda: live.server.scheduler.stats.cancelled > before, 30)  # rows of gone clients stopped
     after = asyncio.run(_load(live.url, 8, 8))  # the server keeps answering
     assert after["ok"] == 8
     assert live.server.scheduler.waiting == 0

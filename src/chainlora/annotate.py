@@ -29,19 +29,12 @@ SHEET_FIELDS = ("item_id", "instruction", "reference", "answer", "rating", "anno
 def export(chain: Any, records: Sequence[Any], out: Path, *, systems: Sequence[str] = ("chain", "mixed", "base"),
            seed: int = 0, max_new_tokens: int = 64) -> dict:
     """Write OUT/sheet.csv, OUT/sheet.html and OUT/key.json; return a summary."""
-    from chainlora.engine import BASE
+    from chainlora.evaluate import system_answers
 
     rng = random.Random(seed)  # the order only; ids are random per export, so nothing can be unblinded
     export_id = secrets.token_hex(4)
     items, key = [], {}
-    texts = [r.text for r in records]
-    for system in systems:
-        if system == "mixed" and not chain.lib.mixed:
-            continue
-        task = None if system == "chain" else BASE if system == "base" else system
-        answers = []
-        for i in range(0, len(texts), 32):
-            answers += chain.generate(texts[i:i + 32], task=task, max_new_tokens=max_new_tokens)
+    for system, answers in system_answers(chain, records, systems, max_new_tokens).items():
         for r, a in zip(records, answers):
             item_id = f"{export_id}-{secrets.token_hex(5)}"
             items.append({"item_id": item_id, "instruction": r.text, "reference": r.output, "answer": a.text})

@@ -209,23 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="fewer examples, for a fast look")
     d.set_defaults(func=cmd_demo)
 
-    d = sub.add_parser("train", help="train task adapters, the task selector and the mixed baseline")
-    d.add_argument("config", help="YAML config (see configs/demo.yaml)")
-    d.add_argument("--out", help="library directory (default: the config's output_dir)")
-    d.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    d.add_argument("--force", action="store_true", help="retrain, replacing an existing library")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. training.max_steps=20 (repeatable)")
-    d.set_defaults(func=cmd_train)
-
-    d = sub.add_parser("finetune", help="train ONE adapter on all the config's data (e.g. method: cola)")
-    d.add_argument("config", help="YAML config, the same format as `train` (router/mixed/classifier unused)")
-    d.add_argument("--out", help="library directory (default: the config's output_dir)")
-    d.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    d.add_argument("--force", action="store_true", help="retrain, replacing an existing library")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. training.method=cola (repeatable)")
-    d.set_defaults(func=cmd_finetune)
+    for name, func, help_, config_help in (
+            ("train", cmd_train, "train task adapters, the task selector and the mixed baseline",
+             "YAML config (see configs/demo.yaml)"),
+            ("finetune", cmd_finetune, "train ONE adapter on all the config's data (e.g. method: cola)",
+             "YAML config, the same format as `train` (router/mixed/classifier unused)")):
+        d = sub.add_parser(name, help=help_)
+        d.add_argument("config", help=config_help)
+        d.add_argument("--out", help="library directory (default: the config's output_dir)")
+        d.add_argument("--resume", action="store_true", help="continue an interrupted run")
+        d.add_argument("--force", action="store_true", help="retrain, replacing an existing library")
+        d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. training.method=cola (repeatable)")
+        d.set_defaults(func=func)
 
     d = sub.add_parser("export", help="write adapters as plain PEFT dirs (optionally compressed) or a merged model")
     d.add_argument("library", help="adapter library directory")

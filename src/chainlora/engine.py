@@ -117,15 +117,22 @@ class Chain:
         """Refuse empty instructions and prompts that do not fit the context with their new
         tokens (never truncate silently); return the rendered prompts."""
         out = self.render(texts, rendered)
-        reserves = [reserve] * len(texts) if isinstance(reserve, int) else list(reserve)
-        for i, (text, prompt, extra) in enumerate(zip(texts, out, reserves), 1):
+        self._check_empty(texts)
+        self._check_fit([len(self.tok(p, add_special_tokens=False)["input_ids"]) for p in out], reserve)
+        return out
+
+    @staticmethod
+    def _check_empty(texts: Sequence[str]) -> None:
+        for i, text in enumerate(texts, 1):
             if not isinstance(text, str) or not text.strip():
                 raise ChainloraError(f"instruction {i}: empty")
-            n = len(self.tok(prompt, add_special_tokens=False)["input_ids"])
+
+    def _check_fit(self, lengths: Sequence[int], reserve: int | Sequence[int]) -> None:
+        reserves = [reserve] * len(lengths) if isinstance(reserve, int) else list(reserve)
+        for i, (n, extra) in enumerate(zip(lengths, reserves), 1):
             if n + extra > self.context:
                 raise ChainloraError(f"instruction {i}: {n} prompt tokens + {extra} new tokens exceed "
                                      f"the model's context of {self.context}; shorten it")
-        return out
 
     def _check_task(self, task: str) -> str:
         if (task == "mixed" and self.lib.mixed) or task == BASE:
@@ -251,7 +258,11 @@ class Chain:
         from transformers import StoppingCriteriaList
 
         limits = [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        prompts_ = self.check(texts, limits, rendered)
+        prompts_ = self.render(texts, rendered)
+        self._check_empty(texts)
+        with self.lock:  # tokenized once: the length check reads the same encoding generate uses
+            enc = self._inputs(prompts_)
+        self._check_fit([int(n) for n in enc["attention_mask"].sum(1)], limits)
         routes = list(routes) if routes is not None else self.routes_for(texts, task)
         names = [r.adapter for r in routes]
         kw = self._gen_kwargs(max(limits), temperature, top_p, stop, min_new_tokens)
@@ -261,7 +272,6 @@ class Chain:
             kw["stopping_criteria"] = StoppingCriteriaList([stopping])
         with self.lock:
             model, extra = self.model_for(names)
-            enc = self._inputs(prompts_)
             with torch.no_grad():
                 out = model.generate(**enc, **extra, **kw)
         new = out[:, enc["input_ids"].shape[1]:]

@@ -172,6 +172,24 @@ def mean_row(rows: list[dict]) -> dict:
 # --------------------------------------------------------------------------- task metrics
 
 
+def system_answers(chain, records: Sequence[Record], systems: Sequence[str], max_new_tokens: int,
+                   batch_size: int = 32) -> dict[str, list]:
+    """Greedy Answers of each system — "chain" (routed), "base", "mixed" or a task (pinned) —
+    for the same records (the judge and the human sheets compare these); a "mixed" without a
+    mixed adapter in the library is left out."""
+    from chainlora.engine import BASE
+
+    out = {}
+    texts = [r.text for r in records]
+    for system in systems:
+        if system == "mixed" and not chain.lib.mixed:
+            continue
+        task = None if system == "chain" else BASE if system == "base" else system
+        out[system] = [a for i in range(0, len(texts), batch_size)
+                       for a in chain.generate(texts[i:i + batch_size], task=task, max_new_tokens=max_new_tokens)]
+    return out
+
+
 def task_metrics(chain, by_task: dict[str, list[Record]], routes: dict[str, list],
                  max_new_tokens: int = 16, batch_size: int = 32) -> tuple[dict, dict]:
     """Greedy answers of base / mixed / chain; EM, token F1, chrF per task and system.

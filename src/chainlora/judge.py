@@ -207,19 +207,12 @@ def run(chain: Any, records: Sequence[Any], *, url: str, model: str, api_key: st
         systems: Sequence[str] = ("chain", "mixed", "base"), concurrency: int = 4, timeout_s: float = 60.0,
         max_new_tokens: int = 64) -> dict:
     """Answer every record with each system, have the judge rate them, summarize."""
-    from chainlora.engine import BASE
+    from chainlora.evaluate import system_answers
 
-    items = []
-    texts = [r.text for r in records]
-    for system in systems:
-        if system == "mixed" and not chain.lib.mixed:
-            continue
-        task = None if system == "chain" else BASE if system == "base" else system
-        answers = []
-        for i in range(0, len(texts), 32):
-            answers += chain.generate(texts[i:i + 32], task=task, max_new_tokens=max_new_tokens)
-        items += [{"system": system, "task": r.task, "instruction": r.text, "reference": r.output,
-                   "answer": a.text, "adapter": a.route.adapter} for r, a in zip(records, answers)]
+    items = [{"system": system, "task": r.task, "instruction": r.text, "reference": r.output,
+              "answer": a.text, "adapter": a.route.adapter}
+             for system, answers in system_answers(chain, records, systems, max_new_tokens).items()
+             for r, a in zip(records, answers)]
 
     async def go() -> tuple[list[dict], int]:
         judge = Judge(url, model, api_key=api_key, cache=cache, concurrency=concurrency, timeout_s=timeout_s)
