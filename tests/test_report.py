@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import HANG_S
 
 from chainlora import config
 from chainlora.train import train_library
@@ -26,7 +27,7 @@ def chromium() -> str:
     if shutil.which("apt-get") and os.geteuid() == 0:
         try:
             r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-                               capture_output=True, text=True, timeout=600,
+                               capture_output=True, text=True, timeout=HANG_S,
                                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
             if shutil.which("chromium"):
                 return shutil.which("chromium")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HANG_S
 import torch
 from safetensors.torch import load_file
 
@@ -104,20 +105,36 @@ def test_training_leaves_the_base_untouched(tiny_model_dir, tmp_path, monkeypatc
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_rerun_is_noop_and_changes_need_force(tiny_lib, tiny_model_dir, capsys):
+def test_rerun_is_noop_and_a_lora_change_retrains_the_lora_adapters(tiny_lib, tiny_model_dir, capsys):
     stamp = (tiny_lib / library.MANIFEST).stat().st_mtime_ns
     train_library(tiny_config(tiny_model_dir), tiny_lib)
     assert "already trained with this config" in capsys.readouterr().out
     assert (tiny_lib / library.MANIFEST).stat().st_mtime_ns == stamp
-    with pytest.raises(ChainloraError, match="trained with a different config; use --force"):
-        train_library(tiny_config(tiny_model_dir, "lora.r=2"), tiny_lib)
+    train_library(tiny_config(tiny_model_dir, "lora.r=2"), tiny_lib, dry_run=True)
+    plan = capsys.readouterr().out
+    assert "5 retrain" in plan and "1 keep" in plan  # the classifier head has no LoRA
+    assert "changed: LoRA settings" in plan
+    assert (tiny_lib / library.MANIFEST).stat().st_mtime_ns == stamp  # a dry run writes nothing
 
 
-def test_refuses_foreign_directory(tiny_model_dir, tmp_path):
+def test_refuses_foreign_directory_even_with_force(tiny_model_dir, tmp_path):
     (tmp_path / "precious.txt").write_text("do not delete")
-    with pytest.raises(ChainloraError, match="exists and is not a chainlora library"):
-        train_library(tiny_config(tiny_model_dir), tmp_path)
-    assert (tmp_path / "precious.txt").exists()
+    for force in (False, True):
+        with pytest.raises(ChainloraError, match="exists and is not a chainlora library.*nothing was changed"):
+            train_library(tiny_config(tiny_model_dir), tmp_path, force=force)
+    assert (tmp_path / "precious.txt").read_text() == "do not delete"
+    assert sorted(p.name for p in tmp_path.parent.iterdir() if tmp_path.name in p.name) == [tmp_path.name]
+
+
+def test_force_on_the_current_directory_is_one_line_and_touches_nothing(tiny_model_dir, tmp_path):
+    """`chainlora train CONFIG --out . --force` in a folder of the user's: exit 2, one line."""
+    (tmp_path / "thesis.tex").write_text("years of work")
+    result = subprocess.run(_train_cmd(tiny_model_dir, Path("."), "--force"), capture_output=True,
+                            text=True, cwd=tmp_path, timeout=HANG_S)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and "not a chainlora library" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
+    assert (tmp_path / "thesis.tex").read_text() == "years of work"
 
 
 def test_corrupt_adapter_and_wrong_base_are_refused(tiny_lib, tmp_path, capsys):
@@ -167,20 +184,22 @@ def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     subprocess.run(_train_cmd(tiny_model_dir, clean), check=True, capture_output=True, cwd=REPO)
 
     out = tmp_path / "killed"
+    partial = tmp_path / ".killed.partial"  # the run builds the library beside its --out
     _kill_when(_train_cmd(tiny_model_dir, out),
-               lambda: (out / ".work/tasks-sentiment/checkpoint-3/trainer_state.json").exists())
-    manifest = json.loads((out / library.MANIFEST).read_text())
+               lambda: (partial / ".work/tasks-sentiment/checkpoint-3/trainer_state.json").exists())
+    manifest = json.loads((partial / library.MANIFEST).read_text())
     assert [t["name"] for t in manifest["tasks"]] == ["antonym"] and not manifest["complete"]
+    assert not out.exists()  # nothing half-built where users look
 
     # Without --resume an unfinished run is refused, not overwritten.
     refused = subprocess.run(_train_cmd(tiny_model_dir, out), capture_output=True, text=True, cwd=REPO)
     assert refused.returncode == 2 and "--resume to continue" in refused.stderr
 
     _kill_when(_train_cmd(tiny_model_dir, out, "--resume"),
-               lambda: any((out / ".work/router").glob("checkpoint-*/trainer_state.json")))
+               lambda: any((partial / ".work/router").glob("checkpoint-*/trainer_state.json")))
     done = subprocess.run(_train_cmd(tiny_model_dir, out, "--resume"), capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "(earlier run)" in done.stderr
+    assert "(earlier run)" in done.stderr and not partial.exists()
 
     a, b = adapter_weights(clean), adapter_weights(out)
     assert a.keys() == b.keys() and len(a) == 6
@@ -204,7 +223,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_lib, tiny_model_dir, tmp_path)
     cmd = [str(exe), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "chainlora", "train", str(TINY),
            "--out", str(out), "--set", f"base_model={tiny_model_dir}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=HANG_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("library: ") == 1  # only the main process reports (and writes)
     lib = Library.open(out)

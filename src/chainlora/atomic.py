@@ -7,9 +7,12 @@ which POSIX makes atomic.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -51,10 +54,7 @@ def directory(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Pat
     try:
         yield tmp
         if replace and path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, path)
         else:
             try:
                 os.rename(tmp, path)
@@ -65,3 +65,58 @@ def directory(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two paths in ONE atomic step (Linux renameat2 RENAME_EXCHANGE): a reader sees the
+    old or the new tree, never neither. False where the system cannot (then nothing moved)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # glibc < 2.28, musl
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel or filesystem
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
+
+
+def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Make directory `new` take the place of `target` (which may exist), then delete the old one.
+    Atomic where the system can exchange two paths; else two renames, microseconds apart."""
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if exchange(new, target):
+        os.rename(new, old)  # `new` now holds the old tree
+    else:
+        os.rename(target, old)
+        os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def link_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a file or directory tree as hard links (no bytes copied; chainlora never edits a file
+    in place, it replaces it, so the two names cannot diverge); real copies where links fail."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, copy_function=link, symlinks=True)
+    else:
+        link(str(src), str(dst))

@@ -48,10 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from chainlora.train import train_library
 
     cfg = config.load(args.config, overrides=args.set)
-    root = train_library(cfg, args.out, resume=args.resume, force=args.force)
+    root = train_library(cfg, args.out, resume=args.resume, force=args.force, dry_run=args.dry_run)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
+    if PartialState().is_main_process and not args.dry_run:
         print(f"library: {root}")
     return 0
 
@@ -63,8 +63,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from chainlora.train import train_library
 
     cfg = config.load(args.config, overrides=args.set)
-    root = train_library(cfg, args.out, resume=args.resume, force=args.force, finetune=True)
-    if PartialState().is_main_process:
+    root = train_library(cfg, args.out, resume=args.resume, force=args.force, finetune=True,
+                         dry_run=args.dry_run)
+    if PartialState().is_main_process and not args.dry_run:
         from chainlora.library import Library
 
         entry = Library.open(root, verify=False).tasks[0]
@@ -218,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("config", help=config_help)
         d.add_argument("--out", help="library directory (default: the config's output_dir)")
         d.add_argument("--resume", action="store_true", help="continue an interrupted run")
-        d.add_argument("--force", action="store_true", help="retrain, replacing an existing library")
+        d.add_argument("--force", action="store_true",
+                       help="retrain every adapter (only replaces a chainlora library or an empty directory)")
+        d.add_argument("--dry-run", action="store_true",
+                       help="print what would be kept, trained, retrained and removed; change nothing")
         d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. training.method=cola (repeatable)")
         d.set_defaults(func=func)

@@ -22,7 +22,7 @@ from chainlora import atomic, config, tables
 from chainlora.data import TaskData, load_demo
 from chainlora.engine import Chain
 from chainlora.evaluate import evaluate, json_safe, save_eval
-from chainlora.library import Library, read_manifest
+from chainlora.library import Library
 from chainlora.report import build as build_report
 from chainlora.train import train_library
 
@@ -91,10 +91,8 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     cfg = demo_config(quick)
     t0 = time.perf_counter()
     root = out / ("library-quick" if quick else "library")
-    # The demo owns its library: continue an interrupted run, retrain when the config changed.
-    previous = read_manifest(root) if root.is_dir() else None
-    stale = previous is not None and previous.get("config_sha256") != cfg.digest()
-    train_library(cfg, root, resume=True, force=stale)
+    # Continue an interrupted run; retrain exactly the adapters whose fingerprint changed.
+    train_library(cfg, root, resume=True)
     train_s = time.perf_counter() - t0
     lib = Library.open(root)
     console.print(loss_table(lib))

@@ -198,6 +198,15 @@ def fingerprint(path: str, revision: str | None = None) -> str:
     return f"revision:{revision or 'unknown'}"
 
 
+def base_fingerprint(name: str) -> str | None:
+    """The fingerprint `load_base(name)` would report, without loading the model (a GGUF is
+    converted once if it never was); None for a hub id, whose revision only a load tells."""
+    kind, where = resolve(name)
+    if kind == "hub":
+        return None
+    return fingerprint(str(converted_dir(where) if kind == "gguf" else where))
+
+
 def _cached_weights_sha256(directory: Path) -> str:
     """_weights_sha256, remembered per (path, sizes, mtimes) in the cache: hashing a 14 GB model
     on every library load would cost half a minute."""

@@ -88,6 +88,17 @@ def _plan_chain(cfg: Config, job: Job) -> None:
     job.chain = cola.plan(job.settings.cola, job.steps, cfg.lora.r, f"{cfg.source}: {section}.cola")
 
 
+def _check_train_split(cfg: Config, data: dict[str, TaskData], names: list[str]) -> None:
+    """Every task needs training records: the Trainer would fail on an empty one only after the
+    adapters before it had trained."""
+    for t in names:
+        if not data[t].train:
+            where = "the test file" if cfg.data.test else "the test split"
+            raise ChainloraError(
+                f"{cfg.source}: task {t!r}: no training records (0 train, {len(data[t].test)} in {where}); "
+                "add training records, lower data.test_fraction, or leave it out of tasks")
+
+
 def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:
     """Task adapters in task order, then the router, the classifier selector, the mixed baseline."""
     names = list(data) if cfg.tasks == "all" else cfg.tasks
@@ -96,6 +107,7 @@ def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Jo
             raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")
         if name in RESERVED:
             raise ChainloraError(f"{cfg.source}: tasks: {name!r} is a reserved name; rename that task")
+    _check_train_split(cfg, data, names)
     seed, d = cfg.training.seed, cfg.data
     train = {t: _sample(data[t].train, d.max_train_per_task, seed) for t in names}
     test = {t: _sample(data[t].test, d.max_test_per_task, seed) for t in names}
@@ -146,6 +158,7 @@ def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -
     for name in names:
         if name not in data:
             raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")
+    _check_train_split(cfg, data, names)
     seed, d = cfg.training.seed, cfg.data
     train = [r for t in names for r in _sample(data[t].train, d.max_train_per_task, seed)]
     test = [r for t in names for r in _sample(data[t].test, d.max_test_per_task, seed)]

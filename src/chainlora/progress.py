@@ -27,7 +27,7 @@ class RunProgress:
         self.enabled = enabled
         self.n_jobs = len(jobs)
         self.done = 0
-        self.rows: list[tuple[Any, dict, bool]] = []
+        self.rows: list[tuple[Any, dict, str | None]] = []
         self.bar = tqdm(total=sum(trainer_steps(j) for j in jobs), desc="chainlora", unit="step",
                         position=0, disable=not enabled, dynamic_ncols=True)
 
@@ -61,15 +61,15 @@ class RunProgress:
 
         return _StepBar()
 
-    def skip(self, job: Any, entry: dict) -> None:
-        """An adapter finished by an earlier run (resume)."""
+    def skip(self, job: Any, entry: dict, why: str = "earlier run") -> None:
+        """An adapter not trained now: kept from the library, or finished by an earlier run."""
         self.bar.update(trainer_steps(job))
         self.done += 1
-        self.rows.append((job, entry, True))
+        self.rows.append((job, entry, why))
 
     def finish(self, job: Any, entry: dict) -> None:
         self.done += 1
-        self.rows.append((job, entry, False))
+        self.rows.append((job, entry, None))
 
     def close(self) -> None:
         self.bar.close()
@@ -77,17 +77,17 @@ class RunProgress:
             Console(stderr=True, width=110).print(summary_table(self.rows))
 
 
-def summary_table(rows: list[tuple[Any, dict, bool]]) -> Table:
+def summary_table(rows: list[tuple[Any, dict, str | None]]) -> Table:
     """Adapters, steps, tokens, wall time, tokens/s and losses; a total row."""
     table = Table(title="training summary")
     cols = ("adapter", "steps", "tokens", "seconds", "tokens/s", "train loss", "test loss", "base loss")
     for c in cols:
         table.add_column(c, justify="left" if c == "adapter" else "right")
     tokens = seconds = steps = 0
-    for job, e, skipped in rows:
+    for job, e, skipped in rows:  # skipped: why it was not trained now (None: trained)
         tps = e["tokens"] / e["seconds"] if e.get("seconds") else 0.0
         name = job.name if job.kind == "task" else f"({job.kind})"
-        table.add_row(name + (" (earlier run)" if skipped else ""), str(e["steps"]), str(e["tokens"]),
+        table.add_row(name + (f" ({skipped})" if skipped else ""), str(e["steps"]), str(e["tokens"]),
                       f"{e['seconds']:.1f}", f"{tps:.0f}", f"{e['train_loss']:.3f}",
                       _fmt(e.get("test_loss")), _fmt(e.get("base_test_loss")))
         tokens, seconds, steps = tokens + e["tokens"], seconds + e["seconds"], steps + e["steps"]

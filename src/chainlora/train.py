@@ -7,27 +7,36 @@ library, and `unload()`s the LoRA layers so the next job starts from the untouch
 The Trainer brings gradient accumulation, bf16/fp16, checkpoints, logging and
 accelerate/torchrun multi-process training; only the main process writes the library.
 
-Resume: each job checkpoints into LIB/.work/<job>/; the manifest is rewritten after every
-finished adapter. `--resume` skips finished adapters (hash-checked) and continues the job in
-progress from its last complete Trainer checkpoint (RNG, optimizer, data order included).
+Incremental: the jobs are compared with the library on disk by fingerprint (chainlora.changes):
+unchanged adapters are kept without model work, new and changed ones trained. The new library
+is built beside the old one and swapped in when complete (chainlora.staging), so the old one
+serves until then and an interrupted run loses nothing.
+
+Resume: each job checkpoints into .LIB.partial/.work/<job>/; the partial manifest is rewritten
+after every finished adapter. `--resume` keeps finished adapters (fingerprint- and hash-checked)
+and continues the job in progress from its last complete Trainer checkpoint (RNG, optimizer,
+data order included).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
-from chainlora import cola, library
+from chainlora import changes, cola, library, staging
 from chainlora.config import Config, TrainingSettings
 from chainlora.errors import ChainloraError
 from chainlora.examples import build_dataset, collator
 from chainlora.plan import Job, load_data, plan, plan_finetune  # noqa: F401  (train.plan: the API)
 from chainlora.progress import RunProgress
 
-WORK = ".work"
+T = TypeVar("T")
+FINGERPRINT_FILE = "fingerprint.txt"  # in a job's work directory: which job its checkpoints are of
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt")
 
 
@@ -37,8 +46,6 @@ CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimize
 def last_checkpoint(work: Path, files: tuple[str, ...] = CHECKPOINT_FILES) -> Path | None:
     """The newest COMPLETE Trainer checkpoint in `work`: `files` all there (trainer_state.json
     is the Trainer's last write; a COLA job's links follow it, so they are required too)."""
-    import json
-
     found = []
     for ckpt in work.glob("checkpoint-*"):
         try:
@@ -74,6 +81,54 @@ def _precision(settings: TrainingSettings) -> dict[str, bool]:
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
 
 
+def warmup_steps(settings: TrainingSettings, steps: int) -> int:
+    """Linear warm-up steps for `warmup_ratio` of the run. Computed here, as a whole number:
+    transformers reads a warmup_steps below 1 as a ratio and 1.0 as ONE step, and 4.x ignores
+    warmup_ratio once warmup_steps is set."""
+    return math.ceil(settings.warmup_ratio * steps)
+
+
+def on_main(state: Any, fn: Callable[[], T]) -> T | None:
+    """Run `fn` on the main process only, the others waiting. An error there reaches every
+    process (one message; ChainloraError stays a user error), so no process waits forever for
+    a main process that gave up."""
+    error, result = None, None
+    if state.is_main_process:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001  (re-raised below, after telling the others)
+            error = e
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = [None if error is None else (isinstance(error, ChainloraError), str(error))]
+        broadcast_object_list(message, from_process=0)
+        if message[0] is not None and not state.is_main_process:
+            user, text = message[0]
+            raise ChainloraError(text) if user else RuntimeError(f"the main process failed: {text}")
+    if error is not None:
+        raise error
+    return result
+
+
+def _resumable(work: Path, files: tuple[str, ...], fingerprint: dict) -> Path | None:
+    """The checkpoint to continue: only one made for this very job (same fingerprint)."""
+    try:
+        if (work / FINGERPRINT_FILE).read_text().strip() != fingerprint["sha256"]:
+            return None
+    except OSError:
+        return None
+    return last_checkpoint(work, files)
+
+
+def _fresh_work(work: Path, fingerprint: dict) -> None:
+    """Main process: an empty work directory for a job, labelled with its fingerprint."""
+    if work.exists():
+        shutil.rmtree(work)  # stale work of an earlier, abandoned attempt
+    work.mkdir(parents=True)
+    (work / FINGERPRINT_FILE).write_text(fingerprint["sha256"] + "\n")
+
+
 def training_args(job: Job, work: Path, logs: Path):
     """TrainingArguments for one job; everything from the config, nothing hidden."""
     import importlib.util
@@ -90,7 +145,7 @@ def training_args(job: Job, work: Path, logs: Path):
         gradient_accumulation_steps=s.gradient_accumulation_steps,
         learning_rate=s.learning_rate,
         lr_scheduler_type=s.lr_scheduler,
-        warmup_steps=s.warmup_ratio,
+        warmup_steps=warmup_steps(s, job.steps),
         weight_decay=s.weight_decay,
         seed=s.seed,
         data_seed=s.seed,
@@ -109,17 +164,21 @@ def training_args(job: Job, work: Path, logs: Path):
     )
 
 
-def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress: RunProgress) -> dict:
-    """Train one adapter on `base`, save it into the library, restore the base; return its entry."""
+def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress: RunProgress,
+            fingerprint: dict) -> dict:
+    """Train one adapter on `base`, save it into the library at `root`, restore the base; return
+    its entry. Only the main process touches the work directory and writes the library."""
+    from accelerate import PartialState
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, set_seed
     from transformers.trainer_callback import ProgressCallback
 
-    work, tok = root / WORK / job.path.replace("/", "-"), base.tokenizer
+    state = PartialState()
+    work, tok = root / staging.WORK / job.path.replace("/", "-"), base.tokenizer
     files = CHECKPOINT_FILES + ((cola.STATE_FILE,) if job.chain else ())
-    checkpoint = last_checkpoint(work, files) if resume else None
-    if checkpoint is None and work.exists():
-        shutil.rmtree(work)  # stale partial work of an earlier, abandoned attempt
+    checkpoint = _resumable(work, files, fingerprint) if resume else None
+    if checkpoint is None:
+        on_main(state, lambda: _fresh_work(work, fingerprint))
     set_seed(job.settings.seed)  # same LoRA init whether or not earlier jobs ran in this process
     c = job.settings.cola
     lora = LoraConfig(r=job.chain.ranks[0] if job.chain else cfg.lora.r, lora_alpha=cfg.lora.alpha,
@@ -162,9 +221,9 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
         if job.kind == "task":
             with model.disable_adapter():
                 entry["base_test_loss"] = round(trainer.evaluate(test_ds)["eval_loss"], 5)
-    if trainer.is_world_process_zero():
-        entry["sha256"] = library.save_adapter(model, root, job.path)
-    trainer.accelerator.wait_for_everyone()
+    sha = on_main(state, lambda: library.save_adapter(model, root, job.path))
+    if sha is not None:
+        entry["sha256"] = sha
     base.model = model.unload()  # the LoRA layers go; base weights were never touched
     return entry
 
@@ -194,50 +253,18 @@ def run_classifier_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
     entry["seconds"] = round(time.perf_counter() - t0, 1)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
+    def save() -> str:
         with atomic.directory(library.inside(root, job.path), replace=True) as tmp:
             classifier.save(tmp, head, {"encoder": cfg.classifier.encoder, "tasks": tasks})
-            entry["sha256"] = library.adapter_sha256(tmp, classifier.FILES)
+            return library.adapter_sha256(tmp, classifier.FILES)
+
+    sha = on_main(PartialState(), save)
+    if sha is not None:
+        entry["sha256"] = sha
     return entry
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def _prepare_root(cfg: Config, root: Path, resume: bool, force: bool, digest: str) -> dict | None:
-    """Decide what to do with an existing output directory; return a manifest to continue."""
-    manifest = library.read_manifest(root)
-    if manifest is None:
-        if root.exists() and any(p.name != WORK for p in root.iterdir()) and not force:
-            raise ChainloraError(f"{root}: exists and is not a chainlora library; choose another --out")
-        if force and root.exists():
-            shutil.rmtree(root)
-        return None
-    if force:
-        shutil.rmtree(root)
-        return None
-    if manifest.get("config_sha256") != digest:
-        raise ChainloraError(f"{root}: holds a library trained with a different config; "
-                             "use --force to overwrite it or another --out")
-    if resume:
-        return manifest
-    raise ChainloraError(f"{root}: an unfinished run is here; --resume to continue it, --force to start over")
-
-
-def _finished(root: Path, manifest: dict, job: Job) -> dict | None:
-    """The manifest entry of `job` when its adapter is on disk with the recorded hash."""
-    from chainlora.classifier import FILES as CLASSIFIER_FILES
-
-    entries = manifest["tasks"] if job.kind == "task" else [manifest.get(job.kind)]
-    files = CLASSIFIER_FILES if job.kind == "classifier" else library.ADAPTER_FILES
-    for entry in entries:
-        if entry and entry.get("path") == job.path:
-            try:
-                if library.adapter_sha256(library.inside(root, job.path), files) == entry.get("sha256"):
-                    return entry
-            except ChainloraError:
-                return None
-    return None
 
 
 def _record(manifest: dict, job: Job, entry: dict) -> None:
@@ -247,56 +274,90 @@ def _record(manifest: dict, job: Job, entry: dict) -> None:
         manifest[job.kind] = entry
 
 
+def _refresh(root: Path, manifest: dict, cfg: Config, digest: str, plan_: list[changes.Change]) -> None:
+    """Main process, nothing to train: record a config that changed only in keys that do not
+    decide any adapter (labels, logging, ...), atomically; say which it was."""
+    if manifest.get("config_sha256") == digest:
+        print(f"{root}: already trained with this config (use --force to retrain)")
+        return
+    for c in plan_:
+        _record(manifest, c.job, {**c.entry, **c.job.info})
+    manifest.update(training=cfg.to_dict(), config_sha256=digest)
+    library.write_manifest(root, manifest)
+    print(f"{root}: every adapter is up to date; the manifest now records the new config")
+
+
 def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = False,
-                  force: bool = False, finetune: bool = False) -> Path:
-    """Train every adapter the config asks for into the library at `out`; return its path.
-    finetune=True trains ONE adapter on all selected tasks (no router, classifier or mixed)."""
+                  force: bool = False, finetune: bool = False, dry_run: bool = False) -> Path:
+    """Bring the library at `out` up to date with the config; return its path.
+
+    Keeps every adapter whose fingerprint matches, trains new and changed ones, removes those
+    no longer configured (chainlora.changes); prints the plan first. force=True retrains all;
+    dry_run=True prints the plan and changes nothing. finetune=True trains ONE adapter on all
+    selected tasks (no router, classifier or mixed).
+    """
     from accelerate import PartialState
 
-    from chainlora.models import load_base
+    from chainlora.models import base_fingerprint, load_base
 
     state = PartialState(cpu=use_cpu())  # torch.distributed under accelerate launch / torchrun
     root = Path(out or cfg.output_dir)
     digest = cfg.digest() if not finetune else library.files_sha256([("finetune", cfg.digest().encode())])
     data = load_data(cfg)  # check data before loading a model: bad input fails fast
     jobs = plan_finetune(cfg, data, state.num_processes) if finetune else plan(cfg, data, state.num_processes)
-    existing = library.read_manifest(root)
-    if existing and existing.get("complete") and existing.get("config_sha256") == digest and not force:
-        if state.is_main_process:
-            print(f"{root}: already trained with this config (use --force to retrain)")
+    staging.check_target(root)
+    partial = staging.partial_dir(root)
+    manifest = library.read_manifest(root) if root.is_dir() else None
+    partial_manifest = library.read_manifest(partial) if partial.is_dir() else None
+    staging.check_partial(partial, partial_manifest, resume, force)
+    base = None
+    base_fp = base_fingerprint(cfg.base_model)
+    if base_fp is None:  # a hub model: only loading it tells its revision
+        base = load_base(cfg.base_model, dtype=cfg.dtype)
+        base_fp = base.fingerprint
+    prints = {j.path: changes.fingerprint(j, cfg, base_fp, state.num_processes) for j in jobs}
+    plan_ = changes.decide(jobs, prints, root, manifest, partial, partial_manifest, force)
+    current = bool(manifest and manifest.get("complete")) and changes.up_to_date(plan_, root)
+    if state.is_main_process and (dry_run or not current):
+        print(changes.format_plan(root, plan_), flush=True)
+    if dry_run:
         return root
-    base = load_base(cfg.base_model, dtype=cfg.dtype)
-    if state.is_main_process:
-        manifest = _prepare_root(cfg, root, resume, force, digest)
-        if manifest is None:
-            manifest = library.new_manifest(cfg.base_model, base.fingerprint, cfg.to_dict(), digest,
-                                            cfg.system_prompt)
-        elif manifest["base_model"]["fingerprint"] != base.fingerprint:
-            raise ChainloraError(f"{root / library.MANIFEST}: trained on another base model than "
-                                 f"{cfg.base_model!r}; use --force to retrain")
-        root.mkdir(parents=True, exist_ok=True)
-        library.write_manifest(root, manifest)
-    state.wait_for_everyone()
-    manifest = library.read_manifest(root)  # every process sees what the main one decided
-    progress = RunProgress(jobs, enabled=state.is_main_process)
-    for job in jobs:
-        done = _finished(root, manifest, job)
-        if done is not None:
-            progress.skip(job, done)
+    if current:
+        on_main(state, lambda: (_refresh(root, manifest, cfg, digest, plan_),
+                                shutil.rmtree(partial, ignore_errors=True)))
+        return root
+
+    if base is None:
+        base = load_base(cfg.base_model, dtype=cfg.dtype)
+    new = library.new_manifest(cfg.base_model, base_fp, cfg.to_dict(), digest, cfg.system_prompt)
+    for c in plan_:
+        if c.action == "keep":
+            _record(new, c.job, {**c.entry, **c.job.info, "path": c.path})
+    on_main(state, lambda: staging.prepare(partial, new, plan_, force))
+    todo = [c for c in plan_ if c.job is not None]
+    progress = RunProgress([c.job for c in todo], enabled=state.is_main_process)
+    trained = []
+    for c in todo:
+        if c.action == "keep":
+            progress.skip(c.job, c.entry, "earlier run" if c.reason == changes.EARLIER_RUN else "kept")
             continue
-        if job.kind == "classifier":
-            entry = run_classifier_job(job, base, cfg, root)
+        if c.job.kind == "classifier":
+            entry = run_classifier_job(c.job, base, cfg, partial)
         else:
-            entry = run_job(job, base, cfg, root, resume, progress)
-        progress.finish(job, entry)
-        if state.is_main_process:
-            _record(manifest, job, entry)
-            library.write_manifest(root, manifest)
-        state.wait_for_everyone()
-    if state.is_main_process:
-        manifest["complete"] = True
-        library.write_manifest(root, manifest)
-        shutil.rmtree(root / WORK, ignore_errors=True)
+            entry = run_job(c.job, base, cfg, partial, resume, progress, c.fingerprint)
+        entry["fingerprint"] = c.fingerprint
+        progress.finish(c.job, entry)
+        trained.append(c.job.name)
+        on_main(state, lambda: (_record(new, c.job, entry), library.write_manifest(partial, new)))
     progress.close()
-    state.wait_for_everyone()
+
+    def complete() -> None:
+        order = [j.path for j in jobs]
+        new["tasks"].sort(key=lambda e: order.index(e["path"]))
+        new["complete"] = True
+        library.write_manifest(partial, new)
+        for note in staging.finish(partial, root, manifest, plan_, trained):
+            print(note)
+
+    on_main(state, complete)
     return root

@@ -1,0 +1,163 @@
+"""What a training run changes in a library: keep, train, retrain or remove each adapter.
+
+Every adapter's manifest entry records a fingerprint: sha256 digests of everything that decides
+its weights — the base model, its training settings and step count, its LoRA (or classifier)
+settings, the prompt it was trained with, and the exact training examples it saw, in order.
+`chainlora train` compares the planned jobs with the library on disk:
+
+    keep     same fingerprint and the files still hash to the manifest: no model work
+    train    an adapter the library does not have yet (a new task, a newly enabled selector)
+    retrain  the fingerprint changed (the reason names which part), --force, or bad files
+    remove   in the library but no longer in the config
+
+So adding a task trains that task's adapter plus whatever depends on the task set (the
+selectors, and the mixed baseline whose data grew); editing one task's records retrains that
+adapter plus the same dependants; the other task adapters are kept byte for byte.
+Test examples do not enter the fingerprint: they do not change an adapter's weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chainlora import library
+from chainlora.config import Config
+from chainlora.errors import ChainloraError
+from chainlora.plan import Job
+
+FINGERPRINT_VERSION = 1
+# Settings that change how a run is logged or checkpointed, never the weights it produces.
+NOT_IN_FINGERPRINT = ("save_steps", "logging_steps", "eval_batch_size")
+EARLIER_RUN = "finished by the interrupted run"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 1) -> dict:
+    """{"sha256": one digest, "parts": {what: digest}}; the parts say WHY a job must retrain."""
+    settings = {k: v for k, v in dataclasses.asdict(job.settings).items() if k not in NOT_IN_FINGERPRINT}
+    parts = {
+        "base model": _digest([base_fingerprint, cfg.dtype]),
+        # The processes' count is in: a step then holds world_size x batch_size examples.
+        "training settings": _digest([settings, job.steps, world_size]),
+        "training examples": _digest([[p.text, p.answer] for p in job.train]),
+    }
+    if job.kind == "classifier":
+        c = dataclasses.asdict(cfg.classifier)
+        parts["classifier settings"] = _digest([c["encoder"], c["epochs"], c["learning_rate"],
+                                                job.info.get("tasks")])
+    else:
+        parts["LoRA settings"] = _digest(dataclasses.asdict(cfg.lora))
+        parts["system prompt"] = _digest(cfg.system_prompt)
+    return {"version": FINGERPRINT_VERSION, "sha256": _digest([FINGERPRINT_VERSION, job.kind, job.path, parts]),
+            "parts": parts}
+
+
+@dataclass
+class Change:
+    """One line of the plan."""
+
+    action: str  # keep | train | retrain | remove
+    kind: str  # task | router | classifier | mixed
+    name: str
+    path: str
+    reason: str
+    job: Job | None = None  # None for a removal
+    entry: dict | None = None  # keep: the finished entry; remove: the old one
+    source: Path | None = None  # keep: the library holding the finished files
+    fingerprint: dict | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.kind == "task" else f"({self.kind})"
+
+
+def entries(manifest: dict | None) -> list[tuple[str, dict]]:
+    """(kind, entry) for every adapter a manifest lists."""
+    if not manifest:
+        return []
+    found = [("task", e) for e in manifest.get("tasks") or []]
+    return found + [(k, manifest[k]) for k in ("router", "classifier", "mixed") if manifest.get(k)]
+
+
+def find_entry(manifest: dict | None, job: Job) -> dict | None:
+    for kind, entry in entries(manifest):
+        if kind == job.kind and entry.get("path") == job.path:
+            return entry
+    return None
+
+
+def files_match(root: Path, entry: dict, kind: str) -> bool:
+    """The adapter's files are there and hash to what the manifest says."""
+    from chainlora.classifier import FILES as CLASSIFIER_FILES
+
+    files = CLASSIFIER_FILES if kind == "classifier" else library.ADAPTER_FILES
+    try:
+        return library.adapter_sha256(library.inside(root, entry["path"]), files) == entry.get("sha256")
+    except (ChainloraError, KeyError, OSError):
+        return False
+
+
+def _why_retrain(old: dict, new: dict, root: Path, kind: str) -> str:
+    print_ = old.get("fingerprint")
+    if not isinstance(print_, dict) or print_.get("version") != FINGERPRINT_VERSION:
+        return "no fingerprint (trained by an older chainlora)"
+    changed = [k for k, v in new["parts"].items() if print_.get("parts", {}).get(k) != v]
+    if changed:
+        return "changed: " + ", ".join(changed)
+    return "files do not match the manifest (corrupt or edited)" if not files_match(root, old, kind) else "changed"
+
+
+def decide(jobs: list[Job], prints: dict[str, dict], root: Path, manifest: dict | None,
+           partial: Path, partial_manifest: dict | None, force: bool) -> list[Change]:
+    """The plan: every job kept or (re)trained, then every adapter of the library to remove.
+
+    A finished adapter is reused from the interrupted run in `partial` first, then from the
+    library itself; --force reuses nothing. Reading only: nothing on disk changes here.
+    """
+    sources = [] if force else [(partial, partial_manifest, EARLIER_RUN), (root, manifest, "unchanged")]
+    changes = []
+    for job in jobs:
+        fp = prints[job.path]
+        change = None
+        for where, m, reason in sources:
+            entry = find_entry(m, job)
+            if (entry and (entry.get("fingerprint") or {}).get("sha256") == fp["sha256"]
+                    and files_match(where, entry, job.kind)):
+                change = Change("keep", job.kind, job.name, job.path, reason, job, entry, where, fp)
+                break
+        if change is None:
+            old = find_entry(manifest, job)
+            if old is None:
+                action, reason = "train", "new"
+            else:
+                action, reason = "retrain", "--force" if force else _why_retrain(old, fp, root, job.kind)
+            change = Change(action, job.kind, job.name, job.path, reason, job, fingerprint=fp)
+        changes.append(change)
+    planned = {job.path for job in jobs}
+    for kind, entry in entries(manifest):
+        if entry.get("path") not in planned:
+            why = "no longer in the config's tasks" if kind == "task" else f"{kind} no longer enabled"
+            changes.append(Change("remove", kind, entry.get("name", kind), entry["path"], why, entry=entry))
+    return changes
+
+
+def up_to_date(changes: list[Change], root: Path) -> bool:
+    """Nothing to train, nothing to remove: every adapter kept from the library itself."""
+    return all(c.action == "keep" and c.source == root for c in changes)
+
+
+def format_plan(root: Path, changes: list[Change]) -> str:
+    """The plan as a few aligned lines, a count line first."""
+    counts = {a: sum(c.action == a for c in changes) for a in ("keep", "train", "retrain", "remove")}
+    head = f"plan for {root}: " + ", ".join(f"{n} {a}" for a, n in counts.items())
+    width = max([len(c.label) for c in changes] + [8])
+    lines = [f"  {c.action:<8} {c.label:<{width}}  {c.reason}" for c in changes]
+    return "\n".join([head, *lines])

@@ -1,0 +1,267 @@
+"""Incremental libraries: fingerprints decide what retrains; the old library serves until the
+new one is complete; --force replaces only what chainlora wrote; bad input fails before a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import HANG_S
+
+from chainlora import config, library
+from chainlora.data import load_demo
+from chainlora.errors import ChainloraError
+from chainlora.library import Library
+from chainlora.train import train_library
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+TASKS = ["antonym", "sentiment", "rhyme"]
+
+
+def write_data(directory: Path, tasks: list[str]) -> tuple[Path, Path]:
+    """A train and a test JSONL file of a few demo records per task (the files are the split)."""
+    demo = load_demo()
+    paths = directory / "train.jsonl", directory / "test.jsonl"
+    for path, split, n in ((paths[0], "train", 16), (paths[1], "test", 4)):
+        rows = [{"task": t, "instruction": r.instruction, "input": r.input, "output": r.output}
+                for t in tasks for r in getattr(demo[t], split)[:n]]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return paths
+
+
+def cfg_for(model_dir: Path, data: tuple[Path, Path], tasks: list[str], *extra: str) -> config.Config:
+    return config.load(TINY, overrides=[f"base_model={model_dir}", f"data.train={data[0]}",
+                                        f"data.test={data[1]}", f"tasks={json.dumps(tasks)}", *extra])
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every adapter file's bytes, by path relative to the library."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*.safetensors")
+            if not p.relative_to(root).parts[0].startswith(".")}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    write_data(d, TASKS + ["hypernym"])
+    return d
+
+
+@pytest.fixture(scope="module")
+def base_lib(tiny_model_dir, data_dir, tmp_path_factory) -> Path:
+    data = write_data(tmp_path_factory.mktemp("data3"), TASKS)
+    return train_library(cfg_for(tiny_model_dir, data, TASKS), tmp_path_factory.mktemp("lib") / "lib")
+
+
+def plan_lines(out: str) -> dict[str, tuple[str, str]]:
+    """{adapter: (action, reason)} from a printed plan."""
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) >= 2 and parts[0] in ("keep", "train", "retrain", "remove"):
+            rows[parts[1]] = (parts[0], parts[2] if len(parts) > 2 else "")
+    return rows
+
+
+def test_every_entry_records_its_fingerprint(base_lib):
+    lib = Library.open(base_lib)
+    for entry in lib.entries() + [lib.classifier]:
+        fp = entry["fingerprint"]
+        assert len(fp["sha256"]) == 64 and "training examples" in fp["parts"] and "base model" in fp["parts"]
+
+
+def test_a_new_task_trains_it_and_its_dependants_only(base_lib, tiny_model_dir, tmp_path, capsys):
+    lib = tmp_path / "lib"
+    shutil.copytree(base_lib, lib)
+    (lib / "notes.txt").write_text("mine")  # a user's file in the library travels with it
+    (lib / "eval").mkdir()
+    (lib / "eval" / "old.json").write_text("{}")
+    before = files(lib)
+    data = write_data(tmp_path, TASKS + ["hypernym"])
+    cfg = cfg_for(tiny_model_dir, data, TASKS + ["hypernym"])
+    train_library(cfg, lib, dry_run=True)
+    plan = plan_lines(capsys.readouterr().out)
+    assert files(lib) == before and not (tmp_path / ".lib.partial").exists()  # dry run: no change
+    assert {k: a for k, (a, _) in plan.items()} == {
+        "antonym": "keep", "sentiment": "keep", "rhyme": "keep", "hypernym": "train",
+        "(router)": "retrain", "(classifier)": "retrain", "(mixed)": "retrain"}
+    assert "training examples" in plan["(router)"][1] and plan["hypernym"][1] == "new"
+
+    train_library(cfg, lib)
+    after = files(lib)
+    for t in TASKS:  # byte-identical, never retrained
+        path = f"tasks/{t}/adapter_model.safetensors"
+        assert after[path] == before[path], t
+    assert "tasks/hypernym/adapter_model.safetensors" in after
+    for name in ("router", "mixed", "classifier"):
+        key = next(k for k in after if k.startswith(name + "/"))
+        assert after[key] != before[key], name
+    opened = Library.open(lib)
+    assert opened.task_names == TASKS + ["hypernym"] and opened.classifier["tasks"] == TASKS + ["hypernym"]
+    assert (lib / "notes.txt").read_text() == "mine" and (lib / "eval/old.json").is_file()
+    assert not (tmp_path / ".lib.partial").exists()
+
+    # Same config and data again: nothing to do, nothing written.
+    stamp = (lib / library.MANIFEST).stat().st_mtime_ns
+    train_library(cfg, lib)
+    assert "already trained with this config" in capsys.readouterr().out
+    assert (lib / library.MANIFEST).stat().st_mtime_ns == stamp
+
+
+def test_an_edited_record_retrains_that_task_and_its_dependants(base_lib, tiny_model_dir, tmp_path, capsys):
+    lib = tmp_path / "lib"
+    shutil.copytree(base_lib, lib)
+    before = files(lib)
+    data = write_data(tmp_path, TASKS)
+    rows = [json.loads(line) for line in data[0].read_text().splitlines()]
+    rhyme = next(r for r in rows if r["task"] == "rhyme")
+    rhyme["output"] = rhyme["output"] + "s"
+    data[0].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_library(cfg_for(tiny_model_dir, data, TASKS), lib)
+    plan = plan_lines(capsys.readouterr().out)
+    assert plan["rhyme"] == ("retrain", "changed: training examples")
+    assert plan["antonym"][0] == plan["sentiment"][0] == "keep"
+    assert plan["(mixed)"][0] == "retrain"  # its data holds the edited record
+    # The selectors see instructions and labels only: an edited answer leaves them as they are.
+    assert plan["(router)"][0] == plan["(classifier)"][0] == "keep"
+    after = files(lib)
+    for t in ("antonym", "sentiment"):
+        assert after[f"tasks/{t}/adapter_model.safetensors"] == before[f"tasks/{t}/adapter_model.safetensors"]
+    assert after["tasks/rhyme/adapter_model.safetensors"] != before["tasks/rhyme/adapter_model.safetensors"]
+    Library.open(lib)
+
+
+def test_a_dropped_task_is_removed_and_its_files_moved_aside(base_lib, tiny_model_dir, tmp_path, capsys):
+    lib = tmp_path / "lib"
+    shutil.copytree(base_lib, lib)
+    data = write_data(tmp_path, TASKS)
+    train_library(cfg_for(tiny_model_dir, data, ["antonym", "rhyme"], "mixed.enabled=false"), lib)
+    out = capsys.readouterr().out
+    plan = plan_lines(out)
+    assert plan["sentiment"][0] == "remove" and plan["(mixed)"][0] == "remove"
+    assert "removed sentiment" in out and str(lib / "removed/tasks/sentiment") in out
+    opened = Library.open(lib)
+    assert opened.task_names == ["antonym", "rhyme"] and opened.mixed is None
+    assert (lib / "removed/tasks/sentiment/adapter_model.safetensors").is_file()
+    assert (lib / "removed/mixed/adapter_model.safetensors").is_file()
+    assert not (lib / "tasks/sentiment").exists() and not (lib / "mixed").exists()
+
+
+def test_a_config_key_that_decides_no_adapter_only_updates_the_manifest(base_lib, tiny_model_dir, tmp_path, capsys):
+    lib = tmp_path / "lib"
+    shutil.copytree(base_lib, lib)
+    before = files(lib)
+    data = write_data(tmp_path, TASKS)
+    train_library(cfg_for(tiny_model_dir, data, TASKS, "training.logging_steps=1"), lib)
+    assert "every adapter is up to date" in capsys.readouterr().out
+    assert files(lib) == before
+    assert Library.open(lib).manifest["training"]["training"]["logging_steps"] == 1
+
+
+def test_force_retrains_all_beside_the_old_library(base_lib, tiny_model_dir, tmp_path, capsys):
+    lib = tmp_path / "lib"
+    shutil.copytree(base_lib, lib)
+    data = write_data(tmp_path, TASKS)
+    train_library(cfg_for(tiny_model_dir, data, TASKS), lib, force=True)
+    plan = plan_lines(capsys.readouterr().out)
+    assert len(plan) == 6 and all(a == "retrain" and r == "--force" for a, r in plan.values())
+    Library.open(lib)
+
+
+def _kill_when(cmd: list[str], ready) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.monotonic() + HANG_S
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -9, "the run ended before it could be killed"
+
+
+def test_killed_force_run_leaves_the_old_library_serving(base_lib, tiny_model_dir, tmp_path):
+    """SIGKILL a --force retrain mid-run: the old library still opens, verifies and routes."""
+    from chainlora.engine import Chain
+
+    lib = tmp_path / "lib"
+    shutil.copytree(base_lib, lib)
+    before = files(lib)
+    data = write_data(tmp_path, TASKS)
+    sets = [f"base_model={tiny_model_dir}", f"data.train={data[0]}", f"data.test={data[1]}",
+            f"tasks={json.dumps(TASKS)}", "training.max_steps=40", "training.save_steps=2"]
+    cmd = [sys.executable, "-m", "chainlora", "train", str(TINY), "--out", str(lib), "--force",
+           *[a for s in sets for a in ("--set", s)]]
+    partial = tmp_path / ".lib.partial"
+    _kill_when(cmd, lambda: (partial / ".work/tasks-sentiment/checkpoint-2/trainer_state.json").exists())
+    assert files(lib) == before
+    chain = Chain.load(lib, device="cpu")  # verifies every hash
+    route = chain.route(["Give the antonym of hot."])[0]
+    assert route.task in TASKS
+    # The interrupted run is refused without --resume, and continues with it.
+    refused = subprocess.run([c for c in cmd if c != "--force"],
+                             capture_output=True, text=True, cwd=REPO, timeout=HANG_S)
+    assert refused.returncode == 2 and "--resume to continue" in refused.stderr
+
+
+def test_no_training_records_fails_before_any_model(tiny_model_dir, tmp_path):
+    """A task whose records are all in the test file: exit 2, one line, naming task and counts."""
+    data = write_data(tmp_path, TASKS)
+    extra = {"task": "hypernym", "instruction": "What is a dog a kind of?", "input": "", "output": "animal"}
+    with data[1].open("a") as f:
+        f.write(json.dumps(extra) + "\n")
+    cmd = [sys.executable, "-m", "chainlora", "train", str(TINY), "--out", str(tmp_path / "lib"),
+           "--set", "base_model=/nonexistent-model-dir", "--set", f"data.train={data[0]}",
+           "--set", f"data.test={data[1]}", "--set", "tasks=all"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=HANG_S)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert "hypernym" in line and "0 train, 1 in the test file" in line
+    assert not (tmp_path / "lib").exists()
+
+
+def test_warmup_ratio_is_a_ratio(tmp_path):
+    """warmup_ratio 0.5 of 10 steps warms up over 5 steps, 1.0 over all 10 (not one step)."""
+    import dataclasses
+
+    import torch
+    from transformers import get_scheduler
+
+    from chainlora.plan import Job
+    from chainlora.train import training_args
+
+    for ratio, warm in ((0.5, 5), (1.0, 10), (0.0, 0), (0.25, 3)):
+        settings = dataclasses.replace(config.TrainingSettings(), warmup_ratio=ratio, max_steps=10,
+                                       learning_rate=1e-3, lr_scheduler="linear")
+        job = Job("task", "t", "tasks/t", [], [], settings, steps=10)
+        args = training_args(job, tmp_path / "w", tmp_path / "logs")
+        assert args.get_warmup_steps(10) == warm, ratio
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(10),
+                              num_training_steps=10)
+        lrs = []
+        for _ in range(3):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        if warm:
+            assert lrs[0] == 0 and lrs[1] == pytest.approx(1e-3 / warm) and lrs[2] == pytest.approx(2e-3 / warm)
+        else:
+            assert lrs[0] == pytest.approx(1e-3)
+
+
+def test_partial_library_without_manifest_is_never_deleted(tiny_model_dir, tmp_path):
+    """A directory that merely has the partial name is not ours: --force refuses it."""
+    partial = tmp_path / ".lib.partial"
+    partial.mkdir()
+    (partial / "keep.txt").write_text("x")
+    data = write_data(tmp_path, TASKS)
+    with pytest.raises(ChainloraError, match="not a partial chainlora library"):
+        train_library(cfg_for(tiny_model_dir, data, TASKS), tmp_path / "lib", force=True)
+    assert (partial / "keep.txt").is_file()
