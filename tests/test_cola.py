@@ -262,7 +262,10 @@ def test_cola_library_leaves_the_base_exact_and_loads_in_plain_peft(tiny_model_d
     assert [j.chain is not None for j in jobs] == [True, True, False]  # mixed overrides back to lora
     root = tmp_path / "lib"
     progress = RunProgress(jobs, enabled=False)
-    entry = train_mod.run_job(jobs[0], base, cfg, root, False, progress)
+    from chainlora.changes import fingerprint
+
+    entry = train_mod.run_job(jobs[0], base, cfg, root, False, progress,
+                              fingerprint(jobs[0], cfg, base.fingerprint))
     assert torch.equal(logits(base.model, ids), before)  # the next adapter starts from W0
     c = entry["cola"]
     assert c["ranks"] == [4, 4, 4] and c["knots"] == [2, 4] and c["export_rank"] == 6
@@ -295,7 +298,7 @@ def test_failed_cola_job_restores_the_base_and_resumes_exactly(tiny_model_dir, t
     monkeypatch.setattr(cola.ColaCallback, "on_step_end", crash)
     with pytest.raises(KeyboardInterrupt):
         train_library(cfg, tmp_path / "resumed")
-    assert (tmp_path / "resumed/.work/tasks-sentiment/checkpoint-4/cola.safetensors").is_file()
+    assert (tmp_path / ".resumed.partial/.work/tasks-sentiment/checkpoint-4/cola.safetensors").is_file()
     monkeypatch.setattr(cola.ColaCallback, "on_step_end", original)
     resumed = train_library(cfg, tmp_path / "resumed", resume=True)
     for task in ("antonym", "sentiment"):

@@ -216,13 +216,17 @@ def test_cli_train_prints_library(tiny_model_dir, tmp_path, capsys):
     assert f"library: {tmp_path / 'lib'}" in capsys.readouterr().out
 
 
+def _launch_two(*args: str) -> list[str]:
+    """`accelerate launch` of 2 CPU processes (gloo) running `args` (`-m module ...` or a script)."""
+    exe = Path(sys.executable).with_name("accelerate")
+    return [str(exe), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+
+
 def test_accelerate_launch_two_cpu_processes(tiny_lib, tiny_model_dir, tmp_path):
     """`accelerate launch` with 2 processes (CPU, gloo) writes one valid library."""
     out = tmp_path / "lib"
-    exe = Path(sys.executable).with_name("accelerate")
-    cmd = [str(exe), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "chainlora", "train", str(TINY),
-           "--out", str(out), "--set", f"base_model={tiny_model_dir}"]
+    cmd = _launch_two("-m", "chainlora", "train", str(TINY), "--out", str(out), "--set", f"base_model={tiny_model_dir}")
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=HANG_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("library: ") == 1  # only the main process reports (and writes)
@@ -232,6 +236,41 @@ def test_accelerate_launch_two_cpu_processes(tiny_lib, tiny_model_dir, tmp_path)
         assert t["steps"] == single.task(t["name"])["steps"]
         assert t["tokens"] > 1.5 * single.task(t["name"])["tokens"]
     assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != ".work"]
+    assert not (tmp_path / ".lib.partial").exists()
+
+
+def test_two_processes_bad_config_fails_on_every_rank(tiny_model_dir, tmp_path):
+    """Bad input under 2 processes: both ranks stop with the one-line error, nobody waits."""
+    (tmp_path / "mine.txt").write_text("x")
+    cmd = _launch_two("-m", "chainlora", "train", str(TINY), "--out", str(tmp_path), "--force",
+                      "--set", f"base_model={tiny_model_dir}")
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=HANG_S)
+    assert result.returncode != 0
+    assert result.stderr.count("is not a chainlora library") == 2, result.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_an_error_on_the_main_process_reaches_every_rank(tmp_path):
+    """on_main: the main process fails alone (a full disk, say); the other rank raises the same
+    one-line error instead of waiting at the next barrier until the launcher kills it."""
+    script = tmp_path / "fail_on_main.py"
+    script.write_text(
+        "import sys\n"
+        "from accelerate import PartialState\n"
+        "from chainlora.errors import ChainloraError\n"
+        "from chainlora.train import on_main\n"
+        "state = PartialState(cpu=True)\n"
+        "def fail():\n"
+        "    raise ChainloraError('lib/tasks/x: no space left on device')\n"
+        "assert on_main(state, lambda: 7) == (7 if state.is_main_process else None)\n"
+        "try:\n"
+        "    on_main(state, fail)\n"
+        "except ChainloraError as e:\n"
+        "    print(f'rank {state.process_index}: {e}', flush=True)\n"
+        "    sys.exit(2)\n")
+    result = subprocess.run(_launch_two(str(script)), capture_output=True, text=True, cwd=REPO, timeout=HANG_S)
+    assert "rank 0: lib/tasks/x: no space left on device" in result.stdout, result.stderr[-3000:]
+    assert "rank 1: lib/tasks/x: no space left on device" in result.stdout
 
 
 def test_classifier_selector_routes_and_is_hash_checked(tiny_lib, tmp_path):
