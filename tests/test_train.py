@@ -237,6 +237,12 @@ def test_accelerate_launch_two_cpu_processes(tiny_lib, tiny_model_dir, tmp_path)
         assert t["tokens"] > 1.5 * single.task(t["name"])["tokens"]
     assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != ".work"]
     assert not (tmp_path / ".lib.partial").exists()
+    # Grown by one task under 2 processes: both agree on what is kept and what trains.
+    grown = subprocess.run(cmd + ["--set", "tasks=[antonym, sentiment, rhyme, hypernym]"],
+                           capture_output=True, text=True, cwd=REPO, timeout=HANG_S)
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert "3 keep, 1 train, 3 retrain" in grown.stdout
+    assert Library.open(out).task_names == ["antonym", "sentiment", "rhyme", "hypernym"]
 
 
 def test_two_processes_bad_config_fails_on_every_rank(tiny_model_dir, tmp_path):
@@ -251,7 +257,8 @@ def test_two_processes_bad_config_fails_on_every_rank(tiny_model_dir, tmp_path):
 
 
 def test_an_error_on_the_main_process_reaches_every_rank(tmp_path):
-    """on_main: the main process fails alone (a full disk, say); the other rank raises the same
+    """on_main: every rank gets the main process's result; when the main process fails alone (a
+    full disk, say), the other rank raises the same
     one-line error instead of waiting at the next barrier until the launcher kills it."""
     script = tmp_path / "fail_on_main.py"
     script.write_text(
@@ -262,7 +269,7 @@ def test_an_error_on_the_main_process_reaches_every_rank(tmp_path):
         "state = PartialState(cpu=True)\n"
         "def fail():\n"
         "    raise ChainloraError('lib/tasks/x: no space left on device')\n"
-        "assert on_main(state, lambda: 7) == (7 if state.is_main_process else None)\n"
+        "assert on_main(state, lambda: 7 if state.is_main_process else 0) == 7\n"  # the main's result, everywhere
         "try:\n"
         "    on_main(state, fail)\n"
         "except ChainloraError as e:\n"

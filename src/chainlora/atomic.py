@@ -88,18 +88,54 @@ def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
     """Make directory `new` take the place of `target` (which may exist), then delete the old one.
-    Atomic where the system can exchange two paths; else two renames, microseconds apart."""
+    Atomic where the system can exchange two paths; else two renames, microseconds apart, the
+    first undone if the second fails. The old tree goes to a fresh unique name before it is
+    deleted, so nothing left behind can be mistaken for `new`."""
     new, target = Path(new), Path(target)
     if not target.exists():
         os.rename(new, target)
+        _fsync_dir(target.parent)
         return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    trash = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+    old = trash / "tree"
     if exchange(new, target):
         os.rename(new, old)  # `new` now holds the old tree
     else:
         os.rename(target, old)
-        os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    _fsync_dir(target.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (where directories can be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """Flush every file and directory under `root` to disk: before a tree replaces another, so
+    a power loss cannot leave the new one empty after the old one is gone."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
 
 
 def link_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:

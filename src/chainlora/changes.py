@@ -40,11 +40,15 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 1) -> dict:
-    """{"sha256": one digest, "parts": {what: digest}}; the parts say WHY a job must retrain."""
+def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 1,
+                tokenizer: str | None = None) -> dict:
+    """{"sha256": one digest, "parts": {what: digest}}; the parts say WHY a job must retrain.
+    `tokenizer`: a digest of the base model's tokenizer files (models.tokenizer_digest)."""
     settings = {k: v for k, v in dataclasses.asdict(job.settings).items() if k not in NOT_IN_FINGERPRINT}
+    # A hub model whose revision is unknown is told apart by its name at least.
+    name = cfg.base_model if base_fingerprint.startswith("revision:") else None
     parts = {
-        "base model": _digest([base_fingerprint, cfg.dtype]),
+        "base model": _digest([base_fingerprint, cfg.dtype, tokenizer, name]),
         # The processes' count is in: a step then holds world_size x batch_size examples.
         "training settings": _digest([settings, job.steps, world_size]),
         "training examples": _digest([[p.text, p.answer] for p in job.train]),
@@ -115,14 +119,23 @@ def _why_retrain(old: dict, new: dict, root: Path, kind: str) -> str:
     return "files do not match the manifest (corrupt or edited)" if not files_match(root, old, kind) else "changed"
 
 
+def forced(force: bool, partial_manifest: dict | None) -> bool:
+    """--force now, or an interrupted --force run being continued."""
+    return force or bool(partial_manifest and partial_manifest.get("forced"))
+
+
 def decide(jobs: list[Job], prints: dict[str, dict], root: Path, manifest: dict | None,
            partial: Path, partial_manifest: dict | None, force: bool) -> list[Change]:
     """The plan: every job kept or (re)trained, then every adapter of the library to remove.
 
-    A finished adapter is reused from the interrupted run in `partial` first, then from the
-    library itself; --force reuses nothing. Reading only: nothing on disk changes here.
+    A finished adapter is reused from the interrupted run being continued (`partial_manifest`,
+    None when there is none) first, then from the library itself. Under --force (or when
+    continuing a --force run) nothing of the library is reused. Reading only.
     """
-    sources = [] if force else [(partial, partial_manifest, EARLIER_RUN), (root, manifest, "unchanged")]
+    sources = [(partial, partial_manifest, EARLIER_RUN)] if partial_manifest else []
+    if not forced(force, partial_manifest):
+        sources.append((root, manifest, "unchanged"))
+    force = forced(force, partial_manifest)
     changes = []
     for job in jobs:
         fp = prints[job.path]

@@ -207,6 +207,25 @@ def base_fingerprint(name: str) -> str | None:
     return fingerprint(str(converted_dir(where) if kind == "gguf" else where))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def tokenizer_digest(name: str) -> str | None:
+    """sha256 of a local model's tokenizer files (vocabulary, special tokens, chat template):
+    they decide the training tokens as much as the weights do. None for a hub id."""
+    kind, where = resolve(name)
+    if kind == "hub":
+        return None
+    directory = converted_dir(where) if kind == "gguf" else Path(where)
+    h = hashlib.sha256()
+    for file in TOKENIZER_FILES:
+        if (directory / file).is_file():
+            h.update(f"{file}\n".encode())
+            h.update((directory / file).read_bytes())
+    return h.hexdigest()
+
+
 def _cached_weights_sha256(directory: Path) -> str:
     """_weights_sha256, remembered per (path, sizes, mtimes) in the cache: hashing a 14 GB model
     on every library load would cost half a minute."""

@@ -25,52 +25,79 @@ WORK = ".work"  # Trainer checkpoints, inside the partial library
 REMOVED = "removed"  # where the adapters of removed tasks go
 
 
-def partial_dir(root: Path) -> Path:
-    """`.<name>.partial` next to `root` (same filesystem, so the final rename is atomic)."""
-    root = Path(os.path.abspath(root))
+def resolve_root(out: str | Path) -> Path:
+    """The library's real, absolute path: `--out .` names the current directory, and a symlink
+    to a library means the directory it points to (the link itself stays as it is)."""
+    root = Path(os.path.realpath(out))
     if root.parent == root:
         raise ChainloraError(f"{root}: cannot write a library at the filesystem root")
+    return root
+
+
+def partial_dir(root: Path) -> Path:
+    """`.<name>.partial` next to `root` (same filesystem, so the final rename is atomic)."""
     return root.with_name(f".{root.name}.partial")
 
 
 def check_target(root: Path) -> None:
-    """Refuse an output that chainlora did not write: it must be missing, empty or a library."""
+    """Refuse an output that chainlora did not write: it must be missing, empty or a library,
+    and replaceable by a rename (not a mount point, holding none)."""
     if root.exists() and not root.is_dir():
         raise ChainloraError(f"{root}: exists and is not a directory; nothing was changed (choose another --out)")
     if root.is_dir() and not (root / library.MANIFEST).exists() and any(root.iterdir()):
         raise ChainloraError(f"{root}: exists and is not a chainlora library (no {library.MANIFEST}); "
                              "nothing was changed (choose another --out)")
+    if root.is_dir():
+        mounts = [Path(d) for d, _, _ in os.walk(root) if os.path.ismount(d)]
+        if mounts:
+            raise ChainloraError(f"{mounts[0]}: is a mount point; a library is replaced by a rename when "
+                                 "it is rebuilt, so use --out a folder inside the mount")
 
 
-def check_partial(partial: Path, manifest: dict | None, resume: bool, force: bool) -> None:
-    """An unfinished run is continued only when asked (--resume) and discarded only with --force."""
-    if not partial.exists() or force:
-        if force and partial.exists() and not (partial / library.MANIFEST).exists():
-            raise ChainloraError(f"{partial}: not a partial chainlora library; remove it by hand")
-        return
+def check_partial(partial: Path, manifest: dict | None, resume: bool, force: bool) -> bool:
+    """Whether an unfinished run in `partial` is continued (True) or started over (False).
+    Continued only when asked (--resume), discarded only with --force; a complete partial
+    library is a leftover of a swap and is always discarded."""
+    if not partial.exists():
+        return False
     if manifest is None:
         raise ChainloraError(f"{partial}: not a partial chainlora library; remove it by hand")
-    if not manifest.get("complete") and not resume:
-        raise ChainloraError(f"{partial}: an unfinished run is here; --resume to continue it, "
-                             "--force to start over")
+    if manifest.get("complete"):
+        return False
+    if resume:
+        return True
+    if force:
+        return False
+    raise ChainloraError(f"{partial}: an unfinished run is here; --resume to continue it, "
+                         "--force to start over")
 
 
-def prepare(partial: Path, manifest: dict, changes: list[Change], force: bool) -> None:
-    """Main process: the partial library with every kept adapter linked in and recorded."""
-    if force and partial.exists():
-        shutil.rmtree(partial)
+def prepare(partial: Path, manifest: dict, changes: list[Change], restart: bool,
+            earlier: dict | None) -> None:
+    """Main process: the partial library with every kept adapter linked in and recorded. The
+    manifest is written first, so an interrupted preparation is still a partial library."""
+    if restart and partial.exists():
+        trash = partial.with_name(partial.name + ".discard")
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.rename(partial, trash)
+        shutil.rmtree(trash)
     partial.mkdir(parents=True, exist_ok=True)
+    library.write_manifest(partial, manifest)
+    planned = {c.path for c in changes if c.job is not None}
+    for _, entry in entries(earlier if not restart else None):  # adapters of jobs no longer planned
+        path = library.inside(partial, entry["path"])
+        if entry["path"] not in planned and path.exists():
+            shutil.rmtree(path)
     for c in changes:
         if c.action == "keep" and c.source != partial:
             target = library.inside(partial, c.path)
             if target.exists():
                 shutil.rmtree(target)
             atomic.link_tree(library.inside(c.source, c.path), target)
-    library.write_manifest(partial, manifest)
 
 
-def finish(partial: Path, root: Path, old_manifest: dict | None, changes: list[Change],
-           trained: list[str]) -> list[str]:
+def finish(partial: Path, root: Path, changes: list[Change]) -> list[str]:
     """Main process: carry LIB's other files over, then swap the finished library in.
     Returns one line per removed adapter saying where its files went."""
     shutil.rmtree(partial / WORK, ignore_errors=True)
@@ -83,9 +110,12 @@ def finish(partial: Path, root: Path, old_manifest: dict | None, changes: list[C
                     shutil.rmtree(dest)
                 atomic.link_tree(library.inside(root, c.path), dest)
                 notes.append(f"removed {c.label}: {c.reason} (its files are in {root / REMOVED / c.path})")
-        skip = {library.MANIFEST, WORK} | {e["path"] for _, e in entries(old_manifest)}
-        skip |= {f"logs/{name}" for name in trained}
+        # The new library's own files win; an adapter trained now brings its own logs.
+        skip = {library.MANIFEST, WORK} | {c.path for c in changes if c.action == "remove"}
+        skip |= {f"logs/{c.name}" for c in changes if c.job is not None
+                 and not (c.action == "keep" and c.source == root)}
         carry_over(root, partial, skip)
+    atomic.fsync_tree(partial)
     atomic.replace_dir(partial, root)
     return notes
 
@@ -97,7 +127,12 @@ def carry_over(old: Path, new: Path, skip: set[str], rel: str = "") -> None:
         if path in skip:
             continue
         target = new / item.name
+        walk_in = item.is_dir() and not item.is_symlink()
         if not target.exists() and not target.is_symlink():
-            atomic.link_tree(item, target)
-        elif item.is_dir() and not item.is_symlink() and target.is_dir():
+            if walk_in and any(s.startswith(path + "/") for s in skip):
+                target.mkdir()
+                carry_over(item, target, skip, f"{path}/")
+            else:
+                atomic.link_tree(item, target)
+        elif walk_in and target.is_dir() and not target.is_symlink():
             carry_over(item, target, skip, f"{path}/")

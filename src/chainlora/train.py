@@ -85,13 +85,14 @@ def warmup_steps(settings: TrainingSettings, steps: int) -> int:
     """Linear warm-up steps for `warmup_ratio` of the run. Computed here, as a whole number:
     transformers reads a warmup_steps below 1 as a ratio and 1.0 as ONE step, and 4.x ignores
     warmup_ratio once warmup_steps is set."""
-    return math.ceil(settings.warmup_ratio * steps)
+    return math.ceil(round(settings.warmup_ratio * steps, 9))  # 0.07 * 100 is 7.000000000000001
 
 
 def on_main(state: Any, fn: Callable[[], T]) -> T | None:
-    """Run `fn` on the main process only, the others waiting. An error there reaches every
-    process (one message; ChainloraError stays a user error), so no process waits forever for
-    a main process that gave up."""
+    """Run `fn` on the main process only, the others waiting; every process gets its result
+    (so they all take the same branch after it). An error there reaches every process (one
+    message; ChainloraError stays a user error), so none waits forever for a main process that
+    gave up."""
     error, result = None, None
     if state.is_main_process:
         try:
@@ -101,11 +102,13 @@ def on_main(state: Any, fn: Callable[[], T]) -> T | None:
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        message = [None if error is None else (isinstance(error, ChainloraError), str(error))]
+        message = [None if error is None else (isinstance(error, ChainloraError), str(error)),
+                   result if error is None else None]
         broadcast_object_list(message, from_process=0)
         if message[0] is not None and not state.is_main_process:
             user, text = message[0]
             raise ChainloraError(text) if user else RuntimeError(f"the main process failed: {text}")
+        result = message[1]
     if error is not None:
         raise error
     return result
@@ -176,9 +179,15 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
     state = PartialState()
     work, tok = root / staging.WORK / job.path.replace("/", "-"), base.tokenizer
     files = CHECKPOINT_FILES + ((cola.STATE_FILE,) if job.chain else ())
-    checkpoint = _resumable(work, files, fingerprint) if resume else None
-    if checkpoint is None:
-        on_main(state, lambda: _fresh_work(work, fingerprint))
+
+    def pick() -> str | None:  # the main process decides, so every process resumes alike
+        found = _resumable(work, files, fingerprint) if resume else None
+        if found is None:
+            _fresh_work(work, fingerprint)
+        return str(found) if found else None
+
+    found = on_main(state, pick)
+    checkpoint = Path(found) if found else None
     set_seed(job.settings.seed)  # same LoRA init whether or not earlier jobs ran in this process
     c = job.settings.cola
     lora = LoraConfig(r=job.chain.ranks[0] if job.chain else cfg.lora.r, lora_alpha=cfg.lora.alpha,
@@ -221,9 +230,7 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
         if job.kind == "task":
             with model.disable_adapter():
                 entry["base_test_loss"] = round(trainer.evaluate(test_ds)["eval_loss"], 5)
-    sha = on_main(state, lambda: library.save_adapter(model, root, job.path))
-    if sha is not None:
-        entry["sha256"] = sha
+    entry["sha256"] = on_main(state, lambda: library.save_adapter(model, root, job.path))
     base.model = model.unload()  # the LoRA layers go; base weights were never touched
     return entry
 
@@ -258,9 +265,7 @@ def run_classifier_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
             classifier.save(tmp, head, {"encoder": cfg.classifier.encoder, "tasks": tasks})
             return library.adapter_sha256(tmp, classifier.FILES)
 
-    sha = on_main(PartialState(), save)
-    if sha is not None:
-        entry["sha256"] = sha
+    entry["sha256"] = on_main(PartialState(), save)
     return entry
 
 
@@ -298,25 +303,27 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     """
     from accelerate import PartialState
 
-    from chainlora.models import base_fingerprint, load_base
+    from chainlora.models import base_fingerprint, load_base, tokenizer_digest
 
     state = PartialState(cpu=use_cpu())  # torch.distributed under accelerate launch / torchrun
-    root = Path(out or cfg.output_dir)
+    root = staging.resolve_root(out or cfg.output_dir)
     digest = cfg.digest() if not finetune else library.files_sha256([("finetune", cfg.digest().encode())])
     data = load_data(cfg)  # check data before loading a model: bad input fails fast
     jobs = plan_finetune(cfg, data, state.num_processes) if finetune else plan(cfg, data, state.num_processes)
     staging.check_target(root)
     partial = staging.partial_dir(root)
     manifest = library.read_manifest(root) if root.is_dir() else None
-    partial_manifest = library.read_manifest(partial) if partial.is_dir() else None
-    staging.check_partial(partial, partial_manifest, resume, force)
+    earlier = library.read_manifest(partial) if partial.is_dir() else None
+    continuing = staging.check_partial(partial, earlier, resume, force)
     base = None
     base_fp = base_fingerprint(cfg.base_model)
     if base_fp is None:  # a hub model: only loading it tells its revision
         base = load_base(cfg.base_model, dtype=cfg.dtype)
         base_fp = base.fingerprint
-    prints = {j.path: changes.fingerprint(j, cfg, base_fp, state.num_processes) for j in jobs}
-    plan_ = changes.decide(jobs, prints, root, manifest, partial, partial_manifest, force)
+    tokenizer = tokenizer_digest(cfg.base_model)
+    prints = {j.path: changes.fingerprint(j, cfg, base_fp, state.num_processes, tokenizer) for j in jobs}
+    plan_ = changes.decide(jobs, prints, root, manifest, partial, earlier if continuing else None, force)
+    state.wait_for_everyone()  # every process has read the disk before the main one writes to it
     current = bool(manifest and manifest.get("complete")) and changes.up_to_date(plan_, root)
     if state.is_main_process and (dry_run or not current):
         print(changes.format_plan(root, plan_), flush=True)
@@ -324,19 +331,19 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         return root
     if current:
         on_main(state, lambda: (_refresh(root, manifest, cfg, digest, plan_),
-                                shutil.rmtree(partial, ignore_errors=True)))
+                                shutil.rmtree(partial) if partial.exists() else None))
         return root
 
     if base is None:
         base = load_base(cfg.base_model, dtype=cfg.dtype)
     new = library.new_manifest(cfg.base_model, base_fp, cfg.to_dict(), digest, cfg.system_prompt)
+    new["forced"] = changes.forced(force, earlier if continuing else None)  # a resumed --force stays one
     for c in plan_:
         if c.action == "keep":
             _record(new, c.job, {**c.entry, **c.job.info, "path": c.path})
-    on_main(state, lambda: staging.prepare(partial, new, plan_, force))
+    on_main(state, lambda: staging.prepare(partial, new, plan_, not continuing, earlier))
     todo = [c for c in plan_ if c.job is not None]
     progress = RunProgress([c.job for c in todo], enabled=state.is_main_process)
-    trained = []
     for c in todo:
         if c.action == "keep":
             progress.skip(c.job, c.entry, "earlier run" if c.reason == changes.EARLIER_RUN else "kept")
@@ -344,10 +351,9 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         if c.job.kind == "classifier":
             entry = run_classifier_job(c.job, base, cfg, partial)
         else:
-            entry = run_job(c.job, base, cfg, partial, resume, progress, c.fingerprint)
+            entry = run_job(c.job, base, cfg, partial, resume and continuing, progress, c.fingerprint)
         entry["fingerprint"] = c.fingerprint
         progress.finish(c.job, entry)
-        trained.append(c.job.name)
         on_main(state, lambda: (_record(new, c.job, entry), library.write_manifest(partial, new)))
     progress.close()
 
@@ -355,8 +361,9 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         order = [j.path for j in jobs]
         new["tasks"].sort(key=lambda e: order.index(e["path"]))
         new["complete"] = True
+        new.pop("forced")
         library.write_manifest(partial, new)
-        for note in staging.finish(partial, root, manifest, plan_, trained):
+        for note in staging.finish(partial, root, plan_):
             print(note)
 
     on_main(state, complete)
