@@ -314,3 +314,18 @@ def test_partial_library_without_manifest_is_never_deleted(tiny_model_dir, tmp_p
     with pytest.raises(ChainloraError, match="not a partial chainlora library"):
         train_library(cfg_for(tiny_model_dir, data, TASKS), tmp_path / "lib", force=True)
     assert (partial / "keep.txt").is_file()
+
+
+def test_library_files_follow_the_umask(base_lib):
+    """Temporary files and directories are created private (0600 / 0700); what becomes the
+    library must be readable as any other file the user writes (a server may run as another user)."""
+    import stat
+
+    old = os.umask(0o022)
+    os.umask(old)
+    if old != 0o022:
+        pytest.skip(f"umask is {old:o}")
+    for path in [base_lib / library.MANIFEST, base_lib / "tasks/antonym",
+                 base_lib / "tasks/antonym/adapter_model.safetensors", base_lib / "classifier"]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o044 == 0o044, f"{path}: {mode:o}"

@@ -24,6 +24,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a library is read by servers too
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -34,6 +35,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -52,7 +59,15 @@ def directory(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; others (a server) read libraries
         yield tmp
+        for dirpath, dirnames, filenames in os.walk(tmp):  # some writers (safetensors) make 0600
+            for name in filenames:
+                if not os.path.islink(os.path.join(dirpath, name)):
+                    os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
         if replace and path.exists():
             replace_dir(tmp, path)
         else:
