@@ -19,8 +19,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One torch thread per test process (and its subprocesses) unless the caller says otherwise: with
 # two threads and the other core busy, every parallel region waits for the descheduled thread
-# (seen here: `chainlora demo --quick` still running after 60 min with one core busy, ~6 min on
-# an idle machine). Tests check behaviour, not speed; speed lives in bench/.
+# (seen here: `chainlora demo --quick` still evaluating after 54 min with one core busy, where the
+# whole suite took 15.5 min on the idle machine). Tests check behaviour, not speed: bench/.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
