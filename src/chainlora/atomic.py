@@ -64,8 +64,10 @@ def directory(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Pat
         yield tmp
         for dirpath, dirnames, filenames in os.walk(tmp):  # some writers (safetensors) make 0600
             for name in filenames:
-                if not os.path.islink(os.path.join(dirpath, name)):
-                    os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
+                file = os.path.join(dirpath, name)
+                if not os.path.islink(file):
+                    runnable = os.stat(file).st_mode & 0o111  # a script stays executable
+                    os.chmod(file, (0o777 if runnable else 0o666) & ~mask)
             for name in dirnames:
                 os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
         if replace and path.exists():
