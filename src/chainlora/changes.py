@@ -100,9 +100,7 @@ def find_entry(manifest: dict | None, job: Job) -> dict | None:
 
 def files_match(root: Path, entry: dict, kind: str) -> bool:
     """The adapter's files are there and hash to what the manifest says."""
-    from chainlora.classifier import FILES as CLASSIFIER_FILES
-
-    files = CLASSIFIER_FILES if kind == "classifier" else library.ADAPTER_FILES
+    files = library.CLASSIFIER_FILES if kind == "classifier" else library.ADAPTER_FILES
     try:
         return library.adapter_sha256(library.inside(root, entry["path"]), files) == entry.get("sha256")
     except (ChainloraError, KeyError, OSError):

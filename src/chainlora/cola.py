@@ -28,6 +28,7 @@ from transformers import TrainerCallback
 
 from chainlora.config import ColaSettings
 from chainlora.errors import ChainloraError
+from chainlora.lora_math import truncate
 
 ADAPTER = "default"  # get_peft_model's adapter name
 STATE_FILE = "cola.safetensors"  # the chain's links inside each Trainer checkpoint
@@ -84,24 +85,6 @@ def lora_layers(model: Any) -> dict[str, Any]:
     if not layers:
         raise ChainloraError("cola: the model has no LoRA layers to chain")
     return layers
-
-
-def truncate(b: Any, a: Any, r: int) -> tuple[Any, Any, float, float]:
-    """Best rank-r factors (B', A') of ΔW = B A by SVD, computed on the factors (QR of each, then
-    an SVD of a (Σr)×(Σr) core) so ΔW is never formed. Returns B', A' and the squared Frobenius
-    norms of the dropped part and of ΔW."""
-    import torch
-
-    b64, a64 = b.double(), a.double()
-    qb, rb = torch.linalg.qr(b64)
-    qa, ra = torch.linalg.qr(a64.T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    k = min(r, s.shape[0])  # a layer narrower than r has fewer singular values: pad with zeros
-    new_b = torch.zeros(b.shape[0], r, dtype=torch.float64)
-    new_a = torch.zeros(r, a.shape[1], dtype=torch.float64)
-    new_b[:, :k] = (qb @ u[:, :k]) * s[:k]
-    new_a[:k] = vh[:k] @ qa.T
-    return new_b.to(b.dtype), new_a.to(a.dtype), float((s[k:] ** 2).sum()), float((s ** 2).sum())
 
 
 class ColaCallback(TrainerCallback):

@@ -43,7 +43,7 @@ def compress_adapter(src: Path, dst: Path, rank: int) -> dict:
     """Write src's LoRA truncated to `rank` (scaling folded into B, lora_alpha = r) to dst."""
     from safetensors.torch import load_file, save_file
 
-    from chainlora.cola import truncate
+    from chainlora.lora_math import truncate
 
     cfg = json.loads((src / ADAPTER_FILES[0]).read_text())
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):

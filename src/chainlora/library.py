@@ -29,6 +29,7 @@ from chainlora.errors import ChainloraError
 FORMAT_VERSION = 1
 MANIFEST = "chainlora.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CLASSIFIER_FILES = ("classifier.json", "head.safetensors")  # the classifier selector's head (classifier.py)
 
 
 def files_sha256(named: list[tuple[str, bytes]]) -> str:
@@ -173,8 +174,6 @@ class Library:
 
     def verify(self) -> None:
         """Recompute every adapter's sha256 and compare with the manifest."""
-        from chainlora.classifier import FILES as CLASSIFIER_FILES
-
         checks = [(e, ADAPTER_FILES) for e in self.entries()]
         checks += [(self.classifier, CLASSIFIER_FILES)] if self.classifier else []
         for entry, files in checks:
