@@ -110,7 +110,7 @@ def make_random_library(root: Path, model_dir: Path, tasks: list[str], *, router
 
     from chainlora import library
     from chainlora.models import load_base
-    from chainlora.prompts import DEFAULT_TASK_PROMPT
+    from chainlora.data.prompts import DEFAULT_TASK_PROMPT
 
     base = load_base(str(model_dir), device="cpu")
     manifest = library.new_manifest(str(model_dir), base.fingerprint, {}, "test", None)

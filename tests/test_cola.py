@@ -13,7 +13,7 @@ import torch
 from chainlora import cola, config, library
 from chainlora.config import ColaSettings
 from chainlora.errors import ChainloraError
-from chainlora.examples import Pair, build_dataset, collator
+from chainlora.data.examples import Pair, build_dataset, collator
 from chainlora.models import load_base
 
 REPO = Path(__file__).resolve().parents[1]

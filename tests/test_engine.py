@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from chainlora import prompts, router
+from chainlora import router
+from chainlora.data import prompts
 from chainlora.engine import BASE, Chain
 from chainlora.errors import ChainloraError
 

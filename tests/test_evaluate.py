@@ -30,7 +30,7 @@ def records():
 def test_answer_nll_is_token_weighted_over_answers_only(chain):
     """Σ NLL over answer tokens equals the per-record sums (each record's mean loss x its
     answer tokens, from the model's own loss) — the mean of means would differ."""
-    from chainlora.examples import answer_pairs, collator, tokenize
+    from chainlora.data.examples import answer_pairs, collator, tokenize
 
     recs = [Record("antonym", "Give the antonym of hot.", "cold"),
             Record("antonym", "Give the antonym of up.", "a very long answer with many more tokens in it")]

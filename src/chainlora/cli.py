@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _instructions(args: argparse.Namespace) -> list[str]:
-    from chainlora.data import read_instructions
+    from chainlora.data.records import read_instructions
 
     if args.input and args.text:
         raise ChainloraError("give instructions as TEXT arguments or --input FILE, not both")
@@ -153,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """Check a data file and show its tasks and split, without loading any model."""
-    from chainlora.data import load_tasks
+    from chainlora.data.records import load_tasks
 
     tasks = load_tasks(args.file, test_source=args.test_file, test_fraction=args.test_fraction,
                        seed=args.seed, min_records=args.min_records,

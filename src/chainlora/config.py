@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 
 from chainlora.errors import ChainloraError
 from chainlora.models import DEFAULT_MODEL
-from chainlora.prompts import DEFAULT_TASK_PROMPT, check_task_prompt
+from chainlora.data.prompts import DEFAULT_TASK_PROMPT, check_task_prompt
 
 
 def _bounds(lo: float | None = None, hi: float | None = None, **kw: Any) -> Any:

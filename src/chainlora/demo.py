@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from chainlora import atomic, config, tables
-from chainlora.data import TaskData, load_demo
+from chainlora.data.records import TaskData, load_demo
 from chainlora.engine import Chain
 from chainlora.evaluate import evaluate, json_safe, save_eval
 from chainlora.library import Library

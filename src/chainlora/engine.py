@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from chainlora import prompts, router
+from chainlora import router
+from chainlora.data import prompts
 from chainlora.adapter_cache import AdapterCache
 from chainlora.errors import ChainloraError
 from chainlora.library import Library, adapter_sha256

@@ -18,9 +18,9 @@ import re
 import time
 from typing import Any, Sequence
 
-from chainlora.data import Record
+from chainlora.data.records import Record
 from chainlora.errors import ChainloraError
-from chainlora.examples import IGNORE, answer_pairs, collator, tokenize
+from chainlora.data.examples import IGNORE, answer_pairs, collator, tokenize
 
 NONE = "(none)"  # the selector named no task
 
@@ -289,7 +289,7 @@ def load_eval_data(source: str) -> tuple[list[Record], dict[str, set] | None, st
     """Records to evaluate on, held-out templates (known for the bundled data), a result name."""
     from pathlib import Path
 
-    from chainlora.data import load_demo, read_records
+    from chainlora.data.records import load_demo, read_records
 
     if source == "demo":
         demo = load_demo()
@@ -316,7 +316,7 @@ def save_eval(root, name: str, result: dict, data: str):
     from pathlib import Path
 
     from chainlora import atomic
-    from chainlora.data import check_task_name
+    from chainlora.data.records import check_task_name
 
     check_task_name(name, "--name")
     out = {"data": data, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **result}

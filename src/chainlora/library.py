@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from chainlora import __version__, atomic
-from chainlora.data import check_task_name
+from chainlora.data.records import check_task_name
 from chainlora.errors import ChainloraError
 
 FORMAT_VERSION = 1

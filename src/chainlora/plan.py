@@ -15,9 +15,9 @@ from typing import Any
 
 from chainlora import cola, library
 from chainlora.config import Config, TrainingSettings
-from chainlora.data import Record, TaskData, demo_path, load_tasks
+from chainlora.data.records import Record, TaskData, demo_path, load_tasks
 from chainlora.errors import ChainloraError
-from chainlora.examples import Pair, answer_pairs, selector_pairs
+from chainlora.data.examples import Pair, answer_pairs, selector_pairs
 
 FINETUNE = "finetune"  # the adapter's name in a `chainlora finetune` library
 RESERVED = ("chain", "router", "mixed", "classifier")  # adapter / model names of their own

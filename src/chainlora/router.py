@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from chainlora import prompts
+from chainlora.data import prompts
 
 SELECTORS = ("score", "generate", "classifier")
 

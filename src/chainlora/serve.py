@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import Request as HttpRequest  # module level: FastAPI resolves annotations here
 
-from chainlora import prompts
+from chainlora.data import prompts
 from chainlora.engine import Answer, Chain, Route
 from chainlora.errors import ChainloraError
 from chainlora.metrics import Metrics

@@ -31,7 +31,7 @@ from typing import Any, Callable, TypeVar
 from chainlora import changes, cola, library, staging
 from chainlora.config import Config, TrainingSettings
 from chainlora.errors import ChainloraError
-from chainlora.examples import build_dataset, collator
+from chainlora.data.examples import build_dataset, collator
 from chainlora.plan import Job, load_data, plan, plan_finetune  # noqa: F401  (train.plan: the API)
 from chainlora.progress import RunProgress
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from chainlora import prompts
-from chainlora.data import Record
+from chainlora.data import prompts
+from chainlora.data.records import Record
 
 IGNORE = -100
 

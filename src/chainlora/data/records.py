@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from chainlora.errors import ChainloraError
-from chainlora.prompts import user_message
+from chainlora.data.prompts import user_message
 
 FIELDS = ("task", "instruction", "input", "output")
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")

@@ -1,0 +1,16 @@
+"""Stage `data`: instruction records and how they become model input.
+
+    records.py   read records from files (JSONL, JSON, CSV, Parquet, hub), check them, split by task;
+                 the bundled demo data (files in chainlora/demo/, located with importlib.resources)
+    prompts.py   how an instruction becomes a prompt, for answering and for task selection
+    examples.py  (prompt, answer) pairs tokenized for response-only loss
+
+May import: core (chainlora.errors, chainlora.atomic, chainlora.models) only.
+"""
+
+from chainlora.data.records import (DEMO_TASKS, FIELDS, Record, TaskData, check_task_name, count_tasks,
+                                    demo_path, load_demo, load_tasks, read_instructions, read_records,
+                                    split_of)
+
+__all__ = ["DEMO_TASKS", "FIELDS", "Record", "TaskData", "check_task_name", "count_tasks", "demo_path",
+           "load_demo", "load_tasks", "read_instructions", "read_records", "split_of"]
