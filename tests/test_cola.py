@@ -13,6 +13,7 @@ import torch
 from chainlora import cola, config, library
 from chainlora.config import ColaSettings
 from chainlora.errors import ChainloraError
+from chainlora.library import lora_math
 from chainlora.data.examples import Pair, build_dataset, collator
 from chainlora.models import load_base
 
@@ -227,13 +228,13 @@ def test_truncated_svd_error_falls_with_rank():
     delta = b @ a
     errors = []
     for r in range(1, 7):
-        nb, na, tail, full = cola.truncate(b, a, r)
+        nb, na, tail, full = lora_math.truncate(b, a, r)
         assert nb.shape == (24, r) and na.shape == (r, 40)
         direct = (torch.linalg.norm(delta - nb @ na) / torch.linalg.norm(delta)).item()
         assert abs(direct - (tail / full) ** 0.5) < 1e-5  # the reported error is the real one
         errors.append(direct)
     assert all(x > y for x, y in zip(errors, errors[1:])) and errors[-1] < 1e-5
-    nb, na, tail, _ = cola.truncate(b[:4], a, 6)  # a 4-wide layer has 4 singular values, r = 6
+    nb, na, tail, _ = lora_math.truncate(b[:4], a, 6)  # a 4-wide layer has 4 singular values, r = 6
     assert nb.shape == (4, 6) and na.shape == (6, 40) and tail == 0.0
     assert torch.allclose(nb @ na, b[:4] @ a, atol=1e-4)
     s = torch.linalg.svdvals(delta)  # Eckart-Young: the best rank-2 error

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainlora.export import export
+from chainlora.library.export import export
 from chainlora.errors import ChainloraError
 from chainlora.library import Library
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chainlora.errors import ChainloraError
-from chainlora.library import ADAPTER_FILES, Library, files_sha256
+from chainlora.library.store import ADAPTER_FILES, Library, files_sha256
 
 
 @dataclass

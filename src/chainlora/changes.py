@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chainlora import library
+from chainlora.library import store
 from chainlora.config import Config
 from chainlora.errors import ChainloraError
 from chainlora.plan import Job
@@ -100,9 +100,9 @@ def find_entry(manifest: dict | None, job: Job) -> dict | None:
 
 def files_match(root: Path, entry: dict, kind: str) -> bool:
     """The adapter's files are there and hash to what the manifest says."""
-    files = library.CLASSIFIER_FILES if kind == "classifier" else library.ADAPTER_FILES
+    files = store.CLASSIFIER_FILES if kind == "classifier" else store.ADAPTER_FILES
     try:
-        return library.adapter_sha256(library.inside(root, entry["path"]), files) == entry.get("sha256")
+        return store.adapter_sha256(store.inside(root, entry["path"]), files) == entry.get("sha256")
     except (ChainloraError, KeyError, OSError):
         return False
 

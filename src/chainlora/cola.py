@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 
 from chainlora.config import ColaSettings
 from chainlora.errors import ChainloraError
-from chainlora.lora_math import truncate
+from chainlora.library.lora_math import truncate
 
 ADAPTER = "default"  # get_peft_model's adapter name
 STATE_FILE = "cola.safetensors"  # the chain's links inside each Trainer checkpoint

@@ -22,7 +22,7 @@ from chainlora import atomic, config, tables
 from chainlora.data.records import TaskData, load_demo
 from chainlora.engine import Chain
 from chainlora.evaluate import evaluate, json_safe, save_eval
-from chainlora.library import Library
+from chainlora.library.store import Library
 from chainlora.report import build as build_report
 from chainlora.train import train_library
 

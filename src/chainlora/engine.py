@@ -19,7 +19,7 @@ from chainlora import router
 from chainlora.data import prompts
 from chainlora.adapter_cache import AdapterCache
 from chainlora.errors import ChainloraError
-from chainlora.library import Library, adapter_sha256
+from chainlora.library.store import Library, adapter_sha256
 from chainlora.models import Base, load_base
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch

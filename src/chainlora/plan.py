@@ -13,7 +13,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from chainlora import cola, library
+from chainlora import cola
+from chainlora.library import store
 from chainlora.config import Config, TrainingSettings
 from chainlora.data.records import Record, TaskData, demo_path, load_tasks
 from chainlora.errors import ChainloraError
@@ -113,7 +114,7 @@ def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Jo
     test = {t: _sample(data[t].test, d.max_test_per_task, seed) for t in names}
     jobs = []
     for t in names:
-        job = Job("task", t, library.task_path(t), answer_pairs(train[t]), answer_pairs(test[t]),
+        job = Job("task", t, store.task_path(t), answer_pairs(train[t]), answer_pairs(test[t]),
                   cfg.training, info={"name": t, "label": t})
         job.steps = steps_for(job.settings, len(job.train), world_size)
         jobs.append(job)
@@ -165,7 +166,7 @@ def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -
     name = d.task or FINETUNE
     if name in RESERVED:
         raise ChainloraError(f"{cfg.source}: data.task: {name!r} is a reserved name")
-    job = Job("task", name, library.task_path(name), answer_pairs(train), answer_pairs(test), cfg.training,
+    job = Job("task", name, store.task_path(name), answer_pairs(train), answer_pairs(test), cfg.training,
               info={"name": name, "label": name, "tasks": names})
     job.steps = steps_for(job.settings, len(job.train), world_size)
     _plan_chain(cfg, job)

@@ -19,7 +19,7 @@ from typing import Any
 
 from chainlora import atomic
 from chainlora.errors import ChainloraError
-from chainlora.library import Library
+from chainlora.library.store import Library
 
 SYSTEMS = (("base", "base (zero-shot)", "#9aa5b1"), ("own", "own adapter M_t", "#3b82f6"),
            ("mixed", "mixed", "#f59e0b"), ("chain", "chain (routed)", "#10b981"))

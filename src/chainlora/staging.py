@@ -17,7 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
-from chainlora import atomic, library
+from chainlora import atomic
+from chainlora.library import store
 from chainlora.changes import Change, entries
 from chainlora.errors import ChainloraError
 
@@ -44,8 +45,8 @@ def check_target(root: Path) -> None:
     and replaceable by a rename (not a mount point, holding none)."""
     if root.exists() and not root.is_dir():
         raise ChainloraError(f"{root}: exists and is not a directory; nothing was changed (choose another --out)")
-    if root.is_dir() and not (root / library.MANIFEST).exists() and any(root.iterdir()):
-        raise ChainloraError(f"{root}: exists and is not a chainlora library (no {library.MANIFEST}); "
+    if root.is_dir() and not (root / store.MANIFEST).exists() and any(root.iterdir()):
+        raise ChainloraError(f"{root}: exists and is not a chainlora library (no {store.MANIFEST}); "
                              "nothing was changed (choose another --out)")
     if root.is_dir():
         mounts = [Path(d) for d, _, _ in os.walk(root) if os.path.ismount(d)]
@@ -83,18 +84,18 @@ def prepare(partial: Path, manifest: dict, changes: list[Change], restart: bool,
         os.rename(partial, trash)
         shutil.rmtree(trash)
     partial.mkdir(parents=True, exist_ok=True)
-    library.write_manifest(partial, manifest)
+    store.write_manifest(partial, manifest)
     planned = {c.path for c in changes if c.job is not None}
     for _, entry in entries(earlier if not restart else None):  # adapters of jobs no longer planned
-        path = library.inside(partial, entry["path"])
+        path = store.inside(partial, entry["path"])
         if entry["path"] not in planned and path.exists():
             shutil.rmtree(path)
     for c in changes:
         if c.action == "keep" and c.source != partial:
-            target = library.inside(partial, c.path)
+            target = store.inside(partial, c.path)
             if target.exists():
                 shutil.rmtree(target)
-            atomic.link_tree(library.inside(c.source, c.path), target)
+            atomic.link_tree(store.inside(c.source, c.path), target)
 
 
 def finish(partial: Path, root: Path, changes: list[Change]) -> list[str]:
@@ -104,14 +105,14 @@ def finish(partial: Path, root: Path, changes: list[Change]) -> list[str]:
     notes = []
     if root.is_dir():
         for c in changes:
-            if c.action == "remove" and library.inside(root, c.path).exists():
+            if c.action == "remove" and store.inside(root, c.path).exists():
                 dest = partial / REMOVED / c.path
                 if dest.exists():
                     shutil.rmtree(dest)
-                atomic.link_tree(library.inside(root, c.path), dest)
+                atomic.link_tree(store.inside(root, c.path), dest)
                 notes.append(f"removed {c.label}: {c.reason} (its files are in {root / REMOVED / c.path})")
         # The new library's own files win; an adapter trained now brings its own logs.
-        skip = {library.MANIFEST, WORK} | {c.path for c in changes if c.action == "remove"}
+        skip = {store.MANIFEST, WORK} | {c.path for c in changes if c.action == "remove"}
         skip |= {f"logs/{c.name}" for c in changes if c.job is not None
                  and not (c.action == "keep" and c.source == root)}
         carry_over(root, partial, skip)

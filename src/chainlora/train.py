@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from chainlora import changes, cola, library, staging
+from chainlora import changes, cola, staging
+from chainlora.library import store
 from chainlora.config import Config, TrainingSettings
 from chainlora.errors import ChainloraError
 from chainlora.data.examples import build_dataset, collator
@@ -230,7 +231,7 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
         if job.kind == "task":
             with model.disable_adapter():
                 entry["base_test_loss"] = round(trainer.evaluate(test_ds)["eval_loss"], 5)
-    entry["sha256"] = on_main(state, lambda: library.save_adapter(model, root, job.path))
+    entry["sha256"] = on_main(state, lambda: store.save_adapter(model, root, job.path))
     base.model = model.unload()  # the LoRA layers go; base weights were never touched
     return entry
 
@@ -261,9 +262,9 @@ def run_classifier_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
     from accelerate import PartialState
 
     def save() -> str:
-        with atomic.directory(library.inside(root, job.path), replace=True) as tmp:
+        with atomic.directory(store.inside(root, job.path), replace=True) as tmp:
             classifier.save(tmp, head, {"encoder": cfg.classifier.encoder, "tasks": tasks})
-            return library.adapter_sha256(tmp, classifier.FILES)
+            return store.adapter_sha256(tmp, classifier.FILES)
 
     entry["sha256"] = on_main(PartialState(), save)
     return entry
@@ -288,7 +289,7 @@ def _refresh(root: Path, manifest: dict, cfg: Config, digest: str, plan_: list[c
     for c in plan_:
         _record(manifest, c.job, {**c.entry, **c.job.info})
     manifest.update(training=cfg.to_dict(), config_sha256=digest)
-    library.write_manifest(root, manifest)
+    store.write_manifest(root, manifest)
     print(f"{root}: every adapter is up to date; the manifest now records the new config")
 
 
@@ -307,13 +308,13 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
 
     state = PartialState(cpu=use_cpu())  # torch.distributed under accelerate launch / torchrun
     root = staging.resolve_root(out or cfg.output_dir)
-    digest = cfg.digest() if not finetune else library.files_sha256([("finetune", cfg.digest().encode())])
+    digest = cfg.digest() if not finetune else store.files_sha256([("finetune", cfg.digest().encode())])
     data = load_data(cfg)  # check data before loading a model: bad input fails fast
     jobs = plan_finetune(cfg, data, state.num_processes) if finetune else plan(cfg, data, state.num_processes)
     staging.check_target(root)
     partial = staging.partial_dir(root)
-    manifest = library.read_manifest(root) if root.is_dir() else None
-    earlier = library.read_manifest(partial) if partial.is_dir() else None
+    manifest = store.read_manifest(root) if root.is_dir() else None
+    earlier = store.read_manifest(partial) if partial.is_dir() else None
     continuing = staging.check_partial(partial, earlier, resume, force)
     base = None
     base_fp = base_fingerprint(cfg.base_model)
@@ -336,7 +337,7 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
 
     if base is None:
         base = load_base(cfg.base_model, dtype=cfg.dtype)
-    new = library.new_manifest(cfg.base_model, base_fp, cfg.to_dict(), digest, cfg.system_prompt)
+    new = store.new_manifest(cfg.base_model, base_fp, cfg.to_dict(), digest, cfg.system_prompt)
     new["forced"] = changes.forced(force, earlier if continuing else None)  # a resumed --force stays one
     for c in plan_:
         if c.action == "keep":
@@ -354,7 +355,7 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
             entry = run_job(c.job, base, cfg, partial, resume and continuing, progress, c.fingerprint)
         entry["fingerprint"] = c.fingerprint
         progress.finish(c.job, entry)
-        on_main(state, lambda: (_record(new, c.job, entry), library.write_manifest(partial, new)))
+        on_main(state, lambda: (_record(new, c.job, entry), store.write_manifest(partial, new)))
     progress.close()
 
     def complete() -> None:
@@ -362,7 +363,7 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         new["tasks"].sort(key=lambda e: order.index(e["path"]))
         new["complete"] = True
         new.pop("forced")
-        library.write_manifest(partial, new)
+        store.write_manifest(partial, new)
         for note in staging.finish(partial, root, plan_):
             print(note)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from chainlora import atomic
 from chainlora.errors import ChainloraError
-from chainlora.library import ADAPTER_FILES, Library
+from chainlora.library.store import ADAPTER_FILES, Library
 
 FORMATS = ("peft", "merged", "vllm")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
@@ -43,7 +43,7 @@ def compress_adapter(src: Path, dst: Path, rank: int) -> dict:
     """Write src's LoRA truncated to `rank` (scaling folded into B, lora_alpha = r) to dst."""
     from safetensors.torch import load_file, save_file
 
-    from chainlora.lora_math import truncate
+    from chainlora.library.lora_math import truncate
 
     cfg = json.loads((src / ADAPTER_FILES[0]).read_text())
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
