@@ -71,7 +71,7 @@ def run_one(task: str, method: str, seed: int, steps: int, out: Path) -> dict:
     """Train one adapter, score it on the full test split; return the result row."""
     from chainlora import config, evaluate
     from chainlora.data import load_demo
-    from chainlora.engine import Chain
+    from chainlora.inference.engine import Chain
     from chainlora.train import train_library
 
     name = f"{task}-{method.replace(' ', '').replace('=', '').replace(',', '-').replace('/', '')}-s{seed}"

@@ -124,7 +124,7 @@ def main() -> None:
     import torch
 
     from chainlora.data import load_demo
-    from chainlora.engine import Chain
+    from chainlora.inference.engine import Chain
 
     chain = Chain.load(args.library, device="cpu")
     demo = load_demo()

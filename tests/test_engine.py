@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from chainlora import router
+from chainlora.inference import router
 from chainlora.data import prompts
-from chainlora.engine import BASE, Chain
+from chainlora.inference.engine import BASE, Chain
 from chainlora.errors import ChainloraError
 
 TEXTS = ["Give the antonym of hot.", "Is the word happy positive or negative?",

@@ -11,7 +11,7 @@ import torch
 
 from chainlora import evaluate
 from chainlora.data import Record, load_demo
-from chainlora.engine import Chain
+from chainlora.inference.engine import Chain
 
 TASKS = ["antonym", "sentiment", "rhyme", "hypernym", "definition"]
 
@@ -103,7 +103,7 @@ def test_eval_cli_writes_nan_free_json(random_lib, tmp_path, cli):
 def test_chain_perplexity_scores_each_record_under_its_routed_adapter(chain, records):
     """Hand-made routes (some right, some to another task, one fallback to mixed): the chain's
     perplexity is exp of Σ over records of that record's NLL under ITS adapter."""
-    from chainlora.engine import Route
+    from chainlora.inference.engine import Route
 
     by_task = evaluate.by_task_of(chain, records, 3)
     plan = {"antonym": ["antonym", "rhyme", "mixed"], "sentiment": ["sentiment"] * 3}

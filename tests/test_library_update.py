@@ -228,7 +228,7 @@ def _kill_when(cmd: list[str], ready) -> None:
 def test_killed_force_run_leaves_the_old_library_serving(base_lib, tiny_model_dir, tmp_path):
     """SIGKILL a --force retrain mid-run: the old library still opens, verifies and routes; the
     interrupted run is refused without --resume and continued, still forced, with it."""
-    from chainlora.engine import Chain
+    from chainlora.inference.engine import Chain
 
     lib = tmp_path / "lib"
     shutil.copytree(base_lib, lib)

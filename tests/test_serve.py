@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from chainlora import library
-from chainlora.engine import Chain
+from chainlora.inference.engine import Chain
 from chainlora.serve import Server, create_app
 from conftest import LiveApp
 

@@ -68,7 +68,7 @@ def test_plain_peft_gives_same_logits_as_chainlora(tiny_lib, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from chainlora.engine import Chain
+    from chainlora.inference.engine import Chain
 
     chain = Chain.load(tiny_lib, device="cpu")
     ids = chain.tok("Give the antonym of hot", return_tensors="pt")["input_ids"]
@@ -283,7 +283,7 @@ def test_an_error_on_the_main_process_reaches_every_rank(tmp_path):
 def test_classifier_selector_routes_and_is_hash_checked(tiny_lib, tmp_path):
     import shutil
 
-    from chainlora.engine import Chain
+    from chainlora.inference.engine import Chain
 
     chain = Chain.load(tiny_lib, device="cpu")
     routes = chain.route(["Give the antonym of hot.", "What rhymes with cat?"], selector="classifier")

@@ -12,7 +12,7 @@ from chainlora.errors import ChainloraError
 
 def load_chain(args: argparse.Namespace):
     """The library of `args.library` with the selector options every inference command takes."""
-    from chainlora.engine import Chain
+    from chainlora.inference.engine import Chain
 
     return Chain.load(args.library, device=args.device, selector=args.selector, threshold=args.threshold)
 

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from chainlora import atomic, config, tables
 from chainlora.data.records import TaskData, load_demo
-from chainlora.engine import Chain
+from chainlora.inference.engine import Chain
 from chainlora.evaluate import evaluate, json_safe, save_eval
 from chainlora.library.store import Library
 from chainlora.report import build as build_report

@@ -138,7 +138,7 @@ def selectors_of(chain) -> list[str]:
 
 def perplexity_table(chain, by_task: dict[str, list[Record]], routes: dict[str, list]) -> list[dict]:
     """Per task: perplexity of base, own adapter, mixed and the chain (routed per record)."""
-    from chainlora.engine import BASE
+    from chainlora.inference.engine import BASE
 
     rows = []
     for task, records in by_task.items():
@@ -177,7 +177,7 @@ def system_answers(chain, records: Sequence[Record], systems: Sequence[str], max
     """Greedy Answers of each system — "chain" (routed), "base", "mixed" or a task (pinned) —
     for the same records (the judge and the human sheets compare these); a "mixed" without a
     mixed adapter in the library is left out."""
-    from chainlora.engine import BASE
+    from chainlora.inference.engine import BASE
 
     out = {}
     texts = [r.text for r in records]
@@ -194,7 +194,7 @@ def task_metrics(chain, by_task: dict[str, list[Record]], routes: dict[str, list
                  max_new_tokens: int = 16, batch_size: int = 32) -> tuple[dict, dict]:
     """Greedy answers of base / mixed / chain; EM, token F1, chrF per task and system.
     Returns (metrics, answers) — answers[system][task] is the list of texts."""
-    from chainlora.engine import BASE
+    from chainlora.inference.engine import BASE
 
     systems = ["base"] + (["mixed"] if chain.lib.mixed else []) + ["chain"]
     metrics: dict[str, dict] = {}

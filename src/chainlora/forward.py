@@ -13,7 +13,7 @@ import asyncio
 import json
 from typing import Any, AsyncIterator
 
-from chainlora.engine import BASE, Route
+from chainlora.inference.engine import BASE, Route
 from chainlora.errors import ChainloraError
 
 

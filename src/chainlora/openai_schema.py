@@ -7,7 +7,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from chainlora.engine import BASE, Answer, Route
+from chainlora.inference.engine import BASE, Answer, Route
 
 
 class ApiError(Exception):

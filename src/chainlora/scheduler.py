@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from chainlora.engine import Answer, Chain, Route
+from chainlora.inference.engine import Answer, Chain, Route
 from chainlora.errors import ChainloraError
 
 log = logging.getLogger("chainlora.serve")

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 from fastapi import Request as HttpRequest  # module level: FastAPI resolves annotations here
 
 from chainlora.data import prompts
-from chainlora.engine import Answer, Chain, Route
+from chainlora.inference.engine import Answer, Chain, Route
 from chainlora.errors import ChainloraError
 from chainlora.metrics import Metrics
 from chainlora.openai_schema import (ApiError, ChatBody, CompletionBody, Sampling, finish, route_field,

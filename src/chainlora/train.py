@@ -241,7 +241,8 @@ def run_classifier_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
     a full-batch probe on fixed features is a few hundred tiny steps)."""
     import torch
 
-    from chainlora import atomic, classifier
+    from chainlora import atomic
+    from chainlora.inference import classifier
 
     t0 = time.perf_counter()
     tasks = job.info["tasks"]

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from chainlora import router
+from chainlora.inference import router
 from chainlora.data import prompts
-from chainlora.adapter_cache import AdapterCache
+from chainlora.inference.adapter_cache import AdapterCache
 from chainlora.errors import ChainloraError
 from chainlora.library.store import Library, adapter_sha256
 from chainlora.models import Base, load_base
@@ -175,7 +175,7 @@ class Chain:
 
     def _classify(self, texts: Sequence[str]) -> list[router.Ranking]:
         """The `classifier` selector; its encoder and head load on first use."""
-        from chainlora import classifier
+        from chainlora.inference import classifier
 
         entry = self.lib.classifier
         if not entry:

@@ -116,7 +116,7 @@ def rank(encoder: Encoder, head: Any, texts: Sequence[str], tasks: Sequence[str]
     """Softmax over the head's logits, tasks best first."""
     import torch
 
-    from chainlora.router import Ranking
+    from chainlora.inference.router import Ranking
 
     with torch.no_grad():
         probs = torch.softmax(head(encoder.embed(texts).to(head.weight.device)), -1)
