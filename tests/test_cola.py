@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainlora import cola, config, library
-from chainlora.config import ColaSettings
+from chainlora import library
+from chainlora.train import cola, config
+from chainlora.train.config import ColaSettings
 from chainlora.errors import ChainloraError
 from chainlora.library import lora_math
 from chainlora.data.examples import Pair, build_dataset, collator
@@ -252,8 +253,8 @@ def test_cola_library_leaves_the_base_exact_and_loads_in_plain_peft(tiny_model_d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from chainlora import train as train_mod
-    from chainlora.progress import RunProgress
+    from chainlora.train import run as train_mod
+    from chainlora.train.progress import RunProgress
 
     cfg = tiny_cola(tiny_model_dir, "mixed.training={method: lora}", "training.cola.compress_rank=6")
     base = load_base(str(tiny_model_dir), device="cpu")
@@ -263,7 +264,7 @@ def test_cola_library_leaves_the_base_exact_and_loads_in_plain_peft(tiny_model_d
     assert [j.chain is not None for j in jobs] == [True, True, False]  # mixed overrides back to lora
     root = tmp_path / "lib"
     progress = RunProgress(jobs, enabled=False)
-    from chainlora.changes import fingerprint
+    from chainlora.train.changes import fingerprint
 
     entry = train_mod.run_job(jobs[0], base, cfg, root, False, progress,
                               fingerprint(jobs[0], cfg, base.fingerprint))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from chainlora import config
+from chainlora.train import config
 from chainlora.cli import main
 from chainlora.errors import ChainloraError
 
@@ -90,7 +90,7 @@ def test_unknown_task_in_config(tmp_path, capsys, monkeypatch, tiny_model_dir):
 
 
 def test_router_label_checks():
-    from chainlora.plan import labels_for
+    from chainlora.train.plan import labels_for
 
     cfg = config.from_dict({"router": {"labels": {"a": "same", "b": "same"}}})
     with pytest.raises(ChainloraError, match="router.labels.b: label 'same' also names 'a'"):

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import HANG_S
 
-from chainlora import config, library
+from chainlora import library
+from chainlora.train import config
 from chainlora.data import load_demo
 from chainlora.errors import ChainloraError
 from chainlora.library import Library
@@ -280,8 +281,8 @@ def test_warmup_ratio_is_a_ratio(tmp_path, monkeypatch):
     import torch
     from transformers import get_scheduler
 
-    from chainlora.plan import Job
-    from chainlora.train import training_args
+    from chainlora.train.plan import Job
+    from chainlora.train.run import training_args
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path))  # training_args sets it; undo after
 

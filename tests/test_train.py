@@ -15,7 +15,8 @@ from conftest import HANG_S
 import torch
 from safetensors.torch import load_file
 
-from chainlora import config, library
+from chainlora import library
+from chainlora.train import config
 from chainlora.cli import main
 from chainlora.errors import ChainloraError
 from chainlora.library import Library
@@ -88,7 +89,7 @@ def test_training_leaves_the_base_untouched(tiny_model_dir, tmp_path, monkeypatc
     cfg = tiny_config(tiny_model_dir, "tasks=[antonym]", "router.enabled=false", "mixed.enabled=false")
     fresh = load_base(str(tiny_model_dir), device="cpu").model
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
-    import chainlora.train as train_mod
+    from chainlora.train import run as train_mod
 
     seen = {}
     real = train_mod.run_job
@@ -265,7 +266,7 @@ def test_an_error_on_the_main_process_reaches_every_rank(tmp_path):
         "import sys\n"
         "from accelerate import PartialState\n"
         "from chainlora.errors import ChainloraError\n"
-        "from chainlora.train import on_main\n"
+        "from chainlora.train.run import on_main\n"
         "state = PartialState(cpu=True)\n"
         "def fail():\n"
         "    raise ChainloraError('lib/tasks/x: no space left on device')\n"

@@ -44,8 +44,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from chainlora import config
-    from chainlora.train import train_library
+    from chainlora.train import config
+    from chainlora.train.run import train_library
 
     cfg = config.load(args.config, overrides=args.set)
     root = train_library(cfg, args.out, resume=args.resume, force=args.force, dry_run=args.dry_run)
@@ -59,8 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from chainlora import config
-    from chainlora.train import train_library
+    from chainlora.train import config
+    from chainlora.train.run import train_library
 
     cfg = config.load(args.config, overrides=args.set)
     root = train_library(cfg, args.out, resume=args.resume, force=args.force, finetune=True,

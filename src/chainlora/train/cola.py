@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from chainlora.config import ColaSettings
+from chainlora.train.config import ColaSettings
 from chainlora.errors import ChainloraError
 from chainlora.library.lora_math import truncate
 

@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from chainlora import changes, cola, staging
+from chainlora.train import changes, cola, staging
 from chainlora.library import store
-from chainlora.config import Config, TrainingSettings
+from chainlora.train.config import Config, TrainingSettings
 from chainlora.errors import ChainloraError
 from chainlora.data.examples import build_dataset, collator
-from chainlora.plan import Job, load_data, plan, plan_finetune  # noqa: F401  (train.plan: the API)
-from chainlora.progress import RunProgress
+from chainlora.train.plan import Job, load_data, plan, plan_finetune  # noqa: F401  (run.plan, run.load_data: the API)
+from chainlora.train.progress import RunProgress
 
 T = TypeVar("T")
 FINGERPRINT_FILE = "fingerprint.txt"  # in a job's work directory: which job its checkpoints are of

@@ -13,9 +13,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from chainlora import cola
+from chainlora.train import cola
 from chainlora.library import store
-from chainlora.config import Config, TrainingSettings
+from chainlora.train.config import Config, TrainingSettings
 from chainlora.data.records import Record, TaskData, demo_path, load_tasks
 from chainlora.errors import ChainloraError
 from chainlora.data.examples import Pair, answer_pairs, selector_pairs

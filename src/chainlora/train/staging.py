@@ -19,7 +19,7 @@ from pathlib import Path
 
 from chainlora import atomic
 from chainlora.library import store
-from chainlora.changes import Change, entries
+from chainlora.train.changes import Change, entries
 from chainlora.errors import ChainloraError
 
 WORK = ".work"  # Trainer checkpoints, inside the partial library

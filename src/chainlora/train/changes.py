@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from chainlora.library import store
-from chainlora.config import Config
+from chainlora.train.config import Config
 from chainlora.errors import ChainloraError
-from chainlora.plan import Job
+from chainlora.train.plan import Job
 
 FINGERPRINT_VERSION = 1
 # Settings that change how a run is logged or checkpointed, never the weights it produces.
