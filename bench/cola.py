@@ -69,7 +69,7 @@ def throughput(steps: int, repeats: int, out: Path) -> dict:
 
 def run_one(task: str, method: str, seed: int, steps: int, out: Path) -> dict:
     """Train one adapter, score it on the full test split; return the result row."""
-    from chainlora import evaluate
+    from chainlora.eval import evaluate
     from chainlora.train import config
     from chainlora.data import load_demo
     from chainlora.inference.engine import Chain

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from chainlora import annotate
+from chainlora.eval import annotate
 
 
 def test_cohen_kappa_textbook_example():

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from chainlora import evaluate
+from chainlora.eval import evaluate
 from chainlora.data import Record, load_demo
 from chainlora.inference.engine import Chain
 

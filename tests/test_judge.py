@@ -11,7 +11,7 @@ import shutil
 import pytest
 from fastapi import FastAPI, Request
 
-from chainlora import judge
+from chainlora.eval import judge
 
 
 @pytest.mark.parametrize("reply, score", [

@@ -20,8 +20,8 @@ def load_chain(args: argparse.Namespace):
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from chainlora import tables
-    from chainlora.evaluate import evaluate, load_eval_data, save_eval
+    from chainlora.eval import tables
+    from chainlora.eval.evaluate import evaluate, load_eval_data, save_eval
 
     records, heldout, name = load_eval_data(args.data)
     chain = load_chain(args)
@@ -44,8 +44,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_judge(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from chainlora import judge
-    from chainlora.evaluate import by_task_of, load_eval_data, save_eval
+    from chainlora.eval import judge
+    from chainlora.eval.evaluate import by_task_of, load_eval_data, save_eval
 
     records, _, name = load_eval_data(args.data)
     chain = load_chain(args)
@@ -76,10 +76,10 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from chainlora import annotate
+    from chainlora.eval import annotate
 
     if args.action == "export":
-        from chainlora.evaluate import by_task_of, load_eval_data
+        from chainlora.eval.evaluate import by_task_of, load_eval_data
 
         if not args.data or not args.out:
             raise ChainloraError("annotate export: needs LIB, --data and --out")
@@ -98,7 +98,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         raise ChainloraError("annotate import: give the export directory and one or more filled sheets")
     result = annotate.import_sheets(Path(args.target), [Path(p) for p in args.sheets])
     from chainlora import atomic
-    from chainlora.evaluate import json_safe
+    from chainlora.eval.evaluate import json_safe
 
     atomic.write_json(Path(args.target) / "results.json", json_safe(result))
     if args.json:
@@ -122,7 +122,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from chainlora.report import build
+    from chainlora.eval.report import build
 
     html_path, md_path = build(args.library, human=args.human, eval_name=args.eval)
     print(f"report: {html_path}  (Markdown: {md_path})")

@@ -29,7 +29,7 @@ SHEET_FIELDS = ("item_id", "instruction", "reference", "answer", "rating", "anno
 def export(chain: Any, records: Sequence[Any], out: Path, *, systems: Sequence[str] = ("chain", "mixed", "base"),
            seed: int = 0, max_new_tokens: int = 64) -> dict:
     """Write OUT/sheet.csv, OUT/sheet.html and OUT/key.json; return a summary."""
-    from chainlora.evaluate import system_answers
+    from chainlora.eval.evaluate import system_answers
 
     rng = random.Random(seed)  # the order only; ids are random per export, so nothing can be unblinded
     export_id = secrets.token_hex(4)

@@ -207,7 +207,7 @@ def run(chain: Any, records: Sequence[Any], *, url: str, model: str, api_key: st
         systems: Sequence[str] = ("chain", "mixed", "base"), concurrency: int = 4, timeout_s: float = 60.0,
         max_new_tokens: int = 64) -> dict:
     """Answer every record with each system, have the judge rate them, summarize."""
-    from chainlora.evaluate import system_answers
+    from chainlora.eval.evaluate import system_answers
 
     items = [{"system": system, "task": r.task, "instruction": r.text, "reference": r.output,
               "answer": a.text, "adapter": a.route.adapter}
