@@ -329,7 +329,7 @@ def test_per_row_token_limits_match_separate_calls(random_lib):
 
 def test_forwarding_routes_here_and_answers_on_the_backend(random_lib):
     """`serve --backend openai`: a second chainlora server on loopback stands in for vLLM."""
-    from chainlora.forward import Forwarder
+    from chainlora.serve.forward import Forwarder
 
     backend = Live(Server(Chain.load(random_lib, device="cpu")))
     front = Live(Server(Chain.load(random_lib, device="cpu"), forwarder=Forwarder(backend.url)))

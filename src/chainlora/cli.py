@@ -94,7 +94,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from chainlora.serve import serve
+    from chainlora.serve.app import serve
 
     key = args.api_key or os.environ.get("CHAINLORA_API_KEY") or None
     serve(args.library, host=args.host, port=args.port, api_key=key, device=args.device, dtype=args.dtype,

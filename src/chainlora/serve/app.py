@@ -27,10 +27,10 @@ from fastapi import Request as HttpRequest  # module level: FastAPI resolves ann
 from chainlora.data import prompts
 from chainlora.inference.engine import Answer, Chain, Route
 from chainlora.errors import ChainloraError
-from chainlora.metrics import Metrics
-from chainlora.openai_schema import (ApiError, ChatBody, CompletionBody, Sampling, finish, route_field,
-                                     usage)
-from chainlora.scheduler import QueueFull, Request, Scheduler, TimedOut, deliver
+from chainlora.serve.metrics import Metrics
+from chainlora.serve.schema import (ApiError, ChatBody, CompletionBody, Sampling, finish, route_field,
+                                    usage)
+from chainlora.serve.scheduler import QueueFull, Request, Scheduler, TimedOut, deliver
 
 CHAIN, MIXED = "chain", "mixed"
 log = logging.getLogger("chainlora.serve")
@@ -349,7 +349,7 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
 
     forwarder = None
     if backend == "openai":
-        from chainlora.forward import Forwarder
+        from chainlora.serve.forward import Forwarder
 
         if not backend_url:
             raise ChainloraError("--backend openai needs --backend-url URL (e.g. http://vllm-host:8000/v1)")
