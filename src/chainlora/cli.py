@@ -37,9 +37,9 @@ def _parse_fields(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from chainlora import demo
+    from chainlora.demo import pipeline
 
-    demo.run(Path(args.out), quick=args.quick)
+    pipeline.run(Path(args.out), quick=args.quick)
     return 0
 
 
