@@ -1,6 +1,9 @@
 """chainlora: Chain of LoRA — routed task adapters and residual LoRA chains.
 
-Data flows one way: data -> train -> library -> engine -> serve / evaluate.
+Subpackages by stage; a module imports only from its own stage or a lower one
+(checked by tests/test_layout.py):
+
+    core (errors, atomic, models) < data < library < inference < train < eval < serve < demo < cli
 """
 
 __version__ = "0.1.0"

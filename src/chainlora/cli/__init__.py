@@ -1,7 +1,12 @@
-"""The `chainlora` command.
+"""Stage `cli`: the `chainlora` command (`main`, the console script's entry point).
+
+    __init__.py  the parser and the data / train / export / route / generate / serve / model commands
+    eval.py      the evaluation commands: eval, judge, annotate, report
 
 Exit codes: 0 success, 2 user error (one line on stderr naming the file / line / key),
-1 a bug (with its traceback), 130 interrupted.
+1 a bug (with its traceback), 130 interrupted. Importing this package stays cheap (no torch):
+every command imports its stage inside the function.
+May import: every stage.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from chainlora import __version__
-from chainlora.cli_eval import cmd_annotate, cmd_eval, cmd_judge, cmd_report
-from chainlora.cli_eval import load_chain as _load_chain
+from chainlora.cli.eval import cmd_annotate, cmd_eval, cmd_judge, cmd_report
+from chainlora.cli.eval import load_chain as _load_chain
 from chainlora.errors import ChainloraError
 
 
@@ -381,7 +386,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("chainlora: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,3 @@
+from chainlora.cli import main
+
+raise SystemExit(main())
