@@ -51,8 +51,8 @@ def config_for(task: str, method: str, seed: int, steps: int) -> dict:
 
 def throughput(steps: int, repeats: int, out: Path) -> dict:
     """tokens/s of LoRA and COLA runs alternating on one task; ratios paired per repeat."""
-    from chainlora.train import config
     from chainlora.library import Library
+    from chainlora.train import config
     from chainlora.train import train_library
 
     speed: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -69,10 +69,10 @@ def throughput(steps: int, repeats: int, out: Path) -> dict:
 
 def run_one(task: str, method: str, seed: int, steps: int, out: Path) -> dict:
     """Train one adapter, score it on the full test split; return the result row."""
-    from chainlora.eval import evaluate
-    from chainlora.train import config
     from chainlora.data import load_demo
+    from chainlora.eval import evaluate
     from chainlora.inference.engine import Chain
+    from chainlora.train import config
     from chainlora.train import train_library
 
     name = f"{task}-{method.replace(' ', '').replace('=', '').replace(',', '-').replace('/', '')}-s{seed}"

@@ -63,8 +63,8 @@ def plain_peft(model_dir: str, records: list, steps: int) -> float:
 
 def with_chainlora(task: str, steps: int, out: Path) -> float:
     """The same job through `chainlora train`; tokens/s from the library manifest."""
-    from chainlora.train import config
     from chainlora.library import Library
+    from chainlora.train import config
     from chainlora.train import train_library
 
     cfg = config.from_dict({

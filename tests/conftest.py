@@ -109,8 +109,8 @@ def make_random_library(root: Path, model_dir: Path, tasks: list[str], *, router
     from peft import LoraConfig, get_peft_model
 
     from chainlora import library
-    from chainlora.models import load_base
     from chainlora.data.prompts import DEFAULT_TASK_PROMPT
+    from chainlora.models import load_base
 
     base = load_base(str(model_dir), device="cpu")
     manifest = library.new_manifest(str(model_dir), base.fingerprint, {}, "test", None)

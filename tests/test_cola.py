@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from chainlora import library
-from chainlora.train import cola, config
-from chainlora.train.config import ColaSettings
+from chainlora.data.examples import Pair, build_dataset, collator
 from chainlora.errors import ChainloraError
 from chainlora.library import lora_math
-from chainlora.data.examples import Pair, build_dataset, collator
 from chainlora.models import load_base
+from chainlora.train import cola, config
+from chainlora.train.config import ColaSettings
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

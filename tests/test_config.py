@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from chainlora.train import config
 from chainlora.cli import main
 from chainlora.errors import ChainloraError
+from chainlora.train import config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from chainlora.inference import router
 from chainlora.data import prompts
-from chainlora.inference.engine import BASE, Chain
 from chainlora.errors import ChainloraError
+from chainlora.inference import router
+from chainlora.inference.engine import BASE, Chain
 
 TEXTS = ["Give the antonym of hot.", "Is the word happy positive or negative?",
          "What rhymes with cat?", "What is a dog a kind of?", "Define the word cat.",

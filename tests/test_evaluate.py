@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from chainlora.eval import evaluate
 from chainlora.data import Record, load_demo
+from chainlora.eval import evaluate
 from chainlora.inference.engine import Chain
 
 TASKS = ["antonym", "sentiment", "rhyme", "hypernym", "definition"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainlora.library.export import export
 from chainlora.errors import ChainloraError
 from chainlora.library import Library
+from chainlora.library.export import export
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

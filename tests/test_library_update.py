@@ -15,10 +15,10 @@ import pytest
 from conftest import HANG_S
 
 from chainlora import library
-from chainlora.train import config
 from chainlora.data import load_demo
 from chainlora.errors import ChainloraError
 from chainlora.library import Library
+from chainlora.train import config
 from chainlora.train import train_library
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ from conftest import HANG_S
 import torch
 
 from chainlora import models
-from chainlora.data import prompts
 from chainlora.cli import main
+from chainlora.data import prompts
 from chainlora.errors import ChainloraError
 from chainlora.models import home, load_base, resolve
 

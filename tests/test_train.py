@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from chainlora import library
-from chainlora.train import config
 from chainlora.cli import main
 from chainlora.errors import ChainloraError
 from chainlora.library import Library
 from chainlora.models import load_base
+from chainlora.train import config
 from chainlora.train import train_library
 
 REPO = Path(__file__).resolve().parents[1]

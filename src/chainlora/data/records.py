@@ -27,8 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from chainlora.errors import ChainloraError
 from chainlora.data.prompts import user_message
+from chainlora.errors import ChainloraError
 
 FIELDS = ("task", "instruction", "input", "output")
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")

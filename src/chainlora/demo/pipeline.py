@@ -19,13 +19,13 @@ from rich.console import Console
 from rich.table import Table
 
 from chainlora import atomic
-from chainlora.eval import tables
-from chainlora.train import config
 from chainlora.data.records import TaskData, load_demo
-from chainlora.inference.engine import Chain
+from chainlora.eval import tables
 from chainlora.eval.evaluate import evaluate, json_safe, save_eval
-from chainlora.library.store import Library
 from chainlora.eval.report import build as build_report
+from chainlora.inference.engine import Chain
+from chainlora.library.store import Library
+from chainlora.train import config
 from chainlora.train.run import train_library
 
 QUICK = ["training.max_steps=3", "training.batch_size=4", "router.training.max_steps=16",

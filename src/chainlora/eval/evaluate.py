@@ -18,9 +18,9 @@ import re
 import time
 from typing import Any, Sequence
 
+from chainlora.data.examples import IGNORE, answer_pairs, collator, tokenize
 from chainlora.data.records import Record
 from chainlora.errors import ChainloraError
-from chainlora.data.examples import IGNORE, answer_pairs, collator, tokenize
 
 NONE = "(none)"  # the selector named no task
 

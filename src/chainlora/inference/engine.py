@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from chainlora.inference import router
 from chainlora.data import prompts
-from chainlora.inference.adapter_cache import AdapterCache
 from chainlora.errors import ChainloraError
+from chainlora.inference import router
+from chainlora.inference.adapter_cache import AdapterCache
 from chainlora.library.store import Library, adapter_sha256
 from chainlora.models import Base, load_base
 

@@ -29,7 +29,7 @@ from chainlora.errors import ChainloraError
 FORMAT_VERSION = 1
 MANIFEST = "chainlora.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-CLASSIFIER_FILES = ("classifier.json", "head.safetensors")  # the classifier selector's head (inference/classifier.py)
+CLASSIFIER_FILES = ("classifier.json", "head.safetensors")  # the classifier selector's head
 
 
 def files_sha256(named: list[tuple[str, bytes]]) -> str:

@@ -25,12 +25,12 @@ from typing import Any, AsyncIterator
 from fastapi import Request as HttpRequest  # module level: FastAPI resolves annotations here
 
 from chainlora.data import prompts
-from chainlora.inference.engine import Answer, Chain, Route
 from chainlora.errors import ChainloraError
+from chainlora.inference.engine import Answer, Chain, Route
 from chainlora.serve.metrics import Metrics
+from chainlora.serve.scheduler import QueueFull, Request, Scheduler, TimedOut, deliver
 from chainlora.serve.schema import (ApiError, ChatBody, CompletionBody, Sampling, finish, route_field,
                                     usage)
-from chainlora.serve.scheduler import QueueFull, Request, Scheduler, TimedOut, deliver
 
 CHAIN, MIXED = "chain", "mixed"
 log = logging.getLogger("chainlora.serve")
@@ -266,7 +266,7 @@ def create_app(server: Server):
                 "choices": [choice], "usage": usage(a), "chainlora": route_field(a.route)}
 
     async def forward(req: Request, body: Sampling, kind: str, t0: float):
-        """Route here, answer on the backend (see chainlora.forward)."""
+        """Route here, answer on the backend (see chainlora.serve.forward)."""
         try:
             (route,) = await asyncio.to_thread(server.chain.routes_for, [req.text], [req.task])
             model = server.forwarder.model_for(route)

@@ -13,8 +13,8 @@ import asyncio
 import json
 from typing import Any, AsyncIterator
 
-from chainlora.inference.engine import BASE, Route
 from chainlora.errors import ChainloraError
+from chainlora.inference.engine import BASE, Route
 
 
 class Forwarder:

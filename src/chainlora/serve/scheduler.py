@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from chainlora.inference.engine import Answer, Chain, Route
 from chainlora.errors import ChainloraError
+from chainlora.inference.engine import Answer, Chain, Route
 
 log = logging.getLogger("chainlora.serve")
 

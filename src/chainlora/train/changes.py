@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chainlora.errors import ChainloraError
 from chainlora.library import store
 from chainlora.train.config import Config
-from chainlora.errors import ChainloraError
 from chainlora.train.plan import Job
 
 FINGERPRINT_VERSION = 1

@@ -26,9 +26,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from chainlora.train.config import ColaSettings
 from chainlora.errors import ChainloraError
 from chainlora.library.lora_math import truncate
+from chainlora.train.config import ColaSettings
 
 ADAPTER = "default"  # get_peft_model's adapter name
 STATE_FILE = "cola.safetensors"  # the chain's links inside each Trainer checkpoint

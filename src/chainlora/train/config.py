@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from chainlora.data.prompts import DEFAULT_TASK_PROMPT, check_task_prompt
 from chainlora.errors import ChainloraError
 from chainlora.models import DEFAULT_MODEL
-from chainlora.data.prompts import DEFAULT_TASK_PROMPT, check_task_prompt
 
 
 def _bounds(lo: float | None = None, hi: float | None = None, **kw: Any) -> Any:

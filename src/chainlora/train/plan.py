@@ -13,12 +13,12 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from chainlora.train import cola
-from chainlora.library import store
-from chainlora.train.config import Config, TrainingSettings
+from chainlora.data.examples import Pair, answer_pairs, selector_pairs
 from chainlora.data.records import Record, TaskData, demo_path, load_tasks
 from chainlora.errors import ChainloraError
-from chainlora.data.examples import Pair, answer_pairs, selector_pairs
+from chainlora.library import store
+from chainlora.train import cola
+from chainlora.train.config import Config, TrainingSettings
 
 FINETUNE = "finetune"  # the adapter's name in a `chainlora finetune` library
 RESERVED = ("chain", "router", "mixed", "classifier")  # adapter / model names of their own

@@ -1,16 +1,16 @@
 """`chainlora train`: the routed chain's adapters, trained one after another into a library.
 
-A run is a plan of jobs (chainlora.plan) — one LoRA per task (M_t), the task-selection LoRA (P) and the
-mixed-task baseline (M_mix) — executed by transformers' Trainer on ONE base model loaded once:
-each job wraps the base with `get_peft_model`, trains, saves the adapter atomically into the
-library, and `unload()`s the LoRA layers so the next job starts from the untouched base.
-The Trainer brings gradient accumulation, bf16/fp16, checkpoints, logging and
+A run is a plan of jobs (chainlora.train.plan) — one LoRA per task (M_t), the task-selection
+LoRA (P) and the mixed-task baseline (M_mix) — executed by transformers' Trainer on ONE base
+model loaded once: each job wraps the base with `get_peft_model`, trains, saves the adapter
+atomically into the library, and `unload()`s the LoRA layers so the next job starts from the
+untouched base. The Trainer brings gradient accumulation, bf16/fp16, checkpoints, logging and
 accelerate/torchrun multi-process training; only the main process writes the library.
 
-Incremental: the jobs are compared with the library on disk by fingerprint (chainlora.changes):
-unchanged adapters are kept without model work, new and changed ones trained. The new library
-is built beside the old one and swapped in when complete (chainlora.staging), so the old one
-serves until then and an interrupted run loses nothing.
+Incremental: the jobs are compared with the library on disk by fingerprint
+(chainlora.train.changes): unchanged adapters are kept without model work, new and changed ones
+trained. The new library is built beside the old one and swapped in when complete
+(chainlora.train.staging), so the old one serves until then and an interrupted run loses nothing.
 
 Resume: each job checkpoints into .LIB.partial/.work/<job>/; the partial manifest is rewritten
 after every finished adapter. `--resume` keeps finished adapters (fingerprint- and hash-checked)
@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from chainlora.train import changes, cola, staging
-from chainlora.library import store
-from chainlora.train.config import Config, TrainingSettings
-from chainlora.errors import ChainloraError
 from chainlora.data.examples import build_dataset, collator
+from chainlora.errors import ChainloraError
+from chainlora.library import store
+from chainlora.train import changes, cola, staging
+from chainlora.train.config import Config, TrainingSettings
 from chainlora.train.plan import Job, load_data, plan, plan_finetune  # noqa: F401  (run.plan, run.load_data: the API)
 from chainlora.train.progress import RunProgress
 
@@ -299,7 +299,7 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     """Bring the library at `out` up to date with the config; return its path.
 
     Keeps every adapter whose fingerprint matches, trains new and changed ones, removes those
-    no longer configured (chainlora.changes); prints the plan first. force=True retrains all;
+    no longer configured (chainlora.train.changes); prints the plan first. force=True retrains all;
     dry_run=True prints the plan and changes nothing. finetune=True trains ONE adapter on all
     selected tasks (no router, classifier or mixed).
     """

@@ -18,9 +18,9 @@ import shutil
 from pathlib import Path
 
 from chainlora import atomic
+from chainlora.errors import ChainloraError
 from chainlora.library import store
 from chainlora.train.changes import Change, entries
-from chainlora.errors import ChainloraError
 
 WORK = ".work"  # Trainer checkpoints, inside the partial library
 REMOVED = "removed"  # where the adapters of removed tasks go
