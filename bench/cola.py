@@ -52,8 +52,7 @@ def config_for(task: str, method: str, seed: int, steps: int) -> dict:
 def throughput(steps: int, repeats: int, out: Path) -> dict:
     """tokens/s of LoRA and COLA runs alternating on one task; ratios paired per repeat."""
     from chainlora.library import Library
-    from chainlora.train import config
-    from chainlora.train import train_library
+    from chainlora.train import config, train_library
 
     speed: dict[str, list[float]] = {m: [] for m in METHODS}
     for i in range(repeats):
@@ -72,8 +71,7 @@ def run_one(task: str, method: str, seed: int, steps: int, out: Path) -> dict:
     from chainlora.data import load_demo
     from chainlora.eval import evaluate
     from chainlora.inference.engine import Chain
-    from chainlora.train import config
-    from chainlora.train import train_library
+    from chainlora.train import config, train_library
 
     name = f"{task}-{method.replace(' ', '').replace('=', '').replace(',', '-').replace('/', '')}-s{seed}"
     cfg = config.from_dict(config_for(task, method, seed, steps), f"bench:{name}")

@@ -64,8 +64,7 @@ def plain_peft(model_dir: str, records: list, steps: int) -> float:
 def with_chainlora(task: str, steps: int, out: Path) -> float:
     """The same job through `chainlora train`; tokens/s from the library manifest."""
     from chainlora.library import Library
-    from chainlora.train import config
-    from chainlora.train import train_library
+    from chainlora.train import config, train_library
 
     cfg = config.from_dict({
         "system_prompt": SYSTEM, "tasks": [task],

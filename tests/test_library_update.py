@@ -18,8 +18,7 @@ from chainlora import library
 from chainlora.data import load_demo
 from chainlora.errors import ChainloraError
 from chainlora.library import Library
-from chainlora.train import config
-from chainlora.train import train_library
+from chainlora.train import config, train_library
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import HANG_S
 
-from chainlora.train import config
-from chainlora.train import train_library
+from chainlora.train import config, train_library
 
 REPO = Path(__file__).resolve().parents[1]
 

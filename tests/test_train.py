@@ -20,8 +20,7 @@ from chainlora.cli import main
 from chainlora.errors import ChainloraError
 from chainlora.library import Library
 from chainlora.models import load_base
-from chainlora.train import config
-from chainlora.train import train_library
+from chainlora.train import config, train_library
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
