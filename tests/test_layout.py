@@ -1,0 +1,124 @@
+"""The package layout: every module imports only from its own stage or a lower one, and stays short.
+
+Stages, lowest first (a module's stage is its subpackage; errors, atomic and models are core):
+
+    core < data < library < inference < train < eval < serve < demo < cli
+
+Every import counts: module level, inside functions (lazy imports) and importlib.import_module
+calls with a literal name. Parsed with `ast`, nothing is imported.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "chainlora"
+STAGES = ("core", "data", "library", "inference", "train", "eval", "serve", "demo", "cli")
+RANK = {stage: i for i, stage in enumerate(STAGES)}
+CORE = ("errors", "atomic", "models")  # top-level modules every stage may use
+MAX_LINES = 450
+
+
+def module_of(path: Path) -> str:
+    """chainlora/train/run.py -> chainlora.train.run; a package's __init__.py is the package."""
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def stage_of(module: str) -> str | None:
+    """The stage of a chainlora module; None for anything outside chainlora, "?" for no stage."""
+    parts = module.split(".")
+    if parts[0] != "chainlora":
+        return None
+    if len(parts) == 1 or parts[1] in CORE:
+        return "core"  # the top-level package itself holds only __version__ and ChainloraError
+    if parts[1] == "__main__":
+        return "cli"  # `python -m chainlora` is the CLI
+    return parts[1] if parts[1] in RANK and parts[1] != "core" else "?"
+
+
+def _is_module(module: str) -> bool:
+    path = SRC.joinpath(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def imported(tree: ast.AST, module: str, is_package: bool) -> list[tuple[int, str]]:
+    """(line, module) of every chainlora module the tree imports."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's own package
+                anchor = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:  # `from chainlora import library` imports chainlora.library
+                sub = f"{base}.{alias.name}"
+                found.append((node.lineno, sub if _is_module(sub) else base))
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+              in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)):
+            found.append((node.lineno, node.args[0].value))
+    return sorted(found)
+
+
+def violations(source: str, module: str, where: str, is_package: bool = False) -> list[str]:
+    """Imports of a higher-ranked stage (or of a module in no stage) in `source`."""
+    own = stage_of(module)
+    if own == "?":
+        return [f"{where}: {module} belongs to no stage (put it in a subpackage: {', '.join(STAGES[1:])})"]
+    bad = []
+    for line, target in imported(ast.parse(source, where), module, is_package):
+        stage = stage_of(target)
+        if stage is None:
+            continue
+        if stage == "?":
+            bad.append(f"{where}:{line}: imports {target}, which belongs to no stage")
+        elif RANK[stage] > RANK[own]:
+            bad.append(f"{where}:{line}: {own} imports {target} ({stage} ranks above {own})")
+    return bad
+
+
+def sources() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def test_no_module_imports_a_higher_stage():
+    bad = []
+    for path in sources():
+        bad += violations(path.read_text(encoding="utf-8"), module_of(path), str(path.relative_to(SRC.parent)),
+                          is_package=path.name == "__init__.py")
+    assert not bad, "imports against the stage order:\n" + "\n".join(bad)
+
+
+def test_no_module_is_too_long():
+    long = [f"{p.relative_to(SRC.parent)}: {n} lines" for p in sources()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES]
+    assert not long, f"modules over {MAX_LINES} lines (split them):\n" + "\n".join(long)
+
+
+def test_every_stage_is_a_package():
+    for stage in STAGES[1:]:
+        assert (PACKAGE / stage / "__init__.py").is_file(), stage
+    for name in CORE:
+        assert (PACKAGE / f"{name}.py").is_file(), name
+
+
+def test_the_check_catches_a_violation():
+    """The checker itself: a lazy upward import, a `from chainlora import` of a stage, a dynamic one."""
+    src = ("import json\n"
+           "from chainlora import atomic\n"
+           "from chainlora.data import records\n"
+           "def f():\n"
+           "    from chainlora.train import cola\n"
+           "    from chainlora import serve\n"
+           "    import importlib; importlib.import_module('chainlora.cli')\n")
+    found = violations(src, "chainlora.library.store", "store.py")
+    assert [v.split(": ")[0] for v in found] == ["store.py:5", "store.py:6", "store.py:7"], found
+    assert violations("from chainlora.inference.engine import Chain\n", "chainlora.serve.app", "app.py") == []
+    assert violations("from chainlora.models import load_base\n", "chainlora.data.records", "r.py") == []
+    assert violations("", "chainlora.helpers", "helpers.py")  # a new flat module has no stage
+    assert violations("from chainlora.helpers import x\n", "chainlora.cli", "cli.py")
