@@ -33,45 +33,45 @@ def median_of(fn, repeats: int) -> float:
     return statistics.median(timed(fn) for _ in range(repeats))
 
 
-def p1(chain, texts: list[str], repeats: int, n_new: int) -> dict:
+def p1(engine, texts: list[str], repeats: int, n_new: int) -> dict:
     """Routed vs pre-chosen, same adapter (the routed one), same forced length."""
     out = {}
     for selector in ("score", "generate"):
         routed, pinned = [], []
         for text in texts:
-            (route,) = chain.route([text], selector=selector)
+            (route,) = engine.route([text], selector=selector)
             kw = dict(max_new_tokens=n_new, min_new_tokens=n_new)
-            routed.append(median_of(lambda: (chain.route([text], selector=selector),
-                                             chain.generate([text], task=route.adapter, **kw)), repeats))
-            pinned.append(median_of(lambda: chain.generate([text], task=route.adapter, **kw), repeats))
+            routed.append(median_of(lambda: (engine.route([text], selector=selector),
+                                             engine.generate([text], task=route.adapter, **kw)), repeats))
+            pinned.append(median_of(lambda: engine.generate([text], task=route.adapter, **kw), repeats))
         out[selector] = (statistics.median(routed), statistics.median(pinned))
     return out
 
 
-def p2(chain, texts: list[str], tasks: list[str], repeats: int, n_new: int) -> dict:
+def p2(engine, texts: list[str], tasks: list[str], repeats: int, n_new: int) -> dict:
     """Mixed batch over 8 adapters vs one adapter vs task by task; tokens/s."""
     kw = dict(max_new_tokens=n_new, min_new_tokens=n_new)
     n_tokens = len(texts) * n_new
-    chain.generate(texts, task=tasks, **kw)  # warm: every adapter resident
+    engine.generate(texts, task=tasks, **kw)  # warm: every adapter resident
 
     def by_task() -> None:
         for t in dict.fromkeys(tasks):
             idx = [i for i, x in enumerate(tasks) if x == t]
-            chain.generate([texts[i] for i in idx], task=t, **kw)
+            engine.generate([texts[i] for i in idx], task=t, **kw)
 
     mixed, one, sequential = [], [], []
     for _ in range(repeats):
-        mixed.append(n_tokens / timed(lambda: chain.generate(texts, task=tasks, **kw)))
-        one.append(n_tokens / timed(lambda: chain.generate(texts, task=tasks[0], **kw)))
+        mixed.append(n_tokens / timed(lambda: engine.generate(texts, task=tasks, **kw)))
+        one.append(n_tokens / timed(lambda: engine.generate(texts, task=tasks[0], **kw)))
         sequential.append(n_tokens / timed(by_task))
     return {"mixed": statistics.median(mixed), "one": statistics.median(one),
             "by_task": statistics.median(sequential)}
 
 
-def p3(chain, lib_path: Path, names: list[str], repeats: int) -> dict:
+def p3(engine, lib_path: Path, names: list[str], repeats: int) -> dict:
     """Warm switch and cold loads (new slot / recycled slot), against the raw file read and
     PEFT's own calls."""
-    cache = chain.cache
+    cache = engine.cache
     cache.acquire(names[:2])
     warm = median_of(lambda: cache.acquire([names[0]]), 200)
     peft_switch = median_of(lambda: cache.model.set_adapter(cache.slot(names[1])), repeats * 5)
@@ -93,7 +93,7 @@ def p3(chain, lib_path: Path, names: list[str], repeats: int) -> dict:
         cache.device_bytes = sum(cache.resident.values())  # full: the LRU adapter's slot is reused
         return timed(lambda: cache.acquire([name]))
 
-    entry = {e["name"]: e for e in chain.lib.entries()}
+    entry = {e["name"]: e for e in engine.lib.entries()}
     weights = [lib_path / entry[n]["path"] / "adapter_model.safetensors" for n in names]
     raw = statistics.median(timed(lambda: w.read_bytes()) for w in weights for _ in range(repeats))
     new = statistics.median(cold_new(n) for n in names for _ in range(repeats))
@@ -124,19 +124,19 @@ def main() -> None:
     import torch
 
     from chainlora.data import load_demo
-    from chainlora.inference.engine import Chain
+    from chainlora.inference.engine import Engine
 
-    chain = Chain.load(args.library, device="cpu")
+    engine = Engine.load(args.library, device="cpu")
     demo = load_demo()
-    tasks = chain.tasks
+    tasks = engine.tasks
     one_each = [demo[t].test[0].text for t in tasks]
     eight = tasks[:8]
     texts16 = [demo[t].test[i].text for t in eight for i in (1, 2)]
     tasks16 = [t for t in eight for _ in (1, 2)]
 
-    r1 = p1(chain, one_each[:5], args.repeats, args.new_tokens)
-    r2 = p2(chain, texts16, tasks16, args.repeats, 32)
-    r3 = p3(chain, Path(args.library), tasks[:4], args.repeats)
+    r1 = p1(engine, one_each[:5], args.repeats, args.new_tokens)
+    r2 = p2(engine, texts16, tasks16, args.repeats, 32)
+    r3 = p3(engine, Path(args.library), tasks[:4], args.repeats)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"library {args.library} ({len(tasks)} task adapters); medians of {args.repeats}")

@@ -64,11 +64,11 @@ def test_annotate_round_trip(random_lib, tmp_path, cli):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["annotators"] == ["ann-a", "ann-b", "c"]  # an unnamed sheet is named after its file
-    chain = res["systems"]["chain"]
+    routed = res["systems"]["chain"]
     first6 = [key[row["item_id"]]["system"] for row in rows[:6]]
     first10 = [key[row["item_id"]]["system"] for row in rows[:10]]
-    assert chain["n"] == 10 + 10 + first10.count("chain")
-    assert chain["Excellent"] == chain["n"] - first6.count("chain") and chain["Fail"] == 0
+    assert routed["n"] == 10 + 10 + first10.count("chain")
+    assert routed["Excellent"] == routed["n"] - first6.count("chain") and routed["Fail"] == 0
     assert res["systems"]["base"]["fail_rate"] == pytest.approx(
         1 - first6.count("base") / res["systems"]["base"]["n"])
     ab = res["cohen_kappa"]["ann-a / ann-b"]

@@ -11,7 +11,7 @@ import torch
 from chainlora.data import prompts
 from chainlora.errors import ChainloraError
 from chainlora.inference import router
-from chainlora.inference.engine import BASE, Chain
+from chainlora.inference.engine import BASE, Engine
 
 TEXTS = ["Give the antonym of hot.", "Is the word happy positive or negative?",
          "What rhymes with cat?", "What is a dog a kind of?", "Define the word cat.",
@@ -20,32 +20,32 @@ TASKS = ["antonym", "sentiment", "rhyme", "hypernym", "definition", "antonym", "
 
 
 @pytest.fixture(scope="module")
-def chain(random_lib):
-    return Chain.load(random_lib, device="cpu")
+def engine(random_lib):
+    return Engine.load(random_lib, device="cpu")
 
 
-def test_score_selector_probabilities_sum_to_one(chain):
-    routes = chain.route(TEXTS, top_k=5)
+def test_score_selector_probabilities_sum_to_one(engine):
+    routes = engine.route(TEXTS, top_k=5)
     for r in routes:
-        assert r.task in chain.tasks and r.adapter == r.task and not r.fallback
+        assert r.task in engine.tasks and r.adapter == r.task and not r.fallback
         probs = [p for _, p in r.top_k]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5) and probs == sorted(probs, reverse=True)
         assert r.probability == probs[0]
 
 
-def test_score_selector_kv_reuse_equals_full_sequences(chain):
+def test_score_selector_kv_reuse_equals_full_sequences(engine):
     """The prefill-once KV-cache path gives the same log-probs as scoring full sequences."""
-    lib_router = chain.lib.router
+    lib_router = engine.lib.router
     labels = list(lib_router["labels"].values())
-    model = chain.cache.acquire(["router"])
-    slot = chain.cache.slot("router")
-    fast = router.score_labels(model, chain.tok, TEXTS[:3], labels, template=lib_router["task_prompt"],
+    model = engine.cache.acquire(["router"])
+    slot = engine.cache.slot("router")
+    fast = router.score_labels(model, engine.tok, TEXTS[:3], labels, template=lib_router["task_prompt"],
                                system=None, adapter=slot)
     for i, text in enumerate(TEXTS[:3]):
-        prompt = prompts.render(chain.tok, prompts.task_prompt(text, "", lib_router["task_prompt"]))
-        p_ids = chain.tok(prompt, add_special_tokens=False)["input_ids"]
+        prompt = prompts.render(engine.tok, prompts.task_prompt(text, "", lib_router["task_prompt"]))
+        p_ids = engine.tok(prompt, add_special_tokens=False)["input_ids"]
         for j, label in enumerate(labels):
-            l_ids = chain.tok(label + chain.tok.eos_token, add_special_tokens=False)["input_ids"]
+            l_ids = engine.tok(label + engine.tok.eos_token, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([p_ids + l_ids])
             with torch.no_grad():
                 logits = model(input_ids=ids, adapter_names=[slot]).logits[0].float()
@@ -54,68 +54,74 @@ def test_score_selector_kv_reuse_equals_full_sequences(chain):
             assert float(fast[i, j]) == pytest.approx(naive, abs=1e-3)
 
 
-def test_mixed_batch_equals_one_at_a_time(chain):
-    batch = chain.generate(TEXTS, task=TASKS, max_new_tokens=12)
-    single = [chain.generate([t], task=k, max_new_tokens=12)[0] for t, k in zip(TEXTS, TASKS)]
+def test_mixed_batch_equals_one_at_a_time(engine):
+    batch = engine.generate(TEXTS, task=TASKS, max_new_tokens=12)
+    single = [engine.generate([t], task=k, max_new_tokens=12)[0] for t, k in zip(TEXTS, TASKS)]
     assert [a.text for a in batch] == [a.text for a in single]
     assert [a.completion_tokens for a in batch] == [a.completion_tokens for a in single]
     # Not vacuous: the adapters really answer differently from each other.
-    other = chain.generate([TEXTS[0]], task="sentiment", max_new_tokens=12)[0]
+    other = engine.generate([TEXTS[0]], task="sentiment", max_new_tokens=12)[0]
     assert other.text != batch[0].text
 
 
-def test_routed_answer_equals_pinned_answer(chain):
-    routed = chain.generate(TEXTS[:4], max_new_tokens=10)
-    pinned = chain.generate(TEXTS[:4], task=[a.route.task for a in routed], max_new_tokens=10)
+def test_routed_answer_equals_pinned_answer(engine):
+    routed = engine.generate(TEXTS[:4], max_new_tokens=10)
+    pinned = engine.generate(TEXTS[:4], task=[a.route.task for a in routed], max_new_tokens=10)
     assert [a.text for a in routed] == [a.text for a in pinned]
     assert all(a.route.selector == "score" for a in routed)
 
 
-def test_threshold_falls_back_to_mixed(random_lib, chain):
-    strict = Chain.load(random_lib, device="cpu", threshold=1.01)
+def test_threshold_falls_back_to_mixed(random_lib, engine):
+    strict = Engine.load(random_lib, device="cpu", threshold=1.01)
     (route,) = strict.route(TEXTS[:1])
-    assert route.fallback and route.adapter == "mixed" and route.task in chain.tasks
+    assert route.fallback and route.adapter == "mixed" and route.task in engine.tasks
     (answer,) = strict.generate(TEXTS[:1], max_new_tokens=8)
-    assert answer.text == chain.generate(TEXTS[:1], task="mixed", max_new_tokens=8)[0].text
+    assert answer.text == engine.generate(TEXTS[:1], task="mixed", max_new_tokens=8)[0].text
 
 
-def test_generate_selector_uses_only_labels(chain):
-    routes = chain.route(TEXTS[:3], selector="generate")
+def test_generate_selector_uses_only_labels(engine):
+    routes = engine.route(TEXTS[:3], selector="generate")
     for r in routes:
         assert r.selector == "generate"
-        assert all(t in chain.tasks for t, _ in r.top_k)
+        assert all(t in engine.tasks for t, _ in r.top_k)
         assert r.fallback == (r.task is None)
 
 
-def test_stop_strings_and_length(chain):
-    (full,) = chain.generate(TEXTS[:1], task="antonym", max_new_tokens=16)
-    assert full.finish_reason in ("stop", "length") and full.completion_tokens <= 16
-    if len(full.text) > 3:
-        stop = full.text[2:4]
-        (cut,) = chain.generate(TEXTS[:1], task="antonym", max_new_tokens=16, stop=[stop])
-        assert stop not in cut.text and cut.finish_reason == "stop" and full.text.startswith(cut.text)
+def test_stop_strings_and_length(engine):
+    """min_new_tokens forces a 16-token answer (no end token can come first), so the answer is
+    long enough to cut, and running out of tokens is finish_reason "length"."""
+    (full,) = engine.generate(TEXTS[:1], task="antonym", max_new_tokens=16, min_new_tokens=16)
+    assert full.finish_reason == "length" and full.completion_tokens == 16
+    assert len(full.text) > 6, full.text
+    stop = full.text[3:6]
+    (cut,) = engine.generate(TEXTS[:1], task="antonym", max_new_tokens=16, min_new_tokens=16,
+                             stop=["never in any answer \x00", stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)].strip()  # cut at the earliest stop
+    (short,) = engine.generate(TEXTS[:1], task="antonym", max_new_tokens=4, min_new_tokens=4)
+    assert short.finish_reason == "length" and short.completion_tokens == 4
 
 
-def test_stream_matches_generate(chain):
-    route, pieces = chain.stream(TEXTS[2], task="rhyme", max_new_tokens=12)
+def test_stream_matches_generate(engine):
+    route, pieces = engine.stream(TEXTS[2], task="rhyme", max_new_tokens=12)
     assert route.adapter == "rhyme"
     streamed = "".join(pieces).strip()
-    assert streamed == chain.generate([TEXTS[2]], task="rhyme", max_new_tokens=12)[0].text
+    assert streamed == engine.generate([TEXTS[2]], task="rhyme", max_new_tokens=12)[0].text
 
 
-def test_sampling_runs(chain):
+def test_sampling_runs(engine):
     torch.manual_seed(0)
-    (a,) = chain.generate(TEXTS[:1], task="antonym", max_new_tokens=8, temperature=0.8, top_p=0.9)
+    (a,) = engine.generate(TEXTS[:1], task="antonym", max_new_tokens=8, temperature=0.8, top_p=0.9)
     assert a.completion_tokens >= 1
 
 
-def test_lru_cache_evicts_and_reloads_from_memory(random_lib, chain):
-    small = Chain.load(random_lib, device="cpu")
+def test_lru_cache_evicts_and_reloads_from_memory(random_lib, engine):
+    small = Engine.load(random_lib, device="cpu")
     size = next(iter(small.cache.resident.values()))
     small.cache.device_bytes = 3 * size  # router + 2 task adapters fit
     first = small.generate(TEXTS[:2], task=TASKS[:2], max_new_tokens=8)
     mid = small.generate(TEXTS[2:4], task=TASKS[2:4], max_new_tokens=8)  # evicts the first two
-    assert [a.text for a in mid] == [a.text for a in chain.generate(TEXTS[2:4], task=TASKS[2:4], max_new_tokens=8)]
+    assert [a.text for a in mid] == [a.text for a in engine.generate(TEXTS[2:4], task=TASKS[2:4], max_new_tokens=8)]
     assert small.cache.stats.evictions >= 2 and "router" in small.cache.resident
     disk = small.cache.stats.disk_loads
     again = small.generate(TEXTS[:2], task=TASKS[:2], max_new_tokens=8)
@@ -127,16 +133,16 @@ def test_lru_cache_evicts_and_reloads_from_memory(random_lib, chain):
     assert small.cache.stats.hits == 2 and small.cache.stats.misses == 7
 
 
-def test_bad_input(chain):
+def test_bad_input(engine):
     with pytest.raises(ChainloraError, match="instruction 2: empty"):
-        chain.generate(["ok", "  "])
+        engine.generate(["ok", "  "])
     with pytest.raises(ChainloraError, match="unknown task 'telepathy' \\(tasks: antonym,"):
-        chain.generate(["ok"], task="telepathy")
-    limit = chain.base.model.config.max_position_embeddings
+        engine.generate(["ok"], task="telepathy")
+    limit = engine.base.model.config.max_position_embeddings
     with pytest.raises(ChainloraError, match=f"exceed the model's context of {limit}"):
-        chain.generate(["word " * limit])
+        engine.generate(["word " * limit])
     with pytest.raises(ChainloraError, match="selector: unknown 'magic'"):
-        chain.route(["ok"], selector="magic")
+        engine.route(["ok"], selector="magic")
 
 
 def test_corrupt_adapter_is_refused_by_name_others_work(random_lib, tmp_path, tiny_model_dir):
@@ -145,12 +151,12 @@ def test_corrupt_adapter_is_refused_by_name_others_work(random_lib, tmp_path, ti
     weights = lib / "tasks/rhyme/adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x07")
     (lib / "tasks/hypernym/adapter_model.safetensors").unlink()
-    chain = Chain.load(lib, device="cpu")
+    engine = Engine.load(lib, device="cpu")
     with pytest.raises(ChainloraError, match="tasks/rhyme/adapter_model.safetensors: adapter 'rhyme' is corrupt"):
-        chain.generate(["What rhymes with cat?"], task="rhyme")
+        engine.generate(["What rhymes with cat?"], task="rhyme")
     with pytest.raises(ChainloraError, match="adapter 'hypernym' is missing"):
-        chain.generate(["What is a dog?"], task="hypernym")
-    (ok,) = chain.generate(["Give the antonym of hot."], task="antonym", max_new_tokens=4)
+        engine.generate(["What is a dog?"], task="hypernym")
+    (ok,) = engine.generate(["Give the antonym of hot."], task="antonym", max_new_tokens=4)
     assert ok.route.adapter == "antonym"
 
 
@@ -160,12 +166,12 @@ def test_fallback_without_mixed_uses_the_base_model(random_lib, tmp_path):
     manifest = json.loads((lib / "chainlora.json").read_text())
     manifest["mixed"] = None
     (lib / "chainlora.json").write_text(json.dumps(manifest))
-    chain = Chain.load(lib, device="cpu", threshold=1.01)
-    answers = chain.generate(TEXTS[:2], max_new_tokens=8)
+    engine = Engine.load(lib, device="cpu", threshold=1.01)
+    answers = engine.generate(TEXTS[:2], max_new_tokens=8)
     assert all(a.route.fallback and a.route.adapter == BASE for a in answers)
-    model = chain.cache.model
-    enc = chain._inputs(chain.render(TEXTS[:2]))
+    model = engine.cache.model
+    enc = engine._inputs(engine.render(TEXTS[:2]))
     with torch.no_grad(), model.disable_adapter():
-        out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=chain.tok.pad_token_id)
-    plain = [chain._answer(row, answers[0].route, 0, None).text for row in out[:, enc["input_ids"].shape[1]:]]
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=engine.tok.pad_token_id)
+    plain = [engine._answer(row, answers[0].route, 0, None).text for row in out[:, enc["input_ids"].shape[1]:]]
     assert [a.text for a in answers] == plain

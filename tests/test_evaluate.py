@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from chainlora.data import Record, load_demo
+from chainlora.data.records import heldout_templates
 from chainlora.eval import evaluate
-from chainlora.inference.engine import Chain
+from chainlora.inference.engine import Engine
 
 TASKS = ["antonym", "sentiment", "rhyme", "hypernym", "definition"]
 
 
 @pytest.fixture(scope="module")
-def chain(random_lib):
-    return Chain.load(random_lib, device="cpu")
+def engine(random_lib):
+    return Engine.load(random_lib, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +28,21 @@ def records():
     return [r for t in TASKS for r in demo[t].test[:3]]
 
 
-def test_answer_nll_is_token_weighted_over_answers_only(chain):
+def test_pooled_nll_is_token_weighted_over_answers_only(engine):
     """Σ NLL over answer tokens equals the per-record sums (each record's mean loss x its
     answer tokens, from the model's own loss) — the mean of means would differ."""
     from chainlora.data.examples import answer_pairs, collator, tokenize
 
     recs = [Record("antonym", "Give the antonym of hot.", "cold"),
             Record("antonym", "Give the antonym of up.", "a very long answer with many more tokens in it")]
-    total, count = evaluate.answer_nll(chain, recs, "antonym")
-    model = chain.cache.acquire(["antonym"])
+    total, count = evaluate.pooled(evaluate.record_nll(engine, recs, "antonym"))
+    model = engine.cache.acquire(["antonym"])
     by_record = []
     for pair in answer_pairs(recs):
-        row = collator(chain.tok)([tokenize(chain.tok, pair, 1024, chain.system)])
+        row = collator(engine.tok)([tokenize(engine.tok, pair, 1024, engine.system)])
         n = int((row["labels"][:, 1:] != -100).sum())
         with torch.no_grad():
-            loss = model(**row, adapter_names=[chain.cache.slot("antonym")]).loss.item()
+            loss = model(**row, adapter_names=[engine.cache.slot("antonym")]).loss.item()
         by_record.append((loss * n, n))
     assert count == sum(n for _, n in by_record)
     assert total == pytest.approx(sum(s for s, _ in by_record), rel=1e-5)
@@ -58,14 +59,17 @@ def test_text_metrics():
     assert 0 < evaluate.chrf(["maisons"], ["maison"]) < 100
 
 
-def test_evaluate_tables_are_consistent(chain, records):
-    result = evaluate.evaluate(chain, records, per_task=3, max_new_tokens=4)
+def test_evaluate_tables_are_consistent(engine, records):
+    result = evaluate.evaluate(engine, records, per_task=3, max_new_tokens=4)
     rows = {r["task"]: r for r in result["perplexity"]}
     assert list(rows) == TASKS and all(r["n"] == 3 for r in rows.values())
     for r in rows.values():
         assert all(v > 1 for k, v in r.items() if k in ("base", "own", "mixed", "chain"))
-        if r["routed_right"] == 1.0:
-            assert r["chain"] == pytest.approx(r["own"], rel=1e-6)  # every record on its own adapter
+    by_task = evaluate.by_task_of(engine, records, 3)
+    for task, adapters in result["routes"].items():  # the chain: each record on the adapter it was routed to
+        per = [evaluate.record_nll(engine, [rec], a)[0] for rec, a in zip(by_task[task], adapters)]
+        assert rows[task]["chain"] == pytest.approx(evaluate.perplexity(*evaluate.pooled(per)), rel=1e-6)
+        assert rows[task]["routed_right"] == pytest.approx(sum(a == task for a in adapters) / 3)
     assert result["perplexity_mean"]["own"] == pytest.approx(sum(r["own"] for r in rows.values()) / 5)
     assert result["chain_beats_mixed"] == sum(r["chain"] < r["mixed"] for r in rows.values())
     sel = result["selection"]
@@ -91,7 +95,11 @@ def test_eval_cli_writes_nan_free_json(random_lib, tmp_path, cli):
     saved = json.loads((lib / "eval/demo.json").read_text(),
                        parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert saved["n"] == out["n"] == 10 and saved["data"] == "demo"
-    assert saved["selection"]["score"]["heldout_n"] >= 0
+    demo = load_demo()  # the records --per-task 2 takes: the first two test records of each task
+    held = heldout_templates(demo)
+    expect = sum(r.meta["template"] in held[t] for t in TASKS for r in demo[t].test[:2])
+    assert expect > 0 and saved["selection"]["score"]["heldout_n"] == expect
+    assert 0 <= saved["selection"]["score"]["heldout_top1"] <= 1
     r = cli("eval", str(lib), "--data", str(tmp_path / "missing.jsonl"))
     assert r.returncode == 2 and "missing.jsonl" in r.stderr
     other = tmp_path / "other.jsonl"
@@ -100,17 +108,17 @@ def test_eval_cli_writes_nan_free_json(random_lib, tmp_path, cli):
     assert r.returncode == 2 and "no records of this library's tasks" in r.stderr
 
 
-def test_chain_perplexity_scores_each_record_under_its_routed_adapter(chain, records):
+def test_chain_perplexity_scores_each_record_under_its_routed_adapter(engine, records):
     """Hand-made routes (some right, some to another task, one fallback to mixed): the chain's
     perplexity is exp of Σ over records of that record's NLL under ITS adapter."""
     from chainlora.inference.engine import Route
 
-    by_task = evaluate.by_task_of(chain, records, 3)
+    by_task = evaluate.by_task_of(engine, records, 3)
     plan = {"antonym": ["antonym", "rhyme", "mixed"], "sentiment": ["sentiment"] * 3}
     by_task = {t: by_task[t] for t in plan}
     routes = {t: [Route(a, 1.0, [], a == "mixed", a, "test") for a in adapters] for t, adapters in plan.items()}
-    rows = {r["task"]: r for r in evaluate.perplexity_table(chain, by_task, routes)}
-    expect = [evaluate.record_nll(chain, [rec], a)[0] for rec, a in zip(by_task["antonym"], plan["antonym"])]
+    rows = {r["task"]: r for r in evaluate.perplexity_table(engine, by_task, routes)}
+    expect = [evaluate.record_nll(engine, [rec], a)[0] for rec, a in zip(by_task["antonym"], plan["antonym"])]
     assert rows["antonym"]["chain"] == pytest.approx(
         math.exp(sum(n for n, _ in expect) / sum(k for _, k in expect)), rel=1e-6)
     assert rows["antonym"]["routed_right"] == pytest.approx(1 / 3)

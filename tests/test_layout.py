@@ -118,7 +118,7 @@ def test_the_check_catches_a_violation():
            "    import importlib; importlib.import_module('chainlora.cli')\n")
     found = violations(src, "chainlora.library.store", "store.py")
     assert [v.split(": ")[0] for v in found] == ["store.py:5", "store.py:6", "store.py:7"], found
-    assert violations("from chainlora.inference.engine import Chain\n", "chainlora.serve.app", "app.py") == []
+    assert violations("from chainlora.inference.engine import Engine\n", "chainlora.serve.app", "app.py") == []
     assert violations("from chainlora.models import load_base\n", "chainlora.data.records", "r.py") == []
     assert violations("", "chainlora.helpers", "helpers.py")  # a new flat module has no stage
     assert violations("from chainlora.helpers import x\n", "chainlora.cli", "cli.py")

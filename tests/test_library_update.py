@@ -228,7 +228,7 @@ def _kill_when(cmd: list[str], ready) -> None:
 def test_killed_force_run_leaves_the_old_library_serving(base_lib, tiny_model_dir, tmp_path):
     """SIGKILL a --force retrain mid-run: the old library still opens, verifies and routes; the
     interrupted run is refused without --resume and continued, still forced, with it."""
-    from chainlora.inference.engine import Chain
+    from chainlora.inference.engine import Engine
 
     lib = tmp_path / "lib"
     shutil.copytree(base_lib, lib)
@@ -242,8 +242,8 @@ def test_killed_force_run_leaves_the_old_library_serving(base_lib, tiny_model_di
     _kill_when(cmd + ["--force"],
                lambda: (partial / ".work/tasks-sentiment/checkpoint-1/trainer_state.json").exists())
     assert files(lib) == before
-    chain = Chain.load(lib, device="cpu")  # verifies every hash
-    assert chain.route(["Give the antonym of hot."])[0].task in TASKS
+    engine = Engine.load(lib, device="cpu")  # verifies every hash
+    assert engine.route(["Give the antonym of hot."])[0].task in TASKS
 
     refused = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=HANG_S)
     assert refused.returncode == 2 and "--resume to continue" in refused.stderr

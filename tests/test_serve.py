@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from chainlora import library
-from chainlora.inference.engine import Chain
+from chainlora.inference.engine import Engine
 from chainlora.serve import Server, create_app
 from conftest import LiveApp
 
@@ -36,7 +36,7 @@ class Live(LiveApp):
 
 @pytest.fixture(scope="module")
 def live(random_lib):
-    srv = Live(Server(Chain.load(random_lib, device="cpu"), max_batch=16, window_ms=20))
+    srv = Live(Server(Engine.load(random_lib, device="cpu"), max_batch=16, window_ms=20))
     yield srv
     srv.close()
 
@@ -68,7 +68,7 @@ def test_chat_and_completions_with_the_official_client(live, model):
         assert route == {"task": "sentiment", "probability": 1.0, "top_k": [["sentiment", 1.0]],
                          "fallback": False, "adapter": "sentiment", "selector": "pinned"}
     # the engine, asked directly, answers the same (greedy)
-    (direct,) = live.server.chain.generate([TEXTS[1]], task=route["adapter"], max_new_tokens=6)
+    (direct,) = live.server.engine.generate([TEXTS[1]], task=route["adapter"], max_new_tokens=6)
     assert chat.choices[0].message.content == direct.text
     comp = c.completions.create(model=model, prompt=TEXTS[1], max_tokens=6, temperature=0)
     assert comp.object == "text_completion" and comp.choices[0].text == direct.text
@@ -143,7 +143,7 @@ def test_bad_requests_get_openai_errors(live):
 
 
 def test_api_key_is_required_and_compared(random_lib):
-    srv = Live(Server(Chain.load(random_lib, device="cpu"), api_key="s3cret"))
+    srv = Live(Server(Engine.load(random_lib, device="cpu"), api_key="s3cret"))
     try:
         body = {"model": "antonym", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cre"}):
@@ -177,12 +177,12 @@ def post_in_background(url: str, body: dict, out: dict | None = None) -> threadi
 
 
 def test_full_queue_answers_429_with_retry_after(random_lib):
-    chain = Chain.load(random_lib, device="cpu")
-    srv = Live(Server(chain, max_queue=1, window_ms=0))
+    engine = Engine.load(random_lib, device="cpu")
+    srv = Live(Server(engine, max_queue=1, window_ms=0))
     body = {"model": "antonym", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     url = f"{srv.url}/v1/chat/completions"
     try:
-        with chain.lock:  # the worker blocks on the engine: requests pile up
+        with engine.lock:  # the worker blocks on the engine: requests pile up
             first = post_in_background(url, body)
             wait_until(lambda: srv.server.scheduler.active > 0)  # the worker took it, waits for the engine
             second = post_in_background(url, body)
@@ -197,12 +197,12 @@ def test_full_queue_answers_429_with_retry_after(random_lib):
 
 
 def test_request_past_its_timeout_gets_503(random_lib):
-    chain = Chain.load(random_lib, device="cpu")
-    srv = Live(Server(chain, timeout_s=0.3, window_ms=0))
+    engine = Engine.load(random_lib, device="cpu")
+    srv = Live(Server(engine, timeout_s=0.3, window_ms=0))
     body = {"model": "antonym", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     url = f"{srv.url}/v1/chat/completions"
     try:
-        with chain.lock:
+        with engine.lock:
             blocker = post_in_background(url, body)
             wait_until(lambda: srv.server.scheduler.active > 0)
             late: dict = {}
@@ -283,7 +283,7 @@ def test_clients_that_hang_up_free_their_rows(live):
 def test_reload_adds_changes_and_removes_adapters_without_restart(random_lib, tmp_path):
     lib = tmp_path / "lib"
     shutil.copytree(random_lib, lib)
-    srv = Live(Server(Chain.load(lib, device="cpu")))
+    srv = Live(Server(Engine.load(lib, device="cpu")))
     c = client(srv)
     msg = [{"role": "user", "content": TEXTS[0]}]
     try:
@@ -319,10 +319,10 @@ def test_reload_adds_changes_and_removes_adapters_without_restart(random_lib, tm
 
 
 def test_per_row_token_limits_match_separate_calls(random_lib):
-    chain = Chain.load(random_lib, device="cpu")
-    together = chain.generate(TEXTS[:2], task=["antonym", None], max_new_tokens=[3, 9])
-    alone = [chain.generate([TEXTS[0]], task="antonym", max_new_tokens=3)[0],
-             chain.generate([TEXTS[1]], max_new_tokens=9)[0]]
+    engine = Engine.load(random_lib, device="cpu")
+    together = engine.generate(TEXTS[:2], task=["antonym", None], max_new_tokens=[3, 9])
+    alone = [engine.generate([TEXTS[0]], task="antonym", max_new_tokens=3)[0],
+             engine.generate([TEXTS[1]], max_new_tokens=9)[0]]
     assert [a.text for a in together] == [a.text for a in alone]
     assert together[0].completion_tokens <= 3 and together[1].route.selector == "score"
 
@@ -331,11 +331,11 @@ def test_forwarding_routes_here_and_answers_on_the_backend(random_lib):
     """`serve --backend openai`: a second chainlora server on loopback stands in for vLLM."""
     from chainlora.serve.forward import Forwarder
 
-    backend = Live(Server(Chain.load(random_lib, device="cpu")))
-    front = Live(Server(Chain.load(random_lib, device="cpu"), forwarder=Forwarder(backend.url)))
+    backend = Live(Server(Engine.load(random_lib, device="cpu")))
+    front = Live(Server(Engine.load(random_lib, device="cpu"), forwarder=Forwarder(backend.url)))
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
-    nowhere = Live(Server(Chain.load(random_lib, device="cpu"),
+    nowhere = Live(Server(Engine.load(random_lib, device="cpu"),
                           forwarder=Forwarder(f"http://127.0.0.1:{dead.getsockname()[1]}")))
     try:
         f, b = client(front), client(backend)

@@ -68,17 +68,17 @@ def test_plain_peft_gives_same_logits_as_chainlora(tiny_lib, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from chainlora.inference.engine import Chain
+    from chainlora.inference.engine import Engine
 
-    chain = Chain.load(tiny_lib, device="cpu")
-    ids = chain.tok("Give the antonym of hot", return_tensors="pt")["input_ids"]
-    for entry in chain.lib.entries():
+    engine = Engine.load(tiny_lib, device="cpu")
+    ids = engine.tok("Give the antonym of hot", return_tensors="pt")["input_ids"]
+    for entry in engine.lib.entries():
         name = entry["name"]
         plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                           str(tiny_lib / entry["path"])).eval()
-        multi = chain.cache.acquire([name])
+        multi = engine.cache.acquire([name])
         with torch.no_grad():
-            a, b = plain(ids).logits, multi(ids, adapter_names=[chain.cache.slot(name)]).logits
+            a, b = plain(ids).logits, multi(ids, adapter_names=[engine.cache.slot(name)]).logits
             base_logits = multi(ids, adapter_names=["__base__"]).logits
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
         assert not torch.allclose(base_logits, b, atol=1e-7), f"{name} changed nothing"
@@ -147,7 +147,7 @@ def test_corrupt_adapter_and_wrong_base_are_refused(tiny_lib, tmp_path, capsys):
         lib.check_base("other", "sha256:" + "0" * 64)
     weights = copy / "tasks/rhyme/adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x01")
-    with pytest.raises(ChainloraError, match=r"tasks/rhyme/adapter_model.safetensors: sha256 does not match"):
+    with pytest.raises(ChainloraError, match=r"tasks/rhyme/adapter_model.safetensors: adapter 'rhyme' is corrupt \(sha256 does not match"):
         Library.open(copy)
     manifest = json.loads((copy / library.MANIFEST).read_text())
     manifest["tasks"][0]["path"] = "../../etc"
@@ -283,21 +283,21 @@ def test_an_error_on_the_main_process_reaches_every_rank(tmp_path):
 def test_classifier_selector_routes_and_is_hash_checked(tiny_lib, tmp_path):
     import shutil
 
-    from chainlora.inference.engine import Chain
+    from chainlora.inference.engine import Engine
 
-    chain = Chain.load(tiny_lib, device="cpu")
-    routes = chain.route(["Give the antonym of hot.", "What rhymes with cat?"], selector="classifier")
+    engine = Engine.load(tiny_lib, device="cpu")
+    routes = engine.route(["Give the antonym of hot.", "What rhymes with cat?"], selector="classifier")
     for r in routes:
-        assert r.selector == "classifier" and r.task in chain.tasks
+        assert r.selector == "classifier" and r.task in engine.tasks
         assert sum(p for _, p in r.top_k) == pytest.approx(1.0, abs=1e-5)
     copy = tmp_path / "lib"
     shutil.copytree(tiny_lib, copy)
     head = copy / "classifier/head.safetensors"
     head.write_bytes(head.read_bytes()[:-1] + b"\x01")
-    with pytest.raises(ChainloraError, match="classifier/head.safetensors: sha256 does not match"):
+    with pytest.raises(ChainloraError, match=r"classifier/head.safetensors: classifier is corrupt \(sha256 does not match"):
         Library.open(copy)
     with pytest.raises(ChainloraError, match="classifier is corrupt"):
-        Chain.load(copy, device="cpu").route(["x"], selector="classifier")
+        Engine.load(copy, device="cpu").route(["x"], selector="classifier")
 
 
 def test_minilm_classifier_learns_the_demo_tasks(tiny_model_dir, tmp_path):

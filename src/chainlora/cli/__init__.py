@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 from chainlora import __version__
 from chainlora.cli.eval import cmd_annotate, cmd_eval, cmd_judge, cmd_report
-from chainlora.cli.eval import load_chain as _load_chain
+from chainlora.cli.eval import load_engine as _load_engine
 from chainlora.errors import ChainloraError
 
 
@@ -123,18 +123,12 @@ def _instructions(args: argparse.Namespace) -> list[str]:
     return list(args.text)
 
 
-def _route_dict(route) -> dict:
-    return {"task": route.task, "probability": round(route.probability, 6),
-            "top_k": [[t, round(p, 6)] for t, p in route.top_k], "fallback": route.fallback,
-            "adapter": route.adapter, "selector": route.selector}
-
-
 def cmd_route(args: argparse.Namespace) -> int:
     texts = _instructions(args)
-    routes = _load_chain(args).route(texts, top_k=args.top_k)
+    routes = _load_engine(args).route(texts, top_k=args.top_k)
     for text, route in zip(texts, routes):
         if args.json:
-            print(json.dumps({"instruction": text, **_route_dict(route)}, ensure_ascii=False))
+            print(json.dumps({"instruction": text, **route.as_dict()}, ensure_ascii=False))
         else:
             ranked = ", ".join(f"{t} {p:.3f}" for t, p in route.top_k)
             note = f" -> fallback {route.adapter}" if route.fallback else ""
@@ -144,13 +138,13 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     texts = _instructions(args)
-    answers = _load_chain(args).generate(texts, task=args.task, max_new_tokens=args.max_new_tokens,
+    answers = _load_engine(args).generate(texts, task=args.task, max_new_tokens=args.max_new_tokens,
                                          temperature=args.temperature, top_p=args.top_p, stop=args.stop or None)
     for text, a in zip(texts, answers):
         if args.json:
             print(json.dumps({"instruction": text, "text": a.text, "finish_reason": a.finish_reason,
                               "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
-                              **_route_dict(a.route)}, ensure_ascii=False))
+                              **a.route.as_dict()}, ensure_ascii=False))
         else:
             print(f"[{a.route.adapter}] {text}\n{a.text}\n")
     return 0

@@ -10,11 +10,11 @@ from pathlib import Path
 from chainlora.errors import ChainloraError
 
 
-def load_chain(args: argparse.Namespace):
+def load_engine(args: argparse.Namespace):
     """The library of `args.library` with the selector options every inference command takes."""
-    from chainlora.inference.engine import Chain
+    from chainlora.inference.engine import Engine
 
-    return Chain.load(args.library, device=args.device, selector=args.selector, threshold=args.threshold)
+    return Engine.load(args.library, device=args.device, selector=args.selector, threshold=args.threshold)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -24,10 +24,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from chainlora.eval.evaluate import evaluate, load_eval_data, save_eval
 
     records, heldout, name = load_eval_data(args.data)
-    chain = load_chain(args)
-    result = evaluate(chain, records, heldout=heldout, per_task=args.per_task, generate=not args.no_generate,
+    engine = load_engine(args)
+    result = evaluate(engine, records, heldout=heldout, per_task=args.per_task, generate=not args.no_generate,
                       max_new_tokens=args.max_new_tokens)
-    path = save_eval(chain.lib.root, args.name or name, result, args.data)
+    path = save_eval(engine.lib.root, args.name or name, result, args.data)
     if args.json:
         print(json.dumps(json.loads(path.read_text())))
         return 0
@@ -48,16 +48,16 @@ def cmd_judge(args: argparse.Namespace) -> int:
     from chainlora.eval.evaluate import by_task_of, load_eval_data, save_eval
 
     records, _, name = load_eval_data(args.data)
-    chain = load_chain(args)
-    chosen = [r for rs in by_task_of(chain, records, args.per_task).values() for r in rs]
+    engine = load_engine(args)
+    chosen = [r for rs in by_task_of(engine, records, args.per_task).values() for r in rs]
     if not chosen:
         raise ChainloraError(f"--data {args.data}: no records of this library's tasks")
-    result = judge.run(chain, chosen, url=args.judge_url, model=args.judge_model,
+    result = judge.run(engine, chosen, url=args.judge_url, model=args.judge_model,
                        api_key=os.environ.get(args.api_key_env) or None,
-                       cache=Path(chain.lib.root) / "eval" / "judge-cache.jsonl",
+                       cache=Path(engine.lib.root) / "eval" / "judge-cache.jsonl",
                        systems=[s.strip() for s in args.systems.split(",") if s.strip()],
                        concurrency=args.concurrency, timeout_s=args.timeout, max_new_tokens=args.max_new_tokens)
-    path = save_eval(chain.lib.root, f"judge-{args.name or name}", result, args.data)
+    path = save_eval(engine.lib.root, f"judge-{args.name or name}", result, args.data)
     if args.json:
         print(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "ratings"}))
         return 0
@@ -71,7 +71,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
         t.add_row(system, str(s["n"]), str(s["scored"]), str(s["missing"]), mean,
                   *[str(s["distribution"][str(k)]) for k in range(1, 7)])
     Console().print(t)
-    print(f"{result['calls']} judge calls (the rest from {chain.lib.root / 'eval' / 'judge-cache.jsonl'}); wrote {path}")
+    print(f"{result['calls']} judge calls (the rest from {engine.lib.root / 'eval' / 'judge-cache.jsonl'}); wrote {path}")
     return 0
 
 
@@ -85,11 +85,11 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             raise ChainloraError("annotate export: needs LIB, --data and --out")
         records, _, _ = load_eval_data(args.data)
         args.library = args.target
-        chain = load_chain(args)
-        chosen = [r for rs in by_task_of(chain, records, args.per_task).values() for r in rs]
+        engine = load_engine(args)
+        chosen = [r for rs in by_task_of(engine, records, args.per_task).values() for r in rs]
         if not chosen:
             raise ChainloraError(f"--data {args.data}: no records of this library's tasks")
-        info = annotate.export(chain, chosen, Path(args.out), seed=args.seed, max_new_tokens=args.max_new_tokens,
+        info = annotate.export(engine, chosen, Path(args.out), seed=args.seed, max_new_tokens=args.max_new_tokens,
                                systems=[s.strip() for s in args.systems.split(",") if s.strip()])
         print(f"{info['items']} items: give annotators {Path(args.out) / 'sheet.html'} (or sheet.csv); "
               f"keep {Path(args.out) / 'key.json'} to yourself")

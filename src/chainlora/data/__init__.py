@@ -8,9 +8,9 @@
 May import: core (chainlora.errors, chainlora.atomic, chainlora.models) only.
 """
 
-from chainlora.data.records import (DEMO_TASKS, FIELDS, Record, TaskData, check_task_name, count_tasks,
-                                    demo_path, load_demo, load_tasks, read_instructions, read_records,
+from chainlora.data.records import (DEMO_TASKS, FIELDS, Record, TaskData, check_task_name,
+                                    demo_path, heldout_templates, load_demo, load_tasks, read_instructions, read_records,
                                     split_of)
 
-__all__ = ["DEMO_TASKS", "FIELDS", "Record", "TaskData", "check_task_name", "count_tasks", "demo_path",
+__all__ = ["DEMO_TASKS", "FIELDS", "Record", "TaskData", "check_task_name", "demo_path", "heldout_templates",
            "load_demo", "load_tasks", "read_instructions", "read_records", "split_of"]

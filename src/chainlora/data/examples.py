@@ -59,8 +59,15 @@ def build_dataset(tokenizer: object, pairs: list[Pair], max_length: int, system:
 
 
 def collator(tokenizer: object):
-    """Right-pads input_ids with the pad token and labels with -100, per batch."""
+    """Right-pads input_ids with the pad token and labels with -100, per batch.
+
+    DataCollatorForSeq2Seq reads the tokenizer's `padding_side`; it gets its own shallow copy
+    set to "right", so the shared tokenizer (left-padded for generation) is never flipped.
+    """
+    import copy
+
     from transformers import DataCollatorForSeq2Seq
 
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE,
-                                  return_tensors="pt")
+    right = copy.copy(tokenizer)
+    right.padding_side = "right"
+    return DataCollatorForSeq2Seq(right, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")

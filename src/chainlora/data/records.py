@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -278,13 +277,6 @@ def check_min_records(counts: Mapping[str, int], min_records: int, source: str |
         raise ChainloraError(f"{source}: task {t!r} has {n} records, fewer than min_records={min_records}")
 
 
-def count_tasks(source: str | Path, *, min_records: int = 1, **read_kw: Any) -> Counter:
-    """Validate every record of `source` in one streaming pass; return records per task."""
-    counts = Counter(r.task for r in read_records(source, **read_kw))
-    check_min_records(counts, min_records, source)
-    return counts
-
-
 @dataclass
 class TaskData:
     """One task's examples, split."""
@@ -317,6 +309,13 @@ def load_tasks(
             tasks.setdefault(r.task, TaskData()).test.append(r)
     check_min_records({t: len(d.train) + len(d.test) for t, d in tasks.items()}, min_records, source)
     return dict(sorted(tasks.items()))
+
+
+def heldout_templates(tasks: dict[str, TaskData]) -> dict[str, set]:
+    """Per task, the instruction templates (record meta "template") that occur only in the test
+    split: wording a selector never saw in training."""
+    return {t: {r.meta.get("template") for r in d.test} - {r.meta.get("template") for r in d.train}
+            for t, d in tasks.items()}
 
 
 def demo_path(split: str) -> Path:

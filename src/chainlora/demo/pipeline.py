@@ -19,11 +19,11 @@ from rich.console import Console
 from rich.table import Table
 
 from chainlora import atomic
-from chainlora.data.records import TaskData, load_demo
+from chainlora.data.records import TaskData, heldout_templates, load_demo
 from chainlora.eval import tables
 from chainlora.eval.evaluate import evaluate, json_safe, save_eval
 from chainlora.eval.report import build as build_report
-from chainlora.inference.engine import Chain
+from chainlora.inference.engine import Engine
 from chainlora.library.store import Library
 from chainlora.train import config
 from chainlora.train.run import train_library
@@ -71,18 +71,12 @@ def routed_answers(ev: dict, tasks: list[str], console: Console) -> list[dict]:
     rows = []
     for t in tasks:
         ref = ev["references"][t][0]
-        base, chain, adapter = ev["answers"]["base"][t][0], ev["answers"]["chain"][t][0], ev["routes"][t][0]
+        base, routed, adapter = ev["answers"]["base"][t][0], ev["answers"]["chain"][t][0], ev["routes"][t][0]
         rows.append({"task": t, "instruction": ref["instruction"], "reference": ref["output"], "base": base,
-                     "routed_to": adapter, "chain": chain})
+                     "routed_to": adapter, "chain": routed})
         console.print(f"\n[bold]{t}[/bold]  {ref['instruction']!r}\n  reference:   {ref['output']}\n"
-                      f"  base model:  {base}\n  chain:       {chain}   [dim](routed to {adapter})[/dim]")
+                      f"  base model:  {base}\n  chain:       {routed}   [dim](routed to {adapter})[/dim]")
     return rows
-
-
-def heldout_templates(tasks: dict[str, TaskData]) -> dict[str, set]:
-    """Per task, the templates that occur only in the test split."""
-    return {t: {r.meta.get("template") for r in d.test} - {r.meta.get("template") for r in d.train}
-            for t, d in tasks.items()}
 
 
 def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
@@ -98,11 +92,11 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     train_s = time.perf_counter() - t0
     lib = Library.open(root)
     console.print(loss_table(lib))
-    chain = Chain.load(root)
+    engine = Engine.load(root)
     per_task = 4 if quick else 16  # test records per task for the evaluation
     records = [r for t in lib.task_names for r in tasks[t].test[:per_task]]
     t1 = time.perf_counter()
-    ev = evaluate(chain, records, heldout=heldout_templates(tasks), per_task=per_task, max_new_tokens=16)
+    ev = evaluate(engine, records, heldout=heldout_templates(tasks), per_task=per_task, max_new_tokens=16)
     save_eval(root, "demo", ev, "demo")
     eval_s = time.perf_counter() - t1
     answers = routed_answers(ev, lib.task_names[: 3 if quick else None], console)

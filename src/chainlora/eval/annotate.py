@@ -26,7 +26,7 @@ RATINGS = ("Fail", "Pass", "Excellent")
 SHEET_FIELDS = ("item_id", "instruction", "reference", "answer", "rating", "annotator", "note")
 
 
-def export(chain: Any, records: Sequence[Any], out: Path, *, systems: Sequence[str] = ("chain", "mixed", "base"),
+def export(engine: Any, records: Sequence[Any], out: Path, *, systems: Sequence[str] = ("chain", "mixed", "base"),
            seed: int = 0, max_new_tokens: int = 64) -> dict:
     """Write OUT/sheet.csv, OUT/sheet.html and OUT/key.json; return a summary."""
     from chainlora.eval.evaluate import system_answers
@@ -34,7 +34,7 @@ def export(chain: Any, records: Sequence[Any], out: Path, *, systems: Sequence[s
     rng = random.Random(seed)  # the order only; ids are random per export, so nothing can be unblinded
     export_id = secrets.token_hex(4)
     items, key = [], {}
-    for system, answers in system_answers(chain, records, systems, max_new_tokens).items():
+    for system, answers in system_answers(engine, records, systems, max_new_tokens).items():
         for r, a in zip(records, answers):
             item_id = f"{export_id}-{secrets.token_hex(5)}"
             items.append({"item_id": item_id, "instruction": r.text, "reference": r.output, "answer": a.text})

@@ -27,29 +27,22 @@ NONE = "(none)"  # the selector named no task
 EVAL_MAX_LENGTH = 1024  # prompt + answer tokens scored; longer prompts lose their start
 
 
-def answer_nll(chain, records: Sequence[Record], adapter: str, batch_size: int = 16) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of the records' answers (+ end-of-answer token)
-    under `adapter` (a task, "mixed" or engine.BASE), and the number of tokens scored."""
-    per = record_nll(chain, records, adapter, batch_size)
-    return sum(n for n, _ in per), sum(k for _, k in per)
-
-
-def record_nll(chain, records: Sequence[Record], adapter: str, batch_size: int = 16) -> list[tuple[float, int]]:
-    """(NLL sum, answer tokens) per record under `adapter`."""
+def record_nll(engine, records: Sequence[Record], adapter: str, batch_size: int = 16) -> list[tuple[float, int]]:
+    """(summed NLL in nats, tokens scored) of each record's answer (+ end-of-answer token) under
+    `adapter` (a task, "mixed" or engine.BASE)."""
     import torch
     import torch.nn.functional as F
 
-    rows = [tokenize(chain.tok, p, EVAL_MAX_LENGTH, chain.system) for p in answer_pairs(records)]
-    chain.tok.padding_side = "right"
-    pad = collator(chain.tok)
+    rows = [tokenize(engine.tok, p, EVAL_MAX_LENGTH, engine.system) for p in answer_pairs(records)]
+    pad = collator(engine.tok)
     out: list[tuple[float, int]] = []
     for i in range(0, len(rows), batch_size):
-        batch = pad(rows[i:i + batch_size]).to(chain.base.model.device)
+        batch = pad(rows[i:i + batch_size]).to(engine.base.model.device)
         labels = batch.pop("labels")
         target = labels[:, 1:]
         keep = target != IGNORE  # only answer positions: a vocabulary-wide float copy of a few tokens
-        with chain.lock, torch.no_grad():
-            model, extra = chain.model_for([adapter] * len(labels))
+        with engine.lock, torch.no_grad():
+            model, extra = engine.model_for([adapter] * len(labels))
             logits = model(**batch, **extra).logits[:, :-1][keep].float()
         nll = F.cross_entropy(logits, target[keep], reduction="none")
         rows_of = keep.nonzero()[:, 0]
@@ -60,6 +53,11 @@ def record_nll(chain, records: Sequence[Record], adapter: str, batch_size: int =
 
 def perplexity(nll: float, tokens: int) -> float:
     return math.exp(nll / tokens) if tokens else float("nan")
+
+
+def pooled(per: Sequence[tuple[float, int]]) -> tuple[float, int]:
+    """Summed NLL and tokens over records: perplexity is token-weighted, not a mean of means."""
+    return sum(n for n, _ in per), sum(k for _, k in per)
 
 
 def normalize(text: str) -> str:
@@ -95,12 +93,12 @@ def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
 # --------------------------------------------------------------------------- Table II / III
 
 
-def selection(chain, records: Sequence[Record], selector: str, heldout: dict[str, set] | None = None) -> dict:
+def selection(engine, records: Sequence[Record], selector: str, heldout: dict[str, set] | None = None) -> dict:
     """Route every record with `selector`; accuracy, precision / recall, confusion, latency."""
-    tasks = chain.tasks
-    chain.route([records[0].text], top_k=3, selector=selector)  # untimed: first-use loading, warm-up
+    tasks = engine.tasks
+    engine.route([records[0].text], top_k=3, selector=selector)  # untimed: first-use loading, warm-up
     t0 = time.perf_counter()
-    routes = chain.route([r.text for r in records], top_k=3, selector=selector)
+    routes = engine.route([r.text for r in records], top_k=3, selector=selector)
     ms = 1000 * (time.perf_counter() - t0) / max(len(records), 1)
     picked = [rt.top_k[0][0] if rt.top_k and rt.task is not None else NONE for rt in routes]
     hit1 = [p == r.task for p, r in zip(picked, records)]
@@ -128,36 +126,36 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def selectors_of(chain) -> list[str]:
+def selectors_of(engine) -> list[str]:
     """The selectors this library can run (Table III)."""
-    return (["score", "generate"] if chain.lib.router else []) + (["classifier"] if chain.lib.classifier else [])
+    return (["score", "generate"] if engine.lib.router else []) + (["classifier"] if engine.lib.classifier else [])
 
 
 # --------------------------------------------------------------------------- Table I
 
 
-def perplexity_table(chain, by_task: dict[str, list[Record]], routes: dict[str, list]) -> list[dict]:
+def perplexity_table(engine, by_task: dict[str, list[Record]], routes: dict[str, list]) -> list[dict]:
     """Per task: perplexity of base, own adapter, mixed and the chain (routed per record)."""
     from chainlora.inference.engine import BASE
 
     rows = []
     for task, records in by_task.items():
         row: dict[str, Any] = {"task": task, "n": len(records)}
-        systems = {"base": BASE, "own": task} | ({"mixed": "mixed"} if chain.lib.mixed else {})
+        systems = {"base": BASE, "own": task} | ({"mixed": "mixed"} if engine.lib.mixed else {})
         scored: dict[str, list[tuple[float, int]]] = {}
         for name, adapter in systems.items():
-            scored[adapter] = record_nll(chain, records, adapter)
-            row[name] = perplexity(sum(n for n, _ in scored[adapter]), sum(k for _, k in scored[adapter]))
-            row["tokens"] = sum(k for _, k in scored[adapter])
+            scored[adapter] = record_nll(engine, records, adapter)
+            nll, row["tokens"] = pooled(scored[adapter])
+            row[name] = perplexity(nll, row["tokens"])
         chosen = [rt.adapter for rt in routes[task]]
         for adapter in sorted(set(chosen) - set(scored)):  # routed elsewhere: score just those
             idx = [i for i, a in enumerate(chosen) if a == adapter]
-            part = record_nll(chain, [records[i] for i in idx], adapter)
+            part = record_nll(engine, [records[i] for i in idx], adapter)
             scored[adapter] = [(0.0, 0)] * len(records)
             for i, v in zip(idx, part):
                 scored[adapter][i] = v
         per = [scored[a][i] for i, a in enumerate(chosen)]  # each record under its chosen adapter
-        row["chain"] = perplexity(sum(n for n, _ in per), sum(k for _, k in per))
+        row["chain"] = perplexity(*pooled(per))
         row["routed_right"] = _mean([rt.adapter == task for rt in routes[task]])
         rows.append(row)
     return rows
@@ -172,7 +170,7 @@ def mean_row(rows: list[dict]) -> dict:
 # --------------------------------------------------------------------------- task metrics
 
 
-def system_answers(chain, records: Sequence[Record], systems: Sequence[str], max_new_tokens: int,
+def system_answers(engine, records: Sequence[Record], systems: Sequence[str], max_new_tokens: int,
                    batch_size: int = 32) -> dict[str, list]:
     """Greedy Answers of each system — "chain" (routed), "base", "mixed" or a task (pinned) —
     for the same records (the judge and the human sheets compare these); a "mixed" without a
@@ -182,21 +180,21 @@ def system_answers(chain, records: Sequence[Record], systems: Sequence[str], max
     out = {}
     texts = [r.text for r in records]
     for system in systems:
-        if system == "mixed" and not chain.lib.mixed:
+        if system == "mixed" and not engine.lib.mixed:
             continue
         task = None if system == "chain" else BASE if system == "base" else system
         out[system] = [a for i in range(0, len(texts), batch_size)
-                       for a in chain.generate(texts[i:i + batch_size], task=task, max_new_tokens=max_new_tokens)]
+                       for a in engine.generate(texts[i:i + batch_size], task=task, max_new_tokens=max_new_tokens)]
     return out
 
 
-def task_metrics(chain, by_task: dict[str, list[Record]], routes: dict[str, list],
+def task_metrics(engine, by_task: dict[str, list[Record]], routes: dict[str, list],
                  max_new_tokens: int = 16, batch_size: int = 32) -> tuple[dict, dict]:
     """Greedy answers of base / mixed / chain; EM, token F1, chrF per task and system.
     Returns (metrics, answers) — answers[system][task] is the list of texts."""
     from chainlora.inference.engine import BASE
 
-    systems = ["base"] + (["mixed"] if chain.lib.mixed else []) + ["chain"]
+    systems = ["base"] + (["mixed"] if engine.lib.mixed else []) + ["chain"]
     metrics: dict[str, dict] = {}
     answers: dict[str, dict] = {s: {} for s in systems}
     for task, records in by_task.items():
@@ -206,10 +204,10 @@ def task_metrics(chain, by_task: dict[str, list[Record]], routes: dict[str, list
             for i in range(0, len(records), batch_size):
                 part = records[i:i + batch_size]
                 if system == "chain":
-                    out = chain.generate([r.text for r in part], routes=routes[task][i:i + batch_size],
+                    out = engine.generate([r.text for r in part], routes=routes[task][i:i + batch_size],
                                          max_new_tokens=max_new_tokens)
                 else:
-                    out = chain.generate([r.text for r in part], task=BASE if system == "base" else "mixed",
+                    out = engine.generate([r.text for r in part], task=BASE if system == "base" else "mixed",
                                          max_new_tokens=max_new_tokens)
                 texts += [a.text for a in out]
             refs = [r.output for r in records]
@@ -224,55 +222,55 @@ def task_metrics(chain, by_task: dict[str, list[Record]], routes: dict[str, list
 # --------------------------------------------------------------------------- the whole run
 
 
-def by_task_of(chain, records: Sequence[Record], per_task: int | None = None) -> dict[str, list[Record]]:
+def by_task_of(engine, records: Sequence[Record], per_task: int | None = None) -> dict[str, list[Record]]:
     """Records grouped by the library's tasks (others dropped), at most `per_task` each."""
-    groups: dict[str, list[Record]] = {t: [] for t in chain.tasks}
+    groups: dict[str, list[Record]] = {t: [] for t in engine.tasks}
     for r in records:
         if r.task in groups and (per_task is None or len(groups[r.task]) < per_task):
             groups[r.task].append(r)
     return {t: g for t, g in groups.items() if g}
 
 
-def evaluate(chain, records: Sequence[Record], *, heldout: dict[str, set] | None = None,
+def evaluate(engine, records: Sequence[Record], *, heldout: dict[str, set] | None = None,
              per_task: int | None = None, max_new_tokens: int = 16, generate: bool = True,
              selectors: Sequence[str] | None = None) -> dict:
     """Tables I-III and the task metrics for `records` (the whole evaluation, as JSON-able data)."""
     from tqdm.auto import tqdm
 
-    by_task = by_task_of(chain, records, per_task)
+    by_task = by_task_of(engine, records, per_task)
     if not by_task:
-        raise ChainloraError(f"no records of this library's tasks ({', '.join(chain.tasks)}) in the data")
+        raise ChainloraError(f"no records of this library's tasks ({', '.join(engine.tasks)}) in the data")
     flat = [r for rs in by_task.values() for r in rs]
     steps = tqdm(total=3 + bool(generate), desc="evaluate", unit="part")
     sel = {}
-    for s in selectors if selectors is not None else selectors_of(chain):
+    for s in selectors if selectors is not None else selectors_of(engine):
         steps.set_postfix_str(f"selector {s}")
-        sel[s] = selection(chain, flat, s, heldout)
+        sel[s] = selection(engine, flat, s, heldout)
     steps.update()
-    if chain.selector in sel:  # the library's own selector decides the chain's routes
-        routes_flat = sel[chain.selector]["routes"]
+    if engine.selector in sel:  # the library's own selector decides the chain's routes
+        routes_flat = sel[engine.selector]["routes"]
     elif sel:  # the chosen selector is not in this library (e.g. score without a router)
         routes_flat = next(iter(sel.values()))["routes"]
-    elif len(chain.tasks) == 1:
-        routes_flat = chain.routes_for([r.text for r in flat], None)
+    elif len(engine.tasks) == 1:
+        routes_flat = engine.routes_for([r.text for r in flat], None)
     else:  # no selector at all: the "chain" is each task's own adapter (said in the result)
-        routes_flat = chain.routes_for([r.text for r in flat], [r.task for r in flat])
+        routes_flat = engine.routes_for([r.text for r in flat], [r.task for r in flat])
     routes, i = {}, 0
     for task, rs in by_task.items():
         routes[task], i = routes_flat[i:i + len(rs)], i + len(rs)
     steps.set_postfix_str("perplexity")
-    rows = perplexity_table(chain, by_task, routes)
+    rows = perplexity_table(engine, by_task, routes)
     steps.update()
-    chosen_by = routes_flat[0].selector if routes_flat else chain.selector
+    chosen_by = routes_flat[0].selector if routes_flat else engine.selector
     result: dict[str, Any] = {"n": len(flat), "tasks": list(by_task), "selector": chosen_by,
-                              "threshold": chain.threshold, "perplexity": rows, "perplexity_mean": mean_row(rows),
+                              "threshold": engine.threshold, "perplexity": rows, "perplexity_mean": mean_row(rows),
                               "chain_beats_mixed": sum(r["chain"] < r["mixed"] for r in rows if "mixed" in r),
                               "selection": {k: {kk: vv for kk, vv in v.items() if kk != "routes"}
                                             for k, v in sel.items()}}
     steps.update()
     if generate:
         steps.set_postfix_str("answers")
-        metrics, answers = task_metrics(chain, by_task, routes, max_new_tokens)
+        metrics, answers = task_metrics(engine, by_task, routes, max_new_tokens)
         result["metrics"], result["answers"] = metrics, answers
         result["routes"] = {t: [rt.adapter for rt in rs] for t, rs in routes.items()}
         result["references"] = {t: [{"instruction": r.text, "output": r.output} for r in rs]
@@ -289,13 +287,11 @@ def load_eval_data(source: str) -> tuple[list[Record], dict[str, set] | None, st
     """Records to evaluate on, held-out templates (known for the bundled data), a result name."""
     from pathlib import Path
 
-    from chainlora.data.records import load_demo, read_records
+    from chainlora.data.records import heldout_templates, load_demo, read_records
 
     if source == "demo":
         demo = load_demo()
-        heldout = {t: {r.meta.get("template") for r in d.test} - {r.meta.get("template") for r in d.train}
-                   for t, d in demo.items()}
-        return [r for d in demo.values() for r in d.test], heldout, "demo"
+        return [r for d in demo.values() for r in d.test], heldout_templates(demo), "demo"
     return list(read_records(source)), None, Path(source).name.split(".")[0]
 
 

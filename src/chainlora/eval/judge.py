@@ -203,7 +203,7 @@ def _mean(xs: list) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def run(chain: Any, records: Sequence[Any], *, url: str, model: str, api_key: str | None, cache: Path,
+def run(engine: Any, records: Sequence[Any], *, url: str, model: str, api_key: str | None, cache: Path,
         systems: Sequence[str] = ("chain", "mixed", "base"), concurrency: int = 4, timeout_s: float = 60.0,
         max_new_tokens: int = 64) -> dict:
     """Answer every record with each system, have the judge rate them, summarize."""
@@ -211,7 +211,7 @@ def run(chain: Any, records: Sequence[Any], *, url: str, model: str, api_key: st
 
     items = [{"system": system, "task": r.task, "instruction": r.text, "reference": r.output,
               "answer": a.text, "adapter": a.route.adapter}
-             for system, answers in system_answers(chain, records, systems, max_new_tokens).items()
+             for system, answers in system_answers(engine, records, systems, max_new_tokens).items()
              for r, a in zip(records, answers)]
 
     async def go() -> tuple[list[dict], int]:

@@ -44,16 +44,6 @@ def selection(result: dict) -> Table:
     return t
 
 
-def per_task_selection(result: dict, selector: str) -> Table:
-    s = result["selection"][selector]
-    t = Table(title=f"selector {selector}: precision / recall per task")
-    for c in ("task", "n", "precision", "recall"):
-        t.add_column(c, justify="left" if c == "task" else "right")
-    for task, v in s["per_task"].items():
-        t.add_row(task, str(v["n"]), _f(v["precision"], ".1%"), _f(v["recall"], ".1%"))
-    return t
-
-
 def metrics(result: dict) -> Table:
     """Exact match / token F1 / chrF per task and system."""
     systems = list(next(iter(result["metrics"].values())))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chainlora.errors import ChainloraError
-from chainlora.library.store import ADAPTER_FILES, Library, files_sha256
+from chainlora.library.store import ADAPTER_FILES, Library, read_verified
 
 
 @dataclass
@@ -67,14 +67,7 @@ class AdapterCache:
         if entry is None:
             raise ChainloraError(f"{self.lib.root}: no adapter {name!r} (have: {', '.join(self.entries)})")
         directory = self.lib.path(entry)
-        try:
-            config_bytes = (directory / ADAPTER_FILES[0]).read_bytes()
-            weights = (directory / ADAPTER_FILES[1]).read_bytes()
-        except OSError as e:
-            raise ChainloraError(f"{directory}: adapter {name!r} is missing ({e.strerror})")
-        if files_sha256(list(zip(ADAPTER_FILES, (config_bytes, weights)))) != entry.get("sha256"):
-            raise ChainloraError(f"{directory / ADAPTER_FILES[1]}: adapter {name!r} is corrupt "
-                                 "(sha256 does not match the manifest); refusing it")
+        _, weights = read_verified(directory, entry, ADAPTER_FILES, f"adapter {name!r}")
         config = PeftConfig.from_pretrained(str(directory))
         config.inference_mode = True
         state = load_safetensors(weights)

@@ -56,12 +56,11 @@ class Encoder:
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
         import torch
 
-        self.tokenizer.padding_side = "right"
         no_adapter = getattr(self.model, "disable_adapter", None)
         out = []
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
-                                 truncation=True, max_length=256).to(self.model.device)
+                                 padding_side="right", truncation=True, max_length=256).to(self.model.device)
             with torch.no_grad(), (no_adapter() if no_adapter else contextlib.nullcontext()):
                 if self.kind == "minilm":
                     hidden = self.model(**enc).last_hidden_state

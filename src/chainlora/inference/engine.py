@@ -1,6 +1,6 @@
 """The inference engine: route each instruction to its task adapter and answer, in batches.
 
-`Chain.load(LIB)` holds one base model and one PeftModel whose adapters come and go through
+`Engine.load(LIB)` holds one base model and one PeftModel whose adapters come and go through
 the AdapterCache (the router pinned). A batch of instructions is routed in one selector pass
 and answered in ONE `generate` call with PEFT's mixed-adapter batches (`adapter_names`): each
 row runs its own LoRA, rows share everything else. Below the confidence threshold — or when
@@ -19,7 +19,8 @@ from chainlora.data import prompts
 from chainlora.errors import ChainloraError
 from chainlora.inference import router
 from chainlora.inference.adapter_cache import AdapterCache
-from chainlora.library.store import Library, adapter_sha256
+from chainlora.inference.stops import cut_at_stop, end_ids
+from chainlora.library.store import Library, read_verified
 from chainlora.models import Base, load_base
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch
@@ -37,6 +38,13 @@ class Route:
     adapter: str = BASE  # the adapter that answers: a task, "mixed" or "__base__"
     selector: str = "score"
 
+    def as_dict(self) -> dict:
+        """The route as users see it (`--json`, the server's "chainlora" field): probabilities
+        rounded, the base model as adapter null."""
+        return {"task": self.task, "probability": round(self.probability, 6),
+                "top_k": [[t, round(p, 6)] for t, p in self.top_k], "fallback": self.fallback,
+                "adapter": None if self.adapter == BASE else self.adapter, "selector": self.selector}
+
 
 @dataclass
 class Answer:
@@ -47,7 +55,7 @@ class Answer:
     finish_reason: str  # "stop" (end of answer or a stop string) or "length"
 
 
-class Chain:
+class Engine:
     """A loaded adapter library, ready to route and answer."""
 
     def __init__(self, lib: Library, base: Base, *, selector: str = "score", threshold: float = 0.0,
@@ -57,7 +65,7 @@ class Chain:
             raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
         lib.check_base(base.name, base.fingerprint)
         if getattr(base.model, "peft_config", None):
-            raise ChainloraError("this base model already carries adapters; load a fresh one per Chain")
+            raise ChainloraError("this base model already carries adapters; load a fresh one per Engine")
         self.lib, self.base, self.tok = lib, base, base.tokenizer
         self.selector, self.threshold = selector, threshold
         self.system = lib.manifest.get("system_prompt")
@@ -69,7 +77,7 @@ class Chain:
             self.cache.acquire(["router"])
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | None = None, dtype: str = "float32", **kw: Any) -> "Chain":
+    def load(cls, path: str | Path, *, device: str | None = None, dtype: str = "float32", **kw: Any) -> "Engine":
         """Open the library at `path` (hashes checked lazily, per adapter) and its base model."""
         lib = Library.open(path, verify=False)
         base = load_base(lib.manifest["base_model"]["name"], dtype=dtype, device=device)
@@ -184,8 +192,7 @@ class Chain:
         with self.lock:
             if self._classifier is None:
                 directory = self.lib.path(entry)
-                if adapter_sha256(directory, classifier.FILES) != entry.get("sha256"):
-                    raise ChainloraError(f"{directory}: classifier is corrupt (sha256 does not match)")
+                read_verified(directory, entry, classifier.FILES, "classifier")
                 head, info = classifier.load(directory)
                 model = self.cache.model if self.cache.model is not None else self.base.model
                 self._classifier = (classifier.Encoder(info["encoder"], model, self.tok), head, info["tasks"])
@@ -204,8 +211,7 @@ class Chain:
     # ------------------------------------------------------------------ answering
 
     def _inputs(self, rendered: Sequence[str]) -> dict:
-        self.tok.padding_side = "left"
-        return self.tok(list(rendered), return_tensors="pt", padding=True,
+        return self.tok(list(rendered), return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(self.base.model.device)
 
     def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, stop: Sequence[str] | None,
@@ -281,14 +287,10 @@ class Chain:
 
     def _answer(self, ids: Any, route: Route, prompt_tokens: int, stop: Sequence[str] | None) -> Answer:
         ids = ids.tolist()
-        eos = {self.tok.eos_token_id, self.tok.pad_token_id}
-        n = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-        text = self.tok.decode(ids[:n], skip_special_tokens=True)
-        finish = "stop" if n < len(ids) else "length"
-        for s in stop or ():
-            if s in text:
-                text, finish = text[: text.index(s)], "stop"
-        return Answer(text.strip(), route, prompt_tokens, n, finish)
+        ends = end_ids(self.tok)
+        n = next((i for i, t in enumerate(ids) if t in ends), len(ids))
+        text, stopped = cut_at_stop(self.tok.decode(ids[:n], skip_special_tokens=True), stop or ())
+        return Answer(text.strip(), route, prompt_tokens, n, "stop" if stopped or n < len(ids) else "length")
 
     def stream(self, text: str, *, task: str | None = None, max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0,

@@ -125,8 +125,8 @@ class Ranking:
 
 def _router_inputs(tokenizer: Any, texts: Sequence[str], template: str, system: str | None, device: Any):
     rendered = [prompts.render(tokenizer, prompts.task_prompt(t, "", template), system) for t in texts]
-    tokenizer.padding_side = "left"
-    return tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    return tokenizer(rendered, return_tensors="pt", padding=True, padding_side="left",
+                     add_special_tokens=False).to(device)
 
 
 def score_labels(model: Any, tokenizer: Any, texts: Sequence[str], labels: Sequence[str], *,

@@ -52,6 +52,31 @@ def adapter_sha256(directory: Path, files: tuple[str, ...] = ADAPTER_FILES) -> s
     return files_sha256(named)
 
 
+def read_verified(directory: Path, entry: dict, files: tuple[str, ...] = ADAPTER_FILES,
+                  what: str = "adapter") -> list[bytes]:
+    """The files' bytes, read once and checked against the manifest entry's sha256: the bytes a
+    caller then parses are the bytes that were hashed. One clear error for missing or corrupt."""
+    named = []
+    for name in files:
+        try:
+            named.append((name, (directory / name).read_bytes()))
+        except OSError as e:
+            raise ChainloraError(f"{directory / name}: {what} is missing or unreadable ({e.strerror})")
+    if files_sha256(named) != entry.get("sha256"):
+        raise ChainloraError(f"{directory / files[-1]}: {what} is corrupt (sha256 does not match the manifest; "
+                             "retrain it or restore the file)")
+    return [data for _, data in named]
+
+
+def intact(directory: Path, entry: dict, files: tuple[str, ...] = ADAPTER_FILES) -> bool:
+    """Whether the files are there and hash to what the manifest entry says."""
+    try:
+        read_verified(directory, entry, files)
+        return True
+    except ChainloraError:
+        return False
+
+
 def task_path(name: str) -> str:
     """Where a task's adapter lives, relative to the library; the name is checked first."""
     return f"tasks/{check_task_name(name, 'task')}"
@@ -177,12 +202,8 @@ class Library:
         checks = [(e, ADAPTER_FILES) for e in self.entries()]
         checks += [(self.classifier, CLASSIFIER_FILES)] if self.classifier else []
         for entry, files in checks:
-            directory = self.path(entry)
-            if adapter_sha256(directory, files) != entry.get("sha256"):
-                raise ChainloraError(
-                    f"{directory / files[1]}: sha256 does not match the manifest "
-                    "(corrupt or modified adapter; retrain it or restore the file)"
-                )
+            what = "classifier" if files == CLASSIFIER_FILES else f"adapter {entry['name']!r}"
+            read_verified(self.path(entry), entry, files, what)
 
     def check_base(self, name: str, fingerprint: str) -> None:
         """Refuse a base model other than the one the adapters were trained on."""

@@ -26,7 +26,7 @@ from fastapi import Request as HttpRequest  # module level: FastAPI resolves ann
 
 from chainlora.data import prompts
 from chainlora.errors import ChainloraError
-from chainlora.inference.engine import Answer, Chain, Route
+from chainlora.inference.engine import Answer, Engine, Route
 from chainlora.serve.metrics import Metrics
 from chainlora.serve.scheduler import QueueFull, Request, Scheduler, TimedOut, deliver
 from chainlora.serve.schema import (ApiError, ChatBody, CompletionBody, Sampling, finish, route_field,
@@ -34,7 +34,6 @@ from chainlora.serve.schema import (ApiError, ChatBody, CompletionBody, Sampling
 
 CHAIN, MIXED = "chain", "mixed"
 log = logging.getLogger("chainlora.serve")
-ENDPOINT = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
 
 
 # --------------------------------------------------------------------------- the app
@@ -43,30 +42,30 @@ ENDPOINT = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
 class Server:
     """Everything a request handler needs: the chain, its scheduler, limits, metrics."""
 
-    def __init__(self, chain: Chain, *, api_key: str | None = None, max_batch: int = 16,
+    def __init__(self, engine: Engine, *, api_key: str | None = None, max_batch: int = 16,
                  window_ms: float = 10.0, max_queue: int = 256, timeout_s: float = 300.0,
                  default_max_tokens: int = 256, forwarder: Any = None):
-        self.chain, self.api_key, self.timeout = chain, api_key, timeout_s
+        self.engine, self.api_key, self.timeout = engine, api_key, timeout_s
         self.forwarder = forwarder  # forward.Forwarder: answer on another server, route here
         self.default_max_tokens = default_max_tokens
         if max_queue < 1 or timeout_s <= 0 or max_batch < 1:
             raise ChainloraError("serve: --max-queue and --max-batch must be >= 1, --timeout > 0")
         # The worker thread tokenizes with padding; a fast tokenizer's padding state is not
         # thread-safe, so request checks on the event loop use their own copy.
-        self.tok = copy.deepcopy(chain.tok)
-        self.metrics = Metrics(chain)
-        self.scheduler = Scheduler(chain, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
+        self.tok = copy.deepcopy(engine.tok)
+        self.metrics = Metrics(engine)
+        self.scheduler = Scheduler(engine, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
                                    on_batch=self.metrics.batch)
         self.created = int(time.time())
 
     def models(self) -> list[str]:
-        lib = self.chain.lib
+        lib = self.engine.lib
         return [CHAIN] + ([MIXED] if lib.mixed else []) + lib.task_names
 
     def pin(self, model: str) -> str | None:
         """The adapter a `model` names (None: route), or 404."""
         if model == CHAIN:
-            if not self.chain.lib.router and len(self.chain.tasks) != 1 and self.chain.selector != "classifier":
+            if not self.engine.lib.router and len(self.engine.tasks) != 1 and self.engine.selector != "classifier":
                 raise ApiError(404, f"model 'chain' needs a task selector; this library has none "
                                     f"(use one of: {', '.join(self.models()[1:])})", param="model",
                                code="model_not_found")
@@ -90,9 +89,9 @@ class Server:
             raise ApiError(400, "n: only n=1 is supported", param="n")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or self.default_max_tokens
         n = len(self.tok(rendered, add_special_tokens=False)["input_ids"])
-        if n + max_tokens > self.chain.context:
+        if n + max_tokens > self.engine.context:
             raise ApiError(400, f"{field}: {n} prompt tokens + {max_tokens} new tokens exceed the model's "
-                                f"context of {self.chain.context}; shorten it or lower max_tokens",
+                                f"context of {self.engine.context}; shorten it or lower max_tokens",
                            param=field, code="context_length_exceeded")
         return Request(text=text, rendered=rendered, task=task, max_tokens=max_tokens,
                        temperature=body.temperature, top_p=body.top_p, stop=body.stops(),
@@ -103,7 +102,7 @@ class Server:
         users = [m["content"] for m in msgs if m["role"] == "user"]
         if not users or not users[-1].strip():
             raise ApiError(400, "messages: needs a non-empty user message", param="messages")
-        system = self.chain.system
+        system = self.engine.system
         try:
             if len(msgs) == 1 or (len(msgs) == 2 and msgs[0]["role"] == "system"):
                 sys_text = msgs[0]["content"] if len(msgs) == 2 else system
@@ -123,7 +122,7 @@ class Server:
         if not prompt.strip():
             raise ApiError(400, "prompt: empty", param="prompt")
         try:
-            rendered = prompts.render(self.tok, prompt, self.chain.system)
+            rendered = prompts.render(self.tok, prompt, self.engine.system)
         except Exception as e:
             raise ApiError(400, f"prompt: the model's chat template refuses it: {e}", param="prompt")
         return self.request(body, prompt, rendered, "prompt")
@@ -211,7 +210,7 @@ def create_app(server: Server):
     @app.get("/health")
     async def health():
         alive = server.scheduler.thread.is_alive()
-        body = {"status": "ok" if alive else "worker stopped", "library": str(server.chain.lib.root),
+        body = {"status": "ok" if alive else "worker stopped", "library": str(server.engine.lib.root),
                 "waiting": server.scheduler.waiting, "models": server.models()}
         return JSONResponse(body, status_code=200 if alive else 503)
 
@@ -229,7 +228,7 @@ def create_app(server: Server):
     async def reload(request: HttpRequest):
         auth(request)
         try:
-            changes = await asyncio.to_thread(server.chain.reload)
+            changes = await asyncio.to_thread(server.engine.reload)
         except ChainloraError as e:
             raise ApiError(400, str(e), code="reload_failed")
         return {"object": "reload", **changes, "models": server.models()}
@@ -268,7 +267,7 @@ def create_app(server: Server):
     async def forward(req: Request, body: Sampling, kind: str, t0: float):
         """Route here, answer on the backend (see chainlora.serve.forward)."""
         try:
-            (route,) = await asyncio.to_thread(server.chain.routes_for, [req.text], [req.task])
+            (route,) = await asyncio.to_thread(server.engine.routes_for, [req.text], [req.task])
             model = server.forwarder.model_for(route)
         except ChainloraError as e:
             raise ApiError(500, str(e), type="server_error")
@@ -280,8 +279,7 @@ def create_app(server: Server):
             return StreamingResponse(server.forwarder.stream(path, payload, rf), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         status, data = await server.forwarder.complete(path, payload)
-        server.metrics.status(ENDPOINT[kind], status)
-        server.metrics.latency.labels(ENDPOINT[kind]).observe(time.monotonic() - t0)
+        server.metrics.answered(kind, status, time.monotonic() - t0)
         if status == 200 and isinstance(data, dict):
             data["chainlora"] = rf
         return JSONResponse(data, status_code=status)
@@ -356,9 +354,9 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
         forwarder = Forwarder(backend_url, api_key=backend_key, base_model=backend_base_model, timeout_s=timeout_s)
     elif backend != "local":
         raise ChainloraError(f"--backend: unknown {backend!r} (use local or openai)")
-    chain = Chain.load(library, device=device, dtype=dtype, selector=selector, threshold=threshold,
+    engine = Engine.load(library, device=device, dtype=dtype, selector=selector, threshold=threshold,
                        max_adapters=max_adapters, cpu_cache_bytes=int(cpu_cache_mb * (1 << 20)))
-    server = Server(chain, api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
+    server = Server(engine, api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
                     timeout_s=timeout_s, forwarder=forwarder)
     print(f"chainlora: serving {library} on http://{host}:{port}/v1 (models: {', '.join(server.models())})")
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

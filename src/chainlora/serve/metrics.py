@@ -19,11 +19,11 @@ ENDPOINTS = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
 class _CacheCollector:
     """Adapter-cache counters straight from the engine, when Prometheus scrapes."""
 
-    def __init__(self, chain: Any):
-        self.chain = chain
+    def __init__(self, engine: Any):
+        self.engine = engine
 
     def collect(self):
-        cache = self.chain.cache
+        cache = self.engine.cache
         s = cache.stats
         for name, value, help_ in (("hits", s.hits, "adapter requests served by a resident adapter"),
                                    ("misses", s.misses, "adapter requests that had to load it"),
@@ -36,7 +36,7 @@ class _CacheCollector:
 
 
 class Metrics:
-    def __init__(self, chain: Any):
+    def __init__(self, engine: Any):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("chainlora_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
         self.latency = Histogram("chainlora_request_seconds", "request latency (queue + generation)",
@@ -51,7 +51,7 @@ class Metrics:
         self.routed = Counter("chainlora_routed", "requests per answering adapter", ["adapter", "fallback"],
                               registry=r)
         self.rejected = Counter("chainlora_rejected", "requests refused because the queue was full", registry=r)
-        r.register(_CacheCollector(chain))
+        r.register(_CacheCollector(engine))
 
     def batch(self, requests: list, answers: list, seconds: float) -> None:
         """Called by the scheduler's worker after each generate call."""
@@ -61,10 +61,14 @@ class Metrics:
         for a in answers:
             self.routed.labels(a.route.adapter, str(a.route.fallback).lower()).inc()
 
+    def answered(self, kind: str, status: int, seconds: float) -> None:
+        """One request of `kind` ("chat" / "text") answered with `status` after `seconds`."""
+        self.requests.labels(ENDPOINTS[kind], str(status)).inc()
+        self.latency.labels(ENDPOINTS[kind]).observe(seconds)
+
     def done(self, kind: str, answer: Any, seconds: float) -> None:
-        endpoint = ENDPOINTS[kind]
-        self.requests.labels(endpoint, "200").inc()
-        self.latency.labels(endpoint).observe(seconds)
+        """A request answered here: counted, timed, its tokens added."""
+        self.answered(kind, 200, seconds)
         self.prompt_tokens.inc(answer.prompt_tokens)
         self.completion_tokens.inc(answer.completion_tokens)
 

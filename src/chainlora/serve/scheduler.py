@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from chainlora.errors import ChainloraError
-from chainlora.inference.engine import Answer, Chain, Route
+from chainlora.inference.engine import Answer, Engine, Route
+from chainlora.inference.stops import end_ids, streamable
 
 log = logging.getLogger("chainlora.serve")
 
@@ -108,7 +109,7 @@ class BatchStreamer:
         self.sent = ["" for _ in requests]
         self.closed = [r.on_text is None for r in requests]
         self.prompt_seen = False
-        self.stops = {self.tok.eos_token_id, self.tok.pad_token_id}
+        self.ends = end_ids(tokenizer)
 
     def put(self, value: Any) -> None:
         if not self.prompt_seen:  # generate hands over the prompt first
@@ -117,25 +118,14 @@ class BatchStreamer:
         for i, token in enumerate(value.reshape(len(self.requests), -1)[:, -1].tolist()):
             if self.closed[i]:
                 continue
-            if token in self.stops or len(self.ids[i]) >= self.requests[i].max_tokens:
+            if token in self.ends or len(self.ids[i]) >= self.requests[i].max_tokens:
                 self.closed[i] = True
                 continue
             self.ids[i].append(token)
-            self._emit(i, final=False)
+            self._emit(i)
 
-    def _emit(self, i: int, final: bool) -> None:
-        text = self.tok.decode(self.ids[i], skip_special_tokens=True)
-        if not final:
-            stops = self.requests[i].stop
-            found = [text.index(s) for s in stops if s in text]
-            if found:  # a stop string is complete: nothing from it on is ever sent
-                text = text[: min(found)]
-            else:  # the tail might still become one
-                hold = max((len(s) for s in stops), default=1) - 1
-                text = text[: len(text) - hold] if hold else text
-            if "\ufffd" in text:  # half a multi-byte character: wait for the rest
-                text = text[: text.index("\ufffd")]
-            text = text.strip()  # as the final answer is (trailing space may still grow)
+    def _emit(self, i: int) -> None:
+        text = streamable(self.tok.decode(self.ids[i], skip_special_tokens=True), self.requests[i].stop)
         if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
             self.requests[i].on_text(text[len(self.sent[i]):])
             self.sent[i] = text
@@ -162,9 +152,9 @@ class SchedulerStats:
 class Scheduler:
     """The bounded queue and the one worker thread that runs the engine."""
 
-    def __init__(self, chain: Chain, *, max_batch: int = 16, window_ms: float = 10.0, max_queue: int = 256,
+    def __init__(self, engine: Engine, *, max_batch: int = 16, window_ms: float = 10.0, max_queue: int = 256,
                  on_batch: Callable[[list[Request], list[Answer], float], None] | None = None):
-        self.chain, self.max_batch, self.window = chain, max_batch, window_ms / 1000
+        self.engine, self.max_batch, self.window = engine, max_batch, window_ms / 1000
         self.queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
         self.on_batch = on_batch
         self.stats = SchedulerStats()
@@ -249,13 +239,13 @@ class Scheduler:
     def _run(self, group: list[Request]) -> None:
         t0 = time.monotonic()
         try:
-            routes = self.chain.routes_for([r.text for r in group], [r.task for r in group])
+            routes = self.engine.routes_for([r.text for r in group], [r.task for r in group])
             for r, route in zip(group, routes):
                 if r.on_route is not None:
                     r.on_route(route)
-            streamer = BatchStreamer(self.chain.tok, group) if any(r.on_text for r in group) else None
+            streamer = BatchStreamer(self.engine.tok, group) if any(r.on_text for r in group) else None
             first = group[0]
-            answers = self.chain.generate(
+            answers = self.engine.generate(
                 [r.text for r in group], routes=routes, rendered=[r.rendered for r in group],
                 max_new_tokens=[r.max_tokens for r in group], temperature=first.temperature,
                 top_p=first.top_p, stop=list(first.stop) or None, streamer=streamer, stopping=RowStopper(group))

@@ -7,7 +7,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from chainlora.inference.engine import BASE, Answer, Route
+from chainlora.inference.engine import Answer, Route
 
 
 class ApiError(Exception):
@@ -65,11 +65,7 @@ class CompletionBody(Sampling):
 
 
 def route_field(route: Route | None) -> dict | None:
-    if route is None:
-        return None
-    return {"task": route.task, "probability": round(route.probability, 6),
-            "top_k": [[t, round(p, 6)] for t, p in route.top_k], "fallback": route.fallback,
-            "adapter": None if route.adapter == BASE else route.adapter, "selector": route.selector}
+    return None if route is None else route.as_dict()
 
 
 def usage(a: Answer) -> dict:

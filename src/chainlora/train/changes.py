@@ -102,8 +102,8 @@ def files_match(root: Path, entry: dict, kind: str) -> bool:
     """The adapter's files are there and hash to what the manifest says."""
     files = store.CLASSIFIER_FILES if kind == "classifier" else store.ADAPTER_FILES
     try:
-        return store.adapter_sha256(store.inside(root, entry["path"]), files) == entry.get("sha256")
-    except (ChainloraError, KeyError, OSError):
+        return store.intact(store.inside(root, entry["path"]), entry, files)
+    except (ChainloraError, KeyError):  # no path, or one that leaves the library
         return False
 
 
