@@ -98,3 +98,49 @@ def test_router_label_checks():
     cfg = config.from_dict({"router": {"labels": {"zzz": "x"}}})
     with pytest.raises(ChainloraError, match="router.labels.zzz: not a trained task"):
         labels_for(cfg, ["a"])
+
+
+# Measured on the dataclass implementation (before pydantic, commit 994c540). A library records
+# these digests: a config that loads to a different to_dict() JSON retrains every adapter of
+# every user's library. Change them only together with FINGERPRINT_VERSION, never to follow code.
+OVERRIDES = {  # every section, numbers as ints and as YAML 1.1 text, cola merged key by key
+    "tasks": ["antonym", "hypernym"], "system_prompt": "Be brief.",
+    "data": {"fields": {"output": "answer"}, "task": "t", "test_fraction": 0, "max_train_per_task": 50},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0, "target_modules": ["q_proj", "k_proj", "v_proj"]},
+    "training": {"method": "cola", "learning_rate": "2e-4", "epochs": 2, "max_steps": None, "weight_decay": 0,
+                 "cola": {"links": 3, "restart_warmup_steps": 2, "rank_schedule": [8, 4, 2]}},
+    "router": {"labels": {"antonym": "opposite"},
+               "training": {"max_steps": 7, "method": "lora", "learning_rate": 1,
+                            "cola": {"links": 2, "rank_schedule": None}}},
+    "classifier": {"enabled": True, "epochs": 10, "learning_rate": 1},
+    "mixed": {"budget": 30, "training": {"cola": {"knots": [3, 6], "links": None, "rank_schedule": None},
+                                         "warmup_ratio": "1e-1"}},
+    "output_dir": "runs/x",
+}
+PINNED = {  # name: (digest(), sha256 of json.dumps(to_dict()), fingerprint of a job with the mixed settings)
+    "default": ("2e8be4c0e9f6c13bbf9bde02326b0d45ebe4f4d0061b6f2b437f2f54b6d5d958",
+                "ea168cb1104df0e5133706996ac5192f1fa2f8935704fbb79f5adb9fde12e7cc",
+                "61a05a77a743e63547292fd46dd44c3ed43a56c1110aa11ad1c120e0bef0bcb3"),
+    "demo": ("6b7effc036f88942030b1a4c867d8cd9d73536d48c8703c709f5d0ffa0ac5658",
+             "500e922fc8d23e220616bfa11a6d524c039c9e2e2d1522d7f2d2922bfed8cb0d",
+             "5b19d46dd0b38e2b162a1830801cea4c2a91d2c47c0b65ff7438c09a6f605f23"),
+    "overrides": ("6ae7c9aee6333466fd792c9f81840521f2a9323d53da577fb21c4e116e6e2dab",
+                  "2804f9ecdfd377a6b295d09a5e2a05d6e81ccb8c3b467f5ec725f2cd1b1528ad",
+                  "96189907de19457263fa9e8b647760156cab523c92978385213b2474169190db"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_digest_and_to_dict_are_those_of_existing_libraries(name):
+    import hashlib
+    import json
+
+    from chainlora.train.changes import fingerprint
+    from chainlora.train.plan import Job
+
+    cfg = {"default": lambda: config.from_dict({}), "demo": lambda: config.load(REPO / "configs" / "demo.yaml"),
+           "overrides": lambda: config.from_dict(OVERRIDES)}[name]()
+    job = Job("task", "t", "task/t", [], [], cfg.training_for("mixed"), steps=10)  # mixed settings
+    measured = (cfg.digest(), hashlib.sha256(json.dumps(cfg.to_dict()).encode()).hexdigest(),
+                fingerprint(job, cfg, "sha256:abc", 1, "tok")["sha256"])
+    assert measured == PINNED[name]

@@ -275,8 +275,6 @@ def test_no_training_records_fails_before_any_model(tiny_model_dir, tmp_path):
 
 def test_warmup_ratio_is_a_ratio(tmp_path, monkeypatch):
     """warmup_ratio 0.5 of 10 steps warms up over 5 steps, 1.0 over all 10 (not one step)."""
-    import dataclasses
-
     import torch
     from transformers import get_scheduler
 
@@ -286,8 +284,8 @@ def test_warmup_ratio_is_a_ratio(tmp_path, monkeypatch):
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path))  # training_args sets it; undo after
 
     for ratio, warm in ((0.5, 5), (1.0, 10), (0.0, 0), (0.25, 3), (0.7, 7)):
-        settings = dataclasses.replace(config.TrainingSettings(), warmup_ratio=ratio, max_steps=10,
-                                       learning_rate=1e-3, lr_scheduler="linear")
+        settings = config.TrainingSettings(warmup_ratio=ratio, max_steps=10, learning_rate=1e-3,
+                                           lr_scheduler="linear")
         job = Job("task", "t", "tasks/t", [], [], settings, steps=10)
         args = training_args(job, tmp_path / "w", tmp_path / "logs")
         assert args.get_warmup_steps(10) == warm, ratio

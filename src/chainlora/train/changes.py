@@ -18,7 +18,6 @@ Test examples do not enter the fingerprint: they do not change an adapter's weig
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
                 tokenizer: str | None = None) -> dict:
     """{"sha256": one digest, "parts": {what: digest}}; the parts say WHY a job must retrain.
     `tokenizer`: a digest of the base model's tokenizer files (models.tokenizer_digest)."""
-    settings = {k: v for k, v in dataclasses.asdict(job.settings).items() if k not in NOT_IN_FINGERPRINT}
+    settings = {k: v for k, v in job.settings.model_dump().items() if k not in NOT_IN_FINGERPRINT}
     # A hub model whose revision is unknown is told apart by its name at least.
     name = cfg.base_model if base_fingerprint.startswith("revision:") else None
     parts = {
@@ -54,11 +53,11 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
         "training examples": _digest([[p.text, p.answer] for p in job.train]),
     }
     if job.kind == "classifier":
-        c = dataclasses.asdict(cfg.classifier)
+        c = cfg.classifier.model_dump()
         parts["classifier settings"] = _digest([c["encoder"], c["epochs"], c["learning_rate"],
                                                 job.info.get("tasks")])
     else:
-        parts["LoRA settings"] = _digest(dataclasses.asdict(cfg.lora))
+        parts["LoRA settings"] = _digest(cfg.lora.model_dump())
         parts["system prompt"] = _digest(cfg.system_prompt)
     return {"version": FINGERPRINT_VERSION, "sha256": _digest([FINGERPRINT_VERSION, job.kind, job.path, parts]),
             "parts": parts}

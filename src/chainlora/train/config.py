@@ -1,145 +1,166 @@
 """Training configuration: a YAML file in the style of LLaMA-Factory / axolotl, checked on load.
 
-The schema is the dataclasses below; their defaults are the documented defaults. Loading is
+The schema is the pydantic models below; their defaults are the documented defaults. Loading is
 strict: an unknown or mistyped key (with a "did you mean" hint), a wrong type or a value out
 of range is ONE ChainloraError naming the file and the dotted key, so a typo never silently
 trains with a default. Example: configs/demo.yaml.
+
+pydantic checks keys, types and ranges (strict: an integer is never true, 8.5 or "8"); this
+module only turns its first complaint into that one line, in words taken from the schema.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from chainlora.data.prompts import DEFAULT_TASK_PROMPT, check_task_prompt
 from chainlora.errors import ChainloraError
 from chainlora.models import DEFAULT_MODEL
 
 
-def _bounds(lo: float | None = None, hi: float | None = None, **kw: Any) -> Any:
-    """A dataclass field with an allowed range, checked on load."""
-    return field(metadata={"min": lo, "max": hi}, **kw)
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads 2e-4 (no dot) as text and 16 as an integer: both are numbers here."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (ValueError, OverflowError):
+            pass
+    return value
 
 
-@dataclass
-class DataSettings:
+Number = Annotated[float, BeforeValidator(_number)]
+
+
+class _Section(BaseModel):
+    """A config section: strict types, no unknown keys; an empty one (`lora:`) means the defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, data: Any) -> Any:
+        return {} if data is None else data
+
+
+class DataSettings(_Section):
     train: str = "demo"  # a data file, a hub dataset name, or "demo" (the bundled data)
     test: str | None = None  # explicit test file; else a seeded hash split of `train`
-    fields: dict[str, str] = field(default_factory=dict)  # {"output": "answer", ...}
+    fields: dict[str, str] = Field(default_factory=dict)  # {"output": "answer", ...}
     task: str | None = None  # default task for records without one
-    test_fraction: float = _bounds(0.0, 0.99, default=0.1)
-    min_records: int = _bounds(1, default=1)
-    max_train_per_task: int | None = _bounds(1, default=None)
-    max_test_per_task: int | None = _bounds(1, default=None)
+    test_fraction: Number = Field(0.1, ge=0.0, le=0.99)
+    min_records: int = Field(1, ge=1)
+    max_train_per_task: int | None = Field(None, ge=1)
+    max_test_per_task: int | None = Field(None, ge=1)
 
 
-@dataclass
-class LoraSettings:
-    r: int = _bounds(1, 4096, default=8)
-    alpha: float = _bounds(0.0, default=16.0)
-    dropout: float = _bounds(0.0, 0.99, default=0.05)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+class LoraSettings(_Section):
+    r: int = Field(8, ge=1, le=4096)
+    alpha: Number = Field(16.0, ge=0.0)
+    dropout: Number = Field(0.05, ge=0.0, le=0.99)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
-@dataclass
-class ColaSettings:
+class ColaSettings(_Section):
     """The residual chain (COLA, Xia et al. 2024): train a link, merge it, start a fresh one.
 
     The knots (optimizer steps where a link is merged) come from `knots` if given, else every
     `steps_per_link` steps, else `links` evenly spaced links (default 3) over the adapter's steps.
     """
 
-    links: int | None = _bounds(1, 1000, default=None)  # L; default 3 when no knots are given
-    steps_per_link: int | None = _bounds(1, default=None)
+    links: int | None = Field(None, ge=1, le=1000)  # L; default 3 when no knots are given
+    steps_per_link: int | None = Field(None, ge=1)
     knots: list[int] | None = None  # explicit optimizer steps at which links are merged
     reset_optimizer: bool = True  # fresh AdamW state for each new link
-    restart_warmup_steps: int = _bounds(0, default=0)  # steps of linear LR re-warm-up after each knot
+    restart_warmup_steps: int = Field(0, ge=0)  # steps of linear LR re-warm-up after each knot
     rank_schedule: list[int] | None = None  # rank of each link, e.g. [16, 8, 4]
     init: Literal["kaiming", "gaussian"] = "kaiming"  # new link's A; B is always zero
-    compress_rank: int | None = _bounds(1, default=None)  # save an SVD-truncated rank-r adapter
+    compress_rank: int | None = Field(None, ge=1)  # save an SVD-truncated rank-r adapter
 
 
-@dataclass
-class TrainingSettings:
-    max_steps: int | None = _bounds(1, default=100)  # optimizer steps per adapter
-    epochs: float | None = _bounds(0.0, default=None)  # used when max_steps is null
-    batch_size: int = _bounds(1, default=8)
-    gradient_accumulation_steps: int = _bounds(1, default=1)
-    learning_rate: float = _bounds(0.0, 1.0, default=2e-4)
+class TrainingSettings(_Section):
+    max_steps: int | None = Field(100, ge=1)  # optimizer steps per adapter
+    epochs: Number | None = Field(None, ge=0.0)  # used when max_steps is null
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: Number = Field(2e-4, ge=0.0, le=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = _bounds(0.0, 1.0, default=0.0)
-    weight_decay: float = _bounds(0.0, default=0.0)
-    max_length: int = _bounds(8, default=256)  # tokens per example (prompt + answer)
+    warmup_ratio: Number = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: Number = Field(0.0, ge=0.0)
+    max_length: int = Field(256, ge=8)  # tokens per example (prompt + answer)
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
-    save_steps: int = _bounds(1, default=50)  # checkpoint every N steps (resume granularity)
-    logging_steps: int = _bounds(1, default=10)
-    eval_batch_size: int = _bounds(1, default=16)
+    save_steps: int = Field(50, ge=1)  # checkpoint every N steps (resume granularity)
+    logging_steps: int = Field(10, ge=1)
+    eval_batch_size: int = Field(16, ge=1)
     method: Literal["lora", "cola"] = "lora"  # cola: the residual chain, settings in `cola`
-    cola: ColaSettings = field(default_factory=ColaSettings)
+    cola: ColaSettings = Field(default_factory=ColaSettings)
 
 
-TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainingSettings))
-COLA_KEYS = tuple(f.name for f in dataclasses.fields(ColaSettings))
+TRAINING_KEYS = tuple(TrainingSettings.model_fields)
+COLA_KEYS = tuple(ColaSettings.model_fields)
 
 
-@dataclass
-class RouterSettings:
+class RouterSettings(_Section):
     enabled: bool = True
     task_prompt: str = DEFAULT_TASK_PROMPT  # must contain {instruction}; may contain {input}
-    labels: dict[str, str] = field(default_factory=dict)  # task -> label (default: task name)
-    max_train_per_task: int | None = _bounds(1, default=None)
-    training: dict[str, Any] = field(default_factory=dict)  # overrides of `training` keys
+    labels: dict[str, str] = Field(default_factory=dict)  # task -> label (default: task name)
+    max_train_per_task: int | None = Field(None, ge=1)
+    training: dict[str, Any] = Field(default_factory=dict)  # overrides of `training` keys
 
 
-@dataclass
-class ClassifierSettings:
+class ClassifierSettings(_Section):
     """The `classifier` selector: frozen encoder + linear head (Qiu et al. Table III)."""
 
     enabled: bool = False
     encoder: Literal["minilm", "base"] = "minilm"  # all-MiniLM-L6-v2 (PyPI) or the base model
-    max_train_per_task: int | None = _bounds(1, default=None)
-    epochs: int = _bounds(1, default=300)  # full-batch steps of the linear head
-    learning_rate: float = _bounds(0.0, 10.0, default=0.01)
+    max_train_per_task: int | None = Field(None, ge=1)
+    epochs: int = Field(300, ge=1)  # full-batch steps of the linear head
+    learning_rate: Number = Field(0.01, ge=0.0, le=10.0)
 
 
-@dataclass
-class MixedSettings:
+class MixedSettings(_Section):
     enabled: bool = True
     # matched: the sum of all task adapters' steps (the fair comparison, Qiu et al. Table I);
     # same: one task adapter's steps; a number: exactly that many steps.
     budget: Union[Literal["matched", "same"], int] = "matched"
-    training: dict[str, Any] = field(default_factory=dict)  # overrides of `training` keys
+    training: dict[str, Any] = Field(default_factory=dict)  # overrides of `training` keys
 
 
-@dataclass
-class Config:
+class Config(_Section):
     base_model: str = DEFAULT_MODEL
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     tasks: Union[Literal["all"], list[str]] = "all"
     # System message for every prompt; null keeps the chat template's own default. Recorded in
     # the library so inference renders prompts exactly as training did.
     system_prompt: str | None = None
-    data: DataSettings = field(default_factory=DataSettings)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    training: TrainingSettings = field(default_factory=TrainingSettings)
-    router: RouterSettings = field(default_factory=RouterSettings)
-    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
-    mixed: MixedSettings = field(default_factory=MixedSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
+    mixed: MixedSettings = Field(default_factory=MixedSettings)
     output_dir: str = "runs/library"
-    source: str = field(default="<dict>", repr=False, compare=False)  # where it was loaded from
+    _source: str = PrivateAttr("<dict>")
+
+    @property
+    def source(self) -> str:
+        """Where it was loaded from (for messages); not a key, not in to_dict()."""
+        return self._source
+
+    @source.setter
+    def source(self, value: str) -> None:
+        self._source = value
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("source")
-        return d
+        return self.model_dump()
 
     def digest(self) -> str:
         """sha256 of everything that changes what is trained (not where it is written)."""
@@ -150,7 +171,7 @@ class Config:
     def training_for(self, section: str) -> TrainingSettings:
         """`training` with the router's or mixed adapter's overrides applied (already checked)."""
         overrides = getattr(self, section).training if section in ("router", "mixed") else {}
-        return dataclasses.replace(self.training, **overrides)
+        return self.training.model_copy(update=overrides)
 
 
 # --------------------------------------------------------------------------- checking
@@ -160,119 +181,82 @@ def _fail(source: str, key: str, message: str) -> ChainloraError:
     return ChainloraError(f"{source}: {key}: {message}")
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
+def _optional_of(tp: Any) -> Any:
+    """`X | None` -> X; anything else unchanged."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1 else tp
+
+
+def _describe(tp: Any) -> str:
+    """What an annotation accepts, in the words of the error messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _describe(args[0])
     if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
+        return " or ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+        return " or ".join(_describe(a) for a in args if a is not type(None))
     if origin is list:
-        item = typing.get_args(tp)[0]
-        return "a list of text" if item is str else "a list of integers"
-    if origin is dict:
+        return "a list of text" if args[0] is str else "a list of integers"
+    if origin is dict or (isinstance(tp, type) and issubclass(tp, BaseModel)):
         return "a mapping"
-    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}[tp]
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check `value` against the annotation `tp`; return it (numbers from YAML text converted)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key, source)
-            except ChainloraError:
-                continue
-        raise _fail(source, key, f"expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise _fail(source, key, f"expected {_type_name(tp)}, got {value!r}")
-        return value
-    if origin is list:
-        item = typing.get_args(tp)[0]
-        if not isinstance(value, list):
-            raise _fail(source, key, f"expected {_type_name(tp)}, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _fail(source, key, f"expected a mapping, got {value!r}")
-        val_tp = typing.get_args(tp)[1]
-        if val_tp is str and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise _fail(source, key, "expected a mapping of text to text")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, source)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _fail(source, key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(source, key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as text
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(source, key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _fail(source, key, f"expected text, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config annotation {tp!r}")  # a bug in the schema
+def _locate(model: type[BaseModel], loc: tuple, data: Any, key: str) -> tuple[str, Any, Any, tuple]:
+    """Follow pydantic's error location through the schema and the data, as far as it names
+    fields and list items: the dotted key, its annotation, its value, and what is left (an
+    unknown key, a union member's tag, a key inside a mapping)."""
+    tp: Any = model
+    for i, part in enumerate(loc):
+        inner = _optional_of(tp)
+        if isinstance(inner, type) and issubclass(inner, BaseModel) and part in inner.model_fields:
+            tp, key = inner.model_fields[part].annotation, f"{key}.{part}" if key else part
+        elif isinstance(part, int) and typing.get_origin(inner) is list:
+            tp, key = typing.get_args(inner)[0], f"{key}[{part}]"
+        else:
+            return key, tp, data, loc[i:]
+        data = data[part]
+    return key, tp, data, ()
 
 
-def _check_keys(known: list[str], data: dict, prefix: str, source: str) -> None:
-    for k in data:
-        if k not in known:
-            hint = difflib.get_close_matches(str(k), known, n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
-            raise _fail(source, f"{prefix}{k}", f"unknown key{suggestion}")
+def _explain(error: ValidationError, model: type[BaseModel], data: Any, prefix: str,
+             source: str) -> ChainloraError:
+    """pydantic's first complaint (an unknown key first: a typo explains the rest) as one line."""
+    errors = error.errors()
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    err = min(unknown, key=lambda e: len(e["loc"])) if unknown else errors[0]
+    key, tp, value, rest = _locate(model, err["loc"], data, prefix)
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        known = list(tp.model_fields)
+        hint = difflib.get_close_matches(str(rest[0]), known, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
+        return _fail(source, f"{key}.{rest[0]}" if key else rest[0], f"unknown key{suggestion}")
+    if kind in ("greater_than_equal", "less_than_equal"):
+        op, bound = (">=", ctx["ge"]) if kind == "greater_than_equal" else ("<=", ctx["le"])
+        got = float(value) if isinstance(bound, float) else value  # float fields have float bounds
+        return _fail(source, key, f"must be {op} {bound}, got {got}")
+    if rest and typing.get_origin(tp) is dict:  # a key or value inside the mapping
+        return _fail(source, key, "expected a mapping of text to text")
+    return _fail(source, key or "(top level)", f"expected {_describe(tp)}, got {value!r}")
 
 
-def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
-    """Build dataclass `cls` from a mapping, checking keys, types and ranges."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise _fail(source, prefix or "(top level)", f"expected a mapping, got {data!r}")
-    dotted = f"{prefix}." if prefix else ""
-    fields = [f for f in dataclasses.fields(cls) if f.name != "source"]
-    _check_keys([f.name for f in fields], data, dotted, source)
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in fields:
-        if f.name not in data:
-            continue
-        key = f"{dotted}{f.name}"
-        value = _coerce(data[f.name], hints[f.name], key, source)
-        lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if lo is not None and value < lo:
-                raise _fail(source, key, f"must be >= {lo}, got {value}")
-            if hi is not None and value > hi:
-                raise _fail(source, key, f"must be <= {hi}, got {value}")
-        values[f.name] = value
-    return cls(**values)
+def _validate(model: type[BaseModel], data: Any, source: str, prefix: str = "") -> Any:
+    """`model` built from `data`, or the one-line ChainloraError saying what is wrong."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _explain(e, model, data, prefix, source) from None
 
 
 def _check_overrides(section: str, overrides: dict[str, Any], base: TrainingSettings,
                      source: str) -> dict[str, Any]:
     """Overrides use `training` keys and are checked like them; a `cola` override is merged
     key by key over `training.cola` (so `mixed.training.cola.links: 2` keeps the other keys)."""
-    prefix = f"{section}.training"
-    _check_keys(list(TRAINING_KEYS), overrides, f"{prefix}.", source)
     if isinstance(overrides.get("cola"), dict):
-        _check_keys(list(COLA_KEYS), overrides["cola"], f"{prefix}.cola.", source)
-        overrides = {**overrides, "cola": {**dataclasses.asdict(base.cola), **overrides["cola"]}}
-    checked = _build(TrainingSettings, overrides, prefix, source)
+        overrides = {**overrides, "cola": {**base.cola.model_dump(), **overrides["cola"]}}
+    checked = _validate(TrainingSettings, overrides, source, f"{section}.training")
     return {k: getattr(checked, k) for k in overrides}
 
 
@@ -296,7 +280,7 @@ def _check_cola(c: ColaSettings, key: str, source: str) -> None:
 
 def from_dict(data: Any, source: str = "<dict>") -> Config:
     """Check a parsed config mapping and return a Config."""
-    cfg = _build(Config, data, "", source)
+    cfg = _validate(Config, data, source)
     cfg.source = source
     for section in ("router", "mixed"):
         part = getattr(cfg, section)
@@ -320,7 +304,8 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
 
 
 def apply_overrides(data: Any, overrides: list[str]) -> dict:
-    """Apply command-line `key.sub=value` overrides (values parsed as YAML) to a config mapping."""
+    """Apply command-line `key.sub=value` overrides (values parsed as YAML) to a config mapping;
+    the mappings on the way are copied, so `data` itself is left as it was."""
     import yaml
 
     data = dict(data or {})
@@ -332,13 +317,10 @@ def apply_overrides(data: Any, overrides: list[str]) -> dict:
         node = data
         for i, part in enumerate(parents):
             child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
+            if child is not None and not isinstance(child, dict):
                 raise ChainloraError(f"--set {key}: {'.'.join(parents[:i + 1])} is not a mapping")
-            else:
-                child = node[part] = dict(child)
-            node = child
+            node[part] = dict(child or {})
+            node = node[part]
         try:
             node[last] = yaml.safe_load(raw)
         except yaml.YAMLError:
