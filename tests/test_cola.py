@@ -40,10 +40,10 @@ class Probe:
         self.seen[state.global_step] = self.fn(**kw)
 
 
-def peft_model(model_dir: Path, r: int = 4, dropout: float = 0.0):
+def peft_model(model_dir: Path, r: int = 4, dropout: float = 0.0, dtype: str = "float32"):
     from peft import LoraConfig, get_peft_model
 
-    base = load_base(str(model_dir), device="cpu")
+    base = load_base(str(model_dir), device="cpu", dtype=dtype)
     torch.manual_seed(0)
     cfg = LoraConfig(r=r, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"],
                      task_type="CAUSAL_LM")
@@ -173,6 +173,58 @@ def test_rank_step_down_rebuilds_layers_and_optimizer(tiny_model_dir, tmp_path):
     assert all(v["tracked"] for v in probe.seen.values())  # the optimizer follows the new modules
     assert any(bool(layer.lora_B["default"].weight.abs().max() > 0) for layer in chain.layers.values())
     assert [link[next(iter(link))][0].shape[0] for link in chain.links] == [4, 2]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rebuilt_layers_are_peft_layers_summing_the_links(tiny_model_dir, dtype):
+    """The knot and the export rebuild A and B through PEFT's layer API: the result must be what
+    PEFT gives a fresh adapter (r, alpha, scaling, trainable, active, where and in the dtype
+    get_peft_model put it, the same dropout), and each layer must compute W0 + sum_j s_j B_j A_j."""
+    import torch.nn.functional as F
+
+    base, model = peft_model(tiny_model_dir, dropout=0.1, dtype=dtype)
+    cb = cola.ColaCallback(model, cola.ChainPlan([1], [4, 2]), ColaSettings(), 8)
+    layers = cb.layers.values()
+    w0 = {n: layer.get_base_layer().weight.detach().clone() for n, layer in cb.layers.items()}
+    dropouts = {n: layer.lora_dropout["default"] for n, layer in cb.layers.items()}
+    torch.manual_seed(1)
+    with torch.no_grad():  # link 1 has learned something
+        for layer in layers:
+            layer.lora_B["default"].weight.normal_(std=0.1)
+    ab1 = {n: (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
+           for n, layer in cb.layers.items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    old = {id(p) for p in lora_params(cb)}
+    cb.tie(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert all(any(p is q for q in params) for p in lora_params(cb)) and not old & {id(p) for p in params}
+    x = torch.randn(3, 32)
+    for n, layer in cb.layers.items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert layer.r["default"] == 2 and layer.lora_alpha["default"] == 8 and layer.scaling["default"] == 4.0
+        assert a.shape == (2, 32) and b.shape == (layer.out_features, 2)
+        assert a.dtype == b.dtype == torch.float32 and a.device == layer.get_base_layer().weight.device
+        assert a.requires_grad and b.requires_grad and layer.active_adapters == ["default"]
+        assert layer.lora_dropout["default"] is dropouts[n] and dropouts[n].p == 0.1
+        assert bool(a.abs().max() > 0) and bool(b.abs().max() == 0)
+        merged = torch.addmm(w0[n].float(), ab1[n][1], ab1[n][0], alpha=2.0).to(w0[n].dtype)
+        assert torch.equal(layer.get_base_layer().weight, merged)  # W0 + s_1 B_1 A_1, exactly
+        with torch.no_grad():
+            b.normal_(std=0.1)  # link 2 learns too
+            layer.eval()
+            want = F.linear(x.to(merged.dtype), merged).float() + (x @ a.T @ b.T) * 4.0
+            assert torch.allclose(layer(x.to(merged.dtype)).float(), want, atol=1e-5 if dtype == "float32" else 3e-2)
+    ids = base.tokenizer("Give the antonym of the word hot.", return_tensors="pt")["input_ids"]
+    before = logits(model, ids)
+    cb.export()
+    for n, layer in cb.layers.items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert layer.r["default"] == layer.lora_alpha["default"] == 6 and layer.scaling["default"] == 1.0
+        assert a.shape == (6, 32) and b.shape == (layer.out_features, 6) and a.dtype == b.dtype == torch.float32
+        assert a.requires_grad and b.requires_grad and layer.lora_dropout["default"] is dropouts[n]
+        assert torch.equal(layer.get_base_layer().weight, w0[n])  # the base is W0 again
+    assert model.peft_config["default"].r == model.peft_config["default"].lora_alpha == 6
+    assert (logits(model, ids) - before).abs().max() <= (1e-5 if dtype == "float32" else 5e-2)
 
 
 def test_restart_warmup_makes_a_jagged_schedule(tiny_model_dir, tmp_path):

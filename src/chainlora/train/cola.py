@@ -14,10 +14,16 @@ chain is exported or training fails. Each link's factors are kept (float32, host
 each), so at the end Σ_j s_j B_j A_j is written as ONE ordinary LoRA of rank Σ_j r_j (A's stacked,
 scaled B's concatenated, lora_alpha = r so the scaling is 1) — or truncated to rank r by SVD with
 the relative Frobenius error reported.
+
+The LoRA modules are rebuilt with PEFT's own layer API (`LoraLayer.update_layer`, then
+`reset_lora_parameters`), so a new A and B get what PEFT gives any adapter — r, lora_alpha,
+scaling, requires_grad, the active adapter, the base layer's device; only the adapter dtype and
+the dropout module are put back as they were (see `_rebuild`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -71,7 +77,8 @@ def plan(settings: ColaSettings, steps: int, rank: int, key: str) -> ChainPlan:
 
 
 def lora_layers(model: Any) -> dict[str, Any]:
-    """Every LoRA-wrapped Linear of `model`, by module name (the chain's unit of merging)."""
+    """Every LoRA-wrapped Linear of `model`, by module name (the chain's unit of merging); plain
+    LoRA only: merging s·BA assumes no DoRA, rsLoRA, LoRA bias or other LoRA variant."""
     import torch.nn as nn
     from peft.tuners.lora import LoraLayer
 
@@ -81,6 +88,10 @@ def lora_layers(model: Any) -> dict[str, Any]:
             if not isinstance(module.lora_A[ADAPTER], nn.Linear) or getattr(module, "fan_in_fan_out", False):
                 raise ChainloraError(f"cola: {name}: only Linear layers can be chained (not "
                                      f"{type(module.get_base_layer()).__name__}); change lora.target_modules")
+            if module.use_dora.get(ADAPTER) or module.use_rslora.get(ADAPTER) \
+                    or module.lora_bias.get(ADAPTER) or ADAPTER in getattr(module, "lora_variant", {}):
+                raise ChainloraError(f"cola: {name}: only plain LoRA layers can be chained "
+                                     "(no DoRA, rsLoRA, LoRA bias or other variant)")
             layers[name] = module
     if not layers:
         raise ChainloraError("cola: the model has no LoRA layers to chain")
@@ -144,24 +155,41 @@ class ColaCallback(TrainerCallback):
                     merged.addmm_(b, a, alpha=s)
                 weight.copy_(merged.to(weight.dtype))
 
+    def _rebuild(self, layer: Any, rank: int, alpha: float) -> None:
+        """New A (rank x in) and B (out x rank) for `layer` by PEFT's `update_layer` with the
+        model's own LoraConfig: r, lora_alpha, scaling, requires_grad and the active adapter are
+        PEFT's. Not initialised here (init_lora_weights=False): the caller initialises or fills them."""
+        import torch
+
+        a, b, dropout = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.lora_dropout[ADAPTER]
+        config = copy.copy(self.model.peft_config[ADAPTER])
+        config.init_lora_weights = False
+        # nn.Linear's own init inside update_layer draws from the RNG of the device the LoRA lives
+        # on, as the hand-built modules did (the same random stream, so the same numbers)
+        with torch.device(a.device):
+            layer.update_layer(ADAPTER, rank, alpha, config)
+        # update_layer moves the adapter to the base layer's device AND dtype, undoing
+        # get_peft_model's upcast (float32 LoRA on a bf16 base); PEFT has no per-layer call that
+        # keeps the dtype, so the old one is restored (before any value is written)
+        layer.lora_A[ADAPTER].to(dtype=a.dtype)
+        layer.lora_B[ADAPTER].to(dtype=b.dtype)
+        # update_layer makes a new Dropout (same p, but in training mode whatever the model's
+        # mode); the old module is put back (no PEFT API for it; a Dropout holds no state)
+        layer.lora_dropout[ADAPTER] = dropout
+
     def _new_link(self, rank: int) -> list[tuple[Any, Any]]:
         """Re-initialise every layer's A and B (rebuilt when the rank changes); return the
         (old, new) parameter pairs so the optimizer can follow."""
         import torch
         import torch.distributed as dist
-        import torch.nn as nn
 
         init = True if self.settings.init == "kaiming" else "gaussian"
         swaps = []
         for layer in self.layers.values():
-            a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
-            if a.out_features != rank:
-                w = a.weight
-                layer.lora_A[ADAPTER] = nn.Linear(a.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
-                layer.lora_B[ADAPTER] = nn.Linear(rank, b.out_features, bias=False, device=w.device,
-                                                  dtype=b.weight.dtype)
-                layer.r[ADAPTER], layer.scaling[ADAPTER] = rank, self.alpha / rank
-                swaps += [(a.weight, layer.lora_A[ADAPTER].weight), (b.weight, layer.lora_B[ADAPTER].weight)]
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            if layer.r[ADAPTER] != rank:
+                self._rebuild(layer, rank, self.alpha)
+                swaps += [(a, layer.lora_A[ADAPTER].weight), (b, layer.lora_B[ADAPTER].weight)]
             with torch.no_grad():
                 layer.reset_lora_parameters(ADAPTER, init)
                 if dist.is_available() and dist.is_initialized():
@@ -285,15 +313,11 @@ class ColaCallback(TrainerCallback):
         return info
 
     def _install(self, layer: Any, a: Any, b: Any, rank: int) -> None:
+        """Make `layer`'s LoRA the exported one: rank `rank`, lora_alpha = rank (scaling 1: the
+        s_j are inside B), A and B the given factors."""
         import torch
-        import torch.nn as nn
 
-        old_a, old_b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
-        dev, dtype = old_a.weight.device, old_a.weight.dtype
-        layer.lora_A[ADAPTER] = nn.Linear(old_a.in_features, rank, bias=False, device=dev, dtype=dtype)
-        layer.lora_B[ADAPTER] = nn.Linear(rank, old_b.out_features, bias=False, device=dev,
-                                          dtype=old_b.weight.dtype)
+        self._rebuild(layer, rank, rank)
         with torch.no_grad():
             layer.lora_A[ADAPTER].weight.copy_(a)
             layer.lora_B[ADAPTER].weight.copy_(b)
-        layer.r[ADAPTER], layer.lora_alpha[ADAPTER], layer.scaling[ADAPTER] = rank, rank, 1.0
