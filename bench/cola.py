@@ -70,19 +70,19 @@ def run_one(task: str, method: str, seed: int, steps: int, out: Path) -> dict:
     """Train one adapter, score it on the full test split; return the result row."""
     from chainlora.data import load_demo
     from chainlora.eval import evaluate
-    from chainlora.inference.engine import Chain
+    from chainlora.inference.engine import Engine
     from chainlora.train import config, train_library
 
     name = f"{task}-{method.replace(' ', '').replace('=', '').replace(',', '-').replace('/', '')}-s{seed}"
     cfg = config.from_dict(config_for(task, method, seed, steps), f"bench:{name}")
     lib = train_library(cfg, out / name, force=True)
-    chain = Chain.load(lib, device="cpu")
-    entry = chain.lib.task(task)
+    engine = Engine.load(lib, device="cpu")
+    entry = engine.lib.task(task)
     test = load_demo()[task].test
-    nll, tokens = evaluate.answer_nll(chain, test, task)
+    nll, tokens = evaluate.pooled(evaluate.record_nll(engine, test, task))
     answers = []
     for i in range(0, len(test), 50):
-        answers += chain.generate([r.text for r in test[i:i + 50]], task=task, max_new_tokens=16)
+        answers += engine.generate([r.text for r in test[i:i + 50]], task=task, max_new_tokens=16)
     em = sum(evaluate.exact_match(a.text, r.output) for a, r in zip(answers, test)) / len(test)
     return {"task": task, "method": method, "seed": seed, "steps": steps, "n_test": len(test),
             "perplexity": evaluate.perplexity(nll, tokens), "exact_match": em,

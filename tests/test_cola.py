@@ -40,10 +40,10 @@ class Probe:
         self.seen[state.global_step] = self.fn(**kw)
 
 
-def peft_model(model_dir: Path, r: int = 4, dropout: float = 0.0):
+def peft_model(model_dir: Path, r: int = 4, dropout: float = 0.0, dtype: str = "float32"):
     from peft import LoraConfig, get_peft_model
 
-    base = load_base(str(model_dir), device="cpu")
+    base = load_base(str(model_dir), device="cpu", dtype=dtype)
     torch.manual_seed(0)
     cfg = LoraConfig(r=r, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"],
                      task_type="CAUSAL_LM")
@@ -51,7 +51,6 @@ def peft_model(model_dir: Path, r: int = 4, dropout: float = 0.0):
 
 
 def batch(tok):
-    tok.padding_side = "right"
     ds = build_dataset(tok, PAIRS, 48)
     return collator(tok)([ds[i] for i in range(len(ds))])
 
@@ -72,15 +71,14 @@ def train(model, tok, tmp: Path, callbacks: list, steps: int = 6, lr: float = 5e
                              learning_rate=lr, lr_scheduler_type=scheduler, save_strategy="no",
                              report_to="none", use_cpu=True, remove_unused_columns=False,
                              disable_tqdm=True, logging_steps=100)
-    tok.padding_side = "right"
     trainer = Trainer(model=model, args=args, train_dataset=build_dataset(tok, PAIRS, 48),
                       data_collator=collator(tok), callbacks=callbacks)
     trainer.train()
     return trainer
 
 
-def lora_params(chain: cola.ColaCallback) -> list[torch.nn.Parameter]:
-    return [p for layer in chain.layers.values()
+def lora_params(cb: cola.ColaCallback) -> list[torch.nn.Parameter]:
+    return [p for layer in cb.layers.values()
             for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
 
 
@@ -88,17 +86,17 @@ def lora_params(chain: cola.ColaCallback) -> list[torch.nn.Parameter]:
 
 
 def test_plan_spaces_knots_and_checks_them():
-    assert cola.plan(ColaSettings(), 9, 8, "k").knots == [3, 6]  # default: 3 links
-    assert cola.plan(ColaSettings(links=2), 10, 8, "k") == cola.ChainPlan([5], [8, 8])
-    assert cola.plan(ColaSettings(steps_per_link=4), 10, 8, "k").knots == [4, 8]
-    p = cola.plan(ColaSettings(knots=[2, 7], rank_schedule=[16, 8, 4]), 10, 8, "k")
+    assert cola.link_plan(ColaSettings(), 9, 8, "k").knots == [3, 6]  # default: 3 links
+    assert cola.link_plan(ColaSettings(links=2), 10, 8, "k") == cola.LinkPlan([5], [8, 8])
+    assert cola.link_plan(ColaSettings(steps_per_link=4), 10, 8, "k").knots == [4, 8]
+    p = cola.link_plan(ColaSettings(knots=[2, 7], rank_schedule=[16, 8, 4]), 10, 8, "k")
     assert p.knots == [2, 7] and p.ranks == [16, 8, 4] and p.links == 3
     with pytest.raises(ChainloraError, match=r"k\.knots: knot at step 10 is not before"):
-        cola.plan(ColaSettings(knots=[3, 10]), 10, 8, "k")
+        cola.link_plan(ColaSettings(knots=[3, 10]), 10, 8, "k")
     with pytest.raises(ChainloraError, match=r"k\.links: 5 links need at least 5 steps"):
-        cola.plan(ColaSettings(links=5), 4, 8, "k")
-    with pytest.raises(ChainloraError, match=r"k\.compress_rank: 30 is above the chain's total rank 24"):
-        cola.plan(ColaSettings(links=3, compress_rank=30), 9, 8, "k")
+        cola.link_plan(ColaSettings(links=5), 4, 8, "k")
+    with pytest.raises(ChainloraError, match=r"k\.compress_rank: 30 is above the links' total rank 24"):
+        cola.link_plan(ColaSettings(links=3, compress_rank=30), 9, 8, "k")
 
 
 def test_config_keys_per_adapter_and_errors(tmp_path):
@@ -135,14 +133,14 @@ def test_bad_knot_fails_before_training(tiny_model_dir, tmp_path, cli):
 def test_knot_keeps_the_loss_and_resets_the_optimizer(tiny_model_dir, tmp_path, reset):
     base, model = peft_model(tiny_model_dir)
     b = batch(base.tokenizer)
-    chain = cola.ColaCallback(model, cola.ChainPlan([3], [4, 4]), ColaSettings(reset_optimizer=reset), 8)
-    q0 = chain.layers[next(iter(chain.layers))].get_base_layer().weight.detach().clone()
+    cb = cola.ColaCallback(model, cola.LinkPlan([3], [4, 4]), ColaSettings(reset_optimizer=reset), 8)
+    q0 = cb.layers[next(iter(cb.layers))].get_base_layer().weight.detach().clone()
     state = lambda optimizer, **kw: {id(p): bool(getattr(optimizer, "optimizer", optimizer).state.get(p))  # noqa: E731
-                                     for p in lora_params(chain)}
+                                     for p in lora_params(cb)}
     snapshot = lambda **kw: {"loss": loss_of(model, b),  # noqa: E731
-                             "B": [layer.lora_B["default"].weight.detach().clone() for layer in chain.layers.values()]}
+                             "B": [layer.lora_B["default"].weight.detach().clone() for layer in cb.layers.values()]}
     before, after, opt_after = Probe(snapshot), Probe(snapshot), Probe(state)
-    train(model, base.tokenizer, tmp_path, [before, chain, after, opt_after])
+    train(model, base.tokenizer, tmp_path, [before, cb, after, opt_after])
     assert abs(before.seen[3]["loss"] - after.seen[3]["loss"]) <= 1e-5
     assert any(bool(x.abs().max() > 0) for x in before.seen[3]["B"])  # the link had learned something
     assert all(bool(x.abs().max() == 0) for x in after.seen[3]["B"])  # ... and the new link starts at zero
@@ -150,38 +148,90 @@ def test_knot_keeps_the_loss_and_resets_the_optimizer(tiny_model_dir, tmp_path, 
     assert all(opt_after.seen[2].values())  # AdamW holds state for every LoRA parameter
     assert not any(opt_after.seen[3].values()) if reset else all(opt_after.seen[3].values())
     assert all(opt_after.seen[4].values())  # the next step starts a new state
-    merged = chain.layers[next(iter(chain.layers))].get_base_layer().weight
+    merged = cb.layers[next(iter(cb.layers))].get_base_layer().weight
     assert not torch.equal(merged, q0)  # link 1 lives in the weights now
-    assert len(chain.links) == 1
+    assert len(cb.links) == 1
 
 
 def test_rank_step_down_rebuilds_layers_and_optimizer(tiny_model_dir, tmp_path):
     base, model = peft_model(tiny_model_dir)
-    chain = cola.ColaCallback(model, cola.ChainPlan([2, 4], [4, 2, 1]), ColaSettings(), 8)
+    cb = cola.ColaCallback(model, cola.LinkPlan([2, 4], [4, 2, 1]), ColaSettings(), 8)
 
     def look(optimizer, **kw):
         inner = getattr(optimizer, "optimizer", optimizer)
         in_groups = {id(p) for g in inner.param_groups for p in g["params"]}
-        layer = next(iter(chain.layers.values()))
+        layer = next(iter(cb.layers.values()))
         return {"rank": layer.lora_A["default"].weight.shape[0], "scaling": layer.scaling["default"],
-                "tracked": all(id(p) in in_groups for p in lora_params(chain))}
+                "tracked": all(id(p) in in_groups for p in lora_params(cb))}
 
     probe = Probe(look)
-    train(model, base.tokenizer, tmp_path, [chain, probe])
+    train(model, base.tokenizer, tmp_path, [cb, probe])
     assert [probe.seen[s]["rank"] for s in range(1, 7)] == [4, 2, 2, 1, 1, 1]
     assert probe.seen[3]["scaling"] == 8 / 2 and probe.seen[5]["scaling"] == 8 / 1
     assert all(v["tracked"] for v in probe.seen.values())  # the optimizer follows the new modules
-    assert any(bool(layer.lora_B["default"].weight.abs().max() > 0) for layer in chain.layers.values())
-    assert [link[next(iter(link))][0].shape[0] for link in chain.links] == [4, 2]
+    assert any(bool(layer.lora_B["default"].weight.abs().max() > 0) for layer in cb.layers.values())
+    assert [link[next(iter(link))][0].shape[0] for link in cb.links] == [4, 2]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rebuilt_layers_are_peft_layers_summing_the_links(tiny_model_dir, dtype):
+    """The knot and the export rebuild A and B through PEFT's layer API: the result must be what
+    PEFT gives a fresh adapter (r, alpha, scaling, trainable, active, where and in the dtype
+    get_peft_model put it, the same dropout), and each layer must compute W0 + sum_j s_j B_j A_j."""
+    import torch.nn.functional as F
+
+    base, model = peft_model(tiny_model_dir, dropout=0.1, dtype=dtype)
+    cb = cola.ColaCallback(model, cola.LinkPlan([1], [4, 2]), ColaSettings(), 8)
+    layers = cb.layers.values()
+    w0 = {n: layer.get_base_layer().weight.detach().clone() for n, layer in cb.layers.items()}
+    dropouts = {n: layer.lora_dropout["default"] for n, layer in cb.layers.items()}
+    torch.manual_seed(1)
+    with torch.no_grad():  # link 1 has learned something
+        for layer in layers:
+            layer.lora_B["default"].weight.normal_(std=0.1)
+    ab1 = {n: (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
+           for n, layer in cb.layers.items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    old = {id(p) for p in lora_params(cb)}
+    cb.tie(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert all(any(p is q for q in params) for p in lora_params(cb)) and not old & {id(p) for p in params}
+    x = torch.randn(3, 32)
+    for n, layer in cb.layers.items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert layer.r["default"] == 2 and layer.lora_alpha["default"] == 8 and layer.scaling["default"] == 4.0
+        assert a.shape == (2, 32) and b.shape == (layer.out_features, 2)
+        assert a.dtype == b.dtype == torch.float32 and a.device == layer.get_base_layer().weight.device
+        assert a.requires_grad and b.requires_grad and layer.active_adapters == ["default"]
+        assert layer.lora_dropout["default"] is dropouts[n] and dropouts[n].p == 0.1
+        assert bool(a.abs().max() > 0) and bool(b.abs().max() == 0)
+        merged = torch.addmm(w0[n].float(), ab1[n][1], ab1[n][0], alpha=2.0).to(w0[n].dtype)
+        assert torch.equal(layer.get_base_layer().weight, merged)  # W0 + s_1 B_1 A_1, exactly
+        with torch.no_grad():
+            b.normal_(std=0.1)  # link 2 learns too
+            layer.eval()
+            want = F.linear(x.to(merged.dtype), merged).float() + (x @ a.T @ b.T) * 4.0
+            assert torch.allclose(layer(x.to(merged.dtype)).float(), want, atol=1e-5 if dtype == "float32" else 3e-2)
+    ids = base.tokenizer("Give the antonym of the word hot.", return_tensors="pt")["input_ids"]
+    before = logits(model, ids)
+    cb.export()
+    for n, layer in cb.layers.items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert layer.r["default"] == layer.lora_alpha["default"] == 6 and layer.scaling["default"] == 1.0
+        assert a.shape == (6, 32) and b.shape == (layer.out_features, 6) and a.dtype == b.dtype == torch.float32
+        assert a.requires_grad and b.requires_grad and layer.lora_dropout["default"] is dropouts[n]
+        assert torch.equal(layer.get_base_layer().weight, w0[n])  # the base is W0 again
+    assert model.peft_config["default"].r == model.peft_config["default"].lora_alpha == 6
+    assert (logits(model, ids) - before).abs().max() <= (1e-5 if dtype == "float32" else 5e-2)
 
 
 def test_restart_warmup_makes_a_jagged_schedule(tiny_model_dir, tmp_path):
     lrs = {}
     for warm in (0, 2):
         base, model = peft_model(tiny_model_dir)
-        chain = cola.ColaCallback(model, cola.ChainPlan([3], [4, 4]), ColaSettings(restart_warmup_steps=warm), 8)
+        cb = cola.ColaCallback(model, cola.LinkPlan([3], [4, 4]), ColaSettings(restart_warmup_steps=warm), 8)
         probe = Probe(lambda lr_scheduler, **kw: lr_scheduler.get_last_lr()[0])
-        train(model, base.tokenizer, tmp_path / str(warm), [chain, probe], lr=1e-2, scheduler="linear")
+        train(model, base.tokenizer, tmp_path / str(warm), [cb, probe], lr=1e-2, scheduler="linear")
         lrs[warm] = probe.seen
     plain, jagged = lrs[0], lrs[2]
     assert jagged[1] == pytest.approx(plain[1]) and jagged[2] == pytest.approx(plain[2])
@@ -199,7 +249,7 @@ def logits(model, ids) -> torch.Tensor:
         return model(ids).logits
 
 
-def test_export_is_one_plain_lora_with_the_chains_logits(tiny_model_dir, tmp_path):
+def test_export_is_one_plain_lora_with_the_links_logits(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -207,10 +257,10 @@ def test_export_is_one_plain_lora_with_the_chains_logits(tiny_model_dir, tmp_pat
     ids = base.tokenizer("Give the antonym of the word hot.", return_tensors="pt")["input_ids"]
     with model.disable_adapter():
         w0_logits = logits(model, ids)
-    chain = cola.ColaCallback(model, cola.ChainPlan([2, 4], [4, 2, 2]), ColaSettings(), 8)
-    train(model, base.tokenizer, tmp_path, [chain])
+    cb = cola.ColaCallback(model, cola.LinkPlan([2, 4], [4, 2, 2]), ColaSettings(), 8)
+    train(model, base.tokenizer, tmp_path, [cb])
     trained = logits(model, ids)
-    info = chain.export()
+    info = cb.export()
     assert info == {"links": 3, "knots": [2, 4], "ranks": [4, 2, 2], "export_rank": 8}
     assert (trained - logits(model, ids)).abs().max() <= 1e-5
     with model.disable_adapter():
@@ -220,7 +270,7 @@ def test_export_is_one_plain_lora_with_the_chains_logits(tiny_model_dir, tmp_pat
     assert saved["r"] == 8 and saved["lora_alpha"] == 8
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "adapter"))
     assert (trained - logits(plain, ids)).abs().max() <= 1e-5
-    assert (trained - w0_logits).abs().max() > 1e-3  # the chain did change the model
+    assert (trained - w0_logits).abs().max() > 1e-3  # the links did change the model
 
 
 def test_truncated_svd_error_falls_with_rank():
@@ -260,8 +310,8 @@ def test_cola_library_leaves_the_base_exact_and_loads_in_plain_peft(tiny_model_d
     base = load_base(str(tiny_model_dir), device="cpu")
     ids = base.tokenizer("Is the word happy positive or negative?", return_tensors="pt")["input_ids"]
     before = logits(base.model, ids)
-    jobs = train_mod.plan(cfg, train_mod.load_data(cfg))
-    assert [j.chain is not None for j in jobs] == [True, True, False]  # mixed overrides back to lora
+    jobs = train_mod.plan_train(cfg, train_mod.load_data(cfg))
+    assert [j.link_plan is not None for j in jobs] == [True, True, False]  # mixed overrides back to lora
     root = tmp_path / "lib"
     progress = RunProgress(jobs, enabled=False)
     from chainlora.train.changes import fingerprint

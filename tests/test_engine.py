@@ -175,3 +175,19 @@ def test_fallback_without_mixed_uses_the_base_model(random_lib, tmp_path):
         out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=engine.tok.pad_token_id)
     plain = [engine._answer(row, answers[0].route, 0, None).text for row in out[:, enc["input_ids"].shape[1]:]]
     assert [a.text for a in answers] == plain
+
+
+def test_shared_tokenizer_is_never_flipped(engine):
+    """Padding side is passed per call (left for generation, right for scoring and training):
+    the one tokenizer the engine, selectors and evaluation share keeps its own setting."""
+    from chainlora.data import Record
+    from chainlora.eval import evaluate
+
+    side = engine.tok.padding_side
+    for other in ("left", "right"):
+        engine.tok.padding_side = other
+        engine.route(TEXTS[:2])
+        engine.generate(TEXTS[:2], task="antonym", max_new_tokens=2)
+        per = evaluate.record_nll(engine, [Record("antonym", "Give the antonym of hot.", "cold")], "antonym")
+        assert engine.tok.padding_side == other and per[0][1] > 0
+    engine.tok.padding_side = side

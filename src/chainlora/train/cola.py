@@ -10,14 +10,20 @@ after each knot gives ReLoRA's jagged schedule.
 The base stays exact: the original weights W0 of every wrapped module are copied (host memory)
 at the first knot, merged weights are always recomputed as W0 + Σ_j s_j B_j A_j from the links
 (no error piles up over knots, even in bf16), and W0 is copied back — never subtracted — when the
-chain is exported or training fails. Each link's factors are kept (float32, host memory, rank r
+links are exported or training fails. Each link's factors are kept (float32, host memory, rank r
 each), so at the end Σ_j s_j B_j A_j is written as ONE ordinary LoRA of rank Σ_j r_j (A's stacked,
 scaled B's concatenated, lora_alpha = r so the scaling is 1) — or truncated to rank r by SVD with
 the relative Frobenius error reported.
+
+The LoRA modules are rebuilt with PEFT's own layer API (`LoraLayer.update_layer`, then
+`reset_lora_parameters`), so a new A and B get what PEFT gives any adapter — r, lora_alpha,
+scaling, requires_grad, the active adapter, the base layer's device; only the adapter dtype and
+the dropout module are put back as they were (see `_rebuild`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -31,12 +37,12 @@ from chainlora.library.lora_math import truncate
 from chainlora.train.config import ColaSettings
 
 ADAPTER = "default"  # get_peft_model's adapter name
-STATE_FILE = "cola.safetensors"  # the chain's links inside each Trainer checkpoint
+STATE_FILE = "cola.safetensors"  # the tied links inside each Trainer checkpoint (a persisted name)
 DEFAULT_LINKS = 3
 
 
 @dataclass
-class ChainPlan:
+class LinkPlan:
     """When knots are tied and the rank of each link (len(ranks) == len(knots) + 1)."""
 
     knots: list[int]
@@ -47,7 +53,7 @@ class ChainPlan:
         return len(self.ranks)
 
 
-def plan(settings: ColaSettings, steps: int, rank: int, key: str) -> ChainPlan:
+def link_plan(settings: ColaSettings, steps: int, rank: int, key: str) -> LinkPlan:
     """The knots for an adapter of `steps` optimizer steps; `key` names the config section."""
     c = settings
     if c.knots is not None:
@@ -66,12 +72,13 @@ def plan(settings: ColaSettings, steps: int, rank: int, key: str) -> ChainPlan:
     if len(ranks) != len(knots) + 1:
         raise ChainloraError(f"{key}.rank_schedule: {len(ranks)} ranks for {len(knots) + 1} links")
     if c.compress_rank is not None and c.compress_rank > sum(ranks):
-        raise ChainloraError(f"{key}.compress_rank: {c.compress_rank} is above the chain's total rank {sum(ranks)}")
-    return ChainPlan(knots, ranks)
+        raise ChainloraError(f"{key}.compress_rank: {c.compress_rank} is above the links' total rank {sum(ranks)}")
+    return LinkPlan(knots, ranks)
 
 
 def lora_layers(model: Any) -> dict[str, Any]:
-    """Every LoRA-wrapped Linear of `model`, by module name (the chain's unit of merging)."""
+    """Every LoRA-wrapped Linear of `model`, by module name (the unit of merging); plain LoRA
+    only: merging s·BA assumes no DoRA, rsLoRA, LoRA bias or other LoRA variant."""
     import torch.nn as nn
     from peft.tuners.lora import LoraLayer
 
@@ -79,26 +86,30 @@ def lora_layers(model: Any) -> dict[str, Any]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
             if not isinstance(module.lora_A[ADAPTER], nn.Linear) or getattr(module, "fan_in_fan_out", False):
-                raise ChainloraError(f"cola: {name}: only Linear layers can be chained (not "
+                raise ChainloraError(f"cola: {name}: only Linear layers can form a residual chain (not "
                                      f"{type(module.get_base_layer()).__name__}); change lora.target_modules")
+            if module.use_dora.get(ADAPTER) or module.use_rslora.get(ADAPTER) \
+                    or module.lora_bias.get(ADAPTER) or ADAPTER in getattr(module, "lora_variant", {}):
+                raise ChainloraError(f"cola: {name}: only plain LoRA layers can form a residual chain "
+                                     "(no DoRA, rsLoRA, LoRA bias or other variant)")
             layers[name] = module
     if not layers:
-        raise ChainloraError("cola: the model has no LoRA layers to chain")
+        raise ChainloraError("cola: the model has no LoRA layers for a residual chain")
     return layers
 
 
 class ColaCallback(TrainerCallback):
     """The residual chain for one PEFT model under one Trainer (see the module docstring)."""
 
-    def __init__(self, model: Any, chain: ChainPlan, settings: ColaSettings, alpha: float):
+    def __init__(self, model: Any, link_plan: LinkPlan, settings: ColaSettings, alpha: float):
         import torch.distributed as dist
 
-        self.model, self.chain, self.settings, self.alpha = model, chain, settings, alpha
+        self.model, self.link_plan, self.settings, self.alpha = model, link_plan, settings, alpha
         self.layers = lora_layers(model)
         self.links: list[dict[str, tuple[Any, Any]]] = []  # per link: module -> (A, B) float32 CPU
         self.scalings: list[float] = []
         self.w0: dict[str, Any] = {}
-        if len(set(chain.ranks)) > 1 and dist.is_available() and dist.is_initialized() \
+        if len(set(link_plan.ranks)) > 1 and dist.is_available() and dist.is_initialized() \
                 and dist.get_world_size() > 1:
             raise ChainloraError("cola.rank_schedule: changing ranks needs a single training process "
                                  "(distributed training wraps a fixed set of parameters)")
@@ -110,7 +121,7 @@ class ColaCallback(TrainerCallback):
             self._jag(lr_scheduler)
 
     def on_step_end(self, args, state, control, optimizer=None, **kw):
-        if state.global_step in self.chain.knots and len(self.links) < len(self.chain.knots):
+        if state.global_step in self.link_plan.knots and len(self.links) < len(self.link_plan.knots):
             self.tie(optimizer)
 
     def on_save(self, args, state, control, **kw):
@@ -144,28 +155,45 @@ class ColaCallback(TrainerCallback):
                     merged.addmm_(b, a, alpha=s)
                 weight.copy_(merged.to(weight.dtype))
 
+    def _rebuild(self, layer: Any, rank: int, alpha: float) -> None:
+        """New A (rank x in) and B (out x rank) for `layer` by PEFT's `update_layer` with the
+        model's own LoraConfig: r, lora_alpha, scaling, requires_grad and the active adapter are
+        PEFT's. Not initialised here (init_lora_weights=False): the caller initialises or fills them."""
+        import torch
+
+        a, b, dropout = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.lora_dropout[ADAPTER]
+        config = copy.copy(self.model.peft_config[ADAPTER])
+        config.init_lora_weights = False
+        # nn.Linear's own init inside update_layer draws from the RNG of the device the LoRA lives
+        # on, as the hand-built modules did (the same random stream, so the same numbers)
+        with torch.device(a.device):
+            layer.update_layer(ADAPTER, rank, alpha, config)
+        # update_layer moves the adapter to the base layer's device AND dtype, undoing
+        # get_peft_model's upcast (float32 LoRA on a bf16 base); PEFT has no per-layer call that
+        # keeps the dtype, so the old one is restored (before any value is written)
+        layer.lora_A[ADAPTER].to(dtype=a.dtype)
+        layer.lora_B[ADAPTER].to(dtype=b.dtype)
+        # update_layer makes a new Dropout (same p, but in training mode whatever the model's
+        # mode); the old module is put back (no PEFT API for it; a Dropout holds no state)
+        layer.lora_dropout[ADAPTER] = dropout
+
     def _new_link(self, rank: int) -> list[tuple[Any, Any]]:
         """Re-initialise every layer's A and B (rebuilt when the rank changes); return the
         (old, new) parameter pairs so the optimizer can follow."""
         import torch
         import torch.distributed as dist
-        import torch.nn as nn
 
         init = True if self.settings.init == "kaiming" else "gaussian"
         swaps = []
         for layer in self.layers.values():
-            a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
-            if a.out_features != rank:
-                w = a.weight
-                layer.lora_A[ADAPTER] = nn.Linear(a.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
-                layer.lora_B[ADAPTER] = nn.Linear(rank, b.out_features, bias=False, device=w.device,
-                                                  dtype=b.weight.dtype)
-                layer.r[ADAPTER], layer.scaling[ADAPTER] = rank, self.alpha / rank
-                swaps += [(a.weight, layer.lora_A[ADAPTER].weight), (b.weight, layer.lora_B[ADAPTER].weight)]
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            if layer.r[ADAPTER] != rank:
+                self._rebuild(layer, rank, self.alpha)
+                swaps += [(a, layer.lora_A[ADAPTER].weight), (b, layer.lora_B[ADAPTER].weight)]
             with torch.no_grad():
                 layer.reset_lora_parameters(ADAPTER, init)
                 if dist.is_available() and dist.is_initialized():
-                    dist.broadcast(layer.lora_A[ADAPTER].weight, src=0)  # one chain on every rank
+                    dist.broadcast(layer.lora_A[ADAPTER].weight, src=0)  # the same link on every rank
         return swaps
 
     def tie(self, optimizer: Any = None) -> None:
@@ -173,7 +201,7 @@ class ColaCallback(TrainerCallback):
         self.scalings.append(self._scaling())
         self.links.append(self._current())
         self._merge()
-        swaps = self._new_link(self.chain.ranks[len(self.links)])
+        swaps = self._new_link(self.link_plan.ranks[len(self.links)])
         if optimizer is not None:
             self._follow(getattr(optimizer, "optimizer", optimizer), swaps)
 
@@ -194,7 +222,7 @@ class ColaCallback(TrainerCallback):
         if not hasattr(scheduler, "lr_lambdas"):
             raise ChainloraError("cola.restart_warmup_steps: needs a LambdaLR schedule "
                                  "(training.lr_scheduler linear / cosine / constant)")
-        knots, warm = list(self.chain.knots), self.settings.restart_warmup_steps
+        knots, warm = list(self.link_plan.knots), self.settings.restart_warmup_steps
 
         def jagged(inner):
             def factor(step: int) -> float:
@@ -237,7 +265,7 @@ class ColaCallback(TrainerCallback):
             self.scalings = json.loads(meta["scalings"])
         if n:
             self._merge()
-            self._new_link(self.chain.ranks[n])
+            self._new_link(self.link_plan.ranks[n])
 
     # ---------------------------------------------------------------- the end
 
@@ -252,7 +280,7 @@ class ColaCallback(TrainerCallback):
         self.w0 = {}
 
     def export(self, compress_rank: int | None = None, key: str = "cola.compress_rank") -> dict:
-        """Turn the model into W0 + ONE LoRA equal to the whole chain (or its rank-r SVD);
+        """Turn the model into W0 + ONE LoRA equal to the sum of the links (or its rank-r SVD);
         return the manifest facts. Saving the PEFT model then writes a plain PEFT adapter."""
         import torch
 
@@ -260,7 +288,7 @@ class ColaCallback(TrainerCallback):
         scalings = self.scalings + [self._scaling()]
         total = sum(next(iter(link.values()))[0].shape[0] for link in links)
         if compress_rank is not None and compress_rank > total:
-            raise ChainloraError(f"{key}: {compress_rank} is above the chain's total rank {total}")
+            raise ChainloraError(f"{key}: {compress_rank} is above the links' total rank {total}")
         rank = compress_rank or total
         self.restore_base()
         errors, dropped, norm = {}, 0.0, 0.0
@@ -275,7 +303,7 @@ class ColaCallback(TrainerCallback):
         peft_cfg = self.model.peft_config[ADAPTER]
         peft_cfg.r, peft_cfg.lora_alpha = rank, rank  # scaling 1: the s_j are inside B
         peft_cfg.init_lora_weights = True
-        info: dict[str, Any] = {"links": len(links), "knots": self.chain.knots,
+        info: dict[str, Any] = {"links": len(links), "knots": self.link_plan.knots,
                                 "ranks": [next(iter(link.values()))[0].shape[0] for link in links],
                                 "export_rank": rank}
         if compress_rank is not None:
@@ -285,15 +313,11 @@ class ColaCallback(TrainerCallback):
         return info
 
     def _install(self, layer: Any, a: Any, b: Any, rank: int) -> None:
+        """Make `layer`'s LoRA the exported one: rank `rank`, lora_alpha = rank (scaling 1: the
+        s_j are inside B), A and B the given factors."""
         import torch
-        import torch.nn as nn
 
-        old_a, old_b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
-        dev, dtype = old_a.weight.device, old_a.weight.dtype
-        layer.lora_A[ADAPTER] = nn.Linear(old_a.in_features, rank, bias=False, device=dev, dtype=dtype)
-        layer.lora_B[ADAPTER] = nn.Linear(rank, old_b.out_features, bias=False, device=dev,
-                                          dtype=old_b.weight.dtype)
+        self._rebuild(layer, rank, rank)
         with torch.no_grad():
             layer.lora_A[ADAPTER].weight.copy_(a)
             layer.lora_B[ADAPTER].weight.copy_(b)
-        layer.r[ADAPTER], layer.lora_alpha[ADAPTER], layer.scaling[ADAPTER] = rank, rank, 1.0

@@ -37,7 +37,7 @@ class Job:
     steps: int = 0
     info: dict[str, Any] = field(default_factory=dict)  # extra manifest fields (label, ...)
     section: str = "training"  # the config section its settings come from (for messages)
-    chain: Any = None  # cola.ChainPlan when trained as a residual chain (method: cola)
+    link_plan: Any = None  # cola.LinkPlan: knots and ranks, when trained as a residual chain (method: cola)
 
 
 def load_data(cfg: Config) -> dict[str, TaskData]:
@@ -79,14 +79,14 @@ def labels_for(cfg: Config, tasks: list[str]) -> dict[str, str]:
     return labels
 
 
-def _plan_chain(cfg: Config, job: Job) -> None:
+def _plan_links(cfg: Config, job: Job) -> None:
     """Knots and ranks of a `method: cola` job, checked against its step count before any model
     is loaded (a bad knot fails in a second, not after the first adapters have trained)."""
     if job.settings.method != "cola" or job.kind == "classifier":  # the classifier head is no LoRA
         return
     section = job.section if job.section != "training" and "cola" in getattr(
         cfg, job.section.split(".")[0]).training else "training"
-    job.chain = cola.plan(job.settings.cola, job.steps, cfg.lora.r, f"{cfg.source}: {section}.cola")
+    job.link_plan = cola.link_plan(job.settings.cola, job.steps, cfg.lora.r, f"{cfg.source}: {section}.cola")
 
 
 def _check_train_split(cfg: Config, data: dict[str, TaskData], names: list[str]) -> None:
@@ -100,8 +100,9 @@ def _check_train_split(cfg: Config, data: dict[str, TaskData], names: list[str])
                 "add training records, lower data.test_fraction, or leave it out of tasks")
 
 
-def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:
-    """Task adapters in task order, then the router, the classifier selector, the mixed baseline."""
+def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:
+    """`chainlora train`: task adapters in task order, then the router, the classifier selector,
+    the mixed baseline."""
     names = list(data) if cfg.tasks == "all" else cfg.tasks
     for name in names:
         if name not in data:
@@ -148,7 +149,7 @@ def plan(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Jo
                        else budget)
         jobs.append(mixed)
     for job in jobs:
-        _plan_chain(cfg, job)
+        _plan_links(cfg, job)
     return jobs
 
 
@@ -169,5 +170,5 @@ def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -
     job = Job("task", name, store.task_path(name), answer_pairs(train), answer_pairs(test), cfg.training,
               info={"name": name, "label": name, "tasks": names})
     job.steps = steps_for(job.settings, len(job.train), world_size)
-    _plan_chain(cfg, job)
+    _plan_links(cfg, job)
     return [job]

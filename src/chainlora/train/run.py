@@ -33,7 +33,7 @@ from chainlora.errors import ChainloraError
 from chainlora.library import store
 from chainlora.train import changes, cola, staging
 from chainlora.train.config import Config, TrainingSettings
-from chainlora.train.plan import Job, load_data, plan, plan_finetune  # noqa: F401  (run.plan, run.load_data: the API)
+from chainlora.train.plan import Job, load_data, plan_finetune, plan_train  # noqa: F401  (the API)
 from chainlora.train.progress import RunProgress
 
 T = TypeVar("T")
@@ -179,7 +179,7 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
 
     state = PartialState()
     work, tok = root / staging.WORK / job.path.replace("/", "-"), base.tokenizer
-    files = CHECKPOINT_FILES + ((cola.STATE_FILE,) if job.chain else ())
+    files = CHECKPOINT_FILES + ((cola.STATE_FILE,) if job.link_plan else ())
 
     def pick() -> str | None:  # the main process decides, so every process resumes alike
         found = _resumable(work, files, fingerprint) if resume else None
@@ -191,32 +191,31 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
     checkpoint = Path(found) if found else None
     set_seed(job.settings.seed)  # same LoRA init whether or not earlier jobs ran in this process
     c = job.settings.cola
-    lora = LoraConfig(r=job.chain.ranks[0] if job.chain else cfg.lora.r, lora_alpha=cfg.lora.alpha,
+    lora = LoraConfig(r=job.link_plan.ranks[0] if job.link_plan else cfg.lora.r, lora_alpha=cfg.lora.alpha,
                       lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
-                      init_lora_weights=True if not job.chain or c.init == "kaiming" else "gaussian",
+                      init_lora_weights=True if not job.link_plan or c.init == "kaiming" else "gaussian",
                       task_type="CAUSAL_LM")
     try:
         model = get_peft_model(base.model, lora)
     except ValueError as e:
         raise ChainloraError(f"{cfg.source}: lora.target_modules: {e}".splitlines()[0])
-    chain = cola.ColaCallback(model, job.chain, c, cfg.lora.alpha) if job.chain else None
-    tok.padding_side = "right"
+    cola_cb = cola.ColaCallback(model, job.link_plan, c, cfg.lora.alpha) if job.link_plan else None
     system = cfg.system_prompt
     train_ds = build_dataset(tok, job.train, job.settings.max_length, system)
     test_ds = build_dataset(tok, job.test, job.settings.max_length, system) if job.test else None
     trainer = Trainer(model=model, args=training_args(job, work, root / "logs" / job.name),
                       train_dataset=train_ds, data_collator=collator(tok),
-                      callbacks=[progress.callback(job)] + ([chain] if chain else []))
+                      callbacks=[progress.callback(job)] + ([cola_cb] if cola_cb else []))
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress.step_bar())
     t0 = time.perf_counter()
     try:
-        if chain and checkpoint:
-            chain.load(checkpoint)
+        if cola_cb and checkpoint:
+            cola_cb.load(checkpoint)
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except BaseException:
-        if chain:
-            chain.restore_base()  # the next job in this process must see W0, not merged links
+        if cola_cb:
+            cola_cb.restore_base()  # the next job in this process must see W0, not merged links
         raise
     seconds = time.perf_counter() - t0
     entry = {**job.info, "path": job.path, "n_train": len(job.train), "n_test": len(job.test),
@@ -224,8 +223,8 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
              "train_loss": round(result.training_loss, 5), "seconds": round(seconds, 1),
              "loss_curve": [[h["step"], round(h["loss"], 5)] for h in trainer.state.log_history
                             if "loss" in h]}
-    if chain:  # from here on the model is W0 + one plain LoRA equal to the whole chain
-        entry["cola"] = chain.export(c.compress_rank, f"{cfg.source}: {job.section}.cola.compress_rank")
+    if cola_cb:  # from here on the model is W0 + one plain LoRA equal to the sum of the links
+        entry["cola"] = cola_cb.export(c.compress_rank, f"{cfg.source}: {job.section}.cola.compress_rank")
     if test_ds is not None:
         entry["test_loss"] = round(trainer.evaluate(test_ds)["eval_loss"], 5)
         if job.kind == "task":
@@ -311,7 +310,7 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     root = staging.resolve_root(out or cfg.output_dir)
     digest = cfg.digest() if not finetune else store.files_sha256([("finetune", cfg.digest().encode())])
     data = load_data(cfg)  # check data before loading a model: bad input fails fast
-    jobs = plan_finetune(cfg, data, state.num_processes) if finetune else plan(cfg, data, state.num_processes)
+    jobs = plan_finetune(cfg, data, state.num_processes) if finetune else plan_train(cfg, data, state.num_processes)
     staging.check_target(root)
     partial = staging.partial_dir(root)
     manifest = store.read_manifest(root) if root.is_dir() else None
