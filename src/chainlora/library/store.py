@@ -181,12 +181,17 @@ class Library:
         return self.manifest.get("mixed")
 
     @property
+    def trunk(self) -> dict | None:
+        """The shared trunk the task adapters branched from (chain.branch warm / residual)."""
+        return self.manifest.get("trunk")
+
+    @property
     def classifier(self) -> dict | None:
         return self.manifest.get("classifier")
 
     def entries(self) -> list[dict]:
-        """Every adapter entry: tasks, then router and mixed when present."""
-        return self.tasks + [e for e in (self.router, self.mixed) if e]
+        """Every adapter entry: tasks, then trunk, router and mixed when present."""
+        return self.tasks + [e for e in (self.trunk, self.router, self.mixed) if e]
 
     def task(self, name: str) -> dict:
         for t in self.tasks:

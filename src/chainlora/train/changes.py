@@ -12,7 +12,8 @@ settings, the prompt it was trained with, and the exact training examples it saw
 
 So adding a task trains that task's adapter plus whatever depends on the task set (the
 selectors, and the mixed baseline whose data grew); editing one task's records retrains that
-adapter plus the same dependants; the other task adapters are kept byte for byte.
+adapter plus the same dependants; the other task adapters are kept byte for byte. Branches of
+a shared trunk (chain.branch) carry the trunk's fingerprint: a retrained trunk retrains them.
 Test examples do not enter the fingerprint: they do not change an adapter's weights.
 """
 
@@ -40,9 +41,11 @@ def _digest(obj: Any) -> str:
 
 
 def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 1,
-                tokenizer: str | None = None) -> dict:
+                tokenizer: str | None = None, start: dict | None = None) -> dict:
     """{"sha256": one digest, "parts": {what: digest}}; the parts say WHY a job must retrain.
-    `tokenizer`: a digest of the base model's tokenizer files (models.tokenizer_digest)."""
+    `tokenizer`: a digest of the base model's tokenizer files (models.tokenizer_digest);
+    `start`: the fingerprint of the adapter the job continues (the trunk): a new trunk makes
+    its branches stale."""
     settings = {k: v for k, v in job.settings.model_dump().items() if k not in NOT_IN_FINGERPRINT}
     # A hub model whose revision is unknown is told apart by its name at least.
     name = cfg.base_model if base_fingerprint.startswith("revision:") else None
@@ -59,6 +62,8 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
     else:
         parts["LoRA settings"] = _digest(cfg.lora.model_dump())
         parts["system prompt"] = _digest(cfg.system_prompt)
+    if job.start is not None:
+        parts["trunk"] = _digest([job.branch, job.start, (start or {}).get("sha256")])
     return {"version": FINGERPRINT_VERSION, "sha256": _digest([FINGERPRINT_VERSION, job.kind, job.path, parts]),
             "parts": parts}
 
@@ -87,7 +92,7 @@ def entries(manifest: dict | None) -> list[tuple[str, dict]]:
     if not manifest:
         return []
     found = [("task", e) for e in manifest.get("tasks") or []]
-    return found + [(k, manifest[k]) for k in ("router", "classifier", "mixed") if manifest.get(k)]
+    return found + [(k, manifest[k]) for k in ("trunk", "router", "classifier", "mixed") if manifest.get(k)]
 
 
 def find_entry(manifest: dict | None, job: Job) -> dict | None:

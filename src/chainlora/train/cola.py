@@ -267,6 +267,23 @@ class ColaCallback(TrainerCallback):
             self._merge()
             self._new_link(self.link_plan.ranks[n])
 
+    def seed(self, directory: Path) -> None:
+        """Start from a knot already tied: the PEFT adapter in `directory` (the shared trunk)
+        becomes link 0, merged into the weights; the model's current LoRA is the fresh link
+        that learns the residual. At export the two are ONE LoRA of their summed rank."""
+        from peft import PeftConfig
+        from safetensors.torch import load_file
+
+        state, config = load_file(str(directory / "adapter_model.safetensors")), PeftConfig.from_pretrained(str(directory))
+        try:
+            link = {name: (state[f"{name}.lora_A.weight"].float(), state[f"{name}.lora_B.weight"].float())
+                    for name in self.layers}
+        except KeyError as e:
+            raise ChainloraError(f"{directory}: the trunk has no LoRA factors for {e.args[0]} "
+                                 "(trained with other target modules?)")
+        self.links, self.scalings = [link], [config.lora_alpha / config.r]
+        self._merge()
+
     # ---------------------------------------------------------------- the end
 
     def restore_base(self) -> None:

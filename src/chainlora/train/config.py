@@ -134,6 +134,24 @@ class MixedSettings(_Section):
     training: dict[str, Any] = Field(default_factory=dict)  # overrides of `training` keys
 
 
+class ChainSettings(_Section):
+    """How the routed chain's task adapters start: from zero (the paper), or as branches of a
+    shared trunk — one LoRA trained first on all tasks' data at a constant learning rate; each
+    task adapter then continues it on its own task through the decay (a warmup-stable-decay
+    schedule split at the end of the stable phase). The mixed baseline continues the same
+    trunk on all tasks, so both systems get the same optimizer steps and examples.
+    """
+
+    # none: task adapters from zero (Qiu et al.); warm: each task continues the trunk's LoRA;
+    # residual: the trunk is merged into W (a COLA knot) and a fresh LoRA learns the rest —
+    # saved as ONE plain PEFT LoRA of rank 2r (trunk and residual concatenated, exactly).
+    branch: Literal["none", "warm", "residual"] = "none"
+    # Trunk optimizer steps: a number, or (null) trunk_fraction of the chain's total steps.
+    # A fixed number keeps the trunk when tasks are added (only the new branch trains).
+    trunk_steps: int | None = Field(None, ge=1)
+    trunk_fraction: Number = Field(0.5, gt=0.0, lt=1.0)
+
+
 class Config(_Section):
     base_model: str = DEFAULT_MODEL
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -147,6 +165,7 @@ class Config(_Section):
     router: RouterSettings = Field(default_factory=RouterSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     mixed: MixedSettings = Field(default_factory=MixedSettings)
+    chain: ChainSettings = Field(default_factory=ChainSettings)
     output_dir: str = "runs/library"
     _source: str = PrivateAttr("<dict>")
 
@@ -233,8 +252,10 @@ def _explain(error: ValidationError, model: type[BaseModel], data: Any, prefix: 
         hint = difflib.get_close_matches(str(rest[0]), known, n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
         return _fail(source, f"{key}.{rest[0]}" if key else rest[0], f"unknown key{suggestion}")
-    if kind in ("greater_than_equal", "less_than_equal"):
-        op, bound = (">=", ctx["ge"]) if kind == "greater_than_equal" else ("<=", ctx["le"])
+    bounds = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"),
+              "greater_than": (">", "gt"), "less_than": ("<", "lt")}
+    if kind in bounds:
+        op, bound = bounds[kind][0], ctx[bounds[kind][1]]
         got = float(value) if isinstance(bound, float) else value  # float fields have float bounds
         return _fail(source, key, f"must be {op} {bound}, got {got}")
     if rest and typing.get_origin(tp) is dict:  # a key or value inside the mapping
@@ -300,6 +321,9 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
         raise _fail(source, "tasks", "empty list (use 'all' or name tasks)")
     if isinstance(cfg.mixed.budget, int) and cfg.mixed.budget < 1:
         raise _fail(source, "mixed.budget", f"must be >= 1, got {cfg.mixed.budget}")
+    if cfg.chain.branch != "none" and "cola" in (cfg.training.method, cfg.training_for("mixed").method):
+        raise _fail(source, "chain.branch", f"{cfg.chain.branch!r} branches continue a plain LoRA trunk; "
+                    "use training.method: lora (or chain.branch: none)")
     return cfg
 
 

@@ -1,8 +1,9 @@
 """Planning a training run: which adapters, on which examples, for how many steps.
 
 A plan is a list of Jobs — one LoRA per task (M_t), the task-selection LoRA (P), the classifier
-selector and the mixed-task baseline (M_mix); or, for `chainlora finetune`, one adapter on all
-tasks together. Everything a config can get wrong about them (unknown tasks, reserved names,
+selector and the mixed-task baseline (M_mix); with `chain.branch` warm or residual, first a
+shared trunk that the task adapters and the mixed baseline continue; or, for `chainlora
+finetune`, one adapter on all tasks together. Everything a config can get wrong about them (unknown tasks, reserved names,
 labels, COLA knots against step counts) fails here, before any model is loaded.
 """
 
@@ -21,7 +22,8 @@ from chainlora.train import cola
 from chainlora.train.config import Config, TrainingSettings
 
 FINETUNE = "finetune"  # the adapter's name in a `chainlora finetune` library
-RESERVED = ("chain", "router", "mixed", "classifier")  # adapter / model names of their own
+TRUNK = "trunk"  # the shared trunk's name and path in a library
+RESERVED = ("chain", "router", "mixed", "classifier", TRUNK)  # adapter / model names of their own
 
 
 @dataclass
@@ -38,6 +40,8 @@ class Job:
     info: dict[str, Any] = field(default_factory=dict)  # extra manifest fields (label, ...)
     section: str = "training"  # the config section its settings come from (for messages)
     link_plan: Any = None  # cola.LinkPlan: knots and ranks, when trained as a residual chain (method: cola)
+    start: str | None = None  # path of the adapter it continues (the trunk), None: from zero
+    branch: str = "none"  # how it continues `start`: warm (its LoRA) or residual (merged, a fresh LoRA)
 
 
 def load_data(cfg: Config) -> dict[str, TaskData]:
@@ -100,9 +104,41 @@ def _check_train_split(cfg: Config, data: dict[str, TaskData], names: list[str])
                 "add training records, lower data.test_fraction, or leave it out of tasks")
 
 
-def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:
-    """`chainlora train`: task adapters in task order, then the router, the classifier selector,
-    the mixed baseline."""
+def trunk_steps(cfg: Config, branch_steps: int) -> int:
+    """The trunk's optimizer steps: chain.trunk_steps, else trunk_fraction of trunk + branches."""
+    c = cfg.chain
+    if c.trunk_steps is not None:
+        return c.trunk_steps
+    return max(1, round(c.trunk_fraction / (1.0 - c.trunk_fraction) * branch_steps))
+
+
+def _branch(cfg: Config, job: Job, mode: str, trunk: Job) -> None:
+    """Make `job` continue the trunk: no second warm-up, the schedule decays from the trunk's
+    stable learning rate over the job's own steps."""
+    job.start, job.branch = trunk.path, mode
+    job.settings = job.settings.model_copy(update={"warmup_ratio": 0.0})
+    job.info["branch"] = {"mode": mode, "from": trunk.path, "trunk_steps": trunk.steps,
+                          "total_steps": trunk.steps + job.steps}
+
+
+def _plan_trunk(cfg: Config, tasks: list[Job], train: dict[str, list[Record]], test: dict[str, list[Record]],
+                on: list[str]) -> Job:
+    """The shared trunk: all (or the `on`) tasks' data, a constant learning rate after warm-up."""
+    steps = trunk_steps(cfg, sum(j.steps for j in tasks))
+    settings = cfg.training.model_copy(update={"lr_scheduler": "constant_with_warmup"})
+    trunk = Job("trunk", TRUNK, TRUNK, answer_pairs([r for t in on for r in train[t]]),
+                answer_pairs([r for t in on for r in test[t]]), settings, steps=steps,
+                info={"name": TRUNK, "tasks": on, "branch_mode": cfg.chain.branch})
+    for job in tasks:
+        _branch(cfg, job, cfg.chain.branch, trunk)
+    return trunk
+
+
+def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
+               trunk_tasks: list[str] | None = None) -> list[Job]:
+    """`chainlora train`: the trunk (chain.branch warm / residual), task adapters in task order,
+    then the router, the classifier selector, the mixed baseline. `trunk_tasks`: train the trunk
+    on these tasks only (an existing trunk the new tasks branch from; default: all)."""
     names = list(data) if cfg.tasks == "all" else cfg.tasks
     for name in names:
         if name not in data:
@@ -120,10 +156,15 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> l
         job.steps = steps_for(job.settings, len(job.train), world_size)
         jobs.append(job)
     task_steps = [j.steps for j in jobs]
+    trunk = None
+    if cfg.chain.branch != "none":
+        trunk = _plan_trunk(cfg, jobs, train, test, [t for t in names if t in (trunk_tasks or ())] or names)
+        jobs.insert(0, trunk)
     if cfg.router.enabled:
         labels = labels_for(cfg, names)
         for job in jobs:
-            job.info["label"] = labels[job.name]
+            if job.kind == "task":
+                job.info["label"] = labels[job.name]
         template = cfg.router.task_prompt
         rtrain = [r for t in names for r in _sample(train[t], cfg.router.max_train_per_task, seed)]
         router = Job("router", "router", "router", selector_pairs(rtrain, labels, template),
@@ -147,6 +188,13 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> l
         budget = cfg.mixed.budget
         mixed.steps = (sum(task_steps) if budget == "matched" else max(task_steps) if budget == "same"
                        else budget)
+        if trunk is not None:  # the trunk continued on all tasks: trunk + branches' steps in all
+            if isinstance(budget, int):
+                if budget <= trunk.steps:
+                    raise ChainloraError(f"{cfg.source}: mixed.budget: {budget} steps do not go past the "
+                                         f"trunk's {trunk.steps} (the mixed adapter continues the trunk)")
+                mixed.steps = budget - trunk.steps
+            _branch(cfg, mixed, "warm", trunk)
         jobs.append(mixed)
     for job in jobs:
         _plan_links(cfg, job)

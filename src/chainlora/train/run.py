@@ -179,7 +179,8 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
 
     state = PartialState()
     work, tok = root / staging.WORK / job.path.replace("/", "-"), base.tokenizer
-    files = CHECKPOINT_FILES + ((cola.STATE_FILE,) if job.link_plan else ())
+    residual = job.start is not None and job.branch == "residual"
+    files = CHECKPOINT_FILES + ((cola.STATE_FILE,) if job.link_plan or residual else ())
 
     def pick() -> str | None:  # the main process decides, so every process resumes alike
         found = _resumable(work, files, fingerprint) if resume else None
@@ -200,6 +201,8 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
     except ValueError as e:
         raise ChainloraError(f"{cfg.source}: lora.target_modules: {e}".splitlines()[0])
     cola_cb = cola.ColaCallback(model, job.link_plan, c, cfg.lora.alpha) if job.link_plan else None
+    if job.start is not None:
+        cola_cb = _start_from(model, store.inside(root, job.start), job, cfg, checkpoint) or cola_cb
     system = cfg.system_prompt
     train_ds = build_dataset(tok, job.train, job.settings.max_length, system)
     test_ds = build_dataset(tok, job.test, job.settings.max_length, system) if job.test else None
@@ -224,7 +227,11 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
              "loss_curve": [[h["step"], round(h["loss"], 5)] for h in trainer.state.log_history
                             if "loss" in h]}
     if cola_cb:  # from here on the model is W0 + one plain LoRA equal to the sum of the links
-        entry["cola"] = cola_cb.export(c.compress_rank, f"{cfg.source}: {job.section}.cola.compress_rank")
+        facts = cola_cb.export(c.compress_rank, f"{cfg.source}: {job.section}.cola.compress_rank")
+        if residual:  # trunk ⊕ residual, one LoRA of rank r_trunk + r
+            entry["branch"] = {**entry["branch"], "ranks": facts["ranks"], "export_rank": facts["export_rank"]}
+        else:
+            entry["cola"] = facts
     if test_ds is not None:
         entry["test_loss"] = round(trainer.evaluate(test_ds)["eval_loss"], 5)
         if job.kind == "task":
@@ -233,6 +240,29 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
     entry["sha256"] = on_main(state, lambda: store.save_adapter(model, root, job.path))
     base.model = model.unload()  # the LoRA layers go; base weights were never touched
     return entry
+
+
+def _start_from(model: Any, trunk: Path, job: Job, cfg: Config, checkpoint: Path | None) -> Any:
+    """A branch starts where the trunk ended. warm: the trunk's LoRA weights are loaded into the
+    job's LoRA. residual: the trunk is merged into the weights as a tied COLA link and the job's
+    fresh LoRA learns the residual; returns that ColaCallback (it exports trunk ⊕ residual).
+    A resumed job's checkpoint then overrides what is set here, as for any job."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from chainlora.train.config import ColaSettings
+
+    if job.branch == "residual":
+        cb = cola.ColaCallback(model, cola.LinkPlan([], [cfg.lora.r, cfg.lora.r]), ColaSettings(), cfg.lora.alpha)
+        if checkpoint is None:
+            cb.seed(trunk)
+        return cb
+    loaded = set_peft_model_state_dict(model, load_file(str(trunk / store.ADAPTER_FILES[1])))
+    missing = [k for k in loaded.missing_keys if "lora_" in k]
+    if loaded.unexpected_keys or missing:
+        raise ChainloraError(f"{trunk}: the trunk does not fit this adapter (LoRA settings changed?): "
+                             f"{(loaded.unexpected_keys or missing)[0]}")
+    return None
 
 
 def run_classifier_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
@@ -280,6 +310,22 @@ def _record(manifest: dict, job: Job, entry: dict) -> None:
         manifest[job.kind] = entry
 
 
+def _keep_trunk(cfg: Config, data: dict, world_size: int, jobs: list[Job], prints: dict,
+                manifest: dict | None, fingerprints: Callable) -> tuple[list[Job], dict]:
+    """Tasks were only added: keep the library's trunk (trained on the earlier tasks, otherwise
+    unchanged) and let the new tasks branch from it, rather than retrain every branch."""
+    old = (manifest or {}).get("trunk")
+    names = [j.name for j in jobs if j.kind == "task"]
+    earlier = (old or {}).get("tasks") or []
+    if not old or not set(earlier) < set(names):
+        return jobs, prints
+    alt = plan_train(cfg, data, world_size, trunk_tasks=earlier)
+    alt_prints = fingerprints(alt)
+    if alt_prints["trunk"]["sha256"] != (old.get("fingerprint") or {}).get("sha256"):
+        return jobs, prints
+    return alt, alt_prints
+
+
 def _refresh(root: Path, manifest: dict, cfg: Config, digest: str, plan_: list[changes.Change]) -> None:
     """Main process, nothing to train: record a config that changed only in keys that do not
     decide any adapter (labels, logging, ...), atomically; say which it was."""
@@ -322,7 +368,16 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         base = load_base(cfg.base_model, dtype=cfg.dtype)
         base_fp = base.fingerprint
     tokenizer = tokenizer_digest(cfg.base_model)
-    prints = {j.path: changes.fingerprint(j, cfg, base_fp, state.num_processes, tokenizer) for j in jobs}
+    def fingerprints(jobs: list[Job]) -> dict[str, dict]:  # in plan order: the trunk before its branches
+        prints: dict[str, dict] = {}
+        for j in jobs:
+            prints[j.path] = changes.fingerprint(j, cfg, base_fp, state.num_processes, tokenizer,
+                                                 prints.get(j.start) if j.start else None)
+        return prints
+
+    prints = fingerprints(jobs)
+    if not finetune and not force:
+        jobs, prints = _keep_trunk(cfg, data, state.num_processes, jobs, prints, manifest, fingerprints)
     plan_ = changes.decide(jobs, prints, root, manifest, partial, earlier if continuing else None, force)
     state.wait_for_everyone()  # every process has read the disk before the main one writes to it
     current = bool(manifest and manifest.get("complete")) and changes.up_to_date(plan_, root)

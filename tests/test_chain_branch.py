@@ -1,0 +1,136 @@
+"""Trunk-and-branch: a shared trunk on all tasks, task adapters that continue it (warm) or learn
+its residual (residual), a mixed baseline that continues the same trunk — matched compute,
+plain PEFT adapters, incremental training that knows a branch depends on its trunk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_library_update import cfg_for, files, plan_lines, write_data
+
+from chainlora.errors import ChainloraError
+from chainlora.library import Library
+from chainlora.train import config, train_library
+from chainlora.train.plan import load_data, plan_train
+
+TASKS = ["antonym", "sentiment", "rhyme"]
+BRANCH = ["chain.trunk_steps=4", "classifier.enabled=false", "router.training.max_steps=2"]
+
+
+def test_matched_compute_and_schedules():
+    """Chain and mixed get the same optimizer steps and examples; the trunk holds its learning
+    rate, branches decay from it without a second warm-up."""
+    cfg = config.load(Path(__file__).parents[1] / "configs" / "demo.yaml",
+                      ["chain.branch=warm", "chain.trunk_fraction=0.5"])
+    jobs = {j.name: j for j in plan_train(cfg, load_data(cfg))}
+    trunk, mixed = jobs["trunk"], jobs["mixed"]
+    branches = [j for j in jobs.values() if j.kind == "task"]
+    assert trunk.steps == sum(j.steps for j in branches) == 80  # trunk_fraction 0.5 of 160
+    assert mixed.steps == sum(j.steps for j in branches) and mixed.start == "trunk"
+    assert trunk.steps + mixed.steps == trunk.steps + sum(j.steps for j in branches)
+    assert len(trunk.train) == sum(len(j.train) for j in branches) == len(mixed.train)
+    assert trunk.settings.lr_scheduler == "constant_with_warmup" and trunk.settings.warmup_ratio == 0.1
+    for j in branches + [mixed]:
+        assert j.settings.warmup_ratio == 0.0 and j.settings.lr_scheduler == "cosine"
+    assert all(j.start == "trunk" and j.branch == "warm" for j in branches)
+    assert jobs["router"].start is None  # selectors are not branches
+    none = {j.name: j for j in plan_train(config.load(Path(__file__).parents[1] / "configs" / "demo.yaml"),
+                                          load_data(cfg))}
+    assert "trunk" not in none and none["mixed"].steps == 80 and none["mixed"].start is None
+
+
+def test_bad_branch_settings_are_one_line():
+    with pytest.raises(ChainloraError, match=r"x.yaml: chain.branch: expected 'none' or 'warm' or 'residual'"):
+        config.from_dict({"chain": {"branch": "hot"}}, "x.yaml")
+    with pytest.raises(ChainloraError, match=r"x.yaml: chain.branch: 'residual' branches continue a plain LoRA"):
+        config.from_dict({"chain": {"branch": "residual"}, "training": {"method": "cola"}}, "x.yaml")
+    cfg = config.from_dict({"chain": {"branch": "warm", "trunk_steps": 50}, "mixed": {"budget": 40},
+                            "tasks": ["antonym"]}, "x.yaml")
+    with pytest.raises(ChainloraError, match=r"mixed.budget: 40 steps do not go past the trunk's 50"):
+        plan_train(cfg, load_data(cfg))
+
+
+def _plain_logits_match(lib_dir: Path, model_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from chainlora.inference.engine import Engine
+
+    engine = Engine.load(lib_dir, device="cpu")
+    ids = engine.tok("Give the antonym of hot", return_tensors="pt")["input_ids"]
+    for entry in engine.lib.entries():
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
+                                          str(lib_dir / entry["path"])).eval()
+        multi = engine.cache.acquire([entry["name"]])
+        with torch.no_grad():
+            a = plain(ids).logits
+            b = multi(ids, adapter_names=[engine.cache.slot(entry["name"])]).logits
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"), TASKS)
+
+
+@pytest.mark.parametrize("mode", ["warm", "residual"])
+def test_branch_library_is_plain_peft(mode, data, tiny_model_dir, tmp_path):
+    lib = train_library(cfg_for(tiny_model_dir, data, TASKS, f"chain.branch={mode}", *BRANCH), tmp_path / "lib")
+    opened = Library.open(lib)
+    trunk = opened.trunk
+    assert trunk["steps"] == 4 and trunk["tasks"] == TASKS and opened.mixed["steps"] == 3 * 4
+    assert opened.mixed["branch"] == {"mode": "warm", "from": "trunk", "trunk_steps": 4, "total_steps": 16}
+    trunk_w = load_file(str(lib / "trunk/adapter_model.safetensors"))
+    for t in opened.tasks:
+        assert t["branch"]["mode"] == mode and t["branch"]["from"] == "trunk"
+        assert "trunk" in t["fingerprint"]["parts"]
+        cfg = json.loads((lib / t["path"] / "adapter_config.json").read_text())
+        weights = load_file(str(lib / t["path"] / "adapter_model.safetensors"))
+        key = next(k for k in trunk_w if k.endswith("q_proj.lora_A.weight"))
+        if mode == "residual":  # trunk ⊕ residual: rank 2r, the trunk's A as its first r rows, exactly
+            assert cfg["r"] == 8 and cfg["lora_alpha"] == 8 and t["branch"]["ranks"] == [4, 4]
+            assert torch.equal(weights[key][:4], trunk_w[key].float())
+            b_key = key.replace("lora_A", "lora_B")
+            torch.testing.assert_close(weights[b_key][:, :4], trunk_w[b_key].float() * (8 / 4), rtol=0, atol=0)
+        else:  # the trunk's LoRA, trained further
+            assert cfg["r"] == 4 and weights[key].shape == trunk_w[key].shape
+            assert not torch.equal(weights[key], trunk_w[key])
+    _plain_logits_match(lib, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def warm_lib(data, tiny_model_dir, tmp_path_factory) -> Path:
+    return train_library(cfg_for(tiny_model_dir, data, TASKS, "chain.branch=warm", *BRANCH),
+                         tmp_path_factory.mktemp("warm") / "lib")
+
+
+def test_a_new_task_branches_from_the_kept_trunk(warm_lib, tiny_model_dir, tmp_path, capsys):
+    lib = tmp_path / "lib"
+    shutil.copytree(warm_lib, lib)
+    before = files(lib)
+    more = write_data(tmp_path, TASKS + ["hypernym"])
+    train_library(cfg_for(tiny_model_dir, more, TASKS + ["hypernym"], "chain.branch=warm", *BRANCH), lib)
+    plan = {k: a for k, (a, _) in plan_lines(capsys.readouterr().out).items()}
+    assert plan == {"(trunk)": "keep", "antonym": "keep", "sentiment": "keep", "rhyme": "keep",
+                    "hypernym": "train", "(router)": "retrain", "(mixed)": "retrain"}
+    after = files(lib)
+    assert after["trunk/adapter_model.safetensors"] == before["trunk/adapter_model.safetensors"]
+    opened = Library.open(lib)
+    assert opened.trunk["tasks"] == TASKS and opened.task("hypernym")["branch"]["from"] == "trunk"
+
+
+def test_a_changed_trunk_retrains_its_branches(warm_lib, data, tiny_model_dir, tmp_path, capsys):
+    lib = tmp_path / "lib"
+    shutil.copytree(warm_lib, lib)
+    cfg = cfg_for(tiny_model_dir, data, TASKS, "chain.branch=warm", *BRANCH[1:], "chain.trunk_steps=5")
+    train_library(cfg, lib, dry_run=True)
+    plan = plan_lines(capsys.readouterr().out)
+    assert plan["(trunk)"] == ("retrain", "changed: training settings")
+    for t in TASKS:
+        assert plan[t] == ("retrain", "changed: trunk")
+    assert plan["(router)"][0] == "keep"
