@@ -161,6 +161,25 @@ def perplexity_table(engine, by_task: dict[str, list[Record]], routes: dict[str,
     return rows
 
 
+def compute_of(lib) -> dict:
+    """What each system cost to train, from the manifest: optimizer steps, examples (steps x
+    batch x accumulation) and the non-padding tokens the Trainer counted. A shared trunk counts
+    once for the chain (trunk + every branch) and once for the mixed adapter that continues it."""
+    t = (lib.manifest.get("training") or {}).get("training") or {}
+    per_step = (t.get("batch_size") or 0) * (t.get("gradient_accumulation_steps") or 1)
+    trunk = lib.trunk or {}
+
+    def cost(entries: list[dict]) -> dict:
+        steps = sum(e.get("steps", 0) for e in entries)
+        return {"steps": steps, "examples": steps * per_step, "tokens": sum(e.get("tokens", 0) for e in entries),
+                "trunk_steps": trunk.get("steps", 0)}
+
+    out = {"chain": cost(([trunk] if trunk else []) + lib.tasks)}
+    if lib.mixed:
+        out["mixed"] = cost(([trunk] if trunk and lib.mixed.get("branch") else []) + [lib.mixed])
+    return out
+
+
 def mean_row(rows: list[dict]) -> dict:
     """The paper's mean row: the arithmetic mean of per-task perplexities."""
     keys = [k for k in ("base", "own", "mixed", "chain") if all(k in r for r in rows)]
@@ -265,6 +284,7 @@ def evaluate(engine, records: Sequence[Record], *, heldout: dict[str, set] | Non
     result: dict[str, Any] = {"n": len(flat), "tasks": list(by_task), "selector": chosen_by,
                               "threshold": engine.threshold, "perplexity": rows, "perplexity_mean": mean_row(rows),
                               "chain_beats_mixed": sum(r["chain"] < r["mixed"] for r in rows if "mixed" in r),
+                              "compute": compute_of(engine.lib),
                               "selection": {k: {kk: vv for kk, vv in v.items() if kk != "routes"}
                                             for k, v in sel.items()}}
     steps.update()

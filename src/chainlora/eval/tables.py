@@ -28,8 +28,17 @@ def perplexity(result: dict) -> Table:
     t.add_row("[bold]mean[/bold]", *[_f(mean[c]) for c in cols], "")
     if "mixed" in mean:
         t.caption = (f"chain < mixed on {result['chain_beats_mixed']} of {len(rows)} tasks; "
-                     f"chain routed by the {result['selector']} selector")
+                     f"chain routed by the {result['selector']} selector" + compute_caption(result))
     return t
+
+
+def compute_caption(result: dict) -> str:
+    """"; trained: chain 160 steps (trunk 80 + branches 80), 1,280 examples; mixed ..."."""
+    parts = []
+    for name, c in (result.get("compute") or {}).items():
+        split = f" (trunk {c['trunk_steps']} + {c['steps'] - c['trunk_steps']})" if c.get("trunk_steps") else ""
+        parts.append(f"{name} {c['steps']} steps{split}, {c['examples']:,} examples, {c['tokens']:,} tokens")
+    return "\ntrained: " + "; ".join(parts) if parts else ""
 
 
 def selection(result: dict) -> Table:
