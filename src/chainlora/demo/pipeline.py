@@ -101,6 +101,7 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     eval_s = time.perf_counter() - t1
     answers = routed_answers(ev, lib.task_names[: 3 if quick else None], console)
     console.print(tables.perplexity(ev))
+    console.print(tables.exact_match_line(ev))
     console.print(tables.selection(ev))
     result = {
         "library": str(root),
@@ -113,6 +114,7 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
         "eval_seconds": round(eval_s, 1),
         "perplexity": ev["perplexity"], "perplexity_mean": ev["perplexity_mean"],
         "chain_beats_mixed": ev["chain_beats_mixed"],
+        "exact_match": tables.exact_match_means(ev), "compute": ev["compute"],
         "selection": {k: {kk: v[kk] for kk in ("top1", "top3", "heldout_top1", "heldout_n", "ms_per_instruction")}
                       for k, v in ev["selection"].items()},
         "answers": answers,
