@@ -101,6 +101,14 @@ def test_branch_library_is_plain_peft(mode, data, tiny_model_dir, tmp_path):
             assert cfg["r"] == 4 and weights[key].shape == trunk_w[key].shape
             assert not torch.equal(weights[key], trunk_w[key])
     _plain_logits_match(lib, tiny_model_dir)
+    from chainlora.eval.evaluate import compute_of
+    from chainlora.eval.tables import compute_caption
+
+    cost = compute_of(opened)  # batch 4: both systems 16 steps = 64 examples, trunk counted in both
+    assert {k: (v["steps"], v["examples"], v["trunk_steps"]) for k, v in cost.items()} == {
+        "chain": (16, 64, 4), "mixed": (16, 64, 4)}
+    assert cost["chain"]["tokens"] > 0 and cost["mixed"]["tokens"] > 0
+    assert "chain 16 steps (trunk 4 + 12), 64 examples" in compute_caption({"compute": cost})
 
 
 @pytest.fixture(scope="module")
