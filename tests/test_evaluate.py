@@ -81,7 +81,7 @@ def test_evaluate_tables_are_consistent(engine, records):
         assert s["top1"] == pytest.approx(right / 15)
         assert all(0 <= v["recall"] <= 1 for v in s["per_task"].values())
     m = result["metrics"]
-    assert set(m) == set(TASKS) and set(m["antonym"]) == {"base", "mixed", "chain"}
+    assert set(m) == set(TASKS) and set(m["antonym"]) == {"base", "mixed", "chain", "arrow"}
     assert all(0 <= v["exact_match"] <= 1 and 0 <= v["chrf"] <= 100 for t in m.values() for v in t.values())
     assert len(result["answers"]["chain"]["rhyme"]) == 3
 

@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--per-task", type=int, help="at most this many records per task")
     d.add_argument("--max-new-tokens", type=int, default=16, help="answer length for the task metrics")
     d.add_argument("--no-generate", action="store_true", help="perplexity and selection only")
+    d.add_argument("--no-arrow", action="store_true",
+                   help="leave out PEFT's Arrow router (a second copy of the base model, all experts per token)")
     d.add_argument("--name", help="result name: LIB/eval/NAME.json (default: the data's name)")
     d.add_argument("--selector", default="score", help="the chain's selector: score, generate or classifier")
     d.add_argument("--threshold", type=float, default=0.0)

@@ -26,7 +26,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     records, heldout, name = load_eval_data(args.data)
     engine = load_engine(args)
     result = evaluate(engine, records, heldout=heldout, per_task=args.per_task, generate=not args.no_generate,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, arrow=not args.no_arrow)
     path = save_eval(engine.lib.root, args.name or name, result, args.data)
     if args.json:
         print(json.dumps(json.loads(path.read_text())))

@@ -27,9 +27,10 @@ NONE = "(none)"  # the selector named no task
 EVAL_MAX_LENGTH = 1024  # prompt + answer tokens scored; longer prompts lose their start
 
 
-def record_nll(engine, records: Sequence[Record], adapter: str, batch_size: int = 16) -> list[tuple[float, int]]:
+def record_nll(engine, records: Sequence[Record], adapter: str, batch_size: int = 16,
+               model: Any = None) -> list[tuple[float, int]]:
     """(summed NLL in nats, tokens scored) of each record's answer (+ end-of-answer token) under
-    `adapter` (a task, "mixed" or engine.BASE)."""
+    `adapter` (a task, "mixed" or engine.BASE) — or under `model` (e.g. Arrow's), same tokens."""
     import torch
     import torch.nn.functional as F
 
@@ -42,8 +43,8 @@ def record_nll(engine, records: Sequence[Record], adapter: str, batch_size: int 
         target = labels[:, 1:]
         keep = target != IGNORE  # only answer positions: a vocabulary-wide float copy of a few tokens
         with engine.lock, torch.no_grad():
-            model, extra = engine.model_for([adapter] * len(labels))
-            logits = model(**batch, **extra).logits[:, :-1][keep].float()
+            run, extra = (model, {}) if model is not None else engine.model_for([adapter] * len(labels))
+            logits = run(**batch, **extra).logits[:, :-1][keep].float()
         nll = F.cross_entropy(logits, target[keep], reduction="none")
         rows_of = keep.nonzero()[:, 0]
         sums = torch.zeros(len(labels), dtype=torch.float64).index_add_(0, rows_of.cpu(), nll.double().cpu())
@@ -134,8 +135,10 @@ def selectors_of(engine) -> list[str]:
 # --------------------------------------------------------------------------- Table I
 
 
-def perplexity_table(engine, by_task: dict[str, list[Record]], routes: dict[str, list]) -> list[dict]:
-    """Per task: perplexity of base, own adapter, mixed and the chain (routed per record)."""
+def perplexity_table(engine, by_task: dict[str, list[Record]], routes: dict[str, list],
+                     arrow: Any = None) -> list[dict]:
+    """Per task: perplexity of base, own adapter, mixed, the chain (routed per record) and, given
+    `arrow` (eval.arrow.Arrow), PEFT's Arrow router over the same task adapters."""
     from chainlora.inference.engine import BASE
 
     rows = []
@@ -156,6 +159,8 @@ def perplexity_table(engine, by_task: dict[str, list[Record]], routes: dict[str,
                 scored[adapter][i] = v
         per = [scored[a][i] for i, a in enumerate(chosen)]  # each record under its chosen adapter
         row["chain"] = perplexity(*pooled(per))
+        if arrow is not None:
+            row["arrow"] = perplexity(*pooled(record_nll(engine, records, "arrow", model=arrow.model)))
         row["routed_right"] = _mean([rt.adapter == task for rt in routes[task]])
         rows.append(row)
     return rows
@@ -182,7 +187,7 @@ def compute_of(lib) -> dict:
 
 def mean_row(rows: list[dict]) -> dict:
     """The paper's mean row: the arithmetic mean of per-task perplexities."""
-    keys = [k for k in ("base", "own", "mixed", "chain") if all(k in r for r in rows)]
+    keys = [k for k in ("base", "own", "mixed", "chain", "arrow") if all(k in r for r in rows)]
     return {"task": "mean", **{k: _mean([r[k] for r in rows]) for k in keys}}
 
 
@@ -208,12 +213,12 @@ def system_answers(engine, records: Sequence[Record], systems: Sequence[str], ma
 
 
 def task_metrics(engine, by_task: dict[str, list[Record]], routes: dict[str, list],
-                 max_new_tokens: int = 16, batch_size: int = 32) -> tuple[dict, dict]:
-    """Greedy answers of base / mixed / chain; EM, token F1, chrF per task and system.
+                 max_new_tokens: int = 16, batch_size: int = 32, arrow: Any = None) -> tuple[dict, dict]:
+    """Greedy answers of base / mixed / chain (/ arrow); EM, token F1, chrF per task and system.
     Returns (metrics, answers) — answers[system][task] is the list of texts."""
     from chainlora.inference.engine import BASE
 
-    systems = ["base"] + (["mixed"] if engine.lib.mixed else []) + ["chain"]
+    systems = ["base"] + (["mixed"] if engine.lib.mixed else []) + ["chain"] + (["arrow"] if arrow else [])
     metrics: dict[str, dict] = {}
     answers: dict[str, dict] = {s: {} for s in systems}
     for task, records in by_task.items():
@@ -222,6 +227,9 @@ def task_metrics(engine, by_task: dict[str, list[Record]], routes: dict[str, lis
             texts = []
             for i in range(0, len(records), batch_size):
                 part = records[i:i + batch_size]
+                if system == "arrow":
+                    texts += arrow.generate(engine, [r.text for r in part], max_new_tokens)
+                    continue
                 if system == "chain":
                     out = engine.generate([r.text for r in part], routes=routes[task][i:i + batch_size],
                                          max_new_tokens=max_new_tokens)
@@ -252,9 +260,13 @@ def by_task_of(engine, records: Sequence[Record], per_task: int | None = None) -
 
 def evaluate(engine, records: Sequence[Record], *, heldout: dict[str, set] | None = None,
              per_task: int | None = None, max_new_tokens: int = 16, generate: bool = True,
-             selectors: Sequence[str] | None = None) -> dict:
-    """Tables I-III and the task metrics for `records` (the whole evaluation, as JSON-able data)."""
+             selectors: Sequence[str] | None = None, arrow: bool = True) -> dict:
+    """Tables I-III and the task metrics for `records` (the whole evaluation, as JSON-able data).
+    arrow: also evaluate PEFT's Arrow router over the task adapters (skipped, with the reason in
+    result["arrow"], where the adapters do not allow it)."""
     from tqdm.auto import tqdm
+
+    from chainlora.eval import arrow as arrow_
 
     by_task = by_task_of(engine, records, per_task)
     if not by_task:
@@ -277,26 +289,38 @@ def evaluate(engine, records: Sequence[Record], *, heldout: dict[str, set] | Non
     routes, i = {}, 0
     for task, rs in by_task.items():
         routes[task], i = routes_flat[i:i + len(rs)], i + len(rs)
+    peer, arrow_info = None, {"skipped": "not asked for (--no-arrow)"}
+    if arrow:
+        reason = arrow_.unavailable(engine.lib)
+        if reason:
+            arrow_info = {"skipped": reason}
+        else:
+            steps.set_postfix_str("loading Arrow")
+            peer = arrow_.load(engine)
+            arrow_info = peer.info()
     steps.set_postfix_str("perplexity")
-    rows = perplexity_table(engine, by_task, routes)
+    rows = perplexity_table(engine, by_task, routes, peer)
     steps.update()
     chosen_by = routes_flat[0].selector if routes_flat else engine.selector
     result: dict[str, Any] = {"n": len(flat), "tasks": list(by_task), "selector": chosen_by,
                               "threshold": engine.threshold, "perplexity": rows, "perplexity_mean": mean_row(rows),
                               "chain_beats_mixed": sum(r["chain"] < r["mixed"] for r in rows if "mixed" in r),
+                              "arrow": arrow_info,
                               "compute": compute_of(engine.lib),
                               "selection": {k: {kk: vv for kk, vv in v.items() if kk != "routes"}
                                             for k, v in sel.items()}}
     steps.update()
     if generate:
         steps.set_postfix_str("answers")
-        metrics, answers = task_metrics(engine, by_task, routes, max_new_tokens)
+        metrics, answers = task_metrics(engine, by_task, routes, max_new_tokens, arrow=peer)
         result["metrics"], result["answers"] = metrics, answers
         result["routes"] = {t: [rt.adapter for rt in rs] for t, rs in routes.items()}
         result["references"] = {t: [{"instruction": r.text, "output": r.output} for r in rs]
                                 for t, rs in by_task.items()}
         steps.update()
     steps.close()
+    if peer is not None:
+        result["chain_beats_arrow"] = sum(r["chain"] < r["arrow"] for r in rows)
     return result
 
 

@@ -19,10 +19,12 @@ from typing import Any
 
 from chainlora import atomic
 from chainlora.errors import ChainloraError
+from chainlora.eval.tables import arrow_caption
 from chainlora.library.store import Library
 
 SYSTEMS = (("base", "base (zero-shot)", "#9aa5b1"), ("own", "own adapter M_t", "#3b82f6"),
-           ("mixed", "mixed", "#f59e0b"), ("chain", "chain (routed)", "#10b981"))
+           ("mixed", "mixed", "#f59e0b"), ("chain", "chain (routed)", "#10b981"),
+           ("arrow", "Arrow (PEFT)", "#a855f7"))
 
 
 def _latest(root: Path, judge: bool, name: str | None = None) -> dict | None:
@@ -163,7 +165,8 @@ def tables(lib: Library, ev: dict | None, jd: dict | None, human: dict | None) -
         keys = [s for s in SYSTEMS if s[0] in ev["perplexity_mean"]]
         rows = [[r["task"], *[_f(r.get(k)) for k, _, _ in keys], _f(r["routed_right"], ".0%")] for r in ev["perplexity"]]
         rows.append(["mean", *[_f(ev["perplexity_mean"][k]) for k, _, _ in keys], ""])
-        note = f" — chain < mixed on {ev['chain_beats_mixed']} of {len(ev['perplexity'])} tasks" if "mixed" in ev["perplexity_mean"] else ""
+        note = (f" — chain < mixed on {ev['chain_beats_mixed']} of {len(ev['perplexity'])} tasks{arrow_caption(ev)}"
+                if "mixed" in ev["perplexity_mean"] else "")
         out.append((f"Table I — answer perplexity per task (lower is better){note}",
                     ["task", *[label for _, label, _ in keys], "routed right"], rows))
         out.append(("Tables II / III — task selection", ["selector", "n", "top-1", "top-3", "top-1 held-out", "ms / instruction"],

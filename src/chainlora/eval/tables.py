@@ -12,10 +12,11 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
 
 
 def perplexity(result: dict) -> Table:
-    """Table I: perplexity per task, base / own adapter / mixed / chain."""
+    """Table I: perplexity per task, base / own adapter / mixed / chain / Arrow."""
     rows, mean = result["perplexity"], result["perplexity_mean"]
-    cols = [c for c in ("base", "own", "mixed", "chain") if c in mean]
-    names = {"base": "base (zero-shot)", "own": "own adapter M_t", "mixed": "mixed", "chain": "chain (routed)"}
+    cols = [c for c in ("base", "own", "mixed", "chain", "arrow") if c in mean]
+    names = {"base": "base (zero-shot)", "own": "own adapter M_t", "mixed": "mixed", "chain": "chain (routed)",
+             "arrow": "Arrow (PEFT)"}
     t = Table(title="Table I — answer perplexity per task (lower is better)")
     t.add_column("task")
     for c in cols:
@@ -27,9 +28,18 @@ def perplexity(result: dict) -> Table:
                   _f(r["routed_right"], ".0%"))
     t.add_row("[bold]mean[/bold]", *[_f(mean[c]) for c in cols], "")
     if "mixed" in mean:
-        t.caption = (f"chain < mixed on {result['chain_beats_mixed']} of {len(rows)} tasks; "
-                     f"chain routed by the {result['selector']} selector" + compute_caption(result))
+        t.caption = (f"chain < mixed on {result['chain_beats_mixed']} of {len(rows)} tasks" + arrow_caption(result)
+                     + f"; chain routed by the {result['selector']} selector" + compute_caption(result))
     return t
+
+
+def arrow_caption(result: dict) -> str:
+    """", chain < Arrow on 7 of 10" — or why Arrow was not evaluated."""
+    arrow = result.get("arrow") or {}
+    if "chain_beats_arrow" in result:
+        return (f", chain < Arrow on {result['chain_beats_arrow']} of {len(result['perplexity'])} "
+                f"(Arrow top-{arrow.get('top_k')})")
+    return f" (Arrow skipped: {arrow['skipped']})" if arrow.get("skipped") else ""
 
 
 def compute_caption(result: dict) -> str:
