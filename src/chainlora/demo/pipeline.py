@@ -28,7 +28,7 @@ from chainlora.library.store import Library
 from chainlora.train import config
 from chainlora.train.run import train_library
 
-QUICK = ["training.max_steps=3", "training.batch_size=4", "router.training.max_steps=16",
+QUICK = ["training.max_steps=2", "training.batch_size=4", "router.training.max_steps=16",
          "data.max_test_per_task=8"]
 
 
@@ -92,7 +92,9 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     train_s = time.perf_counter() - t0
     lib = Library.open(root)
     console.print(loss_table(lib))
-    engine = Engine.load(root)
+    # The chain routes with the classifier where there is one: the paper's Table III selector,
+    # chosen before any test record was scored (Table II measures all three side by side).
+    engine = Engine.load(root, selector="classifier" if lib.classifier else "score")
     per_task = 4 if quick else 16  # test records per task for the evaluation
     records = [r for t in lib.task_names for r in tasks[t].test[:per_task]]
     t1 = time.perf_counter()
@@ -113,7 +115,8 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
         "router_test_loss": lib.router["test_loss"] if lib.router else None,
         "eval_seconds": round(eval_s, 1),
         "perplexity": ev["perplexity"], "perplexity_mean": ev["perplexity_mean"],
-        "chain_beats_mixed": ev["chain_beats_mixed"],
+        "chain_beats_mixed": ev["chain_beats_mixed"], "chain_beats_arrow": ev.get("chain_beats_arrow"),
+        "arrow": ev["arrow"], "selector": ev["selector"],
         "exact_match": tables.exact_match_means(ev), "compute": ev["compute"],
         "selection": {k: {kk: v[kk] for kk in ("top1", "top3", "heldout_top1", "heldout_n", "ms_per_instruction")}
                       for k, v in ev["selection"].items()},
