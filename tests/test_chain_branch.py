@@ -26,7 +26,8 @@ def test_matched_compute_and_schedules():
     """Chain and mixed get the same optimizer steps and examples; the trunk holds its learning
     rate, branches decay from it without a second warm-up."""
     cfg = config.load(Path(__file__).parents[1] / "configs" / "demo.yaml",
-                      ["chain.branch=warm", "chain.trunk_fraction=0.5"])
+                      ["chain.branch=warm", "chain.trunk_fraction=0.5",
+                                                                  "training.max_steps=8"])
     jobs = {j.name: j for j in plan_train(cfg, load_data(cfg))}
     trunk, mixed = jobs["trunk"], jobs["mixed"]
     branches = [j for j in jobs.values() if j.kind == "task"]
@@ -39,8 +40,9 @@ def test_matched_compute_and_schedules():
         assert j.settings.warmup_ratio == 0.0 and j.settings.lr_scheduler == "cosine"
     assert all(j.start == "trunk" and j.branch == "warm" for j in branches)
     assert jobs["router"].start is None  # selectors are not branches
-    none = {j.name: j for j in plan_train(config.load(Path(__file__).parents[1] / "configs" / "demo.yaml"),
-                                          load_data(cfg))}
+    paper = config.load(Path(__file__).parents[1] / "configs" / "demo.yaml",
+                        ["chain.branch=none", "training.max_steps=8"])
+    none = {j.name: j for j in plan_train(paper, load_data(cfg))}
     assert "trunk" not in none and none["mixed"].steps == 80 and none["mixed"].start is None
 
 
