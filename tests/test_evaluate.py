@@ -123,3 +123,22 @@ def test_chain_perplexity_scores_each_record_under_its_routed_adapter(engine, re
         math.exp(sum(n for n, _ in expect) / sum(k for _, k in expect)), rel=1e-6)
     assert rows["antonym"]["routed_right"] == pytest.approx(1 / 3)
     assert rows["sentiment"]["chain"] == pytest.approx(rows["sentiment"]["own"], rel=1e-9)
+
+
+def test_task_metrics_batches_across_tasks_without_changing_answers(engine, records):
+    """Answers come from batches that mix tasks (and, for the chain, adapters); each record's
+    answer is the one it gets alone on its adapter."""
+    from chainlora.inference.engine import Route
+
+    by_task = evaluate.by_task_of(engine, records, 3)
+    plan = {t: [t, "mixed", TASKS[(i + 1) % len(TASKS)]] for i, t in enumerate(by_task)}
+    routes = {t: [Route(a, 1.0, [], a == "mixed", a, "test") for a in adapters] for t, adapters in plan.items()}
+    metrics, answers = evaluate.task_metrics(engine, by_task, routes, max_new_tokens=4, batch_size=4)
+    assert list(answers) == ["base", "mixed", "chain"] and set(metrics) == set(by_task)
+    for task, recs in by_task.items():
+        for rec, adapter, got in zip(recs, plan[task], answers["chain"][task]):
+            assert got == engine.generate([rec.text], task=adapter, max_new_tokens=4)[0].text
+        assert answers["mixed"][task] == [a.text for a in engine.generate([r.text for r in recs], task="mixed",
+                                                                          max_new_tokens=4)]
+        assert metrics[task]["chain"]["exact_match"] == pytest.approx(
+            sum(evaluate.exact_match(p, r.output) for p, r in zip(answers["chain"][task], recs)) / 3)

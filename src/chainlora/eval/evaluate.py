@@ -215,34 +215,38 @@ def system_answers(engine, records: Sequence[Record], systems: Sequence[str], ma
 def task_metrics(engine, by_task: dict[str, list[Record]], routes: dict[str, list],
                  max_new_tokens: int = 16, batch_size: int = 32, arrow: Any = None) -> tuple[dict, dict]:
     """Greedy answers of base / mixed / chain (/ arrow); EM, token F1, chrF per task and system.
+    Each system answers all records in full batches across tasks (the chain's batches mix
+    adapters): a task's 16 records alone would leave half of every batch empty.
     Returns (metrics, answers) — answers[system][task] is the list of texts."""
     from chainlora.inference.engine import BASE
 
     systems = ["base"] + (["mixed"] if engine.lib.mixed else []) + ["chain"] + (["arrow"] if arrow else [])
-    metrics: dict[str, dict] = {}
+    flat = [r for rs in by_task.values() for r in rs]
+    flat_routes = [rt for t in by_task for rt in routes[t]]
+    texts = [r.text for r in flat]
     answers: dict[str, dict] = {s: {} for s in systems}
+    for system in systems:
+        out: list[str] = []
+        for i in range(0, len(flat), batch_size):
+            part = texts[i:i + batch_size]
+            if system == "arrow":
+                out += arrow.generate(engine, part, max_new_tokens)
+            elif system == "chain":
+                out += [a.text for a in engine.generate(part, routes=flat_routes[i:i + batch_size],
+                                                        max_new_tokens=max_new_tokens)]
+            else:
+                out += [a.text for a in engine.generate(part, task=BASE if system == "base" else "mixed",
+                                                        max_new_tokens=max_new_tokens)]
+        j = 0
+        for task, records in by_task.items():
+            answers[system][task], j = out[j:j + len(records)], j + len(records)
+    metrics: dict[str, dict] = {}
     for task, records in by_task.items():
-        metrics[task] = {}
-        for system in systems:
-            texts = []
-            for i in range(0, len(records), batch_size):
-                part = records[i:i + batch_size]
-                if system == "arrow":
-                    texts += arrow.generate(engine, [r.text for r in part], max_new_tokens)
-                    continue
-                if system == "chain":
-                    out = engine.generate([r.text for r in part], routes=routes[task][i:i + batch_size],
-                                         max_new_tokens=max_new_tokens)
-                else:
-                    out = engine.generate([r.text for r in part], task=BASE if system == "base" else "mixed",
-                                         max_new_tokens=max_new_tokens)
-                texts += [a.text for a in out]
-            refs = [r.output for r in records]
-            answers[system][task] = texts
-            metrics[task][system] = {
-                "exact_match": _mean([exact_match(p, r) for p, r in zip(texts, refs)]),
-                "token_f1": _mean([token_f1(p, r) for p, r in zip(texts, refs)]),
-                "chrf": chrf(texts, refs)}
+        refs = [r.output for r in records]
+        metrics[task] = {system: {"exact_match": _mean([exact_match(p, r) for p, r in zip(got, refs)]),
+                                  "token_f1": _mean([token_f1(p, r) for p, r in zip(got, refs)]),
+                                  "chrf": chrf(got, refs)}
+                         for system in systems for got in [answers[system][task]]}
     return metrics, answers
 
 
