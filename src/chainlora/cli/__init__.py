@@ -22,6 +22,7 @@ from chainlora import __version__
 from chainlora.cli.eval import cmd_annotate, cmd_eval, cmd_judge, cmd_report
 from chainlora.cli.eval import load_engine as _load_engine
 from chainlora.errors import ChainloraError
+from chainlora.inference.router import SELECTORS  # a name list: no model code is imported
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     key = args.api_key or os.environ.get("CHAINLORA_API_KEY") or None
     serve(args.library, host=args.host, port=args.port, api_key=key, device=args.device, dtype=args.dtype,
-          selector=args.selector, threshold=args.threshold, max_batch=args.max_batch, window_ms=args.window_ms,
+          selector=args.selector, threshold=args.threshold, novelty=not args.no_novelty, max_batch=args.max_batch, window_ms=args.window_ms,
           max_queue=args.max_queue, timeout_s=args.timeout, max_adapters=args.max_adapters,
           cpu_cache_mb=args.cpu_cache_mb, backend=args.backend, backend_url=args.backend_url,
           backend_key=args.backend_key or os.environ.get("CHAINLORA_BACKEND_KEY"),
@@ -197,6 +198,16 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def selector_args(d: argparse.ArgumentParser) -> None:
+    """The routing options every inference command takes; unset, the library's measured choice."""
+    d.add_argument("--selector", choices=SELECTORS,
+                   help="the task selector (default: the one `chainlora train` measured best)")
+    d.add_argument("--threshold", type=float,
+                   help="below this top probability the mixed adapter answers (default: the calibrated one)")
+    d.add_argument("--no-novelty", action="store_true",
+                   help="route out-of-library requests too (skip the library's out-of-library detector)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from chainlora.models import DEFAULT_MODEL
 
@@ -243,9 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("library", help="adapter library directory")
         d.add_argument("text", nargs="*", help="instructions")
         d.add_argument("--input", help="file of instructions: JSONL or text, one a line")
-        d.add_argument("--selector", default="score", help="score (default), generate or classifier")
-        d.add_argument("--threshold", type=float, default=0.0,
-                       help="below this top probability the mixed adapter answers")
+        selector_args(d)
         d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
         d.add_argument("--json", action="store_true", help="one JSON object per instruction")
         if name == "route":
@@ -267,8 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-arrow", action="store_true",
                    help="leave out PEFT's Arrow router (a second copy of the base model, all experts per token)")
     d.add_argument("--name", help="result name: LIB/eval/NAME.json (default: the data's name)")
-    d.add_argument("--selector", default="score", help="the chain's selector: score, generate or classifier")
-    d.add_argument("--threshold", type=float, default=0.0)
+    selector_args(d)
     d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     d.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
     d.set_defaults(func=cmd_eval)
@@ -285,8 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=60.0, help="seconds per judge call")
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--name", help="result name: LIB/eval/judge-NAME.json")
-    d.add_argument("--selector", default="score")
-    d.add_argument("--threshold", type=float, default=0.0)
+    selector_args(d)
     d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     d.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     d.set_defaults(func=cmd_judge)
@@ -301,8 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--systems", default="chain,mixed,base")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--max-new-tokens", type=int, default=64)
-    d.add_argument("--selector", default="score")
-    d.add_argument("--threshold", type=float, default=0.0)
+    selector_args(d)
     d.add_argument("--device")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_annotate)
@@ -318,8 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8000)
     d.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $CHAINLORA_API_KEY)")
-    d.add_argument("--selector", default="score", help="score (default), generate or classifier")
-    d.add_argument("--threshold", type=float, default=0.0, help="below this the mixed adapter answers")
+    selector_args(d)
     d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     d.add_argument("--dtype", default="float32")
     d.add_argument("--max-batch", type=int, default=16, help="requests per generate call")

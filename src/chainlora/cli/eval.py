@@ -14,7 +14,8 @@ def load_engine(args: argparse.Namespace):
     """The library of `args.library` with the selector options every inference command takes."""
     from chainlora.inference.engine import Engine
 
-    return Engine.load(args.library, device=args.device, selector=args.selector, threshold=args.threshold)
+    return Engine.load(args.library, device=args.device, selector=args.selector, threshold=args.threshold,
+                       novelty=not args.no_novelty)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -116,9 +116,12 @@ def selection(engine, records: Sequence[Record], selector: str, heldout: dict[st
         per_task[t] = {"precision": tp / predicted if predicted else float("nan"),
                        "recall": tp / actual if actual else float("nan"), "n": actual}
     held = [i for i, r in enumerate(records) if heldout and r.meta.get("template") in heldout.get(r.task, ())]
+    kept = [h for h, rt in zip(hit1, routes) if not rt.fallback]
     return {"selector": selector, "n": len(records), "top1": _mean(hit1), "top3": _mean(hit3),
             "heldout_n": len(held), "heldout_top1": _mean([hit1[i] for i in held]),
-            "ms_per_instruction": ms, "per_task": per_task, "confusion": confusion,
+            "ms_per_instruction": ms, "fallback_rate": 1 - len(kept) / len(records) if records else float("nan"),
+            "accepted_top1": _mean(kept), **selector_cost(engine.lib, selector),
+            "per_task": per_task, "confusion": confusion,
             "confidence": [round(rt.probability, 4) for rt in routes],
             "correct": hit1, "routes": routes}
 
@@ -129,7 +132,20 @@ def _mean(xs: Sequence[float]) -> float:
 
 def selectors_of(engine) -> list[str]:
     """The selectors this library can run (Table III)."""
-    return (["score", "generate"] if engine.lib.router else []) + (["classifier"] if engine.lib.classifier else [])
+    from chainlora.inference.engine import available_selectors
+
+    return available_selectors(engine.lib)
+
+
+def selector_cost(lib, selector: str) -> dict:
+    """Training seconds and size on disk of what `selector` runs (score and generate share the
+    task-selection LoRA; the out-of-library detector is not counted)."""
+    entry = {"score": lib.router, "generate": lib.router, "classifier": lib.classifier,
+             "encoder": lib.encoder}.get(selector)
+    if not entry:
+        return {"train_seconds": None, "disk_mb": None}
+    size = sum(f.stat().st_size for f in lib.path(entry).rglob("*") if f.is_file())
+    return {"train_seconds": entry.get("seconds"), "disk_mb": size / 2**20}
 
 
 # --------------------------------------------------------------------------- Table I

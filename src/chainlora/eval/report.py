@@ -19,7 +19,7 @@ from typing import Any
 
 from chainlora import atomic
 from chainlora.errors import ChainloraError
-from chainlora.eval.tables import arrow_caption
+from chainlora.eval.tables import SELECTION_HEADER, arrow_caption, selection_rows
 from chainlora.library.store import Library
 
 SYSTEMS = (("base", "base (zero-shot)", "#9aa5b1"), ("own", "own adapter M_t", "#3b82f6"),
@@ -169,10 +169,7 @@ def tables(lib: Library, ev: dict | None, jd: dict | None, human: dict | None) -
                 if "mixed" in ev["perplexity_mean"] else "")
         out.append((f"Table I — answer perplexity per task (lower is better){note}",
                     ["task", *[label for _, label, _ in keys], "routed right"], rows))
-        out.append(("Tables II / III — task selection", ["selector", "n", "top-1", "top-3", "top-1 held-out", "ms / instruction"],
-                    [[s["selector"], str(s["n"]), _f(s["top1"], ".1%"), _f(s["top3"], ".1%"),
-                      f"{_f(s['heldout_top1'], '.1%')} of {s['heldout_n']}" if s["heldout_n"] else "—",
-                      _f(s["ms_per_instruction"], ".0f")] for s in ev["selection"].values()]))
+        out.append(("Tables II / III — task selection (* the default)", SELECTION_HEADER, selection_rows(ev)))
         if "metrics" in ev:
             systems = list(next(iter(ev["metrics"].values())))
             out.append(("Task metrics — exact match / token F1 / chrF of greedy answers", ["task", *systems],

@@ -51,15 +51,32 @@ def compute_caption(result: dict) -> str:
     return "\ntrained: " + "; ".join(parts) if parts else ""
 
 
-def selection(result: dict) -> Table:
-    """Tables II and III: every selector's accuracy and latency."""
-    t = Table(title="Tables II/III — task selection (held-out templates: wording never seen in training)")
-    for c in ("selector", "n", "top-1", "top-3", "top-1 held-out", "ms / instruction"):
-        t.add_column(c, justify="left" if c == "selector" else "right")
+SELECTION_HEADER = ["selector", "n", "top-1", "top-3", "top-1 held-out", "ms / instruction", "falls back",
+                    "top-1 kept", "train s", "disk MB"]
+
+
+def selection_rows(result: dict) -> list[list[str]]:
+    """Tables II / III as text cells: accuracy, latency, the fallback the engine's threshold and
+    out-of-library detector cause, training time and disk size; the library's default marked *."""
+    rows = []
     for s in result["selection"].values():
         held = f"{_f(s['heldout_top1'], '.1%')} of {s['heldout_n']}" if s["heldout_n"] else "—"
-        t.add_row(s["selector"], str(s["n"]), _f(s["top1"], ".1%"), _f(s["top3"], ".1%"), held,
-                  _f(s["ms_per_instruction"], ".0f"))
+        name = s["selector"] + (" *" if s["selector"] == result.get("selector") else "")
+        rows.append([name, str(s["n"]), _f(s["top1"], ".1%"), _f(s["top3"], ".1%"), held,
+                     _f(s["ms_per_instruction"], ".1f"), _f(s.get("fallback_rate"), ".1%"),
+                     _f(s.get("accepted_top1"), ".1%"), _f(s.get("train_seconds"), ".0f"),
+                     _f(s.get("disk_mb"), ".1f")])
+    return rows
+
+
+def selection(result: dict) -> Table:
+    """Tables II and III: every selector's accuracy, latency, fallback and cost."""
+    t = Table(title="Tables II/III — task selection (held-out templates: wording never seen in training; "
+                    "* the default)")
+    for c in SELECTION_HEADER:
+        t.add_column(c, justify="left" if c == "selector" else "right")
+    for row in selection_rows(result):
+        t.add_row(*row)
     return t
 
 

@@ -53,6 +53,13 @@ class Encoder:
         else:
             self.model, self.tokenizer = base_model, base_tokenizer
 
+    @classmethod
+    def wrap(cls, kind: str, model: Any, tokenizer: Any) -> "Encoder":
+        """An Encoder over a model already loaded (e.g. the `encoder` selector's, before it trains)."""
+        self = cls.__new__(cls)
+        self.kind, self.model, self.tokenizer = kind, model, tokenizer
+        return self
+
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
         import torch
 

@@ -3,9 +3,12 @@
 `Engine.load(LIB)` holds one base model and one PeftModel whose adapters come and go through
 the AdapterCache (the router pinned). A batch of instructions is routed in one selector pass
 and answered in ONE `generate` call with PEFT's mixed-adapter batches (`adapter_names`): each
-row runs its own LoRA, rows share everything else. Below the confidence threshold — or when
-the `generate` selector names no label — the mixed adapter answers (the base model when the
-library has none), and the result says so (`fallback`).
+row runs its own LoRA, rows share everything else.
+
+The selector and its confidence threshold default to what `chainlora train` measured and
+recorded (manifest `selection`); a request falls back to the mixed adapter (the base model
+where the library has none) below the threshold, when the `generate` selector names no label,
+or when the out-of-library detector finds it far from every task — and the route says why.
 """
 
 from __future__ import annotations
@@ -34,16 +37,19 @@ class Route:
     task: str | None  # the selector's best task (None: no label found)
     probability: float
     top_k: list[tuple[str, float]] = field(default_factory=list)
-    fallback: bool = False  # True: below the threshold / no label -> `adapter` is the fallback
+    fallback: bool = False  # True: `adapter` is the fallback (see `reason`)
     adapter: str = BASE  # the adapter that answers: a task, "mixed" or "__base__"
     selector: str = "score"
+    reason: str | None = None  # why it fell back: "no label", "low confidence" or "out of library"
+    novelty: float | None = None  # similarity to the library's tasks (the out-of-library detector)
 
     def as_dict(self) -> dict:
         """The route as users see it (`--json`, the server's "chainlora" field): probabilities
         rounded, the base model as adapter null."""
         return {"task": self.task, "probability": round(self.probability, 6),
                 "top_k": [[t, round(p, 6)] for t, p in self.top_k], "fallback": self.fallback,
-                "adapter": None if self.adapter == BASE else self.adapter, "selector": self.selector}
+                "adapter": None if self.adapter == BASE else self.adapter, "selector": self.selector,
+                "reason": self.reason, "similarity": None if self.novelty is None else round(self.novelty, 4)}
 
 
 @dataclass
@@ -55,24 +61,51 @@ class Answer:
     finish_reason: str  # "stop" (end of answer or a stop string) or "length"
 
 
+def available_selectors(lib: Library) -> list[str]:
+    """The selectors a library can run: score and generate over its task-selection LoRA, then
+    the classifier and the fine-tuned encoder where it has them."""
+    return (["score", "generate"] if lib.router else []) + [k for k, _ in lib.selector_entries()]
+
+
+def default_selector(lib: Library) -> str:
+    """The library's recorded winner, else the classifier where there is one (97.5% against the
+    score selector's 89.4% on the demo, bench/RESULTS.md), else `score`."""
+    winner = (lib.selection or {}).get("winner")
+    if winner:
+        return winner
+    return "classifier" if lib.classifier else "encoder" if lib.encoder else "score"
+
+
+def recorded_threshold(lib: Library, selector: str) -> float:
+    """The confidence threshold train time calibrated for `selector` (0: none recorded)."""
+    return float((((lib.selection or {}).get("selectors") or {}).get(selector) or {}).get("threshold", 0.0))
+
+
 class Engine:
     """A loaded adapter library, ready to route and answer."""
 
-    def __init__(self, lib: Library, base: Base, *, selector: str = "score", threshold: float = 0.0,
-                 device_cache_bytes: int = 256 << 20, cpu_cache_bytes: int = 1 << 30,
+    def __init__(self, lib: Library, base: Base, *, selector: str | None = None, threshold: float | None = None,
+                 novelty: bool = True, device_cache_bytes: int = 256 << 20, cpu_cache_bytes: int = 1 << 30,
                  max_adapters: int | None = None):
-        if selector not in router.SELECTORS:
+        """selector / threshold: None = the library's measured choice (manifest `selection`), else
+        the classifier where there is one, else `score`, with no threshold. novelty: use the
+        library's out-of-library detector where it has one."""
+        if selector is not None and selector not in router.SELECTORS:
             raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
         lib.check_base(base.name, base.fingerprint)
         if getattr(base.model, "peft_config", None):
             raise ChainloraError("this base model already carries adapters; load a fresh one per Engine")
         self.lib, self.base, self.tok = lib, base, base.tokenizer
-        self.selector, self.threshold = selector, threshold
+        self.selector = selector or default_selector(lib)
+        self.threshold = threshold if threshold is not None else recorded_threshold(lib, self.selector)
+        self.use_novelty = novelty
         self.system = lib.manifest.get("system_prompt")
         self.cache = AdapterCache(base.model, lib, device_bytes=device_cache_bytes, cpu_bytes=cpu_cache_bytes,
                                   max_adapters=max_adapters)
         self.lock = threading.Lock()  # one generate at a time on the shared model
         self._classifier: tuple | None = None  # (encoder, head, tasks), loaded on first use
+        self._encoder: tuple | None = None  # the fine-tuned encoder selector (model, tokenizer, info)
+        self._novelty: tuple | None = None  # the out-of-library detector (encoder, bank, info)
         if lib.router:
             self.cache.acquire(["router"])
 
@@ -96,6 +129,9 @@ class Engine:
             self.cache.refresh(new, set(changes["removed"]) | set(changes["changed"]))
             if (new.classifier or {}).get("sha256") != (self.lib.classifier or {}).get("sha256"):
                 self._classifier = None
+            if (new.encoder or {}).get("sha256") != (self.lib.encoder or {}).get("sha256"):
+                self._encoder = None
+            self._novelty = None
             self.lib = new
             self.system = new.manifest.get("system_prompt")
             if new.router:
@@ -161,8 +197,9 @@ class Engine:
         selector = selector or self.selector
         if selector not in router.SELECTORS:
             raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
-        if selector == "classifier":
-            return [self._decide(rk, top_k, selector) for rk in self._classify(texts)]
+        if selector in ("classifier", "encoder"):
+            rankings = self._classify(texts) if selector == "classifier" else self._encode(texts)
+            return self._decide_all(texts, rankings, top_k, selector)
         if not self.lib.router and len(self.tasks) == 1:  # a single adapter (chainlora finetune)
             return [Route(self.tasks[0], 1.0, [(self.tasks[0], 1.0)], False, self.tasks[0], "single")
                     for _ in texts]
@@ -179,7 +216,7 @@ class Engine:
                 rankings += rank(model, self.tok, texts[i:i + ROUTE_CHUNK], tasks, labels,
                                  template=r["task_prompt"], system=self.system,
                                  adapter=self.cache.slot("router"))
-        return [self._decide(rk, top_k, selector) for rk in rankings]
+        return self._decide_all(texts, rankings, top_k, selector)
 
     def _classify(self, texts: Sequence[str]) -> list[router.Ranking]:
         """The `classifier` selector; its encoder and head load on first use."""
@@ -201,12 +238,55 @@ class Engine:
                 encoder.model = self.cache.model if self.cache.model is not None else self.base.model
             return classifier.rank(encoder, head, texts, tasks)
 
-    def _decide(self, rk: router.Ranking, top_k: int, selector: str) -> Route:
+    def _encode(self, texts: Sequence[str]) -> list[router.Ranking]:
+        """The fine-tuned `encoder` selector; loads on first use."""
+        from chainlora.inference import encoder
+
+        entry = self.lib.encoder
+        if not entry:
+            raise ChainloraError(f"{self.lib.root}: library has no encoder selector (train with encoder.enabled: true)")
+        with self.lock:
+            if self._encoder is None:
+                directory = self.lib.path(entry)
+                read_verified(directory, entry, encoder.FILES, "encoder")
+                self._encoder = encoder.load(directory)
+            return encoder.rank(*self._encoder, texts)
+
+    def similarity(self, texts: Sequence[str]) -> list[float] | None:
+        """The out-of-library detector's similarity per instruction (None: the library has none,
+        or the engine was opened with novelty=False)."""
+        from chainlora.inference import classifier, novelty
+
+        entry = (self.lib.selection or {}).get("novelty")
+        if not entry or not self.use_novelty:
+            return None
+        with self.lock:
+            if self._novelty is None:
+                directory = self.lib.path(entry)
+                read_verified(directory, entry, novelty.FILES, "out-of-library detector")
+                bank, info = novelty.load(directory)
+                self._novelty = (classifier.Encoder(info["encoder"], self.base.model, self.tok), bank, info)
+            enc, bank, info = self._novelty
+            if enc.kind == "base":
+                enc.model = self.cache.model if self.cache.model is not None else self.base.model
+            return novelty.similarity(bank, enc.embed(texts), info.get("k", novelty.K)).tolist()
+
+    def _decide_all(self, texts: Sequence[str], rankings: list[router.Ranking], top_k: int,
+                    selector: str) -> list[Route]:
+        sims = self.similarity(texts)
+        limit = ((self.lib.selection or {}).get("novelty") or {}).get("threshold", 0.0)
+        return [self._decide(rk, top_k, selector, None if sims is None else sims[i], limit)
+                for i, rk in enumerate(rankings)]
+
+    def _decide(self, rk: router.Ranking, top_k: int, selector: str, sim: float | None = None,
+                limit: float = 0.0) -> Route:
         best = rk.tasks[0] if rk.tasks else None
         prob = rk.scores[0] if rk.scores else 0.0
-        fallback = best is None or prob < self.threshold
-        adapter = best if not fallback else ("mixed" if self.lib.mixed else BASE)
-        return Route(best, prob, list(zip(rk.tasks, rk.scores))[:top_k], fallback, adapter, selector)
+        reason = ("no label" if best is None else "out of library" if sim is not None and sim < limit
+                  else "low confidence" if prob < self.threshold else None)
+        adapter = best if reason is None else ("mixed" if self.lib.mixed else BASE)
+        return Route(best, prob, list(zip(rk.tasks, rk.scores))[:top_k], reason is not None, adapter, selector,
+                     reason, sim)
 
     # ------------------------------------------------------------------ answering
 

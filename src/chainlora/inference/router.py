@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from chainlora.data import prompts
 
-SELECTORS = ("score", "generate", "classifier")
+SELECTORS = ("score", "generate", "classifier", "encoder")
 
 
 # --------------------------------------------------------------------------- KMP matching

@@ -30,6 +30,14 @@ FORMAT_VERSION = 1
 MANIFEST = "chainlora.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CLASSIFIER_FILES = ("classifier.json", "head.safetensors")  # the classifier selector's head
+ENCODER_FILES = ("encoder.json", "model.safetensors")  # the fine-tuned encoder selector
+NOVELTY_FILES = ("novelty.json", "embeddings.safetensors")  # the out-of-library detector
+SELECTOR_FILES = {"classifier": CLASSIFIER_FILES, "encoder": ENCODER_FILES}  # non-LoRA selectors
+
+
+def files_of(kind: str) -> tuple[str, ...]:
+    """The files that make up an entry of `kind` (a LoRA adapter unless a selector of its own)."""
+    return SELECTOR_FILES.get(kind, ADAPTER_FILES)
 
 
 def files_sha256(named: list[tuple[str, bytes]]) -> str:
@@ -114,6 +122,7 @@ def new_manifest(base_name: str, base_fingerprint: str, config: dict, config_sha
         "tasks": [],
         "router": None,
         "classifier": None,
+        "encoder": None,
         "mixed": None,
         "training": config,
         "config_sha256": config_sha256,
@@ -158,7 +167,7 @@ class Library:
         lib = cls(root, manifest)
         for task in lib.tasks:
             check_task_name(task.get("name", ""), f"{root / MANIFEST}: tasks")
-        for entry in lib.entries() + ([lib.classifier] if lib.classifier else []):
+        for entry in lib.entries() + [e for _, e in lib.selector_entries()]:
             inside(root, entry.get("path"))
         if verify:
             lib.verify()
@@ -189,6 +198,21 @@ class Library:
     def classifier(self) -> dict | None:
         return self.manifest.get("classifier")
 
+    @property
+    def encoder(self) -> dict | None:
+        """The fine-tuned encoder selector (Table III's BERT-SFT)."""
+        return self.manifest.get("encoder")
+
+    @property
+    def selection(self) -> dict | None:
+        """What `chainlora train` measured of the selectors: the winner, the threshold, the
+        out-of-library detector (None for libraries trained before it)."""
+        return self.manifest.get("selection")
+
+    def selector_entries(self) -> list[tuple[str, dict]]:
+        """(kind, entry) of the selectors that are not LoRA adapters."""
+        return [(k, self.manifest[k]) for k in SELECTOR_FILES if self.manifest.get(k)]
+
     def entries(self) -> list[dict]:
         """Every adapter entry: tasks, then trunk, router and mixed when present."""
         return self.tasks + [e for e in (self.trunk, self.router, self.mixed) if e]
@@ -204,11 +228,13 @@ class Library:
 
     def verify(self) -> None:
         """Recompute every adapter's sha256 and compare with the manifest."""
-        checks = [(e, ADAPTER_FILES) for e in self.entries()]
-        checks += [(self.classifier, CLASSIFIER_FILES)] if self.classifier else []
-        for entry, files in checks:
-            what = "classifier" if files == CLASSIFIER_FILES else f"adapter {entry['name']!r}"
-            read_verified(self.path(entry), entry, files, what)
+        for entry in self.entries():
+            read_verified(self.path(entry), entry, ADAPTER_FILES, f"adapter {entry['name']!r}")
+        for kind, entry in self.selector_entries():
+            read_verified(self.path(entry), entry, files_of(kind), kind)
+        novelty = (self.selection or {}).get("novelty")
+        if novelty:
+            read_verified(self.path(novelty), novelty, NOVELTY_FILES, "out-of-library detector")
 
     def check_base(self, name: str, fingerprint: str) -> None:
         """Refuse a base model other than the one the adapters were trained on."""

@@ -65,7 +65,7 @@ class Server:
     def pin(self, model: str) -> str | None:
         """The adapter a `model` names (None: route), or 404."""
         if model == CHAIN:
-            if not self.engine.lib.router and len(self.engine.tasks) != 1 and self.engine.selector != "classifier":
+            if not self.engine.lib.router and len(self.engine.tasks) != 1 and self.engine.selector not in ("classifier", "encoder"):
                 raise ApiError(404, f"model 'chain' needs a task selector; this library has none "
                                     f"(use one of: {', '.join(self.models()[1:])})", param="model",
                                code="model_not_found")
@@ -337,7 +337,8 @@ def create_app(server: Server):
 
 
 def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str | None = None, dtype: str = "float32", selector: str = "score", threshold: float = 0.0,
+          device: str | None = None, dtype: str = "float32", selector: str | None = None,
+          threshold: float | None = None, novelty: bool = True,
           max_batch: int = 16, window_ms: float = 10.0, max_queue: int = 256, timeout_s: float = 300.0,
           max_adapters: int | None = None, cpu_cache_mb: float = 1024, backend: str = "local",
           backend_url: str | None = None, backend_key: str | None = None,
@@ -355,7 +356,8 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
     elif backend != "local":
         raise ChainloraError(f"--backend: unknown {backend!r} (use local or openai)")
     engine = Engine.load(library, device=device, dtype=dtype, selector=selector, threshold=threshold,
-                       max_adapters=max_adapters, cpu_cache_bytes=int(cpu_cache_mb * (1 << 20)))
+                         novelty=novelty, max_adapters=max_adapters,
+                         cpu_cache_bytes=int(cpu_cache_mb * (1 << 20)))
     server = Server(engine, api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
                     timeout_s=timeout_s, forwarder=forwarder)
     print(f"chainlora: serving {library} on http://{host}:{port}/v1 (models: {', '.join(server.models())})")

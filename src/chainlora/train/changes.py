@@ -59,6 +59,8 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
         c = cfg.classifier.model_dump()
         parts["classifier settings"] = _digest([c["encoder"], c["epochs"], c["learning_rate"],
                                                 job.info.get("tasks")])
+    elif job.kind == "encoder":
+        parts["encoder settings"] = _digest([cfg.encoder.model_dump(), job.info.get("tasks")])
     else:
         parts["LoRA settings"] = _digest(cfg.lora.model_dump())
         parts["system prompt"] = _digest(cfg.system_prompt)
@@ -73,7 +75,7 @@ class Change:
     """One line of the plan."""
 
     action: str  # keep | train | retrain | remove
-    kind: str  # task | router | classifier | mixed
+    kind: str  # task | trunk | router | classifier | encoder | mixed
     name: str
     path: str
     reason: str
@@ -92,7 +94,7 @@ def entries(manifest: dict | None) -> list[tuple[str, dict]]:
     if not manifest:
         return []
     found = [("task", e) for e in manifest.get("tasks") or []]
-    return found + [(k, manifest[k]) for k in ("trunk", "router", "classifier", "mixed") if manifest.get(k)]
+    return found + [(k, manifest[k]) for k in ("trunk", "router", "classifier", "encoder", "mixed") if manifest.get(k)]
 
 
 def find_entry(manifest: dict | None, job: Job) -> dict | None:
@@ -104,7 +106,7 @@ def find_entry(manifest: dict | None, job: Job) -> dict | None:
 
 def files_match(root: Path, entry: dict, kind: str) -> bool:
     """The adapter's files are there and hash to what the manifest says."""
-    files = store.CLASSIFIER_FILES if kind == "classifier" else store.ADAPTER_FILES
+    files = store.files_of(kind)
     try:
         return store.intact(store.inside(root, entry["path"]), entry, files)
     except (ChainloraError, KeyError):  # no path, or one that leaves the library

@@ -126,6 +126,33 @@ class ClassifierSettings(_Section):
     learning_rate: Number = Field(0.01, ge=0.0, le=10.0)
 
 
+class EncoderSettings(_Section):
+    """The `encoder` selector (Qiu et al. Table III, "BERT-SFT"): all-MiniLM-L6-v2 fine-tuned end
+    to end with a classification head, by the Trainer."""
+
+    enabled: bool = False
+    max_train_per_task: int | None = Field(None, ge=1)
+    epochs: Number = Field(3.0, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: Number = Field(5e-5, ge=0.0, le=1.0)
+    max_length: int = Field(64, ge=8)  # tokens of the instruction the encoder reads
+
+
+class SelectionSettings(_Section):
+    """Choosing the library's default selector at train time, by measurement on validation data
+    no selector trained on: records held out of the train split, and whole instruction templates
+    (records' meta "template") held out, so unseen wording is measured. The winner, a calibrated
+    confidence threshold and an out-of-library detector are recorded in the manifest."""
+
+    enabled: bool = True
+    validation_per_task: int = Field(16, ge=0)  # records a task from seen templates (and as many from held-out ones)
+    heldout_templates: int = Field(1, ge=0)  # templates a task no selector trains on (tasks with >= 3 templates)
+    precision: Number = Field(0.99, gt=0.0, le=1.0)  # accepted validation routes must be this right
+    novelty: bool = True  # out-of-library detector: similarity to the selectors' training instructions
+    novelty_recall: Number = Field(0.99, gt=0.0, le=1.0)  # in-library validation instructions it must accept
+    default: Literal["auto", "score", "generate", "classifier", "encoder"] = "auto"  # auto: the measured best
+
+
 class MixedSettings(_Section):
     enabled: bool = True
     # matched: the sum of all task adapters' steps (the fair comparison, Qiu et al. Table I);
@@ -164,6 +191,8 @@ class Config(_Section):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
     mixed: MixedSettings = Field(default_factory=MixedSettings)
     chain: ChainSettings = Field(default_factory=ChainSettings)
     output_dir: str = "runs/library"

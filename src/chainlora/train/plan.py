@@ -23,14 +23,14 @@ from chainlora.train.config import Config, TrainingSettings
 
 FINETUNE = "finetune"  # the adapter's name in a `chainlora finetune` library
 TRUNK = "trunk"  # the shared trunk's name and path in a library
-RESERVED = ("chain", "router", "mixed", "classifier", TRUNK)  # adapter / model names of their own
+RESERVED = ("chain", "router", "mixed", "classifier", "encoder", "selection", TRUNK)  # adapter / model names of their own
 
 
 @dataclass
 class Job:
     """One adapter to train."""
 
-    kind: str  # "task", "router", "classifier" or "mixed"
+    kind: str  # "task", "trunk", "router", "classifier", "encoder" or "mixed"
     name: str  # the task's name, or the kind
     path: str  # where it goes, relative to the library
     train: list[Pair]
@@ -57,6 +57,67 @@ def _sample(records: list[Record], limit: int | None, seed: int) -> list[Record]
     if limit is None or len(records) <= limit:
         return list(records)
     return random.Random(seed).sample(records, limit)
+
+
+@dataclass
+class SelectorSplit:
+    """What the selectors may train on, and the validation data none of them sees: records held
+    out of the train split, and per task whole instruction templates (unseen wording)."""
+
+    pool: dict[str, list[Record]]  # per task: the selectors' training records
+    validation: list[Record]
+    heldout: dict[str, set]  # per task: the templates held out (empty where records carry none)
+
+
+def _template(r: Record) -> Any:
+    return r.meta.get("template")
+
+
+def selector_split(cfg: Config, train: dict[str, list[Record]]) -> SelectorSplit:
+    """Hold out, per task, `selection.heldout_templates` templates (where at least two others
+    stay) and `validation_per_task` records of them and of the seen templates (at most a
+    quarter of the seen ones). Seeded: the same config and data give the same split."""
+    s, seed = cfg.selection, cfg.training.seed
+    if not s.enabled:
+        return SelectorSplit(dict(train), [], {t: set() for t in train})
+    pool, validation, heldout = {}, [], {}
+    for t, records in train.items():
+        templates = sorted({_template(r) for r in records if _template(r) is not None}, key=str)
+        k = s.heldout_templates if len(templates) >= s.heldout_templates + 2 else 0
+        held = set(random.Random(f"{seed}:{t}").sample(templates, k)) if k else set()
+        unseen = [r for r in records if _template(r) in held]
+        seen = [r for r in records if _template(r) not in held]
+        val_seen = _sample(seen, min(s.validation_per_task, len(seen) // 4), seed)
+        picked = {id(r) for r in val_seen}
+        pool[t] = [r for r in seen if id(r) not in picked]
+        validation += _sample(unseen, s.validation_per_task, seed) + val_seen
+        heldout[t] = held
+    return SelectorSplit(pool, validation, heldout)
+
+
+def _check_default_selector(cfg: Config) -> None:
+    """`selection.default` must name a selector this config trains (fails before any training)."""
+    d = cfg.selection.default
+    trained = {"score": cfg.router.enabled, "generate": cfg.router.enabled,
+               "classifier": cfg.classifier.enabled, "encoder": cfg.encoder.enabled}
+    if d != "auto" and not trained[d]:
+        section = "router" if d in ("score", "generate") else d
+        raise ChainloraError(f"{cfg.source}: selection.default: {d!r} is not trained ({section}.enabled is false)")
+
+
+def task_splits(cfg: Config, data: dict[str, TaskData]) -> tuple[list[str], dict, dict]:
+    """The tasks to train and their (sampled) train and test records, checked."""
+    names = list(data) if cfg.tasks == "all" else cfg.tasks
+    for name in names:
+        if name not in data:
+            raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")
+        if name in RESERVED:
+            raise ChainloraError(f"{cfg.source}: tasks: {name!r} is a reserved name; rename that task")
+    _check_train_split(cfg, data, names)
+    seed, d = cfg.training.seed, cfg.data
+    train = {t: _sample(data[t].train, d.max_train_per_task, seed) for t in names}
+    test = {t: _sample(data[t].test, d.max_test_per_task, seed) for t in names}
+    return names, train, test
 
 
 def steps_for(settings: TrainingSettings, n_examples: int, world_size: int = 1) -> int:
@@ -86,7 +147,7 @@ def labels_for(cfg: Config, tasks: list[str]) -> dict[str, str]:
 def _plan_links(cfg: Config, job: Job) -> None:
     """Knots and ranks of a `method: cola` job, checked against its step count before any model
     is loaded (a bad knot fails in a second, not after the first adapters have trained)."""
-    if job.settings.method != "cola" or job.kind == "classifier":  # the classifier head is no LoRA
+    if job.settings.method != "cola" or job.kind in ("classifier", "encoder"):  # no LoRA there
         return
     section = job.section if job.section != "training" and "cola" in getattr(
         cfg, job.section.split(".")[0]).training else "training"
@@ -139,16 +200,10 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
     """`chainlora train`: the trunk (chain.branch warm / residual), task adapters in task order,
     then the router, the classifier selector, the mixed baseline. `trunk_tasks`: train the trunk
     on these tasks only (an existing trunk the new tasks branch from; default: all)."""
-    names = list(data) if cfg.tasks == "all" else cfg.tasks
-    for name in names:
-        if name not in data:
-            raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")
-        if name in RESERVED:
-            raise ChainloraError(f"{cfg.source}: tasks: {name!r} is a reserved name; rename that task")
-    _check_train_split(cfg, data, names)
-    seed, d = cfg.training.seed, cfg.data
-    train = {t: _sample(data[t].train, d.max_train_per_task, seed) for t in names}
-    test = {t: _sample(data[t].test, d.max_test_per_task, seed) for t in names}
+    names, train, test = task_splits(cfg, data)
+    _check_default_selector(cfg)
+    seed = cfg.training.seed
+    pool = selector_split(cfg, train).pool  # the selectors never see the validation records
     jobs = []
     for t in names:
         job = Job("task", t, store.task_path(t), answer_pairs(train[t]), answer_pairs(test[t]),
@@ -166,7 +221,7 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
             if job.kind == "task":
                 job.info["label"] = labels[job.name]
         template = cfg.router.task_prompt
-        rtrain = [r for t in names for r in _sample(train[t], cfg.router.max_train_per_task, seed)]
+        rtrain = [r for t in names for r in _sample(pool[t], cfg.router.max_train_per_task, seed)]
         router = Job("router", "router", "router", selector_pairs(rtrain, labels, template),
                      selector_pairs([r for t in names for r in test[t]], labels, template),
                      cfg.training_for("router"), section="router.training",
@@ -176,11 +231,20 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
         jobs.append(router)
     if cfg.classifier.enabled:
         c = cfg.classifier
-        ctrain = [r for t in names for r in _sample(train[t], c.max_train_per_task, seed)]
+        ctrain = [r for t in names for r in _sample(pool[t], c.max_train_per_task, seed)]
         clf = Job("classifier", "classifier", "classifier", [Pair(r.text, r.task) for r in ctrain],
                   [Pair(r.text, r.task) for t in names for r in test[t]], cfg.training, steps=c.epochs,
                   info={"name": "classifier", "encoder": c.encoder, "tasks": names})
         jobs.append(clf)
+    if cfg.encoder.enabled:
+        e = cfg.encoder
+        etrain = [r for t in names for r in _sample(pool[t], e.max_train_per_task, seed)]
+        enc = Job("encoder", "encoder", "encoder", [Pair(r.text, r.task) for r in etrain],
+                  [Pair(r.text, r.task) for t in names for r in test[t]], cfg.training,
+                  steps=steps_for(TrainingSettings(max_steps=None, epochs=e.epochs, batch_size=e.batch_size),
+                                  len(etrain), world_size),
+                  info={"name": "encoder", "encoder": "minilm", "tasks": names})
+        jobs.append(enc)
     if cfg.mixed.enabled:
         mixed = Job("mixed", "mixed", "mixed", answer_pairs([r for t in names for r in train[t]]),
                     answer_pairs([r for t in names for r in test[t]]), cfg.training_for("mixed"),

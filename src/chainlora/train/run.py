@@ -26,17 +26,18 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 from chainlora.data.examples import build_dataset, collator
 from chainlora.errors import ChainloraError
 from chainlora.library import store
-from chainlora.train import changes, cola, staging
+from chainlora.train import changes, cola, selection, selectors, staging
 from chainlora.train.config import Config, TrainingSettings
-from chainlora.train.plan import Job, load_data, plan_finetune, plan_train  # noqa: F401  (the API)
+from chainlora.train.distributed import on_main  # noqa: F401  (the API: chainlora.train.run.on_main)
+from chainlora.train.plan import (Job, load_data, plan_finetune, plan_train, selector_split,  # noqa: F401
+                                  task_splits)
 from chainlora.train.progress import RunProgress
 
-T = TypeVar("T")
 FINGERPRINT_FILE = "fingerprint.txt"  # in a job's work directory: which job its checkpoints are of
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt")
 
@@ -87,32 +88,6 @@ def warmup_steps(settings: TrainingSettings, steps: int) -> int:
     transformers reads a warmup_steps below 1 as a ratio and 1.0 as ONE step, and 4.x ignores
     warmup_ratio once warmup_steps is set."""
     return math.ceil(round(settings.warmup_ratio * steps, 9))  # 0.07 * 100 is 7.000000000000001
-
-
-def on_main(state: Any, fn: Callable[[], T]) -> T | None:
-    """Run `fn` on the main process only, the others waiting; every process gets its result
-    (so they all take the same branch after it). An error there reaches every process (one
-    message; ChainloraError stays a user error), so none waits forever for a main process that
-    gave up."""
-    error, result = None, None
-    if state.is_main_process:
-        try:
-            result = fn()
-        except BaseException as e:  # noqa: BLE001  (re-raised below, after telling the others)
-            error = e
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        message = [None if error is None else (isinstance(error, ChainloraError), str(error)),
-                   result if error is None else None]
-        broadcast_object_list(message, from_process=0)
-        if message[0] is not None and not state.is_main_process:
-            user, text = message[0]
-            raise ChainloraError(text) if user else RuntimeError(f"the main process failed: {text}")
-        result = message[1]
-    if error is not None:
-        raise error
-    return result
 
 
 def _resumable(work: Path, files: tuple[str, ...], fingerprint: dict) -> Path | None:
@@ -265,41 +240,6 @@ def _start_from(model: Any, trunk: Path, job: Job, cfg: Config, checkpoint: Path
     return None
 
 
-def run_classifier_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
-    """Embed the instructions with the frozen encoder and fit the linear head (no Trainer:
-    a full-batch probe on fixed features is a few hundred tiny steps)."""
-    import torch
-
-    from chainlora import atomic
-    from chainlora.inference import classifier
-
-    t0 = time.perf_counter()
-    tasks = job.info["tasks"]
-    encoder = classifier.Encoder(cfg.classifier.encoder, base.model, base.tokenizer)
-    x = encoder.embed([p.text for p in job.train])
-    y = torch.tensor([tasks.index(p.answer) for p in job.train])
-    head, loss = classifier.train_head(x, y, len(tasks), epochs=job.steps,
-                                       lr=cfg.classifier.learning_rate, seed=cfg.training.seed)
-    entry = {**job.info, "path": job.path, "n_train": len(job.train), "n_test": len(job.test),
-             "steps": job.steps, "tokens": 0, "train_loss": round(loss, 5)}
-    with torch.no_grad():
-        entry["train_accuracy"] = round(float((head(x).argmax(-1) == y).float().mean()), 4)
-        if job.test:
-            xt = encoder.embed([p.text for p in job.test])
-            yt = torch.tensor([tasks.index(p.answer) for p in job.test])
-            entry["test_accuracy"] = round(float((head(xt).argmax(-1) == yt).float().mean()), 4)
-    entry["seconds"] = round(time.perf_counter() - t0, 1)
-    from accelerate import PartialState
-
-    def save() -> str:
-        with atomic.directory(store.inside(root, job.path), replace=True) as tmp:
-            classifier.save(tmp, head, {"encoder": cfg.classifier.encoder, "tasks": tasks})
-            return store.adapter_sha256(tmp, classifier.FILES)
-
-    entry["sha256"] = on_main(PartialState(), save)
-    return entry
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -337,6 +277,22 @@ def _refresh(root: Path, manifest: dict, cfg: Config, digest: str, plan_: list[c
     manifest.update(training=cfg.to_dict(), config_sha256=digest)
     store.write_manifest(root, manifest)
     print(f"{root}: every adapter is up to date; the manifest now records the new config")
+
+
+def _selection_of(manifest: dict | None, fp: str | None) -> dict | None:
+    """The library's recorded selection when it was measured for this very fingerprint."""
+    sel = (manifest or {}).get("selection")
+    return sel if fp is not None and sel and sel.get("fingerprint") == fp else None
+
+
+def _print_selection(sel: dict | None, main: bool) -> None:
+    if not sel or not main:
+        return
+    parts = [f"{k} {r['heldout_top1'] if r['heldout_top1'] is not None else r['top1']:.1%}"
+             for k, r in sel["selectors"].items()]
+    w = sel["selectors"][sel["winner"]]
+    print(f"selectors on held-out validation: {', '.join(parts)}; default: {sel['winner']} "
+          f"(threshold {w['threshold']:.3f}: {w['fallback_rate']:.1%} fall back)", flush=True)
 
 
 def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = False,
@@ -379,8 +335,12 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     if not finetune and not force:
         jobs, prints = _keep_trunk(cfg, data, state.num_processes, jobs, prints, manifest, fingerprints)
     plan_ = changes.decide(jobs, prints, root, manifest, partial, earlier if continuing else None, force)
+    split = selector_split(cfg, task_splits(cfg, data)[1]) if not finetune else None
+    sel_fp = selection.fingerprint(cfg, split, {j.kind: prints[j.path]["sha256"] for j in jobs
+                                                if j.kind in ("router", "classifier", "encoder")}) if split else None
     state.wait_for_everyone()  # every process has read the disk before the main one writes to it
-    current = bool(manifest and manifest.get("complete")) and changes.up_to_date(plan_, root)
+    current = (bool(manifest and manifest.get("complete")) and changes.up_to_date(plan_, root)
+               and _selection_of(manifest, sel_fp) == (manifest or {}).get("selection"))
     if state.is_main_process and (dry_run or not current):
         print(changes.format_plan(root, plan_), flush=True)
     if dry_run:
@@ -404,14 +364,21 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         if c.action == "keep":
             progress.skip(c.job, c.entry, "earlier run" if c.reason == changes.EARLIER_RUN else "kept")
             continue
-        if c.job.kind == "classifier":
-            entry = run_classifier_job(c.job, base, cfg, partial)
+        if c.job.kind in ("classifier", "encoder"):
+            entry = selectors.run_selector_job(c.job, base, cfg, partial)
         else:
             entry = run_job(c.job, base, cfg, partial, resume and continuing, progress, c.fingerprint)
         entry["fingerprint"] = c.fingerprint
         progress.finish(c.job, entry)
         on_main(state, lambda: (_record(new, c.job, entry), store.write_manifest(partial, new)))
     progress.close()
+    if split is not None:
+        new["selection"] = _selection_of(manifest, sel_fp) if not force else None
+        if new["selection"] is None and state.is_main_process:
+            print("measuring the selectors on validation data no selector trained on ...", flush=True)
+        new["selection"] = on_main(state, lambda: new["selection"] or selection.measure(
+            partial, new, base, cfg, split, sel_fp))
+        _print_selection(new["selection"], state.is_main_process)
 
     def complete() -> None:
         order = [j.path for j in jobs]

@@ -1,0 +1,122 @@
+"""Training the selectors that are not LoRA adapters: the `classifier` (a frozen encoder and a
+linear head) and the `encoder` (the same encoder fine-tuned end to end, Table III's BERT-SFT).
+The task-selection LoRA trains like every other adapter (chainlora.train.run)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from chainlora.library import store
+from chainlora.train.config import Config
+from chainlora.train import staging
+from chainlora.train.distributed import on_main
+from chainlora.train.plan import Job
+
+
+def run_selector_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
+    """Train the `classifier` or `encoder` job, save it into the library at `root`; its entry."""
+    return (run_classifier_job if job.kind == "classifier" else run_encoder_job)(job, base, cfg, root)
+
+
+def _accuracy(logits: Any, y: Any) -> float:
+    return round(float((logits.argmax(-1) == y).float().mean()), 4)
+
+
+def _save(root: Path, job: Job, write: Any, files: tuple[str, ...]) -> str:
+    """Write the selector atomically on the main process; its sha256."""
+    from accelerate import PartialState
+
+    from chainlora import atomic
+
+    def save() -> str:
+        with atomic.directory(store.inside(root, job.path), replace=True) as tmp:
+            write(tmp)
+            return store.adapter_sha256(tmp, files)
+
+    return on_main(PartialState(), save)
+
+
+def run_classifier_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
+    """Embed the instructions with the frozen encoder and fit the linear head (no Trainer:
+    a full-batch probe on fixed features is a few hundred tiny steps)."""
+    import torch
+
+    from chainlora.inference import classifier
+
+    t0 = time.perf_counter()
+    tasks = job.info["tasks"]
+    encoder = classifier.Encoder(cfg.classifier.encoder, base.model, base.tokenizer)
+    x = encoder.embed([p.text for p in job.train])
+    y = torch.tensor([tasks.index(p.answer) for p in job.train])
+    head, loss = classifier.train_head(x, y, len(tasks), epochs=job.steps,
+                                       lr=cfg.classifier.learning_rate, seed=cfg.training.seed)
+    entry = {**job.info, "path": job.path, "n_train": len(job.train), "n_test": len(job.test),
+             "steps": job.steps, "tokens": 0, "train_loss": round(loss, 5)}
+    with torch.no_grad():
+        entry["train_accuracy"] = _accuracy(head(x), y)
+        if job.test:
+            xt = encoder.embed([p.text for p in job.test])
+            entry["test_accuracy"] = _accuracy(head(xt), torch.tensor([tasks.index(p.answer) for p in job.test]))
+    entry["seconds"] = round(time.perf_counter() - t0, 1)
+    info = {"encoder": cfg.classifier.encoder, "tasks": tasks}
+    entry["sha256"] = _save(root, job, lambda d: classifier.save(d, head, info), classifier.FILES)
+    return entry
+
+
+class _Examples:
+    """Tokenized (instruction, task index) pairs as a map-style dataset for the Trainer."""
+
+    def __init__(self, tokenizer: Any, texts: list[str], labels: list[int], max_length: int):
+        enc = tokenizer(texts, truncation=True, max_length=max_length)
+        self.rows = [{"input_ids": i, "attention_mask": m, "labels": y}
+                     for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def run_encoder_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
+    """Fine-tune all-MiniLM-L6-v2 and a linear head on instruction -> task with the Trainer,
+    the head first fitted as a linear probe on the frozen features (LP-FT)."""
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+    from chainlora.inference import classifier, encoder
+    from chainlora.train.run import use_cpu
+
+    t0 = time.perf_counter()
+    e, tasks = cfg.encoder, job.info["tasks"]
+    set_seed(cfg.training.seed)
+    model, tok = encoder.build(len(tasks))
+    texts, y = [p.text for p in job.train], [tasks.index(p.answer) for p in job.train]
+    probe = classifier.Encoder.wrap("minilm", model.encoder, tok)  # frozen: this very encoder, before training
+    head, _ = classifier.train_head(probe.embed(texts), torch.tensor(y), len(tasks),
+                                    epochs=cfg.classifier.epochs, lr=cfg.classifier.learning_rate,
+                                    seed=cfg.training.seed)
+    model.head.load_state_dict(head.state_dict())
+    args = TrainingArguments(
+        output_dir=str(root / staging.WORK / "encoder"), max_steps=job.steps,
+        per_device_train_batch_size=e.batch_size, learning_rate=e.learning_rate, lr_scheduler_type="linear",
+        warmup_steps=max(1, job.steps // 10), weight_decay=0.01, seed=cfg.training.seed,
+        data_seed=cfg.training.seed, save_strategy="no", report_to="none", remove_unused_columns=False,
+        logging_steps=max(1, job.steps // 5), dataloader_num_workers=0, use_cpu=use_cpu(),
+        disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_Examples(tok, texts, y, e.max_length),
+                      data_collator=DataCollatorWithPadding(tok))
+    result = trainer.train()
+    model = model.eval()
+    info = {"encoder": "all-MiniLM-L6-v2", "tasks": tasks, "max_length": e.max_length}
+    entry = {**job.info, "path": job.path, "n_train": len(job.train), "n_test": len(job.test),
+             "steps": job.steps, "tokens": 0, "train_loss": round(result.training_loss, 5)}
+    entry["train_accuracy"] = _accuracy(encoder.logits(model, tok, texts, e.max_length), torch.tensor(y))
+    if job.test:
+        yt = torch.tensor([tasks.index(p.answer) for p in job.test])
+        entry["test_accuracy"] = _accuracy(encoder.logits(model, tok, [p.text for p in job.test], e.max_length), yt)
+    entry["seconds"] = round(time.perf_counter() - t0, 1)
+    entry["sha256"] = _save(root, job, lambda d: encoder.save(d, model, info), encoder.FILES)
+    return entry
