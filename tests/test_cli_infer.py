@@ -45,7 +45,7 @@ def test_generate_text_input_file(random_lib, tmp_path, capsys):
     (["route", "{lib}", "--input", "{tmp}/missing.jsonl"], "missing.jsonl: input file not found"),
     (["route", "{lib}", "--input", "{tmp}/bad.jsonl"], "bad.jsonl:2: malformed JSON"),
     (["route", "{tmp}/nolib", "x"], "nolib: library directory not found"),
-    (["route", "{lib}", "x", "--selector", "magic"], "selector: unknown 'magic'"),
+    (["route", "{lib}", "x", "--selector", "magic"], "--selector: invalid choice: 'magic'"),
 ])
 def test_bad_input_exit_2(args, expected, random_lib, tmp_path, capsys):
     (tmp_path / "in.txt").write_text("hello\n")
