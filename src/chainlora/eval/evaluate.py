@@ -132,16 +132,16 @@ def _mean(xs: Sequence[float]) -> float:
 
 def selectors_of(engine) -> list[str]:
     """The selectors this library can run (Table III)."""
-    from chainlora.inference.engine import available_selectors
+    from chainlora.inference import selectors
 
-    return available_selectors(engine.lib)
+    return selectors.available(engine.lib)
 
 
 def selector_cost(lib, selector: str) -> dict:
     """Training seconds and size on disk of what `selector` runs (score and generate share the
     task-selection LoRA; the out-of-library detector is not counted)."""
     entry = {"score": lib.router, "generate": lib.router, "classifier": lib.classifier,
-             "encoder": lib.encoder}.get(selector)
+             "encoder": lib.encoder, "sft": lib.sft}.get(selector)
     if not entry:
         return {"train_seconds": None, "disk_mb": None}
     size = sum(f.stat().st_size for f in lib.path(entry).rglob("*") if f.is_file())

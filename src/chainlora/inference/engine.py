@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 from chainlora.data import prompts
 from chainlora.errors import ChainloraError
-from chainlora.inference import router
+from chainlora.inference import router, selectors
 from chainlora.inference.adapter_cache import AdapterCache
 from chainlora.inference.stops import cut_at_stop, end_ids
 from chainlora.library.store import Library, read_verified
@@ -61,26 +61,6 @@ class Answer:
     finish_reason: str  # "stop" (end of answer or a stop string) or "length"
 
 
-def available_selectors(lib: Library) -> list[str]:
-    """The selectors a library can run: score and generate over its task-selection LoRA, then
-    the classifier and the fine-tuned encoder where it has them."""
-    return (["score", "generate"] if lib.router else []) + [k for k, _ in lib.selector_entries()]
-
-
-def default_selector(lib: Library) -> str:
-    """The library's recorded winner, else the classifier where there is one (97.5% against the
-    score selector's 89.4% on the demo, bench/RESULTS.md), else `score`."""
-    winner = (lib.selection or {}).get("winner")
-    if winner:
-        return winner
-    return "classifier" if lib.classifier else "encoder" if lib.encoder else "score"
-
-
-def recorded_threshold(lib: Library, selector: str) -> float:
-    """The confidence threshold train time calibrated for `selector` (0: none recorded)."""
-    return float((((lib.selection or {}).get("selectors") or {}).get(selector) or {}).get("threshold", 0.0))
-
-
 class Engine:
     """A loaded adapter library, ready to route and answer."""
 
@@ -96,16 +76,14 @@ class Engine:
         if getattr(base.model, "peft_config", None):
             raise ChainloraError("this base model already carries adapters; load a fresh one per Engine")
         self.lib, self.base, self.tok = lib, base, base.tokenizer
-        self.selector = selector or default_selector(lib)
-        self.threshold = threshold if threshold is not None else recorded_threshold(lib, self.selector)
+        self.selector = selector or selectors.default(lib)
+        self.threshold = threshold if threshold is not None else selectors.recorded_threshold(lib, self.selector)
         self.use_novelty = novelty
         self.system = lib.manifest.get("system_prompt")
         self.cache = AdapterCache(base.model, lib, device_bytes=device_cache_bytes, cpu_bytes=cpu_cache_bytes,
                                   max_adapters=max_adapters)
         self.lock = threading.Lock()  # one generate at a time on the shared model
-        self._classifier: tuple | None = None  # (encoder, head, tasks), loaded on first use
-        self._encoder: tuple | None = None  # the fine-tuned encoder selector (model, tokenizer, info)
-        self._novelty: tuple | None = None  # the out-of-library detector (encoder, bank, info)
+        self.selectors = selectors.Loaded(lib, base, self.system, self._live_model)
         if lib.router:
             self.cache.acquire(["router"])
 
@@ -127,18 +105,18 @@ class Engine:
                    "changed": [n for n in cur if n in old and cur[n] != old[n]]}
         with self.lock:
             self.cache.refresh(new, set(changes["removed"]) | set(changes["changed"]))
-            if (new.classifier or {}).get("sha256") != (self.lib.classifier or {}).get("sha256"):
-                self._classifier = None
-            if (new.encoder or {}).get("sha256") != (self.lib.encoder or {}).get("sha256"):
-                self._encoder = None
-            self._novelty = None
             self.lib = new
             self.system = new.manifest.get("system_prompt")
+            self.selectors.forget(new, self.system)
             if new.router:
                 self.cache.acquire(["router"])
         return changes
 
     # ------------------------------------------------------------------ checks
+
+    def _live_model(self) -> Any:
+        """The model that holds the base weights now: the PeftModel once an adapter is in."""
+        return self.cache.model if self.cache.model is not None else self.base.model
 
     @property
     def tasks(self) -> list[str]:
@@ -197,8 +175,9 @@ class Engine:
         selector = selector or self.selector
         if selector not in router.SELECTORS:
             raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
-        if selector in ("classifier", "encoder"):
-            rankings = self._classify(texts) if selector == "classifier" else self._encode(texts)
+        if selector in ("classifier", "encoder", "sft"):
+            with self.lock:
+                rankings = self.selectors.rank(selector, texts)
             return self._decide_all(texts, rankings, top_k, selector)
         if not self.lib.router and len(self.tasks) == 1:  # a single adapter (chainlora finetune)
             return [Route(self.tasks[0], 1.0, [(self.tasks[0], 1.0)], False, self.tasks[0], "single")
@@ -218,63 +197,21 @@ class Engine:
                                  adapter=self.cache.slot("router"))
         return self._decide_all(texts, rankings, top_k, selector)
 
-    def _classify(self, texts: Sequence[str]) -> list[router.Ranking]:
-        """The `classifier` selector; its encoder and head load on first use."""
-        from chainlora.inference import classifier
-
-        entry = self.lib.classifier
-        if not entry:
-            raise ChainloraError(f"{self.lib.root}: library has no classifier selector "
-                                 "(train with classifier.enabled: true)")
-        with self.lock:
-            if self._classifier is None:
-                directory = self.lib.path(entry)
-                read_verified(directory, entry, classifier.FILES, "classifier")
-                head, info = classifier.load(directory)
-                model = self.cache.model if self.cache.model is not None else self.base.model
-                self._classifier = (classifier.Encoder(info["encoder"], model, self.tok), head, info["tasks"])
-            encoder, head, tasks = self._classifier
-            if encoder.kind == "base":  # the PeftModel may have been created since: use it, adapters off
-                encoder.model = self.cache.model if self.cache.model is not None else self.base.model
-            return classifier.rank(encoder, head, texts, tasks)
-
-    def _encode(self, texts: Sequence[str]) -> list[router.Ranking]:
-        """The fine-tuned `encoder` selector; loads on first use."""
-        from chainlora.inference import encoder
-
-        entry = self.lib.encoder
-        if not entry:
-            raise ChainloraError(f"{self.lib.root}: library has no encoder selector (train with encoder.enabled: true)")
-        with self.lock:
-            if self._encoder is None:
-                directory = self.lib.path(entry)
-                read_verified(directory, entry, encoder.FILES, "encoder")
-                self._encoder = encoder.load(directory)
-            return encoder.rank(*self._encoder, texts)
-
     def similarity(self, texts: Sequence[str]) -> list[float] | None:
         """The out-of-library detector's similarity per instruction (None: the library has none,
         or the engine was opened with novelty=False)."""
-        from chainlora.inference import classifier, novelty
+        found = self._similarity(texts)
+        return None if found is None else found[0]
 
-        entry = (self.lib.selection or {}).get("novelty")
-        if not entry or not self.use_novelty:
+    def _similarity(self, texts: Sequence[str]) -> tuple[list[float], float] | None:
+        if not self.use_novelty:
             return None
         with self.lock:
-            if self._novelty is None:
-                directory = self.lib.path(entry)
-                read_verified(directory, entry, novelty.FILES, "out-of-library detector")
-                bank, info = novelty.load(directory)
-                self._novelty = (classifier.Encoder(info["encoder"], self.base.model, self.tok), bank, info)
-            enc, bank, info = self._novelty
-            if enc.kind == "base":
-                enc.model = self.cache.model if self.cache.model is not None else self.base.model
-            return novelty.similarity(bank, enc.embed(texts), info.get("k", novelty.K)).tolist()
+            return self.selectors.similarity(texts)
 
     def _decide_all(self, texts: Sequence[str], rankings: list[router.Ranking], top_k: int,
                     selector: str) -> list[Route]:
-        sims = self.similarity(texts)
-        limit = ((self.lib.selection or {}).get("novelty") or {}).get("threshold", 0.0)
+        sims, limit = self._similarity(texts) or (None, 0.0)
         return [self._decide(rk, top_k, selector, None if sims is None else sims[i], limit)
                 for i, rk in enumerate(rankings)]
 

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from chainlora.data import prompts
 
-SELECTORS = ("score", "generate", "classifier", "encoder")
+SELECTORS = ("score", "generate", "classifier", "encoder", "sft")
 
 
 # --------------------------------------------------------------------------- KMP matching
@@ -130,8 +130,9 @@ def _router_inputs(tokenizer: Any, texts: Sequence[str], template: str, system: 
 
 
 def score_labels(model: Any, tokenizer: Any, texts: Sequence[str], labels: Sequence[str], *,
-                 template: str, system: str | None, adapter: str = "router") -> Any:
+                 template: str, system: str | None, adapter: str | None = "router") -> Any:
     """log P(label + end-of-answer | task prompt) for every (text, label): a [B, L] tensor.
+    adapter None: `model` is a plain model (the `sft` selector), no adapter to name.
 
     The prompts are prefilled once (left-padded batch); their KV cache is repeated L times and
     all labels (right-padded) run in one more forward pass continuing from it.
@@ -149,7 +150,8 @@ def score_labels(model: Any, tokenizer: Any, texts: Sequence[str], labels: Seque
     with torch.no_grad():
         # Left padding: positions must count real tokens only (a plain forward does not do this).
         pre_pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        pre = model(**enc, position_ids=pre_pos, use_cache=True, adapter_names=[adapter] * B)
+        names = (lambda n: {"adapter_names": [adapter] * n}) if adapter is not None else (lambda n: {})
+        pre = model(**enc, position_ids=pre_pos, use_cache=True, **names(B))
         first = torch.log_softmax(pre.logits[:, -1].float(), -1)  # [B, V]: predicts label token 0
         cache = pre.past_key_values
         cache.batch_repeat_interleave(L)
@@ -158,8 +160,7 @@ def score_labels(model: Any, tokenizer: Any, texts: Sequence[str], labels: Seque
         rows_ids, rows_mask = ids.repeat(B, 1), lmask.repeat(B, 1)  # [B*L, T]
         positions = n_prompt + torch.arange(T, device=model.device)
         out = model(input_ids=rows_ids, attention_mask=torch.cat([pmask, rows_mask], 1),
-                    position_ids=positions, past_key_values=cache, use_cache=True,
-                    adapter_names=[adapter] * (B * L))
+                    position_ids=positions, past_key_values=cache, use_cache=True, **names(B * L))
         logp = torch.log_softmax(out.logits[:, :-1].float(), -1)  # predicts label tokens 1..T-1
         tok_lp = logp.gather(-1, rows_ids[:, 1:, None]).squeeze(-1) * rows_mask[:, 1:]
         total = tok_lp.sum(-1).view(B, L)
@@ -169,8 +170,9 @@ def score_labels(model: Any, tokenizer: Any, texts: Sequence[str], labels: Seque
 
 def rank_by_score(model: Any, tokenizer: Any, texts: Sequence[str], tasks: Sequence[str],
                   labels: Sequence[str], *, template: str, system: str | None,
-                  adapter: str = "router") -> list[Ranking]:
-    """The `score` selector: softmax over label log-probabilities, best first."""
+                  adapter: str | None = "router") -> list[Ranking]:
+    """The `score` selector: softmax over label log-probabilities, best first (also `sft`'s,
+    on its own fine-tuned model, adapter None)."""
     import torch
 
     logp = score_labels(model, tokenizer, texts, labels, template=template, system=system, adapter=adapter)

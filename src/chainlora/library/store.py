@@ -32,7 +32,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CLASSIFIER_FILES = ("classifier.json", "head.safetensors")  # the classifier selector's head
 ENCODER_FILES = ("encoder.json", "model.safetensors")  # the fine-tuned encoder selector
 NOVELTY_FILES = ("novelty.json", "embeddings.safetensors")  # the out-of-library detector
-SELECTOR_FILES = {"classifier": CLASSIFIER_FILES, "encoder": ENCODER_FILES}  # non-LoRA selectors
+SFT_FILES = ("config.json", "model.safetensors")  # the fully fine-tuned selector (a whole model)
+SELECTOR_FILES = {"classifier": CLASSIFIER_FILES, "encoder": ENCODER_FILES, "sft": SFT_FILES}  # not LoRAs
 
 
 def files_of(kind: str) -> tuple[str, ...]:
@@ -123,6 +124,7 @@ def new_manifest(base_name: str, base_fingerprint: str, config: dict, config_sha
         "router": None,
         "classifier": None,
         "encoder": None,
+        "sft": None,
         "mixed": None,
         "training": config,
         "config_sha256": config_sha256,
@@ -202,6 +204,11 @@ class Library:
     def encoder(self) -> dict | None:
         """The fine-tuned encoder selector (Table III's BERT-SFT)."""
         return self.manifest.get("encoder")
+
+    @property
+    def sft(self) -> dict | None:
+        """The fully fine-tuned base model selector (Table III's Bloomz-SFT)."""
+        return self.manifest.get("sft")
 
     @property
     def selection(self) -> dict | None:

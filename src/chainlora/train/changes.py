@@ -62,7 +62,8 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
     elif job.kind == "encoder":
         parts["encoder settings"] = _digest([cfg.encoder.model_dump(), job.info.get("tasks")])
     else:
-        parts["LoRA settings"] = _digest(cfg.lora.model_dump())
+        if job.kind != "sft":  # the sft selector trains every weight, no LoRA
+            parts["LoRA settings"] = _digest(cfg.lora.model_dump())
         parts["system prompt"] = _digest(cfg.system_prompt)
     if job.start is not None:
         parts["trunk"] = _digest([job.branch, job.start, (start or {}).get("sha256")])
@@ -75,7 +76,7 @@ class Change:
     """One line of the plan."""
 
     action: str  # keep | train | retrain | remove
-    kind: str  # task | trunk | router | classifier | encoder | mixed
+    kind: str  # task | trunk | router | classifier | encoder | sft | mixed
     name: str
     path: str
     reason: str
@@ -94,7 +95,7 @@ def entries(manifest: dict | None) -> list[tuple[str, dict]]:
     if not manifest:
         return []
     found = [("task", e) for e in manifest.get("tasks") or []]
-    return found + [(k, manifest[k]) for k in ("trunk", "router", "classifier", "encoder", "mixed") if manifest.get(k)]
+    return found + [(k, manifest[k]) for k in ("trunk", "router", "classifier", "encoder", "sft", "mixed") if manifest.get(k)]
 
 
 def find_entry(manifest: dict | None, job: Job) -> dict | None:

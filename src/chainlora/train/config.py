@@ -138,6 +138,16 @@ class EncoderSettings(_Section):
     max_length: int = Field(64, ge=8)  # tokens of the instruction the encoder reads
 
 
+class SftSettings(_Section):
+    """The `sft` selector (Qiu et al. Table III, "Bloomz-SFT", the paper's best): the whole base
+    model fine-tuned on task_prompt -> label, ranking labels like `score`. A full model copy on
+    disk (540 MB for SmolLM2-135M in fp32), so opt-in. Reads router.task_prompt / router.labels."""
+
+    enabled: bool = False
+    max_train_per_task: int | None = Field(None, ge=1)
+    training: dict[str, Any] = Field(default_factory=dict)  # overrides of `training` keys
+
+
 class SelectionSettings(_Section):
     """Choosing the library's default selector at train time, by measurement on validation data
     no selector trained on: records held out of the train split, and whole instruction templates
@@ -150,7 +160,10 @@ class SelectionSettings(_Section):
     precision: Number = Field(0.99, gt=0.0, le=1.0)  # accepted validation routes must be this right
     novelty: bool = True  # out-of-library detector: similarity to the selectors' training instructions
     novelty_recall: Number = Field(0.99, gt=0.0, le=1.0)  # in-library validation instructions it must accept
-    default: Literal["auto", "score", "generate", "classifier", "encoder"] = "auto"  # auto: the measured best
+    default: Literal["auto", "score", "generate", "classifier", "encoder", "sft"] = "auto"  # auto: measured best
+    # which trained selectors to measure (all, or a list): `generate` beam-searches every
+    # validation instruction, the slowest part of the measurement on a CPU
+    selectors: Union[Literal["all"], list[Literal["score", "generate", "classifier", "encoder", "sft"]]] = "all"
 
 
 class MixedSettings(_Section):
@@ -192,6 +205,7 @@ class Config(_Section):
     router: RouterSettings = Field(default_factory=RouterSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+    sft: SftSettings = Field(default_factory=SftSettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     mixed: MixedSettings = Field(default_factory=MixedSettings)
     chain: ChainSettings = Field(default_factory=ChainSettings)
@@ -218,7 +232,7 @@ class Config(_Section):
 
     def training_for(self, section: str) -> TrainingSettings:
         """`training` with the router's or mixed adapter's overrides applied (already checked)."""
-        overrides = getattr(self, section).training if section in ("router", "mixed") else {}
+        overrides = getattr(self, section).training if section in ("router", "mixed", "sft") else {}
         return self.training.model_copy(update=overrides)
 
 
@@ -332,10 +346,10 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
     """Check a parsed config mapping and return a Config."""
     cfg = _validate(Config, data, source)
     cfg.source = source
-    for section in ("router", "mixed"):
+    for section in ("router", "mixed", "sft"):
         part = getattr(cfg, section)
         part.training = _check_overrides(section, part.training, cfg.training, source)
-    for name in ("training", "router.training", "mixed.training"):
+    for name in ("training", "router.training", "mixed.training", "sft.training"):
         t = cfg.training_for(name.split(".")[0])
         if t.max_steps is None and t.epochs is None:
             raise _fail(source, f"{name}.max_steps", "set max_steps or epochs")

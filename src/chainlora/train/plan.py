@@ -23,14 +23,14 @@ from chainlora.train.config import Config, TrainingSettings
 
 FINETUNE = "finetune"  # the adapter's name in a `chainlora finetune` library
 TRUNK = "trunk"  # the shared trunk's name and path in a library
-RESERVED = ("chain", "router", "mixed", "classifier", "encoder", "selection", TRUNK)  # adapter / model names of their own
+RESERVED = ("chain", "router", "mixed", "classifier", "encoder", "sft", "selection", TRUNK)  # adapter / model names of their own
 
 
 @dataclass
 class Job:
     """One adapter to train."""
 
-    kind: str  # "task", "trunk", "router", "classifier", "encoder" or "mixed"
+    kind: str  # "task", "trunk", "router", "classifier", "encoder", "sft" or "mixed"
     name: str  # the task's name, or the kind
     path: str  # where it goes, relative to the library
     train: list[Pair]
@@ -99,7 +99,7 @@ def _check_default_selector(cfg: Config) -> None:
     """`selection.default` must name a selector this config trains (fails before any training)."""
     d = cfg.selection.default
     trained = {"score": cfg.router.enabled, "generate": cfg.router.enabled,
-               "classifier": cfg.classifier.enabled, "encoder": cfg.encoder.enabled}
+               "classifier": cfg.classifier.enabled, "encoder": cfg.encoder.enabled, "sft": cfg.sft.enabled}
     if d != "auto" and not trained[d]:
         section = "router" if d in ("score", "generate") else d
         raise ChainloraError(f"{cfg.source}: selection.default: {d!r} is not trained ({section}.enabled is false)")
@@ -147,7 +147,7 @@ def labels_for(cfg: Config, tasks: list[str]) -> dict[str, str]:
 def _plan_links(cfg: Config, job: Job) -> None:
     """Knots and ranks of a `method: cola` job, checked against its step count before any model
     is loaded (a bad knot fails in a second, not after the first adapters have trained)."""
-    if job.settings.method != "cola" or job.kind in ("classifier", "encoder"):  # no LoRA there
+    if job.settings.method != "cola" or job.kind in ("classifier", "encoder", "sft"):  # no LoRA there
         return
     section = job.section if job.section != "training" and "cola" in getattr(
         cfg, job.section.split(".")[0]).training else "training"
@@ -215,12 +215,12 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
     if cfg.chain.branch != "none":
         trunk = _plan_trunk(cfg, jobs, train, test, [t for t in names if t in (trunk_tasks or ())] or names)
         jobs.insert(0, trunk)
+    labels = labels_for(cfg, names) if cfg.router.enabled or cfg.sft.enabled else {}
+    template = cfg.router.task_prompt
     if cfg.router.enabled:
-        labels = labels_for(cfg, names)
         for job in jobs:
             if job.kind == "task":
                 job.info["label"] = labels[job.name]
-        template = cfg.router.task_prompt
         rtrain = [r for t in names for r in _sample(pool[t], cfg.router.max_train_per_task, seed)]
         router = Job("router", "router", "router", selector_pairs(rtrain, labels, template),
                      selector_pairs([r for t in names for r in test[t]], labels, template),
@@ -236,6 +236,14 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
                   [Pair(r.text, r.task) for t in names for r in test[t]], cfg.training, steps=c.epochs,
                   info={"name": "classifier", "encoder": c.encoder, "tasks": names})
         jobs.append(clf)
+    if cfg.sft.enabled:
+        strain = [r for t in names for r in _sample(pool[t], cfg.sft.max_train_per_task, seed)]
+        sft = Job("sft", "sft", "sft", selector_pairs(strain, labels, template),
+                  selector_pairs([r for t in names for r in test[t]], labels, template),
+                  cfg.training_for("sft"), section="sft.training",
+                  info={"name": "sft", "kind": "full", "task_prompt": template, "labels": labels})
+        sft.steps = steps_for(sft.settings, len(sft.train), world_size)
+        jobs.append(sft)
     if cfg.encoder.enabled:
         e = cfg.encoder
         etrain = [r for t in names for r in _sample(pool[t], e.max_train_per_task, seed)]

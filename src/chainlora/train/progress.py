@@ -15,7 +15,7 @@ from rich.table import Table
 def trainer_steps(job: Any) -> int:
     """Optimizer steps the Trainer will run for `job` (the classifier's head is not a Trainer job
     and takes seconds, so it does not weigh on the ETA)."""
-    return 0 if job.kind in ("classifier", "encoder") else job.steps
+    return 0 if job.kind in ("classifier", "encoder") else job.steps  # sft: a Trainer job like the LoRAs
 
 
 class RunProgress:

@@ -336,8 +336,9 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         jobs, prints = _keep_trunk(cfg, data, state.num_processes, jobs, prints, manifest, fingerprints)
     plan_ = changes.decide(jobs, prints, root, manifest, partial, earlier if continuing else None, force)
     split = selector_split(cfg, task_splits(cfg, data)[1]) if not finetune else None
-    sel_fp = selection.fingerprint(cfg, split, {j.kind: prints[j.path]["sha256"] for j in jobs
-                                                if j.kind in ("router", "classifier", "encoder")}) if split else None
+    sel_fp = (selection.fingerprint(cfg, split, {j.kind: prints[j.path]["sha256"] for j in jobs
+                                                if j.kind in ("router", "classifier", "encoder", "sft")})
+              if split else None)
     state.wait_for_everyone()  # every process has read the disk before the main one writes to it
     current = (bool(manifest and manifest.get("complete")) and changes.up_to_date(plan_, root)
                and _selection_of(manifest, sel_fp) == (manifest or {}).get("selection"))
@@ -364,8 +365,8 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         if c.action == "keep":
             progress.skip(c.job, c.entry, "earlier run" if c.reason == changes.EARLIER_RUN else "kept")
             continue
-        if c.job.kind in ("classifier", "encoder"):
-            entry = selectors.run_selector_job(c.job, base, cfg, partial)
+        if c.job.kind in ("classifier", "encoder", "sft"):
+            entry = selectors.run_selector_job(c.job, base, cfg, partial, progress)
         else:
             entry = run_job(c.job, base, cfg, partial, resume and continuing, progress, c.fingerprint)
         entry["fingerprint"] = c.fingerprint

@@ -111,23 +111,21 @@ def _novelty(engine: Any, cfg: Config, split: SelectorSplit, root: Path) -> dict
 def measure(root: Path, manifest: dict, base: Any, cfg: Config, split: SelectorSplit, fp: str) -> dict | None:
     """Main process, after every selector is trained into `root`: the `selection` block (None
     when disabled or there is nothing to choose between). Leaves `base` as it found it."""
-    from chainlora.inference.engine import Engine, available_selectors
+    from chainlora.inference import selectors
+    from chainlora.inference.engine import Engine
     from chainlora.library.store import Library
 
     s = cfg.selection
     lib = Library(root, manifest)
-    kinds = available_selectors(lib)
+    kinds = [k for k in selectors.available(lib) if s.selectors == "all" or k in s.selectors]
     if not s.enabled or not split.validation or not kinds:
         return None
     engine = Engine(lib, base, selector=kinds[0], threshold=0.0, novelty=False)
     try:
         results = {k: _measure(engine, k, split, s.precision) for k in kinds}
         best = winner(results) if s.default == "auto" else s.default
-        if best not in results:
-            from chainlora.errors import ChainloraError
-
-            raise ChainloraError(f"{cfg.source}: selection.default: {best!r} is not trained "
-                                 f"(this library has {', '.join(kinds)})")
+        if best not in results:  # named by selection.default but left out of selection.selectors
+            results[best] = _measure(engine, best, split, s.precision)
         out = {"fingerprint": fp, "winner": best, "precision": s.precision, "n_validation": len(split.validation),
                "heldout_templates": {t: sorted(v, key=str) for t, v in split.heldout.items() if v},
                "selectors": results, "chosen_by": "measured" if s.default == "auto" else "selection.default"}

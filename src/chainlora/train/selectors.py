@@ -1,6 +1,7 @@
 """Training the selectors that are not LoRA adapters: the `classifier` (a frozen encoder and a
-linear head) and the `encoder` (the same encoder fine-tuned end to end, Table III's BERT-SFT).
-The task-selection LoRA trains like every other adapter (chainlora.train.run)."""
+linear head), the `encoder` (the same encoder fine-tuned end to end, Table III's BERT-SFT) and
+`sft` (a copy of the whole base model fine-tuned on task_prompt -> label, Table III's
+Bloomz-SFT). The task-selection LoRA trains like every other adapter (chainlora.train.run)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from chainlora.train.distributed import on_main
 from chainlora.train.plan import Job
 
 
-def run_selector_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
-    """Train the `classifier` or `encoder` job, save it into the library at `root`; its entry."""
+def run_selector_job(job: Job, base: Any, cfg: Config, root: Path, progress: Any = None) -> dict:
+    """Train the `classifier`, `encoder` or `sft` job, save it into the library at `root`; its entry."""
+    if job.kind == "sft":
+        return run_sft_job(job, base, cfg, root, progress)
     return (run_classifier_job if job.kind == "classifier" else run_encoder_job)(job, base, cfg, root)
 
 
@@ -104,8 +107,7 @@ def run_encoder_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
         per_device_train_batch_size=e.batch_size, learning_rate=e.learning_rate, lr_scheduler_type="linear",
         warmup_steps=max(1, job.steps // 10), weight_decay=0.01, seed=cfg.training.seed,
         data_seed=cfg.training.seed, save_strategy="no", report_to="none", remove_unused_columns=False,
-        logging_steps=max(1, job.steps // 5), dataloader_num_workers=0, use_cpu=use_cpu(),
-        disable_tqdm=True)
+        logging_strategy="no", dataloader_num_workers=0, use_cpu=use_cpu(), disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=_Examples(tok, texts, y, e.max_length),
                       data_collator=DataCollatorWithPadding(tok))
     result = trainer.train()
@@ -119,4 +121,47 @@ def run_encoder_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
         entry["test_accuracy"] = _accuracy(encoder.logits(model, tok, [p.text for p in job.test], e.max_length), yt)
     entry["seconds"] = round(time.perf_counter() - t0, 1)
     entry["sha256"] = _save(root, job, lambda d: encoder.save(d, model, info), encoder.FILES)
+    return entry
+
+
+def run_sft_job(job: Job, base: Any, cfg: Config, root: Path, progress: Any = None) -> dict:
+    """Fine-tune every weight of a copy of the base model on task_prompt -> label with the
+    Trainer (the base itself stays untouched for the jobs after it); save it as a plain
+    transformers model (config.json + model.safetensors). No mid-job checkpoints: each would be
+    a whole model and its optimizer state."""
+    import copy
+    import dataclasses
+
+    from transformers import Trainer, set_seed
+    from transformers.trainer_callback import ProgressCallback
+
+    from chainlora.data.examples import build_dataset, collator
+    from chainlora.train.run import training_args
+
+    t0 = time.perf_counter()
+    set_seed(job.settings.seed)
+    model = copy.deepcopy(base.model)
+    model.hf_quantizer = None  # a GGUF-loaded base refuses save_pretrained otherwise
+    for p in model.parameters():
+        p.requires_grad_(True)
+    tok, system = base.tokenizer, cfg.system_prompt
+    args = dataclasses.replace(training_args(job, root / staging.WORK / "sft", root / "logs" / "sft"),
+                               save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=build_dataset(tok, job.train, job.settings.max_length, system),
+                      data_collator=collator(tok), callbacks=[progress.callback(job)] if progress else [])
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(progress.step_bar())
+    result = trainer.train()
+    entry = {**job.info, "path": job.path, "n_train": len(job.train), "n_test": len(job.test),
+             "steps": job.steps, "tokens": int(trainer.state.num_input_tokens_seen),
+             "train_loss": round(result.training_loss, 5)}
+    if job.test:
+        test = build_dataset(tok, job.test, job.settings.max_length, system)
+        entry["test_loss"] = round(trainer.evaluate(test)["eval_loss"], 5)
+    entry["seconds"] = round(time.perf_counter() - t0, 1)
+    model = model.eval()
+    entry["sha256"] = _save(root, job, lambda d: model.save_pretrained(d, safe_serialization=True), store.SFT_FILES)
+    entry["parameters"] = sum(p.numel() for p in model.parameters())
+    del trainer, model
     return entry
