@@ -61,12 +61,15 @@ def test_chat_and_completions_with_the_official_client(live, model):
     assert chat.object == "chat.completion" and isinstance(chat.choices[0].message.content, str)
     assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens <= 6
     assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
-    assert set(route) == {"task", "probability", "top_k", "fallback", "adapter", "selector"}
-    if model == "chain":
-        assert route["selector"] == "score" and route["task"] in ids_of(live) and 0 < route["probability"] <= 1
+    assert set(route) == {"task", "probability", "top_k", "fallback", "adapter", "selector", "reason", "similarity"}
+    if model == "chain":  # the library's default (no selection recorded, no classifier: score)
+        assert route["selector"] == live.server.engine.selector == "score"
+        assert route["task"] in ids_of(live) and 0 < route["probability"] <= 1
+        assert (route["reason"] is None) == (not route["fallback"])
     else:
         assert route == {"task": "sentiment", "probability": 1.0, "top_k": [["sentiment", 1.0]],
-                         "fallback": False, "adapter": "sentiment", "selector": "pinned"}
+                         "fallback": False, "adapter": "sentiment", "selector": "pinned",
+                         "reason": None, "similarity": None}
     # the engine, asked directly, answers the same (greedy)
     (direct,) = live.server.engine.generate([TEXTS[1]], task=route["adapter"], max_new_tokens=6)
     assert chat.choices[0].message.content == direct.text
