@@ -9,7 +9,7 @@ S3  the library's default routing (selector, calibrated threshold and out-of-lib
     paraphrases and on hand-written out-of-library instructions (bench/data/out_of_library.jsonl:
     chat, knowledge, code, maths, other languages, other NLP tasks), and the top-1 of those kept.
 
-    .venv/bin/python bench/selection.py [--library runs/demo/library] [--per-task 16]
+    .venv/bin/python bench/selection.py [--library runs/demo/library] [--per-task 16] [--selectors a,b]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--library", default="runs/demo/library")
     parser.add_argument("--per-task", type=int, default=16, help="test records a task (the demo's 16)")
+    parser.add_argument("--selectors", help="comma list to measure in S1 / S2 (default: all the library has)")
     args = parser.parse_args()
 
     import torch
@@ -55,7 +56,7 @@ def main() -> None:
     test = [r for t in engine.tasks for r in demo[t].test[:args.per_task]]
     para = [Record(p["task"], p["instruction"], "") for p in read("paraphrases.jsonl")]
     ood = [p["instruction"] for p in read("out_of_library.jsonl")]
-    kinds = selectors_of(engine)
+    kinds = args.selectors.split(",") if args.selectors else selectors_of(engine)
     s1 = {k: selection(engine, test, k, heldout_templates(demo)) for k in kinds}
     s2 = {k: selection(engine, para, k) for k in kinds}
     sel = engine.lib.selection or {}

@@ -27,7 +27,7 @@ from chainlora.library.store import Library, read_verified
 from chainlora.models import Base, load_base
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch
-ROUTE_CHUNK = 16  # instructions per selector pass (x labels rows share their prompt's KV cache)
+ROUTE_CHUNK = router.ROUTE_CHUNK  # instructions per LoRA-selector pass (bounds the label-expanded KV cache)
 
 
 @dataclass

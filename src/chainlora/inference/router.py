@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from chainlora.data import prompts
 
 SELECTORS = ("score", "generate", "classifier", "encoder", "sft")
+ROUTE_CHUNK = 16  # instructions per scoring pass (x labels rows share their prompt's KV cache)
 
 
 # --------------------------------------------------------------------------- KMP matching
@@ -151,7 +152,8 @@ def score_labels(model: Any, tokenizer: Any, texts: Sequence[str], labels: Seque
         # Left padding: positions must count real tokens only (a plain forward does not do this).
         pre_pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         names = (lambda n: {"adapter_names": [adapter] * n}) if adapter is not None else (lambda n: {})
-        pre = model(**enc, position_ids=pre_pos, use_cache=True, **names(B))
+        # Only the last position's logits are needed: the full [B, P, vocab] tensor would cost GBs.
+        pre = model(**enc, position_ids=pre_pos, use_cache=True, logits_to_keep=1, **names(B))
         first = torch.log_softmax(pre.logits[:, -1].float(), -1)  # [B, V]: predicts label token 0
         cache = pre.past_key_values
         cache.batch_repeat_interleave(L)

@@ -113,9 +113,12 @@ class Loaded:
             self._models["sft"] = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=next(model.parameters()).dtype, use_safetensors=True).to(model.device).eval()
         tasks = list(entry["labels"])
-        return router.rank_by_score(self._models["sft"], self.base.tokenizer, texts, tasks,
-                                    [entry["labels"][t] for t in tasks], template=entry["task_prompt"],
-                                    system=self.system, adapter=None)
+        labels = [entry["labels"][t] for t in tasks]
+        out = []
+        for i in range(0, len(texts), router.ROUTE_CHUNK):  # bounds the label-expanded KV cache
+            out += router.rank_by_score(self._models["sft"], self.base.tokenizer, texts[i:i + router.ROUTE_CHUNK],
+                                        tasks, labels, template=entry["task_prompt"], system=self.system, adapter=None)
+        return out
 
     def similarity(self, texts: Sequence[str]) -> tuple[list[float], float] | None:
         """(similarity per text, the threshold under which it is out of library), or None when
