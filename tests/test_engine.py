@@ -109,6 +109,29 @@ def test_stream_matches_generate(engine):
     assert streamed == engine.generate([TEXTS[2]], task="rhyme", max_new_tokens=12)[0].text
 
 
+def test_stream_cuts_at_stop_strings_like_generate(engine):
+    (full,) = engine.generate([TEXTS[2]], task="rhyme", max_new_tokens=12, min_new_tokens=12)
+    stop = full.text[4:7]
+    (cut,) = engine.generate([TEXTS[2]], task="rhyme", max_new_tokens=12, stop=[stop])
+    _, pieces = engine.stream(TEXTS[2], task="rhyme", max_new_tokens=12, stop=[stop])
+    pieces = list(pieces)
+    assert "".join(pieces).strip() == cut.text and not any(stop in p for p in pieces)
+
+
+def test_stream_ends_with_the_error_when_generate_fails(engine, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def broken(names):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "model_for", broken)
+    _, pieces = engine.stream(TEXTS[2], task="rhyme", max_new_tokens=12)
+    with ThreadPoolExecutor(1) as pool:  # a hang here is the bug: bounded by the result's timeout
+        future = pool.submit(list, pieces)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            future.result(timeout=120)
+
+
 def test_sampling_runs(engine):
     torch.manual_seed(0)
     (a,) = engine.generate(TEXTS[:1], task="antonym", max_new_tokens=8, temperature=0.8, top_p=0.9)

@@ -11,3 +11,7 @@ class ChainloraError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class NotFound(ChainloraError):
+    """A named task or adapter is not in the library (any more): the server's 404."""

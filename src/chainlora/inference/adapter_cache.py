@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from chainlora.errors import ChainloraError
+from chainlora.errors import ChainloraError, NotFound
 from chainlora.library.store import ADAPTER_FILES, Library, read_verified
 
 
@@ -65,16 +65,20 @@ class AdapterCache:
 
         entry = self.entries.get(name)
         if entry is None:
-            raise ChainloraError(f"{self.lib.root}: no adapter {name!r} (have: {', '.join(self.entries)})")
+            raise NotFound(f"{self.lib.root}: no adapter {name!r} (have: {', '.join(self.entries)})")
         directory = self.lib.path(entry)
         _, weights = read_verified(directory, entry, ADAPTER_FILES, f"adapter {name!r}")
-        config = PeftConfig.from_pretrained(str(directory))
+        try:  # the bytes match the manifest, yet a hand-edited manifest can vouch for junk
+            config = PeftConfig.from_pretrained(str(directory))
+            state = load_safetensors(weights)
+        except Exception as e:
+            raise ChainloraError(f"{directory}: adapter {name!r} does not parse ({e.__class__.__name__}: {e})")
         config.inference_mode = True
-        state = load_safetensors(weights)
         self.stats.disk_loads += 1
         return config, state, state_bytes(state)
 
-    def _from_cpu(self, name: str) -> tuple[Any, dict, int]:
+    def stage(self, name: str) -> tuple[Any, dict, int]:
+        """The adapter's (config, weights, bytes) in the CPU tier, read from disk if need be."""
         if name in self.cpu:
             self.cpu.move_to_end(name)
             return self.cpu[name]
@@ -160,7 +164,7 @@ class AdapterCache:
                 self.resident.move_to_end(name)
                 continue
             self.stats.misses += 1
-            config, state, size = self._from_cpu(name)
+            config, state, size = self.stage(name)
             freed = self._evict_for(size, keep) if name not in self.pinned else []
             slot = next((f for f in self.free + freed if self._swap_into(f, config, state)), None)
             if slot in self.free:

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from chainlora.data import prompts
-from chainlora.errors import ChainloraError
+from chainlora.errors import ChainloraError, NotFound
 from chainlora.inference import router, selectors
 from chainlora.inference.adapter_cache import AdapterCache
-from chainlora.inference.stops import cut_at_stop, end_ids
+from chainlora.inference.stops import cut_at_stop, end_ids, streamable
 from chainlora.library.store import Library, read_verified
 from chainlora.models import Base, load_base
 
@@ -157,11 +157,12 @@ class Engine:
                 raise ChainloraError(f"instruction {i}: {n} prompt tokens + {extra} new tokens exceed "
                                      f"the model's context of {self.context}; shorten it")
 
-    def _check_task(self, task: str) -> str:
+    def check_task(self, task: str) -> str:
+        """`task` if the library has it now (a reload may have removed it), else NotFound."""
         if (task == "mixed" and self.lib.mixed) or task == BASE:
             return task
         if task not in self.tasks:
-            raise ChainloraError(f"unknown task {task!r} (tasks: {', '.join(self.tasks)})")
+            raise NotFound(f"unknown task {task!r} (tasks: {', '.join(self.tasks)})")
         return task
 
     # ------------------------------------------------------------------ routing
@@ -254,8 +255,23 @@ class Engine:
             raise ChainloraError(f"task: {len(pinned)} tasks for {len(texts)} instructions")
         free = [i for i, t in enumerate(pinned) if t is None]
         routed = iter(self._route([texts[i] for i in free]) if free else [])
-        return [next(routed) if t is None else Route(self._check_task(t), 1.0, [(t, 1.0)], False, t, "pinned")
+        return [next(routed) if t is None else Route(self.check_task(t), 1.0, [(t, 1.0)], False, t, "pinned")
                 for t in pinned]
+
+    def stage(self, names: Sequence[str]) -> dict[str, ChainloraError]:
+        """Read every adapter a batch needs that is not resident into the CPU tier, one at a
+        time (hash checked): {name: error} for those missing or corrupt, so that the caller
+        fails only their rows and the one generate call still answers the others."""
+        bad: dict[str, ChainloraError] = {}
+        with self.lock:
+            for name in dict.fromkeys(names):
+                if name == BASE or name in self.cache.resident:
+                    continue
+                try:
+                    self.cache.stage(name)
+                except ChainloraError as e:
+                    bad[name] = e
+        return bad
 
     def model_for(self, names: list[str]) -> tuple[Any, dict]:
         """The model to run a batch on, with its per-row adapters resident."""
@@ -312,22 +328,49 @@ class Engine:
     def stream(self, text: str, *, task: str | None = None, max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0,
                stop: Sequence[str] | None = None) -> tuple[Route, Iterator[str]]:
-        """Route one instruction, then yield its answer's text as it is generated."""
+        """Route one instruction, then yield its answer's text as it is generated.
+
+        The pieces join to exactly `generate`'s text (stop strings never appear in them), and
+        the iterator always ends: an error in the generate thread ends the stream and is
+        raised to the consumer instead of leaving it waiting."""
         from transformers import TextIteratorStreamer
 
         (prompt,) = self.check([text], max_new_tokens)
         (route,) = self.routes_for([text], task)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        failed: list[BaseException] = []
 
         def work() -> None:
             import torch
 
-            with self.lock:
-                model, extra = self.model_for([route.adapter])
-                enc = self._inputs([prompt])
-                with torch.no_grad():
-                    model.generate(**enc, **extra, streamer=streamer,
-                                   **self._gen_kwargs(max_new_tokens, temperature, top_p, stop))
+            try:
+                with self.lock:
+                    model, extra = self.model_for([route.adapter])
+                    enc = self._inputs([prompt])
+                    with torch.no_grad():
+                        model.generate(**enc, **extra, streamer=streamer,
+                                       **self._gen_kwargs(max_new_tokens, temperature, top_p, stop))
+            except BaseException as e:  # handed to the consumer, after the stream ends
+                failed.append(e)
+            finally:
+                streamer.end()  # a second end (generate ends it too) only adds a stop signal
 
         threading.Thread(target=work, daemon=True).start()
-        return route, iter(streamer)
+        return route, _pieces(streamer, tuple(stop or ()), failed)
+
+
+def _pieces(streamer: Iterator[str], stops: tuple[str, ...], failed: list[BaseException]) -> Iterator[str]:
+    """The safe-to-send growth of the streamed text (see stops.streamable), then the rest of
+    the final, stop-cut answer; a generate error is raised once the stream has ended."""
+    text = sent = ""
+    for piece in streamer:
+        text += piece
+        safe = streamable(text, stops)
+        if len(safe) > len(sent) and safe.startswith(sent):
+            yield safe[len(sent):]
+            sent = safe
+    if failed:
+        raise failed[0]
+    final = cut_at_stop(text, stops)[0].strip()
+    if len(final) > len(sent) and final.startswith(sent):
+        yield final[len(sent):]

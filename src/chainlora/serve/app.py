@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 from fastapi import Request as HttpRequest  # module level: FastAPI resolves annotations here
 
 from chainlora.data import prompts
-from chainlora.errors import ChainloraError
+from chainlora.errors import ChainloraError, NotFound
 from chainlora.inference.engine import Answer, Engine, Route
 from chainlora.serve.metrics import Metrics
 from chainlora.serve.scheduler import QueueFull, Request, Scheduler, TimedOut, deliver
@@ -160,7 +160,9 @@ class Server:
         except TimedOut as e:
             raise ApiError(503, f"timed out: {e}", type="server_error", code="timeout",
                            headers={"Retry-After": "1"})
-        except ChainloraError as e:
+        except NotFound as e:  # its task or adapter left the library (a reload) while it waited
+            raise ApiError(404, str(e), param="model", code="model_not_found")
+        except ChainloraError as e:  # e.g. its adapter's file is corrupt: names the adapter
             raise ApiError(500, str(e), type="server_error")
         except asyncio.CancelledError:
             raise ApiError(499, "the request was cancelled", type="server_error", code="cancelled")
@@ -297,8 +299,16 @@ def create_app(server: Server):
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         try:
+            give_up = req.deadline + 30.0  # a backstop: the worker resolves every request before this
             while True:
-                what, value = await events.get()
+                try:
+                    what, value = await asyncio.wait_for(events.get(), max(give_up - time.monotonic(), 0.0))
+                except asyncio.TimeoutError:
+                    req.cancelled.set()
+                    error = ApiError(503, "timed out: no answer in time", type="server_error", code="timeout")
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
                 if what == "route":
                     route = value
                     if kind == "chat":
@@ -309,8 +319,9 @@ def create_app(server: Server):
                     break
             try:
                 a = server.result(future)
-            except ApiError as e:
+            except ApiError as e:  # an error event, then the end of the stream as always
                 yield f"data: {json.dumps(e.body())}\n\n"
+                yield "data: [DONE]\n\n"
                 return
             server.metrics.done(kind, a, time.monotonic() - t0)
             yield chunk({} if kind == "chat" else "", finish(a.finish_reason))

@@ -239,16 +239,19 @@ class Scheduler:
     def _run(self, group: list[Request]) -> None:
         t0 = time.monotonic()
         try:
-            routes = self.engine.routes_for([r.text for r in group], [r.task for r in group])
-            for r, route in zip(group, routes):
-                if r.on_route is not None:
-                    r.on_route(route)
-            streamer = BatchStreamer(self.engine.tok, group) if any(r.on_text for r in group) else None
-            first = group[0]
-            answers = self.engine.generate(
-                [r.text for r in group], routes=routes, rendered=[r.rendered for r in group],
-                max_new_tokens=[r.max_tokens for r in group], temperature=first.temperature,
-                top_p=first.top_p, stop=list(first.stop) or None, streamer=streamer, stopping=RowStopper(group))
+            group, routes = self._admit(group)
+            if not group:
+                return
+            try:
+                answers, streamer = self._generate(group, routes)
+            except ChainloraError:  # the library changed since staging (a reload): check each row again
+                kept, routes = self._readable(group, routes)
+                if len(kept) == len(group):
+                    raise  # not one row's fault: the whole batch gets the error
+                group = kept
+                if not group:
+                    return
+                answers, streamer = self._generate(group, routes)
         except ChainloraError as e:
             for r in group:
                 r.done and r.done(None, e)
@@ -274,3 +277,58 @@ class Scheduler:
             r.done and r.done(a, None)
         if self.on_batch is not None:
             self.on_batch(group, answers, seconds)
+
+    # ------------------------------------------------------------------ per-row faults
+
+    def _admit(self, group: list[Request]) -> tuple[list[Request], list[Route]]:
+        """Route the group and stage its adapters. A row whose pinned task is gone, whose
+        adapter is missing or corrupt, or (when the selector itself fails) that needed routing,
+        gets its own error now; the rest go on to the one generate call."""
+        live = [r for r in group if r.task is None or self._ok(r, lambda: self.engine.check_task(r.task))]
+        try:
+            routes = self.engine.routes_for([r.text for r in live], [r.task for r in live])
+        except ChainloraError as e:
+            pinned = [r for r in live if r.task is not None]
+            if not pinned or len(pinned) == len(live):
+                raise
+            for r in live:
+                if r.task is None:
+                    _fail(r, e)
+            live = pinned
+            routes = self.engine.routes_for([r.text for r in live], [r.task for r in live])
+        live, routes = self._readable(live, routes)
+        for r, route in zip(live, routes):
+            if r.on_route is not None:
+                r.on_route(route)
+        return live, routes
+
+    def _readable(self, group: list[Request], routes: list[Route]) -> tuple[list[Request], list[Route]]:
+        """The rows whose adapter can be read now; the others get that adapter's error."""
+        bad = self.engine.stage([route.adapter for route in routes])
+        kept = [(r, route) for r, route in zip(group, routes)
+                if route.adapter not in bad or _fail(r, bad[route.adapter])]
+        return [r for r, _ in kept], [route for _, route in kept]
+
+    @staticmethod
+    def _ok(r: Request, check: Callable[[], Any]) -> bool:
+        try:
+            check()
+            return True
+        except ChainloraError as e:
+            return _fail(r, e)
+
+    def _generate(self, group: list[Request], routes: list[Route]) -> tuple[list[Answer], BatchStreamer | None]:
+        streamer = BatchStreamer(self.engine.tok, group) if any(r.on_text for r in group) else None
+        first = group[0]
+        answers = self.engine.generate(
+            [r.text for r in group], routes=routes, rendered=[r.rendered for r in group],
+            max_new_tokens=[r.max_tokens for r in group], temperature=first.temperature,
+            top_p=first.top_p, stop=list(first.stop) or None, streamer=streamer, stopping=RowStopper(group))
+        return answers, streamer
+
+
+def _fail(r: Request, error: BaseException) -> bool:
+    """Answer one row with its error; False, so that filters drop it."""
+    if r.done is not None:
+        r.done(None, error)
+    return False
