@@ -120,6 +120,8 @@ def test_export_vllm_writes_adapters_and_the_command(random_lib, tmp_path, cli):
     cmd = rep["command"]
     assert cmd[:3] == ["vllm", "serve", rep["base_path"]] and "--enable-lora" in cmd and "antonym=" in " ".join(cmd)
     assert (tmp_path / "v/serve.sh").stat().st_mode & 0o111 and "vllm serve" in r.stdout
+    # the front sends fallback rows to the base model under the name vLLM serves it by
+    assert rep["front"].endswith(f"--backend-base-model {rep['base_path']}") and "--backend openai" in rep["front"]
     bad = tmp_path / "bad"
     shutil.copytree(random_lib, bad)
     cfg_path = bad / "tasks/rhyme/adapter_config.json"

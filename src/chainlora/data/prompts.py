@@ -40,6 +40,15 @@ def render(tokenizer: object, text: str, system: str | None = None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def ids(tokenizer: object, prompt: str | list[int]) -> list[int]:
+    """The token ids generation reads for a rendered prompt: no special tokens are added (the
+    chat template wrote them). A list of ids is a prompt already tokenized (a forwarded one).
+    Local answering and forwarding both go through here, so a backend sees the same tokens."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return [int(t) for t in prompt]
+
+
 def end_of_answer(tokenizer: object) -> str:
     """What closes an answer in training targets: the chat turn end, else the EOS token."""
     return tokenizer.eos_token or ""

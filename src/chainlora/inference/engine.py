@@ -126,9 +126,9 @@ class Engine:
     def context(self) -> int:
         return getattr(self.base.model.config, "max_position_embeddings", None) or 10**9
 
-    def render(self, texts: Sequence[str], rendered: Sequence[str] | None = None) -> list[str]:
-        """The model's input text per instruction: the chat template with the library's system
-        prompt, unless the caller rendered it already (e.g. a whole chat history)."""
+    def render(self, texts: Sequence[str], rendered: Sequence[str | list[int]] | None = None) -> list:
+        """The model's input per instruction: the chat template with the library's system
+        prompt, unless the caller rendered it already (a whole chat history, or token ids)."""
         if rendered is not None:
             if len(rendered) != len(texts):
                 raise ChainloraError(f"rendered: {len(rendered)} prompts for {len(texts)} instructions")
@@ -136,12 +136,12 @@ class Engine:
         return [prompts.render(self.tok, t, self.system) for t in texts]
 
     def check(self, texts: Sequence[str], reserve: int | Sequence[int] = 0,
-              rendered: Sequence[str] | None = None) -> list[str]:
+              rendered: Sequence[str | list[int]] | None = None) -> list:
         """Refuse empty instructions and prompts that do not fit the context with their new
         tokens (never truncate silently); return the rendered prompts."""
         out = self.render(texts, rendered)
         self._check_empty(texts)
-        self._check_fit([len(self.tok(p, add_special_tokens=False)["input_ids"]) for p in out], reserve)
+        self._check_fit([len(prompts.ids(self.tok, p)) for p in out], reserve)
         return out
 
     @staticmethod
@@ -228,9 +228,15 @@ class Engine:
 
     # ------------------------------------------------------------------ answering
 
-    def _inputs(self, rendered: Sequence[str]) -> dict:
-        return self.tok(list(rendered), return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False).to(self.base.model.device)
+    def _inputs(self, rendered: Sequence[str | list[int]]) -> dict:
+        """Left-padded input_ids and attention_mask; a prompt may be text or token ids."""
+        import torch
+
+        rows = [prompts.ids(self.tok, p) for p in rendered]
+        width, pad = max(map(len, rows)), self.tok.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        return {"input_ids": ids.to(self.base.model.device), "attention_mask": mask.to(self.base.model.device)}
 
     def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, stop: Sequence[str] | None,
                     min_new_tokens: int = 0) -> dict:
@@ -284,7 +290,7 @@ class Engine:
     def generate(self, texts: Sequence[str], *, task: str | Sequence[str | None] | None = None,
                  max_new_tokens: int | Sequence[int] = 64, temperature: float = 0.0, top_p: float = 1.0,
                  stop: Sequence[str] | None = None, min_new_tokens: int = 0,
-                 rendered: Sequence[str] | None = None, streamer: Any = None,
+                 rendered: Sequence[str | list[int]] | None = None, streamer: Any = None,
                  stopping: Any = None, routes: Sequence[Route] | None = None) -> list[Answer]:
         """Answer a batch: route (unless `task` pins it), then ONE mixed-adapter generate call.
 

@@ -170,7 +170,8 @@ def export_vllm(lib: Library, out: Path, max_loras: int | None = None) -> dict:
         report = {"format": "vllm", "library": str(lib.root), "base_model": lib.manifest["base_model"],
                   "base_path": base, "lora_modules": modules, "ranks": ranks, "max_loras": k,
                   "max_lora_rank": allowed[0], "command": command,
-                  "front": f"chainlora serve {lib.root} --backend openai --backend-url http://HOST:8000/v1"}
+                  "front": (f"chainlora serve {shlex.quote(str(lib.root))} --backend openai --backend-url "
+                            f"http://HOST:8000/v1 --backend-base-model {shlex.quote(base)}")}
         atomic.write_json(tmp / "export.json", report)
         atomic.write_text(tmp / "serve.sh", "#!/bin/sh\n# vLLM with every task adapter of the library\nexec "
                           + " ".join(shlex.quote(c) for c in command) + "\n")

@@ -83,12 +83,12 @@ class Server:
             raise ApiError(401, "Incorrect or missing API key (send Authorization: Bearer KEY)",
                            type="authentication_error", code="invalid_api_key")
 
-    def request(self, body: Sampling, text: str, rendered: str, field: str) -> Request:
+    def request(self, body: Sampling, text: str, rendered: str | list[int], field: str) -> Request:
         task = self.pin(body.model)  # an unknown model is a 404 whatever else is wrong
         if body.n != 1:
             raise ApiError(400, "n: only n=1 is supported", param="n")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or self.default_max_tokens
-        n = len(self.tok(rendered, add_special_tokens=False)["input_ids"])
+        n = len(prompts.ids(self.tok, rendered))
         if n + max_tokens > self.engine.context:
             raise ApiError(400, f"{field}: {n} prompt tokens + {max_tokens} new tokens exceed the model's "
                                 f"context of {self.engine.context}; shorten it or lower max_tokens",
@@ -115,10 +115,12 @@ class Server:
 
     def completion(self, body: CompletionBody) -> Request:
         prompt = body.prompt
-        if isinstance(prompt, list):
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise ApiError(400, "prompt: send one prompt per request", param="prompt")
             prompt = prompt[0]
+        if isinstance(prompt, list):
+            return self.token_prompt(body, prompt)
         if not prompt.strip():
             raise ApiError(400, "prompt: empty", param="prompt")
         try:
@@ -126,6 +128,20 @@ class Server:
         except Exception as e:
             raise ApiError(400, f"prompt: the model's chat template refuses it: {e}", param="prompt")
         return self.request(body, prompt, rendered, "prompt")
+
+    def token_prompt(self, body: CompletionBody, ids: list[int]) -> Request:
+        """A prompt sent as token ids is the model's input verbatim (a chainlora front
+        forwarding here rendered it already), so it names its adapter: routing reads text."""
+        if not ids:
+            raise ApiError(400, "prompt: empty", param="prompt")
+        if body.model == CHAIN:
+            raise ApiError(400, "prompt: token ids are an already rendered prompt; pin a model "
+                                f"({', '.join(self.models()[1:])}) or send text to route it", param="prompt")
+        vocab = len(self.tok)
+        if any(not 0 <= t < vocab for t in ids):
+            raise ApiError(400, f"prompt: token ids must lie in [0, {vocab})", param="prompt")
+        text = self.tok.decode(ids, skip_special_tokens=True).strip() or "(token prompt)"
+        return self.request(body, text, list(ids), "prompt")
 
     async def run(self, req: Request, is_disconnected) -> Answer:
         """Queue the request and wait for its answer; a client that leaves cancels it."""
@@ -268,23 +284,25 @@ def create_app(server: Server):
 
     async def forward(req: Request, body: Sampling, kind: str, t0: float):
         """Route here, answer on the backend (see chainlora.serve.forward)."""
+        from chainlora.serve.forward import completion_body, reply
+
         try:
             (route,) = await asyncio.to_thread(server.engine.routes_for, [req.text], [req.task])
             model = server.forwarder.model_for(route)
+        except NotFound as e:
+            raise ApiError(404, str(e), param="model", code="model_not_found")
         except ChainloraError as e:
             raise ApiError(500, str(e), type="server_error")
-        payload = {**body.model_dump(exclude_none=True), "model": model, "max_tokens": req.max_tokens}
-        payload.pop("max_completion_tokens", None)
-        path, rf = ("/chat/completions" if kind == "chat" else "/completions"), route_field(route)
+        payload = completion_body(body, req, model, prompts.ids(server.tok, req.rendered))
+        rf = route_field(route)
         server.metrics.routed.labels(route.adapter, str(route.fallback).lower()).inc()
         if body.stream:
-            return StreamingResponse(server.forwarder.stream(path, payload, rf), media_type="text/event-stream",
+            return StreamingResponse(server.forwarder.stream(payload, kind, body.model, rf),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        status, data = await server.forwarder.complete(path, payload)
+        status, data = await server.forwarder.complete(payload)
         server.metrics.answered(kind, status, time.monotonic() - t0)
-        if status == 200 and isinstance(data, dict):
-            data["chainlora"] = rf
-        return JSONResponse(data, status_code=status)
+        return JSONResponse(reply(data, kind, body.model, rf) if status == 200 else data, status_code=status)
 
     async def stream(req: Request, events: asyncio.Queue, future: asyncio.Future, body: Sampling, kind: str,
                      rid: str, t0: float) -> AsyncIterator[str]:

@@ -45,7 +45,7 @@ class Request:
     """One completion request as the scheduler sees it."""
 
     text: str  # what the selector reads (the instruction / last user message)
-    rendered: str  # the model's input (chat template applied)
+    rendered: str | list[int]  # the model's input (chat template applied), or its token ids
     task: str | None  # a pinned adapter, or None to route
     max_tokens: int
     temperature: float = 0.0

@@ -61,7 +61,8 @@ class ChatBody(Sampling):
 
 
 class CompletionBody(Sampling):
-    prompt: Union[str, list[str]]
+    # OpenAI's four shapes: text, [text], token ids, [token ids] (one prompt per request here)
+    prompt: Union[str, list[str], list[int], list[list[int]]]
 
 
 def route_field(route: Route | None) -> dict | None:

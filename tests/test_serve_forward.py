@@ -1,0 +1,206 @@
+"""`serve --backend openai` against a recording fake backend: the backend receives exactly the
+token ids the local engine would generate from (chat template and library system prompt applied
+here), always as a completion, and the client gets the shape it asked for, [DONE] last."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import pytest
+from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
+
+from chainlora import library
+from chainlora.inference.engine import Engine
+from chainlora.serve import Server, create_app
+from chainlora.serve.forward import Forwarder
+
+SYSTEM = "You are a terse lexicographer."
+PIECES = ["Hel", "lo", " there"]
+
+
+class Recording:
+    """A fake OpenAI backend: records every request; answers a fixed text completion."""
+
+    def __init__(self, fail_stream: bool = False):
+        self.calls: list[tuple[str, dict]] = []
+        self.fail_stream = fail_stream
+
+    def app(self):
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        app = FastAPI()
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            body = await request.json()
+            self.calls.append(("/v1/completions", body))
+            if body.get("stream") and self.fail_stream:
+                return JSONResponse({"error": {"message": "boom", "type": "server_error", "param": None,
+                                               "code": None}}, status_code=500)
+            if body.get("stream"):
+                return StreamingResponse(self.events(body), media_type="text/event-stream")
+            return {"id": "cmpl-rec", "object": "text_completion", "created": 1, "model": body["model"],
+                    "choices": [{"index": 0, "text": "".join(PIECES), "finish_reason": "stop", "logprobs": None}],
+                    "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 3, "total_tokens": 0}}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):  # forwarding must never use it: the backend would render
+            self.calls.append(("/v1/chat/completions", await request.json()))
+            return JSONResponse({"error": {"message": "not here"}}, status_code=500)
+
+        return app
+
+    @staticmethod
+    async def events(body: dict):
+        for i, piece in enumerate(PIECES):
+            last = i == len(PIECES) - 1
+            chunk = {"id": "cmpl-rec", "object": "text_completion", "created": 1, "model": body["model"],
+                     "choices": [{"index": 0, "text": piece, "finish_reason": "stop" if last else None,
+                                  "logprobs": None}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": 3, "total_tokens": 0}
+            yield f"data: {json.dumps({'id': 'cmpl-rec', 'object': 'text_completion', 'created': 1, 'model': body['model'], 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+@pytest.fixture(scope="module")
+def sys_lib(random_lib, tmp_path_factory):
+    """The random library with a system prompt: the one thing a backend would drop."""
+    root = tmp_path_factory.mktemp("syslib") / "lib"
+    shutil.copytree(random_lib, root)
+    manifest = json.loads((root / "chainlora.json").read_text())
+    library.write_manifest(root, {**manifest, "system_prompt": SYSTEM})
+    return root
+
+
+@pytest.fixture(scope="module")
+def servers(sys_lib):
+    """(local server, its recorded generate inputs, front server, recording backend)."""
+    from conftest import LiveApp
+
+    local_engine = Engine.load(sys_lib, device="cpu")
+    seen: list[list[list[int]]] = []
+    inputs = local_engine._inputs
+
+    def record(rendered):
+        enc = inputs(rendered)
+        seen.append([row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"])])
+        return enc
+
+    local_engine._inputs = record
+    rec = Recording()
+    backend = LiveApp(rec.app())
+    local = Server(local_engine)
+    front = Server(Engine.load(sys_lib, device="cpu"), forwarder=Forwarder(backend.url))
+    apps = [LiveApp(create_app(local)), LiveApp(create_app(front))]
+    yield apps[0], seen, apps[1], rec
+    for a in [*apps, backend]:
+        a.close()
+    local.scheduler.close()
+    front.scheduler.close()
+
+
+def sse(r: httpx.Response) -> list:
+    lines = [line[5:].strip() for line in r.text.splitlines() if line.startswith("data:")]
+    return [x if x == "[DONE]" else json.loads(x) for x in lines]
+
+
+CHAT = {"messages": [{"role": "user", "content": "Give the antonym of hot."}]}
+HISTORY = {"messages": [{"role": "system", "content": "Answer in one word."},
+                        {"role": "user", "content": "Give the antonym of hot."},
+                        {"role": "assistant", "content": "cold"},
+                        {"role": "user", "content": "And of tall?"}]}
+TEXT = {"prompt": "Give the antonym of hot."}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("kind,extra", [("chat", CHAT), ("chat", HISTORY), ("text", TEXT)],
+                         ids=["chat", "history", "completion"])
+@pytest.mark.parametrize("model", ["chain", "antonym"])
+def test_the_backend_sees_the_local_engines_tokens(servers, kind, extra, model, stream):
+    local, seen, front, rec = servers
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    body = {"model": model, "max_tokens": 5, "temperature": 0, "stop": ["\n\n"], "seed": 7, **extra,
+            "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+    seen.clear()
+    r = httpx.post(f"{local.url}{path}", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    (local_ids,) = seen[-1]
+    route = (sse(r)[0] if stream else r.json())["chainlora"]
+    n = len(rec.calls)
+    r = httpx.post(f"{front.url}{path}", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert len(rec.calls) == n + 1
+    where, sent = rec.calls[-1]
+    assert where == "/v1/completions"  # never the chat endpoint: the backend renders nothing
+    assert sent["prompt"] == local_ids  # the exact tokens, system prompt and template included
+    assert sent["model"] == route["adapter"] and sent["max_tokens"] == 5 and sent["stop"] == ["\n\n"]
+    assert sent["temperature"] == 0 and sent["seed"] == 7 and "messages" not in sent
+    if not stream:
+        out = r.json()
+        assert out["model"] == model and out["chainlora"] == route and out["choices"][0]["finish_reason"] == "stop"
+        if kind == "chat":
+            assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
+            assert out["choices"][0]["message"] == {"role": "assistant", "content": "".join(PIECES)}
+        else:
+            assert out["object"] == "text_completion" and out["choices"][0]["text"] == "".join(PIECES)
+        return
+    events = sse(r)
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = events[:-1]
+    assert all(c["chainlora"] == route and c["model"] == model for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == len(local_ids)
+    if kind == "chat":
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    else:
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == "".join(PIECES)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+
+
+def test_the_official_client_reads_forwarded_answers(servers):
+    from openai import OpenAI
+
+    _, _, front, _ = servers
+    c = OpenAI(base_url=f"{front.url}/v1", api_key="none", max_retries=0, timeout=60)
+    chat = c.chat.completions.create(model="chain", max_tokens=4, **CHAT)
+    assert chat.choices[0].message.content == "".join(PIECES) and chat.model_extra["chainlora"]["adapter"]
+    parts = list(c.chat.completions.create(model="rhyme", max_tokens=4, stream=True, **CHAT))
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == "".join(PIECES)
+    comp = c.completions.create(model="mixed", prompt=TEXT["prompt"], max_tokens=4)
+    assert comp.choices[0].text == "".join(PIECES)
+
+
+def test_a_backend_error_mid_stream_still_ends_with_done(sys_lib, live_app):
+    rec = Recording(fail_stream=True)
+    backend = live_app(rec.app())
+    server = Server(Engine.load(sys_lib, device="cpu"), forwarder=Forwarder(backend.url))
+    front = live_app(create_app(server))
+    try:
+        r = httpx.post(f"{front.url}/v1/chat/completions", json={"model": "antonym", "stream": True, "max_tokens": 4, **CHAT},
+                       timeout=60)
+        events = sse(r)
+        assert r.status_code == 200 and events, (r.status_code, r.text)
+        assert events[-1] == "[DONE]" and events[0]["error"]["message"] == "boom"
+    finally:
+        server.scheduler.close()
+
+
+def test_token_prompts_are_answered_verbatim_and_need_a_pinned_model(servers):
+    """What a chainlora front sends a chainlora backend: pre-rendered token ids."""
+    local, seen, _, _ = servers
+    ids = [5, 17, 42, 99]
+    seen.clear()
+    r = httpx.post(f"{local.url}/v1/completions", json={"model": "antonym", "prompt": ids, "max_tokens": 2},
+                   timeout=60)
+    assert r.status_code == 200 and seen[-1] == [ids], r.text
+    r = httpx.post(f"{local.url}/v1/completions", json={"model": "chain", "prompt": ids}, timeout=60)
+    assert r.status_code == 400 and "pin a model" in r.json()["error"]["message"]
+    r = httpx.post(f"{local.url}/v1/completions", json={"model": "antonym", "prompt": [10**9]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
