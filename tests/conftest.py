@@ -102,9 +102,10 @@ def cli():
 
 
 def make_random_library(root: Path, model_dir: Path, tasks: list[str], *, router: bool = True,
-                        mixed: bool = True, r: int = 4) -> Path:
+                        mixed: bool = True, r: int = 4, configs: dict | None = None) -> Path:
     """A library of RANDOM LoRA adapters (B != 0) on `model_dir`: every adapter changes the
-    outputs visibly, so engine tests cannot pass by accident. Written with chainlora.library."""
+    outputs visibly, so engine tests cannot pass by accident. Written with chainlora.library.
+    configs: LoraConfig fields per adapter name that replace the defaults (rank, targets, ...)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -117,8 +118,8 @@ def make_random_library(root: Path, model_dir: Path, tasks: list[str], *, router
     names = list(tasks) + (["router"] if router else []) + (["mixed"] if mixed else [])
     for i, name in enumerate(names):
         torch.manual_seed(1000 + i)
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"],
-                         init_lora_weights=False, task_type="CAUSAL_LM")
+        cfg = LoraConfig(**{"r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"],
+                            "init_lora_weights": False, "task_type": "CAUSAL_LM", **(configs or {}).get(name, {})})
         model = get_peft_model(base.model, cfg)
         with torch.no_grad():
             for n, p in model.named_parameters():

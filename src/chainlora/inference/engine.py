@@ -2,8 +2,10 @@
 
 `Engine.load(LIB)` holds one base model and one PeftModel whose adapters come and go through
 the AdapterCache (the router pinned). A batch of instructions is routed in one selector pass
-and answered in ONE `generate` call with PEFT's mixed-adapter batches (`adapter_names`): each
-row runs its own LoRA, rows share everything else.
+and answered in ONE `generate` call: each row runs its own LoRA, rows share everything else.
+Two device tiers can answer: PEFT's mixed-adapter batches (`adapter_names`, a loop over the
+batch's adapters in every layer) or the adapter pool (`adapters="pool"`: slot tensors and one
+batched matmul a layer, see adapter_pool.py); routing and scoring always use PEFT.
 
 The selector and its confidence threshold default to what `chainlora train` measured and
 recorded (manifest `selection`); a request falls back to the mixed adapter (the base model
@@ -13,6 +15,7 @@ or when the out-of-library detector finds it far from every task — and the rou
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +25,13 @@ from chainlora.data import prompts
 from chainlora.errors import ChainloraError, NotFound
 from chainlora.inference import router, selectors
 from chainlora.inference.adapter_cache import AdapterCache
+from chainlora.inference.adapter_pool import ZERO, AdapterPool, unsupported
 from chainlora.inference.stops import cut_at_stop, end_ids, streamable
 from chainlora.library.store import Library, read_verified
 from chainlora.models import Base, load_base
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch
+ADAPTER_TIERS = ("peft", "pool")
 ROUTE_CHUNK = router.ROUTE_CHUNK  # instructions per LoRA-selector pass (bounds the label-expanded KV cache)
 
 
@@ -66,10 +71,13 @@ class Engine:
 
     def __init__(self, lib: Library, base: Base, *, selector: str | None = None, threshold: float | None = None,
                  novelty: bool = True, device_cache_bytes: int = 256 << 20, cpu_cache_bytes: int = 1 << 30,
-                 max_adapters: int | None = None):
+                 max_adapters: int | None = None, adapters: str = "peft"):
         """selector / threshold: None = the library's measured choice (manifest `selection`), else
         the classifier where there is one, else `score`, with no threshold. novelty: use the
-        library's out-of-library detector where it has one."""
+        library's out-of-library detector where it has one. adapters: the device tier that
+        answers, "peft" or "pool" (max_adapters slots, 8 when None)."""
+        if adapters not in ADAPTER_TIERS:
+            raise ChainloraError(f"adapters: unknown {adapters!r} (use {' or '.join(ADAPTER_TIERS)})")
         if selector is not None and selector not in router.SELECTORS:
             raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
         lib.check_base(base.name, base.fingerprint)
@@ -82,6 +90,7 @@ class Engine:
         self.system = lib.manifest.get("system_prompt")
         self.cache = AdapterCache(base.model, lib, device_bytes=device_cache_bytes, cpu_bytes=cpu_cache_bytes,
                                   max_adapters=max_adapters)
+        self.pool = AdapterPool(base.model, self.cache.stage, slots=max_adapters or 8) if adapters == "pool" else None
         self.lock = threading.Lock()  # one generate at a time on the shared model
         self.selectors = selectors.Loaded(lib, base, self.system, self._live_model)
         if lib.router:
@@ -105,6 +114,8 @@ class Engine:
                    "changed": [n for n in cur if n in old and cur[n] != old[n]]}
         with self.lock:
             self.cache.refresh(new, set(changes["removed"]) | set(changes["changed"]))
+            if self.pool is not None:
+                self.pool.drop(set(changes["removed"]) | set(changes["changed"]))
             self.lib = new
             self.system = new.manifest.get("system_prompt")
             self.selectors.forget(new, self.system)
@@ -269,23 +280,49 @@ class Engine:
         time (hash checked): {name: error} for those missing or corrupt, so that the caller
         fails only their rows and the one generate call still answers the others."""
         bad: dict[str, ChainloraError] = {}
+        resident = self.pool.resident if self.pool is not None else self.cache.resident
         with self.lock:
             for name in dict.fromkeys(names):
-                if name == BASE or name in self.cache.resident:
+                if name == BASE or name in resident:
                     continue
                 try:
-                    self.cache.stage(name)
+                    config = self.cache.stage(name)[0]
                 except ChainloraError as e:
                     bad[name] = e
+                    continue
+                why = unsupported(config) if self.pool is not None else None
+                if why:
+                    bad[name] = ChainloraError(f"adapter {name!r}: the adapter pool cannot serve it ({why}); "
+                                               "serve with --adapters peft")
         return bad
 
     def model_for(self, names: list[str]) -> tuple[Any, dict]:
-        """The model to run a batch on, with its per-row adapters resident."""
+        """The model to run a batch on, with its per-row adapters resident (the pool: with
+        its rows set; `running` clears them)."""
         real = [n for n in names if n != BASE]
+        if self.pool is not None:
+            slots = dict(zip(real, self.pool.acquire(real))) if real else {}
+            self.pool.set_rows([slots.get(n, ZERO) for n in names])
+            return self._live_model(), {}
         model = self.cache.acquire(real) if real else self.cache.model
         if model is None:  # no adapter loaded at all: plain base model
             return self.base.model, {}
         return model, {"adapter_names": [n if n == BASE else self.cache.slot(n) for n in names]}
+
+    @contextlib.contextmanager
+    def running(self, names: list[str]) -> Iterator[tuple[Any, dict]]:
+        """(model, generate kwargs) for one batch; with the pool, PEFT's own adapters (the
+        router) are off while it runs and the pool's rows are cleared after."""
+        try:
+            model, extra = self.model_for(names)
+            if self.pool is not None and self.cache.model is not None:
+                with self.cache.model.disable_adapter():
+                    yield model, extra
+            else:
+                yield model, extra
+        finally:
+            if self.pool is not None:
+                self.pool.clear_rows()
 
     def generate(self, texts: Sequence[str], *, task: str | Sequence[str | None] | None = None,
                  max_new_tokens: int | Sequence[int] = 64, temperature: float = 0.0, top_p: float = 1.0,
@@ -316,10 +353,8 @@ class Engine:
             kw["streamer"] = streamer
         if stopping is not None:
             kw["stopping_criteria"] = StoppingCriteriaList([stopping])
-        with self.lock:
-            model, extra = self.model_for(names)
-            with torch.no_grad():
-                out = model.generate(**enc, **extra, **kw)
+        with self.lock, self.running(names) as (model, extra), torch.no_grad():
+            out = model.generate(**enc, **extra, **kw)
         new = out[:, enc["input_ids"].shape[1]:]
         return [self._answer(row[:limit], route, int(mask.sum()), stop)
                 for row, route, mask, limit in zip(new, routes, enc["attention_mask"], limits)]
@@ -350,12 +385,9 @@ class Engine:
             import torch
 
             try:
-                with self.lock:
-                    model, extra = self.model_for([route.adapter])
-                    enc = self._inputs([prompt])
-                    with torch.no_grad():
-                        model.generate(**enc, **extra, streamer=streamer,
-                                       **self._gen_kwargs(max_new_tokens, temperature, top_p, stop))
+                with self.lock, self.running([route.adapter]) as (model, extra), torch.no_grad():
+                    model.generate(**self._inputs([prompt]), **extra, streamer=streamer,
+                                   **self._gen_kwargs(max_new_tokens, temperature, top_p, stop))
             except BaseException as e:  # handed to the consumer, after the stream ends
                 failed.append(e)
             finally:

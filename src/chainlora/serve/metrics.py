@@ -23,7 +23,7 @@ class _CacheCollector:
         self.engine = engine
 
     def collect(self):
-        cache = self.engine.cache
+        cache = self.engine.pool or self.engine.cache  # the tier that answers
         s = cache.stats
         for name, value, help_ in (("hits", s.hits, "adapter requests served by a resident adapter"),
                                    ("misses", s.misses, "adapter requests that had to load it"),

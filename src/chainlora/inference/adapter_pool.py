@@ -1,0 +1,238 @@
+"""The adapter pool: every resident LoRA in preallocated slot tensors, one batched matmul a layer.
+
+PEFT's mixed-adapter forward loops over the distinct adapters of a batch in every LoRA layer
+(a sub-batch each), so a batch over 8 adapters costs 8 small matmul pairs a layer, and a cold
+load walks the whole model. Here (vLLM / S-LoRA's unified adapter memory, in plain PyTorch)
+each targeted Linear gets
+
+    A: [slots, r_max, in]   B: [slots, out, r_max]   scale: [slots]
+
+with ranks zero-padded to r_max and slot 0 all zeros (rows without an adapter). A forward hook
+on the base Linear adds, per row i with slot s_i,  scale[s_i] * B[s_i] @ A[s_i] @ x_i : one
+gather and two batched matmuls (the BGMV idea), whatever the number of adapters. A cold load
+copies the file's tensors straight into a free slot through a key -> (target, A|B) map that is
+computed once per key. PEFT stays the training path and the reference the tests compare with.
+
+The pool is the device tier for answering; the CPU tier (AdapterCache.stage) feeds it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
+
+from chainlora.errors import ChainloraError
+from chainlora.inference.adapter_cache import CacheStats
+
+ZERO = 0  # the slot that is never written: rows answered by the bare base model
+
+
+def unsupported(config: Any) -> str | None:
+    """Why the pool cannot hold an adapter of this PEFT config (None: it can)."""
+    if getattr(config, "peft_type", None) != "LORA" and str(getattr(config, "peft_type", "")) != "PeftType.LORA":
+        return f"peft_type {getattr(config, 'peft_type', None)} (the pool holds LoRA)"
+    for name in ("use_dora", "fan_in_fan_out", "modules_to_save", "layers_pattern"):
+        if getattr(config, name, None):
+            return f"{name} is set"
+    if getattr(config, "bias", "none") != "none":
+        return f"bias={config.bias!r}"
+    return None
+
+
+class _Target:
+    """One targeted Linear: its slot tensors and the hook that applies them."""
+
+    def __init__(self, pool: "AdapterPool", linear: Any, slots: int, rank: int):
+        import torch
+
+        w = linear.weight
+        self.pool, self.linear = pool, linear
+        self.A = torch.zeros(slots, rank, linear.in_features, dtype=w.dtype, device=w.device)
+        self.B = torch.zeros(slots, linear.out_features, rank, dtype=w.dtype, device=w.device)
+        self.scale = torch.zeros(slots, dtype=w.dtype, device=w.device)
+        self.rank = [0] * slots  # the rank written in each slot here (0: nothing)
+        self.handle = linear.register_forward_hook(self.hook)
+
+    def grow(self, slots: int, rank: int) -> None:
+        """Reallocate for more slots or a larger r_max, keeping what the slots hold."""
+        import torch
+
+        A = self.A.new_zeros(slots, rank, self.A.shape[2])
+        B = self.B.new_zeros(slots, self.B.shape[1], rank)
+        n, r = self.A.shape[0], self.A.shape[1]
+        A[:n, :r], B[:n, :, :r] = self.A, self.B
+        self.A, self.B = A, B
+        self.scale = torch.cat([self.scale, self.scale.new_zeros(slots - n)])
+        self.rank += [0] * (slots - n)
+
+    def clear(self, slot: int) -> None:
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.scale[slot] = 0
+        self.rank[slot] = 0
+
+    def hook(self, module: Any, args: tuple, output: Any) -> Any:
+        batch = self.pool.batch
+        if batch is None:  # routing, scoring, training: the pool is not in play
+            return None
+        x = args[0].to(self.A.dtype)
+        rows, single = batch
+        if single is not None:  # every row on one adapter (or none): two plain matmuls
+            r = self.rank[single]
+            if r == 0:
+                return None
+            delta = (x @ self.A[single, :r].T) @ self.B[single, :, :r].T * self.scale[single]
+            return output + delta.to(output.dtype)
+        r = max(self.rank[s] for s in self.pool.batch_slots)
+        if r == 0:
+            return None
+        A, B = self.A[rows, :r], self.B[rows, :, :r]  # the gather: [b, r, in], [b, out, r]
+        delta = x.view(x.shape[0], -1, x.shape[-1]).bmm(A.transpose(1, 2)).bmm(B.transpose(1, 2))
+        delta = delta * self.scale[rows].view(-1, 1, 1)
+        return output + delta.view(*x.shape[:-1], -1).to(output.dtype)
+
+
+class AdapterPool:
+    """LRU over `slots` preallocated adapter slots on the base model's targeted Linears."""
+
+    def __init__(self, base_model: Any, stage: Callable[[str], tuple[Any, dict, int]], *,
+                 slots: int = 8, rank: int = 8):
+        self.model, self.stage = base_model, stage
+        self.capacity, self.r_max = max(slots, 1), max(rank, 1)
+        self.targets: dict[str, _Target] = {}  # module path -> target
+        self.keys: dict[str, tuple[_Target, str, str]] = {}  # file key -> (target, "A"|"B", path)
+        self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
+        self.free = list(range(1, self.capacity + 1))
+        self.stats = CacheStats()
+        self.batch: tuple[Any, int | None] | None = None  # (row slots tensor, the one slot or None)
+        self.batch_slots: set[int] = set()
+
+    # ------------------------------------------------------------------ loading
+
+    def _target(self, key: str) -> tuple[_Target, str, str]:
+        """The slot tensor a file key goes to; resolved once per key."""
+        hit = self.keys.get(key)
+        if hit is not None:
+            return hit
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+        if m is None:
+            raise ChainloraError(f"adapter weight {key!r} is not a LoRA A/B matrix (the pool holds plain LoRA)")
+        path, which = m.group(1), m.group(2)
+        if path not in self.targets:
+            try:
+                linear = self.model.get_submodule(path)
+            except AttributeError:
+                raise ChainloraError(f"adapter weight {key!r}: the base model has no module {path!r}")
+            linear = getattr(linear, "base_layer", linear)  # PEFT-wrapped (the router's LoRA)
+            if not hasattr(linear, "in_features") or linear.weight.dim() != 2:
+                raise ChainloraError(f"adapter weight {key!r}: {path} is not a Linear layer")
+            self.targets[path] = _Target(self, linear, self.capacity + 1, self.r_max)
+        self.keys[key] = (self.targets[path], which, path)
+        return self.keys[key]
+
+    def _write(self, slot: int, config: Any, state: dict) -> None:
+        """Copy one adapter's tensors into `slot` of every target (zeroing what it lacks)."""
+        placed = {}
+        for key, tensor in state.items():
+            target, which, path = self._target(key)
+            placed.setdefault(path, {})[which] = tensor
+        top = max((t["A"].shape[0] for t in placed.values() if "A" in t), default=0)
+        if top > self.r_max:
+            self.r_max = top
+            for t in self.targets.values():
+                t.grow(self.capacity + 1, top)
+        for t in self.targets.values():
+            t.clear(slot)
+        for path, ab in placed.items():
+            if set(ab) != {"A", "B"}:
+                raise ChainloraError(f"adapter module {path}: has lora_{next(iter(ab))} without its pair")
+            target, a, b = self.targets[path], ab["A"], ab["B"]
+            r = a.shape[0]
+            if a.shape[1] != target.A.shape[2] or b.shape != (target.B.shape[1], r):
+                raise ChainloraError(f"adapter module {path}: shapes {tuple(a.shape)}, {tuple(b.shape)} do not "
+                                     f"fit this base model's [{target.B.shape[1]}, {target.A.shape[2]}]")
+            target.A[slot, :r].copy_(a)
+            target.B[slot, :, :r].copy_(b)
+            target.scale[slot] = _scaling(config, path, r)
+            target.rank[slot] = r
+
+    def _grow_slots(self) -> None:
+        new = self.capacity * 2
+        for t in self.targets.values():
+            t.grow(new + 1, self.r_max)
+        self.free += list(range(self.capacity + 1, new + 1))
+        self.capacity = new
+
+    def acquire(self, names: Sequence[str]) -> list[int]:
+        """Make every named adapter resident (LRU-touched), evicting others; their slots."""
+        keep = set(names)
+        for name in dict.fromkeys(names):
+            if name in self.resident:
+                self.stats.hits += 1
+                self.resident.move_to_end(name)
+                continue
+            self.stats.misses += 1
+            config, state, _ = self.stage(name)
+            why = unsupported(config)
+            if why:
+                raise ChainloraError(f"adapter {name!r}: the adapter pool cannot serve it ({why}); "
+                                     "serve with --adapters peft")
+            if not self.free:
+                victim = next((n for n in self.resident if n not in keep), None)
+                if victim is None:  # one batch needs more adapters than there are slots
+                    self._grow_slots()
+                else:
+                    self.free.append(self.resident.pop(victim))
+                    self.stats.evictions += 1
+            slot = self.free.pop(0)
+            try:
+                self._write(slot, config, state)
+            except ChainloraError:
+                for t in self.targets.values():
+                    t.clear(slot)
+                self.free.insert(0, slot)
+                raise
+            self.resident[name] = slot
+        return [self.resident[n] for n in names]
+
+    def drop(self, names: set[str]) -> None:
+        """Forget adapters that changed or left the library (a reload); their slots go free."""
+        for name in names & set(self.resident):
+            slot = self.resident.pop(name)
+            for t in self.targets.values():
+                t.clear(slot)
+            self.free.append(slot)
+
+    # ------------------------------------------------------------------ a batch
+
+    def set_rows(self, slots: Sequence[int]) -> None:
+        """The slot of every row of the batch about to run (ZERO: no adapter)."""
+        import torch
+
+        distinct = set(slots)
+        device = next(iter(self.targets.values())).A.device if self.targets else "cpu"
+        self.batch_slots = distinct
+        self.batch = (torch.tensor(list(slots), dtype=torch.long, device=device),
+                      next(iter(distinct)) if len(distinct) == 1 else None)
+
+    def clear_rows(self) -> None:
+        self.batch, self.batch_slots = None, set()
+
+    def remove(self) -> None:
+        """Take the hooks off the base model (the pool is gone)."""
+        for t in self.targets.values():
+            t.handle.remove()
+        self.targets.clear()
+        self.keys.clear()
+
+
+def _scaling(config: Any, path: str, rank: int) -> float:
+    """PEFT's scaling for one module: lora_alpha (or its alpha_pattern match) over r (rsLoRA: sqrt r)."""
+    alpha = config.lora_alpha
+    for key, value in (getattr(config, "alpha_pattern", None) or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            alpha = value
+            break
+    return alpha / math.sqrt(rank) if getattr(config, "use_rslora", False) else alpha / rank

@@ -1,0 +1,101 @@
+"""The adapter pool against PEFT, its reference: the same logits and token-for-token the same
+greedy answers for mixed batches of random adapters (B != 0) of different ranks, scalings and
+targets, through evictions, slot growth, reloads and rows without an adapter."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from chainlora.errors import ChainloraError
+from chainlora.inference.engine import BASE, Engine
+from conftest import make_random_library
+
+TASKS = ["antonym", "sentiment", "rhyme", "hypernym", "definition"]
+TEXTS = ["Give the antonym of hot.", "Is the word happy positive or negative?", "What rhymes with cat?",
+         "Name a hypernym of dog.", "Define the word lamp.", "Give the antonym of tall."]
+# ranks that differ (a COLA export is rank sum r), rsLoRA, an alpha_pattern, other targets
+CONFIGS = {"sentiment": {"r": 12, "lora_alpha": 7},
+           "rhyme": {"r": 2, "use_rslora": True},
+           "hypernym": {"r": 6, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+                        "alpha_pattern": {"o_proj": 3.0}},
+           "mixed": {"r": 16}}
+
+
+@pytest.fixture(scope="module")
+def lib(tiny_model_dir, tmp_path_factory):
+    return make_random_library(tmp_path_factory.mktemp("pool") / "lib", tiny_model_dir, TASKS, configs=CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def peft(lib):
+    return Engine.load(lib, device="cpu")
+
+
+def logits(engine: Engine, names: list[str], ids: torch.Tensor) -> torch.Tensor:
+    with engine.lock, engine.running(names) as (model, extra), torch.no_grad():
+        return model(input_ids=ids, **extra).logits
+
+
+def test_mixed_batches_give_peft_s_logits_and_answers(lib, peft):
+    pool = Engine.load(lib, device="cpu", adapters="pool", max_adapters=3)
+    ids = torch.randint(3, 100, (6, 9), generator=torch.Generator().manual_seed(0))
+    batches = [["antonym", "sentiment", "rhyme", "rhyme", BASE, "antonym"],  # fills the 3 slots
+               ["hypernym"] * 6, [BASE] * 6, ["definition", "mixed", BASE, "mixed", "definition", "hypernym"],
+               ["antonym", "sentiment", "rhyme", "hypernym", "mixed", BASE],  # more than 3 at once: grows
+               ["mixed", "antonym", "mixed", "definition", "rhyme", "hypernym"]]
+    for names in batches:
+        want, got = logits(peft, names, ids), logits(pool, names, ids)
+        assert torch.allclose(want, got, atol=1e-5, rtol=1e-4), (names, (want - got).abs().max())
+    plain = logits(peft, [BASE] * 6, ids)
+    assert (plain - logits(pool, ["hypernym"] * 6, ids)).abs().max() > 1e-2  # the adapters act
+    assert pool.pool.stats.evictions > 0 and pool.pool.capacity > 3  # evicted, and grew for batch 1
+    tasks = ["antonym", "sentiment", "rhyme", "hypernym", "definition", "mixed"]
+    for order in (tasks, tasks[::-1], tasks[2:] + tasks[:2]):
+        want = peft.generate(TEXTS, task=order, max_new_tokens=8)
+        got = pool.generate(TEXTS, task=order, max_new_tokens=8)
+        assert [a.text for a in got] == [a.text for a in want] and \
+            [a.completion_tokens for a in got] == [a.completion_tokens for a in want]
+    (a,) = pool.generate(TEXTS[:1], task="rhyme", max_new_tokens=8)
+    assert a.text == peft.generate(TEXTS[:1], task="rhyme", max_new_tokens=8)[0].text  # one adapter: no gather
+    pieces = pool.stream(TEXTS[1], task="sentiment", max_new_tokens=8)[1]
+    assert "".join(pieces) == peft.generate(TEXTS[1:2], task="sentiment", max_new_tokens=8)[0].text
+    # the router still scores through PEFT, with the pool out of play
+    assert [r.task for r in pool.route(TEXTS)] == [r.task for r in peft.route(TEXTS)]
+    assert pool.pool.batch is None
+
+
+def test_a_reload_drops_changed_adapters_from_their_slots(lib, peft, tmp_path):
+    import shutil
+
+    copy = tmp_path / "lib"
+    shutil.copytree(lib, copy)
+    pool = Engine.load(copy, device="cpu", adapters="pool", max_adapters=4)
+    pool.generate(TEXTS[:2], task=["antonym", "rhyme"], max_new_tokens=2)
+    before = dict(pool.pool.resident)
+    shutil.copytree(lib / "tasks/sentiment", copy / "tasks/antonym", dirs_exist_ok=True)  # antonym := sentiment's
+    import json
+    manifest = json.loads((copy / "chainlora.json").read_text())
+    sha = {t["name"]: t["sha256"] for t in manifest["tasks"]}
+    for t in manifest["tasks"]:
+        if t["name"] == "antonym":
+            t["sha256"] = sha["sentiment"]
+    from chainlora import library
+    library.write_manifest(copy, manifest)
+    assert pool.reload()["changed"] == ["antonym"]
+    assert "antonym" not in pool.pool.resident and pool.pool.resident["rhyme"] == before["rhyme"]
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(logits(pool, ["antonym", "rhyme"], ids), logits(peft, ["sentiment", "rhyme"], ids),
+                          atol=1e-5, rtol=1e-4)
+
+
+def test_adapters_the_pool_cannot_hold_are_refused_by_name(tiny_model_dir, tmp_path):
+    lib = make_random_library(tmp_path / "lib", tiny_model_dir, ["antonym", "rhyme"], router=False,
+                              configs={"rhyme": {"use_dora": True}})
+    pool = Engine.load(lib, device="cpu", adapters="pool")
+    assert set(pool.stage(["antonym", "rhyme"])) == {"rhyme"}
+    with pytest.raises(ChainloraError, match="'rhyme'.*use_dora.*--adapters peft"):
+        pool.generate(TEXTS[:1], task="rhyme", max_new_tokens=2)
+    assert pool.generate(TEXTS[:1], task="antonym", max_new_tokens=2)[0].completion_tokens >= 1
+    with pytest.raises(ChainloraError, match="adapters: unknown 'vllm'"):
+        Engine.load(lib, device="cpu", adapters="vllm")
