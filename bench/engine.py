@@ -5,12 +5,16 @@ P1  routed answer latency / answer latency with the adapter pre-chosen (64 new t
 P2  16 instructions spread over 8 adapters in ONE mixed batch: tokens/s relative to the same
     16 instructions all on one adapter, and to answering task by task (8 calls).
 P3  warm adapter switch (cache hit) vs PEFT's `set_adapter`; cold load from disk vs the raw
-    read of the adapter file, and vs PEFT's `load_adapter` + `set_adapter`.
+    read of the adapter file, and vs PEFT's `load_adapter` + `set_adapter`; the same cold load
+    into the adapter pool (its tensors copied into a free slot).
+P4  16 and 64 requests over 1 / 8 / 32 distinct adapters (a 32-adapter library built from the
+    demo's, see serve_memory.build): the adapter pool vs PEFT `adapter_names` vs the base model
+    without adapters, tokens/s; each tier's mixed batch against its own one-adapter batch.
 
 All sides run in one process, alternating; answers are forced to equal length
 (min_new_tokens) so every side does the same work. Medians are compared.
 
-    .venv/bin/python bench/engine.py [--library runs/demo/library] [--repeats 3] [--parts P1,P2,P3]
+    .venv/bin/python bench/engine.py [--library runs/demo/library] [--repeats 3] [--parts P1,P2,P3,P4]
 """
 
 from __future__ import annotations
@@ -123,7 +127,56 @@ def p3(engine, lib_path: Path, names: list[str], repeats: int) -> dict:
 
     pefts = [peft_load(n) for n in names for _ in range(repeats)]
     return {"warm": warm, "peft_switch": peft_switch, "cold": new, "recycled": recycled, "raw": raw,
-            "peft_load": statistics.median(pefts), "bytes": weights[0].stat().st_size}
+            "peft_load": statistics.median(pefts), "bytes": weights[0].stat().st_size,
+            "pool": pool_cold(lib_path, names, repeats)}
+
+
+def pool_cold(lib_path: Path, names: list[str], repeats: int) -> float:
+    """Cold load into the adapter pool: out of its slot and the CPU tier, then acquire (disk
+    read with the sha256 check, parse, copy into the slot)."""
+    from chainlora.inference.engine import Engine
+
+    engine = Engine.load(lib_path, device="cpu", adapters="pool", max_adapters=len(names))
+    pool = engine.pool
+    pool.acquire(names)  # targets resolved, slots allocated: what a running server has
+
+    def cold(name: str) -> float:
+        pool.drop({name})
+        engine.cache.cpu.pop(name, None)
+        return timed(lambda: pool.acquire([name]))
+
+    return statistics.median(cold(n) for n in names for _ in range(repeats))
+
+
+def p4(src: Path, texts: list[str], repeats: int, n_new: int) -> dict:
+    """Tokens/s of pool, PEFT and the bare base model for N requests over K adapters."""
+    import tempfile
+
+    from serve_memory import build
+
+    from chainlora.inference.engine import BASE, Engine, Route
+
+    tmp = Path(tempfile.mkdtemp(prefix="chainlora-p4-"))
+    build(src, tmp / "lib", 32)
+    tiers = {t: Engine.load(tmp / "lib", device="cpu", adapters=t, max_adapters=32) for t in ("pool", "peft")}
+    names = tiers["pool"].tasks
+    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new)
+    out: dict = {}
+    for n in (16, 64):
+        batch = [texts[i % len(texts)] for i in range(n)]
+        for tier in tiers.values():  # warm: every adapter resident, every code path compiled
+            tier.generate(batch, task=[names[i % 32] for i in range(n)], **kw)
+        runs: dict = {}
+        for _ in range(repeats):  # alternating: drift hits every side alike
+            for k in (1, 8, 32):
+                tasks = [names[i % k] for i in range(n)]
+                for t, engine in tiers.items():
+                    runs.setdefault((t, k), []).append(n * n_new / timed(lambda: engine.generate(batch, task=tasks, **kw)))
+            base = tiers["pool"]  # rows without an adapter: its hooks return at once, the bare base model
+            routes = [Route(None, 1.0, adapter=BASE, selector="pinned")] * n
+            runs.setdefault(("base", 0), []).append(n * n_new / timed(lambda: base.generate(batch, routes=routes, **kw)))
+        out[n] = {key: statistics.median(v) for key, v in runs.items()}
+    return out
 
 
 def main() -> None:
@@ -156,6 +209,9 @@ def main() -> None:
         report_p2(p2(engine, texts16, tasks16, args.repeats, 32))
     if "P3" in parts:
         report_p3(p3(engine, Path(args.library), tasks[:4], args.repeats))
+    if "P4" in parts:
+        del engine
+        report_p4(p4(Path(args.library), [demo[t].test[i].text for t in tasks for i in range(7)], args.repeats, 16), 16)
 
 
 def report_p1(r1: dict) -> None:
@@ -182,6 +238,19 @@ def report_p3(r3: dict) -> None:
     print(f"| cold load from disk, new slot (LoRA modules injected) | {r3['cold'] * 1e3:.2f} | {r3['cold'] / r3['raw']:.2f} |")
     print(f"| cold load from disk, recycled slot (weights hotswapped in) | {r3['recycled'] * 1e3:.2f} | {r3['recycled'] / r3['raw']:.2f} |")
     print(f"| PEFT load_adapter + set_adapter | {r3['peft_load'] * 1e3:.2f} | {r3['peft_load'] / r3['raw']:.2f} |")
+    print(f"| cold load from disk into the adapter pool (copied into a slot) | {r3['pool'] * 1e3:.2f} | {r3['pool'] / r3['raw']:.2f} |")
+
+
+def report_p4(r4: dict, n_new: int) -> None:
+    print(f"\n| P4: N requests, {n_new} new tokens each | adapters | pool tok/s | PEFT tok/s | base tok/s "
+          "| pool / its 1-adapter | PEFT / its 1-adapter | pool / PEFT | pool / base |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, r in r4.items():
+        base = r[("base", 0)]
+        for k in (1, 8, 32):
+            pool, peft = r[("pool", k)], r[("peft", k)]
+            print(f"| {n} | {k} | {pool:.1f} | {peft:.1f} | {base:.1f} | {pool / r[('pool', 1)]:.3f} "
+                  f"| {peft / r[('peft', 1)]:.3f} | {pool / peft:.3f} | {pool / base:.3f} |")
 
 
 if __name__ == "__main__":

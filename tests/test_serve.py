@@ -218,15 +218,16 @@ def test_request_past_its_timeout_gets_503(random_lib):
         srv.close()
 
 
-async def _load(url: str, n: int, concurrency: int, disconnect_every: int = 0, max_tokens: int = 8) -> dict:
+async def _load(url: str, n: int, concurrency: int, disconnect_every: int = 0, max_tokens: int = 8,
+                models: tuple[str, ...] = ("chain", "antonym", "sentiment", "mixed")) -> dict:
     """n requests, `concurrency` at a time, over 4 models, chat/completions, streaming or not;
-    every `disconnect_every`-th streaming client hangs up after its first chunk."""
+    every `disconnect_every`-th streaming client hangs up after its first chunk. `failed`: the
+    model of every request that failed."""
     from openai import AsyncOpenAI
 
     c = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-    models = ["chain", "antonym", "sentiment", "mixed"]
     gate = asyncio.Semaphore(concurrency)
-    out = {"ok": 0, "errors": [], "disconnected": 0}
+    out = {"ok": 0, "errors": [], "disconnected": 0, "failed": []}
 
     async def one(i: int) -> None:
         async with gate:
@@ -251,6 +252,7 @@ async def _load(url: str, n: int, concurrency: int, disconnect_every: int = 0, m
                 out["ok"] += 1
             except Exception as e:  # counted, reported by the test
                 out["errors"].append(repr(e))
+                out["failed"].append(model)
 
     await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), timeout=300)
     await c.close()

@@ -4,6 +4,7 @@ with an error event and [DONE]. Live server on loopback, every wait bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import threading
@@ -14,7 +15,7 @@ import pytest
 from chainlora import library
 from chainlora.inference.engine import Engine
 from chainlora.serve import Server
-from test_serve import Live, error_of, post_in_background, wait_until
+from test_serve import Live, _load, error_of, post_in_background, wait_until
 
 MSG = [{"role": "user", "content": "Give the antonym of hot."}]
 
@@ -41,10 +42,11 @@ def one_window(srv: Live, models: list[str]) -> list[httpx.Response]:
     return [out["r"] for out in outs]
 
 
-def test_a_corrupt_adapter_fails_only_its_own_rows(lib):
+@pytest.mark.parametrize("adapters", ["peft", "pool"])
+def test_a_corrupt_adapter_fails_only_its_own_rows(lib, adapters):
     weights = lib / "tasks/rhyme" / library.ADAPTER_FILES[-1]
     weights.write_bytes(weights.read_bytes()[:-64] + b"\0" * 64)  # same size, wrong bytes
-    srv = Live(Server(Engine.load(lib, device="cpu"), window_ms=5000, max_batch=3))
+    srv = Live(Server(Engine.load(lib, device="cpu", adapters=adapters), window_ms=5000, max_batch=3))
     try:
         good, bad, also = one_window(srv, ["antonym", "rhyme", "sentiment"])
         assert good.status_code == 200 and also.status_code == 200, (good.text, also.text)
@@ -57,9 +59,10 @@ def test_a_corrupt_adapter_fails_only_its_own_rows(lib):
         srv.close()
 
 
+@pytest.mark.parametrize("adapters", ["peft", "pool"])
 @pytest.mark.parametrize("when", ["before staging", "before generate"])
-def test_a_task_removed_by_reload_while_its_request_waits_is_a_404(lib, when):
-    engine = Engine.load(lib, device="cpu")
+def test_a_task_removed_by_reload_while_its_request_waits_is_a_404(lib, when, adapters):
+    engine = Engine.load(lib, device="cpu", adapters=adapters)
     manifest = json.loads((lib / library.MANIFEST).read_text())
     manifest["tasks"] = [t for t in manifest["tasks"] if t["name"] != "definition"]
     hooked = "stage" if when == "before staging" else "generate"
@@ -108,5 +111,20 @@ def test_an_error_mid_stream_ends_it_with_an_error_event_and_done(random_lib):
         error = json.loads(events[-2])["error"]
         assert "RuntimeError" in error["message"] and error["type"] == "server_error"
         assert all("choices" in json.loads(e) for e in events[:-2])  # chunks before it, nothing after
+    finally:
+        srv.close()
+
+
+def test_load_with_one_corrupt_adapter_fails_only_its_requests(lib):
+    """The load test (200 requests, 32 at a time, streaming and not) on the pool, the server's
+    default, with the sentiment adapter corrupt: its 50 requests fail, the 150 others do not."""
+    weights = lib / "tasks/sentiment" / library.ADAPTER_FILES[-1]
+    weights.write_bytes(weights.read_bytes()[:-64] + b"\0" * 64)
+    srv = Live(Server(Engine.load(lib, device="cpu", adapters="pool"), window_ms=20))
+    try:
+        out = asyncio.run(_load(srv.url, 200, 32, models=("antonym", "sentiment", "mixed", "rhyme")))
+        assert out["ok"] == 150 and out["failed"] == ["sentiment"] * 50, out["errors"][:3]
+        assert all("sentiment" in e and "corrupt" in e for e in out["errors"]), out["errors"][:3]
+        assert srv.server.scheduler.stats.batches < 150  # the failing rows shared batches with the others
     finally:
         srv.close()

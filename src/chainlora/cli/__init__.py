@@ -108,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           max_queue=args.max_queue, timeout_s=args.timeout, max_adapters=args.max_adapters,
           cpu_cache_mb=args.cpu_cache_mb, backend=args.backend, backend_url=args.backend_url,
           backend_key=args.backend_key or os.environ.get("CHAINLORA_BACKEND_KEY"),
-          backend_base_model=args.backend_base_model)
+          backend_base_model=args.backend_base_model, adapters=args.adapters)
     return 0
 
 
@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
     d.add_argument("--max-adapters", type=int, help="task adapters resident at once (LRU beyond)")
     d.add_argument("--cpu-cache-mb", type=float, default=1024, help="host-memory tier for evicted adapters")
+    d.add_argument("--adapters", default="pool", choices=["pool", "peft"],
+                   help="device tier that answers: pool (slot tensors, one batched matmul a layer) or peft")
     d.add_argument("--backend", default="local", help="local (default) or openai: route here, answer at --backend-url")
     d.add_argument("--backend-url", help="OpenAI-compatible server with the adapters, e.g. vLLM's http://host:8000/v1")
     d.add_argument("--backend-key", help="API key for the backend (default: $CHAINLORA_BACKEND_KEY)")

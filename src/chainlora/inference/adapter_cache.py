@@ -15,6 +15,7 @@ sha256; a missing or corrupt adapter is refused by name and the others keep work
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -67,9 +68,13 @@ class AdapterCache:
         if entry is None:
             raise NotFound(f"{self.lib.root}: no adapter {name!r} (have: {', '.join(self.entries)})")
         directory = self.lib.path(entry)
-        _, weights = read_verified(directory, entry, ADAPTER_FILES, f"adapter {name!r}")
+        config_bytes, weights = read_verified(directory, entry, ADAPTER_FILES, f"adapter {name!r}")
         try:  # the bytes match the manifest, yet a hand-edited manifest can vouch for junk
-            config = PeftConfig.from_pretrained(str(directory))
+            # parsed from the hashed bytes as PeftConfig.from_pretrained does from the file
+            # (without its hub plumbing, most of a cold load's time)
+            attrs = json.loads(config_bytes)
+            attrs.pop("runtime_config", None)
+            config = PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**attrs))
             state = load_safetensors(weights)
         except Exception as e:
             raise ChainloraError(f"{directory}: adapter {name!r} does not parse ({e.__class__.__name__}: {e})")

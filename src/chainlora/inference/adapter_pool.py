@@ -143,8 +143,9 @@ class AdapterPool:
             self.r_max = top
             for t in self.targets.values():
                 t.grow(self.capacity + 1, top)
-        for t in self.targets.values():
-            t.clear(slot)
+        for path, t in self.targets.items():
+            if path not in placed and t.rank[slot]:  # held by the slot's last adapter only
+                t.clear(slot)
         for path, ab in placed.items():
             if set(ab) != {"A", "B"}:
                 raise ChainloraError(f"adapter module {path}: has lora_{next(iter(ab))} without its pair")
@@ -155,6 +156,9 @@ class AdapterPool:
                                      f"fit this base model's [{target.B.shape[1]}, {target.A.shape[2]}]")
             target.A[slot, :r].copy_(a)
             target.B[slot, :, :r].copy_(b)
+            if target.rank[slot] > r:  # the last adapter here had a larger rank: zero its tail
+                target.A[slot, r:].zero_()
+                target.B[slot, :, r:].zero_()
             target.scale[slot] = _scaling(config, path, r)
             target.rank[slot] = r
 

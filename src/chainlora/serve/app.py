@@ -371,7 +371,7 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
           max_batch: int = 16, window_ms: float = 10.0, max_queue: int = 256, timeout_s: float = 300.0,
           max_adapters: int | None = None, cpu_cache_mb: float = 1024, backend: str = "local",
           backend_url: str | None = None, backend_key: str | None = None,
-          backend_base_model: str | None = None) -> None:
+          backend_base_model: str | None = None, adapters: str = "pool") -> None:
     """Load the library and serve it until interrupted."""
     import uvicorn
 
@@ -386,7 +386,7 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
         raise ChainloraError(f"--backend: unknown {backend!r} (use local or openai)")
     engine = Engine.load(library, device=device, dtype=dtype, selector=selector, threshold=threshold,
                          novelty=novelty, max_adapters=max_adapters,
-                         cpu_cache_bytes=int(cpu_cache_mb * (1 << 20)))
+                         cpu_cache_bytes=int(cpu_cache_mb * (1 << 20)), adapters=adapters)
     server = Server(engine, api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
                     timeout_s=timeout_s, forwarder=forwarder)
     print(f"chainlora: serving {library} on http://{host}:{port}/v1 (models: {', '.join(server.models())})")
