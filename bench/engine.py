@@ -37,7 +37,7 @@ def median_of(fn, repeats: int) -> float:
     return statistics.median(timed(fn) for _ in range(repeats))
 
 
-def p1(engine, texts: list[str], repeats: int, n_new: int) -> dict:
+def p1(engine, texts: list[str], repeats: int, n_new: int, only: list[str] | None = None) -> dict:
     """Routed vs pre-chosen, same adapter (the routed one), same forced length. The library's
     default routing (its selector, threshold and out-of-library detector) routes inside
     `generate`, as a request does; every other selector is timed as route + pinned answer."""
@@ -45,7 +45,7 @@ def p1(engine, texts: list[str], repeats: int, n_new: int) -> dict:
 
     out = {}
     kw = dict(max_new_tokens=n_new, min_new_tokens=n_new)
-    for selector in ["default"] + selectors.available(engine.lib):
+    for selector in [s for s in ["default"] + selectors.available(engine.lib) if not only or s in only]:
         routed, pinned = [], []
         for text in texts:
             if selector == "default":
@@ -184,7 +184,8 @@ def main() -> None:
     parser.add_argument("--library", default="runs/demo/library")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--parts", default="P1,P2,P3", help="which parts to run, e.g. P1")
+    parser.add_argument("--parts", default="P1,P2,P3,P4", help="which parts to run, e.g. P1")
+    parser.add_argument("--p1-selectors", help="P1 for these only, e.g. default,encoder (default: all)")
     args = parser.parse_args()
     parts = set(args.parts.upper().split(","))
 
@@ -204,7 +205,8 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"library {args.library} ({len(tasks)} task adapters); medians of {args.repeats}")
     if "P1" in parts:
-        report_p1(p1(engine, one_each[:5], args.repeats, args.new_tokens))
+        only = args.p1_selectors.split(",") if args.p1_selectors else None
+        report_p1(p1(engine, one_each[:5], args.repeats, args.new_tokens, only))
     if "P2" in parts:
         report_p2(p2(engine, texts16, tasks16, args.repeats, 32))
     if "P3" in parts:

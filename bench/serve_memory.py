@@ -2,7 +2,7 @@
 
 Builds a 100-adapter library from the demo library (variants of its ten task adapters: B scaled
 by 1 + i/1000, so every adapter has its own weights and sha256), starts `chainlora serve` on it
-in a subprocess with `--max-adapters 8 --cpu-cache-mb 0`, and reads the server's RSS
+in a subprocess with `--max-adapters 8 --cpu-cache-mb 0 --adapters pool` (`--tier peft` for PEFT), and reads the server's RSS
 (/proc/PID/status VmRSS):
 
     RSS_1    after answering with ONE adapter (base model + one adapter + server)
@@ -86,6 +86,7 @@ def main() -> int:
     p.add_argument("--adapters", type=int, default=100)
     p.add_argument("--cache", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path("runs/bench-serve-memory"))
+    p.add_argument("--tier", default="pool", choices=["pool", "peft"], help="serve --adapters (device tier)")
     args = p.parse_args()
     if not (args.library / "chainlora.json").is_file():
         print(f"{args.library}: no library; run `chainlora demo` first", file=sys.stderr)
@@ -98,7 +99,7 @@ def main() -> int:
     sock.close()
     exe = Path(sys.executable).with_name("chainlora")
     server = subprocess.Popen([str(exe), "serve", str(lib), "--port", str(port), "--device", "cpu",
-                               "--max-adapters", str(args.cache), "--cpu-cache-mb", "0"],
+                               "--max-adapters", str(args.cache), "--cpu-cache-mb", "0", "--adapters", args.tier],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

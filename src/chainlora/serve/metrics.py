@@ -23,11 +23,11 @@ class _CacheCollector:
         self.engine = engine
 
     def collect(self):
-        cache = self.engine.pool or self.engine.cache  # the tier that answers
+        cache = self.engine.pool or self.engine.cache  # the device tier that answers
         s = cache.stats
         for name, value, help_ in (("hits", s.hits, "adapter requests served by a resident adapter"),
                                    ("misses", s.misses, "adapter requests that had to load it"),
-                                   ("disk_loads", s.disk_loads, "adapter reads from disk"),
+                                   ("disk_loads", self.engine.cache.stats.disk_loads, "adapter reads from disk"),
                                    ("evictions", s.evictions, "adapters evicted from the device"),
                                    ("hotswaps", s.hotswaps, "loads into a recycled slot")):
             yield CounterMetricFamily(f"chainlora_adapter_cache_{name}", help_, value=value)
