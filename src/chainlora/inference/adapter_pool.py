@@ -89,7 +89,7 @@ class _Target:
         if r == 0:
             return None
         A, B = self.A[rows, :r], self.B[rows, :, :r]  # the gather: [b, r, in], [b, out, r]
-        delta = x.view(x.shape[0], -1, x.shape[-1]).bmm(A.transpose(1, 2)).bmm(B.transpose(1, 2))
+        delta = x.reshape(x.shape[0], -1, x.shape[-1]).bmm(A.transpose(1, 2)).bmm(B.transpose(1, 2))
         delta = delta * self.scale[rows].view(-1, 1, 1)
         return output + delta.view(*x.shape[:-1], -1).to(output.dtype)
 
