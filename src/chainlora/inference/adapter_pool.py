@@ -31,7 +31,7 @@ ZERO = 0  # the slot that is never written: rows answered by the bare base model
 
 def unsupported(config: Any) -> str | None:
     """Why the pool cannot hold an adapter of this PEFT config (None: it can)."""
-    if getattr(config, "peft_type", None) != "LORA" and str(getattr(config, "peft_type", "")) != "PeftType.LORA":
+    if getattr(config, "peft_type", None) != "LORA":  # PeftType is a str enum
         return f"peft_type {getattr(config, 'peft_type', None)} (the pool holds LoRA)"
     for name in ("use_dora", "fan_in_fan_out", "modules_to_save", "layers_pattern"):
         if getattr(config, name, None):
