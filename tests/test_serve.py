@@ -304,7 +304,7 @@ def test_reload_adds_changes_and_removes_adapters_without_restart(random_lib, tm
         next(t for t in manifest["tasks"] if t["name"] == "antonym")["sha256"] = hyp["sha256"]
         manifest["tasks"] = [t for t in manifest["tasks"] if t["name"] != "definition"]
         library.write_manifest(lib, manifest)
-        r = httpx.post(f"{srv.url}/v1/adapters/reload", timeout=60)
+        r = httpx.post(f"{srv.url}/v1/adapters/reload", json={}, timeout=60)
         assert r.status_code == 200, r.text
         assert {k: r.json()[k] for k in ("added", "changed", "removed")} == {
             "added": ["opposite"], "changed": ["antonym"], "removed": ["definition"]}
@@ -316,7 +316,7 @@ def test_reload_adds_changes_and_removes_adapters_without_restart(random_lib, tm
         r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": "definition", "messages": msg}, timeout=30)
         assert r.status_code == 404
         (lib / "tasks/rhyme/adapter_model.safetensors").write_bytes(b"corrupt")
-        r = httpx.post(f"{srv.url}/v1/adapters/reload", timeout=60)
+        r = httpx.post(f"{srv.url}/v1/adapters/reload", json={}, timeout=60)
         assert r.status_code == 400 and "sha256" in error_of(r)["message"]
         assert "antonym" in [m.id for m in c.models.list().data]  # the old library stays in service
     finally:

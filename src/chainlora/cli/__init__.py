@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 from chainlora import __version__
 from chainlora.cli.eval import cmd_annotate, cmd_eval, cmd_judge, cmd_report
 from chainlora.cli.eval import load_engine as _load_engine
+from chainlora.cli.serve import add_serve_parser
 from chainlora.errors import ChainloraError
 from chainlora.inference.router import SELECTORS  # a name list: no model code is imported
 
@@ -96,19 +97,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     if report["format"] == "vllm":
         print(f"{len(report['lora_modules'])} adapters in {Path(args.out) / 'adapters'}; start vLLM with "
               f"{Path(args.out) / 'serve.sh'}:\n  {' '.join(report['command'])}\nthen front it with:\n  {report['front']}")
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from chainlora.serve.app import serve
-
-    key = args.api_key or os.environ.get("CHAINLORA_API_KEY") or None
-    serve(args.library, host=args.host, port=args.port, api_key=key, device=args.device, dtype=args.dtype,
-          selector=args.selector, threshold=args.threshold, novelty=not args.no_novelty, max_batch=args.max_batch, window_ms=args.window_ms,
-          max_queue=args.max_queue, timeout_s=args.timeout, max_adapters=args.max_adapters,
-          cpu_cache_mb=args.cpu_cache_mb, backend=args.backend, backend_url=args.backend_url,
-          backend_key=args.backend_key or os.environ.get("CHAINLORA_BACKEND_KEY"),
-          backend_base_model=args.backend_base_model, adapters=args.adapters)
     return 0
 
 
@@ -319,27 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval", help="which LIB/eval/NAME.json to show (default: the newest)")
     d.set_defaults(func=cmd_report)
 
-    d = sub.add_parser("serve", help="an OpenAI-compatible server that routes each request to its adapter")
-    d.add_argument("library", help="adapter library directory")
-    d.add_argument("--host", default="127.0.0.1")
-    d.add_argument("--port", type=int, default=8000)
-    d.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $CHAINLORA_API_KEY)")
-    selector_args(d)
-    d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
-    d.add_argument("--dtype", default="float32")
-    d.add_argument("--max-batch", type=int, default=16, help="requests per generate call")
-    d.add_argument("--window-ms", type=float, default=10.0, help="how long a batch waits for company")
-    d.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
-    d.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
-    d.add_argument("--max-adapters", type=int, help="task adapters resident at once (LRU beyond)")
-    d.add_argument("--cpu-cache-mb", type=float, default=1024, help="host-memory tier for evicted adapters")
-    d.add_argument("--adapters", default="pool", choices=["pool", "peft"],
-                   help="device tier that answers: pool (slot tensors, one batched matmul a layer) or peft")
-    d.add_argument("--backend", default="local", help="local (default) or openai: route here, answer at --backend-url")
-    d.add_argument("--backend-url", help="OpenAI-compatible server with the adapters, e.g. vLLM's http://host:8000/v1")
-    d.add_argument("--backend-key", help="API key for the backend (default: $CHAINLORA_BACKEND_KEY)")
-    d.add_argument("--backend-base-model", help="the backend's name for the bare base model (fallback rows)")
-    d.set_defaults(func=cmd_serve)
+    add_serve_parser(sub, selector_args)
 
     d = sub.add_parser("data", help="check a data file: per-task counts and train/test split")
     d.add_argument("file", help=".jsonl/.json/.csv/.parquet file or a hub dataset name")

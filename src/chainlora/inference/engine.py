@@ -26,7 +26,7 @@ from chainlora.errors import ChainloraError, NotFound
 from chainlora.inference import router, selectors
 from chainlora.inference.adapter_cache import AdapterCache
 from chainlora.inference.adapter_pool import ZERO, AdapterPool, unsupported
-from chainlora.inference.stops import cut_at_stop, end_ids, streamable
+from chainlora.inference.stops import StopMatcher, cut_at_stop, end_ids, streamable
 from chainlora.library.store import Library, read_verified
 from chainlora.models import Base, load_base
 
@@ -250,16 +250,21 @@ class Engine:
         return {"input_ids": ids.to(self.base.model.device), "attention_mask": mask.to(self.base.model.device)}
 
     def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, stop: Sequence[str] | None,
-                    min_new_tokens: int = 0) -> dict:
+                    min_new_tokens: int = 0, stopping: Any = None) -> dict:
+        """generate's keywords; stop strings end rows through StopMatcher (bounded memory, see
+        chainlora.inference.stops), `stopping` adds the caller's own criterion."""
+        from transformers import StoppingCriteriaList
+
+        criteria = [c for c in (StopMatcher(self.tok, stop) if stop else None, stopping) if c is not None]
         kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
+        if criteria:
+            kw["stopping_criteria"] = StoppingCriteriaList(criteria)
         if min_new_tokens:
             kw["min_new_tokens"] = min_new_tokens
         if temperature > 0:
             kw.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if stop:
-            kw.update(stop_strings=list(stop), tokenizer=self.tok)
         return kw
 
     def routes_for(self, texts: Sequence[str], task: str | Sequence[str | None] | None) -> list[Route]:
@@ -338,7 +343,6 @@ class Engine:
         min_new_tokens forces answers to a length (benchmarks compare equal work with it).
         """
         import torch
-        from transformers import StoppingCriteriaList
 
         limits = [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         prompts_ = self.render(texts, rendered)
@@ -348,11 +352,9 @@ class Engine:
         self._check_fit([int(n) for n in enc["attention_mask"].sum(1)], limits)
         routes = list(routes) if routes is not None else self.routes_for(texts, task)
         names = [r.adapter for r in routes]
-        kw = self._gen_kwargs(max(limits), temperature, top_p, stop, min_new_tokens)
+        kw = self._gen_kwargs(max(limits), temperature, top_p, stop, min_new_tokens, stopping)
         if streamer is not None:
             kw["streamer"] = streamer
-        if stopping is not None:
-            kw["stopping_criteria"] = StoppingCriteriaList([stopping])
         with self.lock, self.running(names) as (model, extra), torch.no_grad():
             out = model.generate(**enc, **extra, **kw)
         new = out[:, enc["input_ids"].shape[1]:]

@@ -2,11 +2,19 @@
 
 The engine cuts a finished answer with these; the server's streamer uses the same rules while
 the answer is still growing, so what is streamed is always a prefix of the final text.
+
+`StopMatcher` ends a row of `generate` at its stop string. transformers' own StopStringCriteria
+precomputes tables that grow with each string's length and caches them per string for the
+life of the process (a 100 KB stop string from one request took 23 GB); this one decodes only
+the tail of each row that a stop string could span, so its cost is bounded by the strings'
+length and the batch, and nothing outlives the call.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+BYTES_PER_CHAR = 4  # UTF-8: a byte-level token carries at least one byte, a character at most 4
 
 
 def end_ids(tokenizer: Any) -> set[int]:
@@ -31,3 +39,24 @@ def streamable(text: str, stops: Sequence[str]) -> str:
     if "\ufffd" in text:  # half a multi-byte character: wait for the rest
         text = text[: text.index("\ufffd")]
     return text.strip()
+
+
+class StopMatcher:
+    """A StoppingCriteria: per row, True once its answer's decoded text holds a stop string.
+    Only the last 4 x (longest stop) + 1 tokens are decoded: a stop string of n characters
+    is made of at most 4n byte-level tokens, plus one that may carry a character's tail."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]):
+        self.tok, self.stops = tokenizer, [s for s in stops if s]
+        self.window = BYTES_PER_CHAR * max((len(s) for s in self.stops), default=0) + 1
+        self.start: int | None = None  # the padded prompt's width, seen at the first check
+
+    def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+        import torch
+
+        if self.start is None:
+            self.start = input_ids.shape[1] - 1  # called after each new token
+        tail = input_ids[:, max(self.start, input_ids.shape[1] - self.window):]
+        texts = self.tok.batch_decode(tail, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool,
+                            device=input_ids.device)

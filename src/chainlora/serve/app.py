@@ -14,10 +14,9 @@ Requests are batched across adapters by `scheduler.Scheduler`; errors use OpenAI
 from __future__ import annotations
 
 import asyncio
-import copy
-import hmac
 import logging
 import json
+import sys
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -27,12 +26,15 @@ from fastapi import Request as HttpRequest  # module level: FastAPI resolves ann
 from chainlora.data import prompts
 from chainlora.errors import ChainloraError, NotFound
 from chainlora.inference.engine import Answer, Engine, Route
+from chainlora.serve.guard import Guard, authorized
+from chainlora.serve.limits import Limits
 from chainlora.serve.metrics import Metrics
+from chainlora.serve.prepare import CHAIN, MIXED, Preparer
 from chainlora.serve.scheduler import QueueFull, Request, Scheduler, TimedOut, deliver
 from chainlora.serve.schema import (ApiError, ChatBody, CompletionBody, Sampling, finish, route_field,
                                     usage)
 
-CHAIN, MIXED = "chain", "mixed"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 log = logging.getLogger("chainlora.serve")
 
 
@@ -44,15 +46,15 @@ class Server:
 
     def __init__(self, engine: Engine, *, api_key: str | None = None, max_batch: int = 16,
                  window_ms: float = 10.0, max_queue: int = 256, timeout_s: float = 300.0,
-                 default_max_tokens: int = 256, forwarder: Any = None):
-        self.engine, self.api_key, self.timeout = engine, api_key, timeout_s
+                 default_max_tokens: int = 256, forwarder: Any = None, limits: Limits | None = None):
+        self.engine, self.api_key, self.timeout = engine, api_key or None, timeout_s
         self.forwarder = forwarder  # forward.Forwarder: answer on another server, route here
         self.default_max_tokens = default_max_tokens
+        self.limits = limits or Limits()
         if max_queue < 1 or timeout_s <= 0 or max_batch < 1:
             raise ChainloraError("serve: --max-queue and --max-batch must be >= 1, --timeout > 0")
-        # The worker thread tokenizes with padding; a fast tokenizer's padding state is not
-        # thread-safe, so request checks on the event loop use their own copy.
-        self.tok = copy.deepcopy(engine.tok)
+        self.preparer = Preparer(self)  # bodies become Requests on its own thread (prepare.py)
+        self.tok = self.preparer.tok
         self.metrics = Metrics(engine)
         self.scheduler = Scheduler(engine, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
                                    on_batch=self.metrics.batch)
@@ -72,76 +74,12 @@ class Server:
             return None
         if model in self.models():
             return model
-        raise ApiError(404, f"The model '{model}' does not exist (models: {', '.join(self.models())})",
+        raise ApiError(404, f"The model '{model[:100]}' does not exist (models: {', '.join(self.models())})",
                        param="model", code="model_not_found")
 
-    def check_key(self, authorization: str | None) -> None:
-        if self.api_key is None:
-            return
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise ApiError(401, "Incorrect or missing API key (send Authorization: Bearer KEY)",
-                           type="authentication_error", code="invalid_api_key")
-
-    def request(self, body: Sampling, text: str, rendered: str | list[int], field: str) -> Request:
-        task = self.pin(body.model)  # an unknown model is a 404 whatever else is wrong
-        if body.n != 1:
-            raise ApiError(400, "n: only n=1 is supported", param="n")
-        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or self.default_max_tokens
-        n = len(prompts.ids(self.tok, rendered))
-        if n + max_tokens > self.engine.context:
-            raise ApiError(400, f"{field}: {n} prompt tokens + {max_tokens} new tokens exceed the model's "
-                                f"context of {self.engine.context}; shorten it or lower max_tokens",
-                           param=field, code="context_length_exceeded")
-        return Request(text=text, rendered=rendered, task=task, max_tokens=max_tokens,
-                       temperature=body.temperature, top_p=body.top_p, stop=body.stops(),
-                       deadline=time.monotonic() + self.timeout)
-
-    def chat(self, body: ChatBody) -> Request:
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        users = [m["content"] for m in msgs if m["role"] == "user"]
-        if not users or not users[-1].strip():
-            raise ApiError(400, "messages: needs a non-empty user message", param="messages")
-        system = self.engine.system
-        try:
-            if len(msgs) == 1 or (len(msgs) == 2 and msgs[0]["role"] == "system"):
-                sys_text = msgs[0]["content"] if len(msgs) == 2 else system
-                rendered = prompts.render(self.tok, users[-1], sys_text)  # exactly as in training
-            else:
-                rendered = prompts.render_chat(self.tok, msgs, system)
-        except Exception as e:  # the model's chat template refuses this conversation (jinja raises)
-            raise ApiError(400, f"messages: the model's chat template refuses them: {e}", param="messages")
-        return self.request(body, users[-1], rendered, "messages")
-
-    def completion(self, body: CompletionBody) -> Request:
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise ApiError(400, "prompt: send one prompt per request", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, list):
-            return self.token_prompt(body, prompt)
-        if not prompt.strip():
-            raise ApiError(400, "prompt: empty", param="prompt")
-        try:
-            rendered = prompts.render(self.tok, prompt, self.engine.system)
-        except Exception as e:
-            raise ApiError(400, f"prompt: the model's chat template refuses it: {e}", param="prompt")
-        return self.request(body, prompt, rendered, "prompt")
-
-    def token_prompt(self, body: CompletionBody, ids: list[int]) -> Request:
-        """A prompt sent as token ids is the model's input verbatim (a chainlora front
-        forwarding here rendered it already), so it names its adapter: routing reads text."""
-        if not ids:
-            raise ApiError(400, "prompt: empty", param="prompt")
-        if body.model == CHAIN:
-            raise ApiError(400, "prompt: token ids are an already rendered prompt; pin a model "
-                                f"({', '.join(self.models()[1:])}) or send text to route it", param="prompt")
-        vocab = len(self.tok)
-        if any(not 0 <= t < vocab for t in ids):
-            raise ApiError(400, f"prompt: token ids must lie in [0, {vocab})", param="prompt")
-        text = self.tok.decode(ids, skip_special_tokens=True).strip() or "(token prompt)"
-        return self.request(body, text, list(ids), "prompt")
+    def close(self) -> None:
+        self.scheduler.close()
+        self.preparer.close()
 
     async def run(self, req: Request, is_disconnected) -> Answer:
         """Queue the request and wait for its answer; a client that leaves cancels it."""
@@ -187,64 +125,59 @@ class Server:
 
 
 def create_app(server: Server):
-    """The FastAPI application around a Server."""
+    """The FastAPI application around a Server, behind the Guard (key first, bounded body)."""
     import contextlib
 
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    from chainlora.serve.errors import install_handlers
+    from chainlora.serve.openapi import documented, install_openapi
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        server.scheduler.close()
+        server.close()
         if server.forwarder is not None:
             await server.forwarder.close()
 
-    app = FastAPI(title="chainlora", version=__import__("chainlora").__version__, lifespan=lifespan)
+    # no /docs or /redoc: they load their scripts from a CDN; /openapi.json stays (behind the key)
+    app = FastAPI(title="chainlora", version=__import__("chainlora").__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.server = server
+    app.add_middleware(Guard, api_key=server.api_key, limits=server.limits, on_refused=server.metrics.status)
+    install_handlers(app, server.metrics)
+    install_openapi(app)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: HttpRequest, e: ApiError):
-        server.metrics.status(request.url.path, e.status)
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(Exception)
-    async def _bug(request: HttpRequest, e: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return await _api_error(request, ApiError(500, f"internal error: {e.__class__.__name__}",
-                                                  type="server_error"))
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: HttpRequest, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{loc or 'body'}: {first.get('msg', 'invalid request body')}"
-        return await _api_error(request, ApiError(400, message, param=loc or None))
-
-    def auth(request: HttpRequest) -> None:
-        server.check_key(request.headers.get("authorization"))
-
-    @app.get("/health")
-    async def health():
+    @app.get("/health", responses=documented(503))
+    async def health(request: HttpRequest):
+        """Liveness. Without a key (or with the right one) it also names the models and the queue;
+        with a key set and none sent, only the status: nothing about the library."""
         alive = server.scheduler.thread.is_alive()
-        body = {"status": "ok" if alive else "worker stopped", "library": str(server.engine.lib.root),
-                "waiting": server.scheduler.waiting, "models": server.models()}
+        body: dict[str, Any] = {"status": "ok" if alive else "worker stopped"}
+        if authorized(server.api_key, request.scope["headers"]):
+            body.update(waiting=server.scheduler.waiting, models=server.models())
         return JSONResponse(body, status_code=200 if alive else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=documented(401))
     async def metrics():
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def models(request: HttpRequest):
-        auth(request)
+    @app.get("/v1/models", responses=documented(401))
+    async def models():
         return {"object": "list", "data": [{"id": m, "object": "model", "created": server.created,
                                             "owned_by": "chainlora"} for m in server.models()]}
 
-    @app.post("/v1/adapters/reload")
+    @app.post("/v1/adapters/reload", responses=documented(400, 401, 403, 415))
     async def reload(request: HttpRequest):
-        auth(request)
+        """Rescan the library. With a key set it needs the key (the Guard); without one, only
+        from loopback and with a JSON content type, which a web page cannot send to another
+        origin without a CORS preflight this server never grants."""
+        if server.api_key is None:
+            if (request.client.host if request.client else "") not in LOOPBACK:
+                raise ApiError(403, "reload: without --api-key only from loopback", code="forbidden")
+            if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+                raise ApiError(415, "reload: send Content-Type: application/json", code="unsupported_media_type")
         try:
             changes = await asyncio.to_thread(server.engine.reload)
         except ChainloraError as e:
@@ -343,7 +276,7 @@ def create_app(server: Server):
                 return
             server.metrics.done(kind, a, time.monotonic() - t0)
             yield chunk({} if kind == "chat" else "", finish(a.finish_reason))
-            if (body.stream_options or {}).get("include_usage"):
+            if body.stream_options is not None and body.stream_options.include_usage:
                 data = {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [],
                         "usage": usage(a), "chainlora": route_field(route)}
                 yield f"data: {json.dumps(data)}\n\n"
@@ -352,15 +285,17 @@ def create_app(server: Server):
             if not future.done():
                 req.cancelled.set()  # the client went away: its row stops at the next token
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody, request: HttpRequest):
-        auth(request)
-        return await answer(request, server.chat(body), body, "chat")
+    codes = (400, 401, 404, 408, 413, 429, 500, 503)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: HttpRequest):
-        auth(request)
-        return await answer(request, server.completion(body), body, "text")
+    @app.post("/v1/chat/completions", openapi_extra=documented.body(ChatBody), responses=documented(*codes))
+    async def chat(request: HttpRequest):
+        body, req = await server.preparer.submit("chat", await request.body())
+        return await answer(request, req, body, "chat")
+
+    @app.post("/v1/completions", openapi_extra=documented.body(CompletionBody), responses=documented(*codes))
+    async def completions(request: HttpRequest):
+        body, req = await server.preparer.submit("text", await request.body())
+        return await answer(request, req, body, "text")
 
     return app
 
@@ -371,9 +306,11 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
           max_batch: int = 16, window_ms: float = 10.0, max_queue: int = 256, timeout_s: float = 300.0,
           max_adapters: int | None = None, cpu_cache_mb: float = 1024, backend: str = "local",
           backend_url: str | None = None, backend_key: str | None = None,
-          backend_base_model: str | None = None, adapters: str = "pool") -> None:
+          backend_base_model: str | None = None, adapters: str = "pool", limits: Limits | None = None) -> None:
     """Load the library and serve it until interrupted."""
     import uvicorn
+
+    from chainlora.serve.connections import uvicorn_config
 
     forwarder = None
     if backend == "openai":
@@ -384,10 +321,14 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
         forwarder = Forwarder(backend_url, api_key=backend_key, base_model=backend_base_model, timeout_s=timeout_s)
     elif backend != "local":
         raise ChainloraError(f"--backend: unknown {backend!r} (use local or openai)")
+    limits = limits or Limits()
+    if not api_key and host not in LOOPBACK:
+        print(f"chainlora: warning: serving on {host} without an API key: anyone who reaches the port can use "
+              "it (set --api-key-file or CHAINLORA_API_KEY)", file=sys.stderr)
     engine = Engine.load(library, device=device, dtype=dtype, selector=selector, threshold=threshold,
                          novelty=novelty, max_adapters=max_adapters,
                          cpu_cache_bytes=int(cpu_cache_mb * (1 << 20)), adapters=adapters)
     server = Server(engine, api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
-                    timeout_s=timeout_s, forwarder=forwarder)
+                    timeout_s=timeout_s, forwarder=forwarder, limits=limits)
     print(f"chainlora: serving {library} on http://{host}:{port}/v1 (models: {', '.join(server.models())})")
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn_config(create_app(server), limits, host=host, port=port, log_level="warning")).run()

@@ -21,7 +21,7 @@ from chainlora.errors import ChainloraError
 from chainlora.inference.engine import BASE, Route
 
 PATH = "/completions"
-# sampling fields the backend reads as OpenAI/vLLM do; chat-only fields (messages, tools, ...) stay here
+# validated sampling fields (schema.py) the backend reads as OpenAI/vLLM do; nothing else is sent
 PASSED = ("seed", "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k", "min_p",
           "repetition_penalty")
 
@@ -34,9 +34,8 @@ def completion_body(body: Any, req: Any, model: str, ids: list[int]) -> dict:
     if req.stop:
         out["stop"] = list(req.stop)
     if body.stream and body.stream_options:
-        out["stream_options"] = body.stream_options
-    extra = body.model_extra or {}
-    out.update({k: extra[k] for k in PASSED if k in extra})
+        out["stream_options"] = {"include_usage": body.stream_options.include_usage}
+    out.update({k: getattr(body, k) for k in PASSED if k in body.model_fields_set and getattr(body, k) is not None})
     return out
 
 

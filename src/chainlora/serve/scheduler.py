@@ -2,7 +2,7 @@
 
 Requests wait in a bounded queue. A single worker thread owns the engine: it takes the first
 waiting request, collects more for up to `window_ms` (or until `max_batch`), groups them by
-sampling settings (temperature, top_p, stop strings — one `generate` call shares those), routes
+sampling settings (temperature, top_p, stop strings, seed — one `generate` call shares those), routes
 the unpinned rows of a group in one selector pass and answers the group in one generate call,
 every row with its own adapter and its own max_tokens.
 
@@ -51,6 +51,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    seed: int | None = None  # sampling seed: rows share one generate call only with the same seed
     deadline: float = float("inf")  # time.monotonic() by which it must be done
     on_route: Callable[[Route], None] | None = None  # called (worker thread) once routed
     on_text: Callable[[str], None] | None = None  # streaming: called (worker thread) per delta
@@ -59,7 +60,7 @@ class Request:
     enqueued: float = field(default_factory=time.monotonic)
 
     def key(self) -> tuple:
-        return (self.temperature, self.top_p, self.stop)
+        return (self.temperature, self.top_p, self.stop, self.seed)
 
 
 def deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> Callable:
@@ -320,6 +321,10 @@ class Scheduler:
     def _generate(self, group: list[Request], routes: list[Route]) -> tuple[list[Answer], BatchStreamer | None]:
         streamer = BatchStreamer(self.engine.tok, group) if any(r.on_text for r in group) else None
         first = group[0]
+        if first.seed is not None and first.temperature > 0:  # best effort, as OpenAI's: the same
+            import torch  # request in the same company samples the same answer
+
+            torch.manual_seed(first.seed)
         answers = self.engine.generate(
             [r.text for r in group], routes=routes, rendered=[r.rendered for r in group],
             max_new_tokens=[r.max_tokens for r in group], temperature=first.temperature,

@@ -1,5 +1,13 @@
-"""The OpenAI wire format as chainlora's server speaks it: request bodies (checked by pydantic,
-extra fields tolerated as OpenAI clients send many), the error shape, and response pieces."""
+"""The OpenAI wire format as chainlora's server speaks it: request bodies (checked by pydantic),
+the error shape, and response pieces.
+
+Every field OpenAI's chat and completions APIs define is known here. A field chainlora does
+not implement is accepted only at its neutral value (`tools: []`, `logprobs: false`, `echo:
+false`, ...); any other value is a 400 naming the field, never a 200 that silently ignored
+it. Fields nobody defined are a 400 too (`extra="forbid"`), so a typo cannot pass unseen.
+Sampling fields only an OpenAI-compatible backend implements (penalties, logit_bias, vLLM's
+top_k / min_p / repetition_penalty) are validated here and sent on by `--backend openai`.
+"""
 
 from __future__ import annotations
 
@@ -23,46 +31,139 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error response's body (documented in /openapi.json)."""
+
+    error: ErrorDetail
+
+
 # --------------------------------------------------------------------------- request bodies
+
+STRICT = ConfigDict(extra="forbid")
+Text = Field(default=None, max_length=256)
+
+
+class ContentPart(BaseModel):
+    """A chat content part; only `text` parts are answered (image/audio parts are a 400)."""
+
+    model_config = ConfigDict(extra="allow")  # image_url, input_audio, ...: refused by type below
+    type: str
+    text: str | None = None
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = Text
+    tool_calls: list[dict[str, Any]] | None = None  # only empty: chainlora has no tools
+    tool_call_id: str | None = Text
+    refusal: str | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content)
         return self.content or ""
 
 
+class StreamOptions(BaseModel):
+    model_config = STRICT
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's; no obfuscation padding is ever sent
+
+
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, seed, ...)
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    model_config = STRICT
+    model: str = Field(max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: Union[str, list[str], None] = None
-    n: int = Field(default=1, ge=1)
+    stop: Union[str, list[str], None] = None  # count and length checked against the server's limits
+    n: int = Field(default=1, ge=1, le=128)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    user: str | None = Text
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    store: bool | None = None
+    service_tier: str | None = Text
+    # answered only by an OpenAI-compatible backend (--backend openai): neutral values locally
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
+    top_k: int | None = Field(default=None, ge=-1, le=1_000_000)  # vLLM's extension
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
 
     def stops(self) -> tuple[str, ...]:
         items = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(items) > 4:
-            raise ApiError(400, "stop: at most 4 stop sequences", param="stop")
         return tuple(s for s in items if s)
 
 
 class ChatBody(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Union[str, dict[str, Any], None] = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = Text
+    web_search_options: dict[str, Any] | None = None
+    verbosity: str | None = Text
 
 
 class CompletionBody(Sampling):
     # OpenAI's four shapes: text, [text], token ids, [token ids] (one prompt per request here)
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool | None = None
+    best_of: int | None = Field(default=None, ge=1, le=20)
+    suffix: str | None = None
+
+
+# A field is at its neutral value when it is absent, null, or one of these (it changes nothing).
+NEUTRAL: dict[str, tuple] = {
+    "logprobs": (False, 0), "top_logprobs": (0,), "tools": ([],), "functions": ([],),
+    "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "parallel_tool_calls": (True, False),
+    "response_format": ({"type": "text"},), "modalities": (["text"],), "echo": (False,), "best_of": (1,),
+    "suffix": ("",), "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "logit_bias": ({},),
+    "top_k": (-1, 0), "min_p": (0.0,), "repetition_penalty": (1.0,), "tool_calls": ([],),
+}
+BACKEND_ONLY = ("presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p", "repetition_penalty")
+
+
+def refuse_unsupported(body: Sampling, *, forwarding: bool) -> None:
+    """A 400 naming the first field set to something chainlora would otherwise ignore."""
+    for name in body.model_fields_set & NEUTRAL.keys():
+        value = getattr(body, name)
+        if value is None or value in NEUTRAL[name] or (forwarding and name in BACKEND_ONLY):
+            continue
+        where = "; --backend openai forwards it to a server that does" if name in BACKEND_ONLY else ""
+        raise ApiError(400, f"{name}: not supported by chainlora's engine (send it unset or "
+                            f"{NEUTRAL[name][0]!r}){where}", param=name, code="unsupported_parameter")
+    for i, m in enumerate(getattr(body, "messages", None) or []):
+        if m.tool_calls:
+            raise ApiError(400, f"messages[{i}].tool_calls: tool calls are not supported",
+                           param=f"messages[{i}].tool_calls", code="unsupported_parameter")
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.type != "text" or not isinstance(part.text, str):
+                param = f"messages[{i}].content[{j}]"
+                raise ApiError(400, f"{param}: only text parts ({{'type': 'text', 'text': '...'}}) are "
+                                    f"supported, not {part.type!r}", param=param, code="unsupported_parameter")
 
 
 def route_field(route: Route | None) -> dict | None:

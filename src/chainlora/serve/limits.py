@@ -1,0 +1,52 @@
+"""What one request may cost the server, checked before any expensive work.
+
+Each limit is a `chainlora serve` option with the default below, and each refusal is an
+OpenAI-shaped 400/413 that names the limit and its option. The order of checks follows the
+cost of the work each protects: the body's size before it is read (guard.py), the number of
+messages before they are validated, characters before tokenizing, stop strings before they
+reach the model's thread (where matching costs memory and time by their length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chainlora.serve.schema import ApiError
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 4 << 20  # --max-body-mb 4
+    max_messages: int = 256  # --max-messages
+    max_prompt_chars: int = 100_000  # --max-prompt-chars, all messages' text together
+    max_stops: int = 4  # --max-stops (OpenAI's own limit)
+    max_stop_chars: int = 64  # --max-stop-chars, each stop string
+    header_timeout_s: float = 10.0  # --header-timeout: a request's headers must arrive within it
+    body_timeout_s: float = 30.0  # --body-timeout: its whole body within it after the headers
+    keep_alive_s: float = 5.0  # --keep-alive: an idle connection is closed after it
+    max_connections: int = 128  # --max-connections: open connections at once
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ValueError(f"serve: {name.replace('_', '-')} must be > 0 (got {value})")
+
+    def messages(self, n: int) -> None:
+        if n > self.max_messages:
+            raise ApiError(400, f"messages: {n} messages exceed the server's limit of {self.max_messages} "
+                                "(chainlora serve --max-messages)", param="messages", code="too_many_messages")
+
+    def prompt(self, chars: int, field: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise ApiError(400, f"{field}: {chars} characters exceed the server's limit of {self.max_prompt_chars} "
+                                "(chainlora serve --max-prompt-chars)", param=field, code="context_length_exceeded")
+
+    def stops(self, stops: tuple[str, ...]) -> None:
+        if len(stops) > self.max_stops:
+            raise ApiError(400, f"stop: {len(stops)} stop sequences exceed the limit of {self.max_stops} "
+                                "(chainlora serve --max-stops)", param="stop", code="too_many_stops")
+        for s in stops:
+            if len(s) > self.max_stop_chars:
+                raise ApiError(400, f"stop: a stop sequence of {len(s)} characters exceeds the limit of "
+                                    f"{self.max_stop_chars} (chainlora serve --max-stop-chars)",
+                               param="stop", code="stop_too_long")

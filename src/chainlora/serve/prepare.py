@@ -1,0 +1,153 @@
+"""From a request's raw body to a scheduler Request, off the event loop.
+
+Parsing JSON, validating it, rendering the chat template and tokenizing all cost time in
+proportion to the body, so none of it runs on the event loop (which must keep answering
+`/health` and streams): `Preparer.submit` runs each body through `prepare` on one worker
+thread of its own. One thread, because a fast tokenizer is not safe to share between threads,
+and because limits.py bounds every step, so no body can hold that thread for long.
+
+Checks come cheapest-first: JSON (no NaN/Infinity, bounded nesting and integers), the message
+count, the schema, unsupported fields, characters before tokenizing, stop strings, and the
+context window last (the only check that tokenizes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from chainlora.data import prompts
+from chainlora.serve.limits import Limits
+from chainlora.serve.scheduler import Request
+from chainlora.serve.schema import ApiError, ChatBody, CompletionBody, Sampling, refuse_unsupported
+
+CHAIN, MIXED = "chain", "mixed"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse(raw: bytes, model: type[BaseModel], limits: Limits) -> Any:
+    """The body as `model`, or a 400 naming the first thing wrong with it."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "body: JSON nested too deeply", param="body", code="invalid_json")
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, bad UTF-8, an integer of 4300+ digits
+        raise ApiError(400, f"body: not valid JSON ({str(e)[:200]})", param="body", code="invalid_json")
+    if not isinstance(data, dict):
+        raise ApiError(400, "body: must be a JSON object", param="body", code="invalid_json")
+    if isinstance(data.get("messages"), list):
+        limits.messages(len(data["messages"]))
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors(include_url=False, include_input=False)[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        raise ApiError(400, f"{loc or 'body'}: {first.get('msg', 'invalid')}"[:500], param=loc or None)
+    except RecursionError:
+        raise ApiError(400, "body: nested too deeply", param="body")
+
+
+class Preparer:
+    """Turns bodies into scheduler Requests for a server; see the module docstring."""
+
+    def __init__(self, server: Any):
+        self.server, self.engine, self.limits = server, server.engine, server.limits
+        # the scheduler's thread tokenizes with padding, and a fast tokenizer's padding state is
+        # not thread-safe: this thread has its own copy
+        self.tok = copy.deepcopy(server.engine.tok)
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chainlora-prepare")
+
+    async def submit(self, kind: str, raw: bytes) -> tuple[Sampling, Request]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self.prepare, kind, raw)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def prepare(self, kind: str, raw: bytes) -> tuple[Sampling, Request]:
+        body = parse(raw, ChatBody if kind == "chat" else CompletionBody, self.limits)
+        refuse_unsupported(body, forwarding=self.server.forwarder is not None)
+        return body, (self.chat(body) if kind == "chat" else self.completion(body))
+
+    # ------------------------------------------------------------------ per kind
+
+    def chat(self, body: ChatBody) -> Request:
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        self.limits.prompt(sum(len(m["content"]) for m in msgs), "messages")
+        users = [m["content"] for m in msgs if m["role"] == "user"]
+        if not users or not users[-1].strip():
+            raise ApiError(400, "messages: needs a non-empty user message", param="messages")
+        try:
+            if len(msgs) == 1 or (len(msgs) == 2 and msgs[0]["role"] == "system"):
+                sys_text = msgs[0]["content"] if len(msgs) == 2 else self.engine.system
+                rendered = prompts.render(self.tok, users[-1], sys_text)  # exactly as in training
+            else:
+                rendered = prompts.render_chat(self.tok, msgs, self.engine.system)
+        except Exception as e:  # the model's chat template refuses this conversation (jinja raises)
+            raise ApiError(400, f"messages: the model's chat template refuses them: {str(e)[:200]}", param="messages")
+        return self.request(body, users[-1], rendered, "messages")
+
+    def completion(self, body: CompletionBody) -> Request:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise ApiError(400, "prompt: send one prompt per request", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, list):
+            return self.token_prompt(body, prompt)
+        self.limits.prompt(len(prompt), "prompt")
+        if not prompt.strip():
+            raise ApiError(400, "prompt: empty", param="prompt")
+        try:
+            rendered = prompts.render(self.tok, prompt, self.engine.system)
+        except Exception as e:
+            raise ApiError(400, f"prompt: the model's chat template refuses it: {str(e)[:200]}", param="prompt")
+        return self.request(body, prompt, rendered, "prompt")
+
+    def token_prompt(self, body: CompletionBody, ids: list[int]) -> Request:
+        """A prompt sent as token ids is the model's input verbatim (a chainlora front
+        forwarding here rendered it already), so it names its adapter: routing reads text."""
+        if not ids:
+            raise ApiError(400, "prompt: empty", param="prompt")
+        if body.model == CHAIN:
+            raise ApiError(400, "prompt: token ids are an already rendered prompt; pin a model "
+                                f"({', '.join(self.server.models()[1:])}) or send text to route it", param="prompt")
+        vocab = len(self.tok)
+        if any(not 0 <= t < vocab for t in ids):
+            raise ApiError(400, f"prompt: token ids must lie in [0, {vocab})", param="prompt")
+        self.fits(len(ids), body, "prompt")
+        text = self.tok.decode(ids, skip_special_tokens=True).strip() or "(token prompt)"
+        return self.request(body, text, list(ids), "prompt")
+
+    # ------------------------------------------------------------------ shared
+
+    def max_tokens(self, body: Sampling) -> int:
+        return getattr(body, "max_completion_tokens", None) or body.max_tokens or self.server.default_max_tokens
+
+    def fits(self, n: int, body: Sampling, field: str) -> None:
+        max_tokens = self.max_tokens(body)
+        if n + max_tokens > self.engine.context:
+            raise ApiError(400, f"{field}: {n} prompt tokens + {max_tokens} new tokens exceed the model's "
+                                f"context of {self.engine.context}; shorten it or lower max_tokens",
+                           param=field, code="context_length_exceeded")
+
+    def request(self, body: Sampling, text: str, rendered: str | list[int], field: str) -> Request:
+        task = self.server.pin(body.model)  # an unknown model is a 404 whatever else is wrong
+        if body.n != 1:
+            raise ApiError(400, "n: only n=1 is supported", param="n")
+        self.limits.stops(body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else [])
+        if not isinstance(rendered, list):  # tokenized here once: the worker and a backend get ids
+            rendered = prompts.ids(self.tok, rendered)
+            self.fits(len(rendered), body, field)
+        return Request(text=text, rendered=rendered, task=task, max_tokens=self.max_tokens(body),
+                       temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
+                       deadline=time.monotonic() + self.server.timeout)
