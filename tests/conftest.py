@@ -149,17 +149,24 @@ def random_lib(tiny_model_dir, tmp_path_factory) -> Path:
 class LiveApp:
     """An ASGI app served by uvicorn on a free loopback port, in a thread (tests only)."""
 
-    def __init__(self, app):
+    def __init__(self, app, limits=None):
+        """`limits` (chainlora.serve.limits.Limits): serve with chainlora's own connection
+        protocol (header deadline, connection cap, keep-alive), as `chainlora serve` does."""
         import socket
         import threading
         import time
 
         import uvicorn
 
+        from chainlora.serve.connections import uvicorn_config
+
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.port = self.sock.getsockname()[1]
+        config = (uvicorn_config(app, limits, log_level="warning", lifespan="on") if limits is not None
+                  else uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.uv = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

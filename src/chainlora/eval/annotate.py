@@ -26,6 +26,16 @@ RATINGS = ("Fail", "Pass", "Excellent")
 SHEET_FIELDS = ("item_id", "instruction", "reference", "answer", "rating", "annotator", "note")
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A CSV cell a spreadsheet app will not run as a formula: a cell starting with = + - @,
+    tab or CR gets the standard quote prefix (OWASP's CSV injection advice); the JavaScript
+    download in sheet.html does the same (`cell`)."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
 def export(engine: Any, records: Sequence[Any], out: Path, *, systems: Sequence[str] = ("chain", "mixed", "base"),
            seed: int = 0, max_new_tokens: int = 64) -> dict:
     """Write OUT/sheet.csv, OUT/sheet.html and OUT/key.json; return a summary."""
@@ -44,7 +54,7 @@ def export(engine: Any, records: Sequence[Any], out: Path, *, systems: Sequence[
     w = csv.DictWriter(buf, fieldnames=SHEET_FIELDS)
     w.writeheader()
     for it in items:
-        w.writerow({**it, "rating": "", "annotator": "", "note": ""})
+        w.writerow({k: spreadsheet_safe(v) for k, v in {**it, "rating": "", "annotator": "", "note": ""}.items()})
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "sheet.csv", buf.getvalue())
     atomic.write_text(out / "sheet.html", sheet_html(items, export_id))
@@ -92,7 +102,7 @@ ITEMS.forEach((it, i) => {
       b.className = "on"; save(); };
     d.appendChild(b); });
   box.appendChild(d); });
-function cell(s) { s = String(s == null ? "" : s); return /[",\\r\\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }
+function cell(s) { s = String(s == null ? "" : s); if (/^[=+\\-@\\t\\r]/.test(s)) s = "'" + s; return /[",\\r\\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }
 document.getElementById("dl").onclick = () => {
   const rows = [["item_id", "instruction", "reference", "answer", "rating", "annotator", "note"]];
   ITEMS.forEach(it => rows.push([it.item_id, it.instruction, it.reference, it.answer, store[it.item_id] || "", who.value, ""]));

@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -253,12 +254,21 @@ img{{max-width:100%;border:1px solid #e4e7eb}}table.prov td{{text-align:left}}pr
 """
 
 
+def md_text(value: Any) -> str:
+    """User text (task names, system prompt, answers) made inert in Markdown: HTML special
+    characters as entities (a Markdown viewer renders raw HTML), newlines as spaces, and the
+    characters that make links, images, code or table cells escaped."""
+    text = html.escape(str(value), quote=False).replace("\r", " ").replace("\n", " ")
+    return re.sub(r"([\\`\[\]|])", r"\\\1", text)
+
+
 def _markdown(tabs, plots, prov: dict, config: str) -> str:
     lines = ["# chainlora report", ""]
     for title, header, rows in tabs:
-        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
-    lines += ["## Plots", ""] + [f"![{title}](report/{key}.png)" for key, title, _ in plots] + [""]
-    lines += ["## Provenance", ""] + [f"- {k}: {v}" for k, v in prov.items()]
-    lines += ["", "## Training config", "", "```json", config, "```", ""]
+        lines += [f"## {md_text(title)}", "", "| " + " | ".join(map(md_text, header)) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(map(md_text, r)) + " |" for r in rows] + [""]
+    lines += ["## Plots", ""] + [f"![{md_text(title)}](report/{key}.png)" for key, title, _ in plots] + [""]
+    lines += ["## Provenance", ""] + [f"- {md_text(k)}: {md_text(v)}" for k, v in prov.items()]
+    fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", config)), default=0))
+    lines += ["", "## Training config", "", fence + "json", config, fence, ""]  # a fence the config cannot close
     return "\n".join(lines)

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from chainlora.serve.schema import ApiError
 
 
+OPTIONS = {"max_body_bytes": "--max-body-mb", "max_messages": "--max-messages", "max_prompt_chars": "--max-prompt-chars",
+           "max_stops": "--max-stops", "max_stop_chars": "--max-stop-chars", "header_timeout_s": "--header-timeout",
+           "body_timeout_s": "--body-timeout", "keep_alive_s": "--keep-alive", "max_connections": "--max-connections"}
+
+
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 4 << 20  # --max-body-mb 4
@@ -29,7 +34,7 @@ class Limits:
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
             if not value > 0:
-                raise ValueError(f"serve: {name.replace('_', '-')} must be > 0 (got {value})")
+                raise ValueError(f"serve: {OPTIONS[name]} must be > 0 (got {value})")
 
     def messages(self, n: int) -> None:
         if n > self.max_messages:
