@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.chainlora-installed
 
-.PHONY: install demo test test-fast bench bench-cola clean
+.PHONY: install demo test test-fast fuzz bench bench-cola clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e"
+
+# the server's fuzz tests with 20x the examples `make test` runs (about 10 min on 2 cores)
+fuzz: $(STAMP)
+	CHAINLORA_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q tests/test_serve_fuzz.py
 
 bench: $(STAMP)
 	$(PY) bench/load_base.py

@@ -32,6 +32,7 @@ from chainlora.models import Base, load_base
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch
 ADAPTER_TIERS = ("peft", "pool")
+SAMPLING_EPS = 1e-5  # a temperature below this samples greedily (logits / t would overflow)
 ROUTE_CHUNK = router.ROUTE_CHUNK  # instructions per LoRA-selector pass (bounds the label-expanded KV cache)
 
 
@@ -261,7 +262,7 @@ class Engine:
             kw["stopping_criteria"] = StoppingCriteriaList(criteria)
         if min_new_tokens:
             kw["min_new_tokens"] = min_new_tokens
-        if temperature > 0:
+        if temperature >= SAMPLING_EPS:  # below it, logits / temperature overflow: greedy, as vLLM does
             kw.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)

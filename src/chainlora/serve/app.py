@@ -147,7 +147,7 @@ def create_app(server: Server):
     app.state.server = server
     app.add_middleware(Guard, api_key=server.api_key, limits=server.limits, on_refused=server.metrics.status)
     install_handlers(app, server.metrics)
-    install_openapi(app)
+    install_openapi(app, server.models, forwarding=server.forwarder is not None)
 
     @app.get("/health", responses=documented(503))
     async def health(request: HttpRequest):
@@ -159,7 +159,8 @@ def create_app(server: Server):
             body.update(waiting=server.scheduler.waiting, models=server.models())
         return JSONResponse(body, status_code=200 if alive else 503)
 
-    @app.get("/metrics", responses=documented(401))
+    @app.get("/metrics", responses={**documented(401), 200: {"description": "Prometheus text", "content": {
+        "text/plain": {"schema": {"type": "string"}}}}})
     async def metrics():
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 

@@ -8,12 +8,12 @@ generators read this schema.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from chainlora.serve.errors import CODES
-from chainlora.serve.schema import ChatBody, CompletionBody, ErrorBody
+from chainlora.serve.schema import BACKEND_ONLY, NEUTRAL, ChatBody, CompletionBody, ErrorBody, Message
 
-MODELS = (ChatBody, CompletionBody, ErrorBody)
+MODELS = (ChatBody, CompletionBody, ErrorBody, Message)
 REF = "#/components/schemas/{model}"
 
 
@@ -33,19 +33,28 @@ class _Documented:
 documented = _Documented()
 
 
-def install_openapi(app: Any) -> None:
-    """Add the request-body models (and their sub-models) to the app's components."""
+def install_openapi(app: Any, models: Callable[[], list[str]], forwarding: bool = False) -> None:
+    """Add the request-body models (and their sub-models) to the app's components; `model`
+    lists the served models (any other name is a documented 404), and a field chainlora does
+    not implement is documented as what it accepts: its neutral values (schema.NEUTRAL)."""
     from fastapi.openapi.utils import get_openapi
 
     def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in MODELS:
-                js = model.model_json_schema(ref_template=REF)
-                components.update(js.pop("$defs", {}))
-                components[model.__name__] = js
-            app.openapi_schema = schema
-        return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in MODELS:
+            js = model.model_json_schema(ref_template=REF)
+            components.update(js.pop("$defs", {}))
+            for name, values in NEUTRAL.items():
+                if name in js.get("properties", {}) and not (forwarding and name in BACKEND_ONLY):
+                    js["properties"][name] = {"anyOf": [{"enum": list(values)}, {"type": "null"}],
+                                              "description": "not supported: only these values"}
+            if "model" in js.get("properties", {}):
+                js["properties"]["model"] = {"anyOf": [{"enum": models()}, js["properties"]["model"]],
+                                             "title": "Model", "description": "chain, mixed or a task adapter"}
+            components[model.__name__] = js
+        components["ContentPart"]["properties"].update(type={"enum": ["text"]}, text={"type": "string"})
+        components["ContentPart"]["required"] = ["type", "text"]  # what is answered (others: a 400)
+        return schema  # built per call: a reload changes the models
 
     app.openapi = openapi

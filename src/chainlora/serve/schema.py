@@ -95,8 +95,8 @@ class Sampling(BaseModel):
     store: bool | None = None
     service_tier: str | None = Text
     # answered only by an OpenAI-compatible backend (--backend openai): neutral values locally
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
     top_k: int | None = Field(default=None, ge=-1, le=1_000_000)  # vLLM's extension
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
