@@ -1,0 +1,249 @@
+"""Benchmark P6: the server under the attacks of issue #19, with and without an API key.
+
+Starts `chainlora serve LIB` in a subprocess (its default limits), then for each attack sends
+it from a few clients for a few seconds while a prober asks GET /health every 50 ms, and
+reports: the attack's HTTP statuses and answer time, /health latency during it (median, p99,
+max, as a ratio to /health on the idle server in the same run), and the server's resident
+memory (VmRSS) before, at its peak and after. A last request checks the server still answers.
+
+    .venv/bin/python bench/serve_attacks.py --library runs/demo/library [--key] [--seconds 5]
+    .venv/bin/python bench/serve_attacks.py --library ... --src /path/to/older/checkout   # compare
+
+`--src` runs the server from another checkout's src/ (e.g. the commit before #19) to measure
+the old behaviour in the same session; `--skip` leaves out attacks that checkout cannot
+survive (the 100 KB stop string took 23 GB there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+KEY = "sk-bench-attacks"
+CHAT = "/v1/chat/completions"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chat(content: str = "Give the antonym of hot.", **extra) -> dict:
+    return {"model": "chain", "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+            "temperature": 0, **extra}
+
+
+def raw(port: int, data: bytes, wait: float = 30.0) -> bytes:
+    """Send raw bytes, read the reply until the server closes or `wait` passes."""
+    out = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+            s.sendall(data)
+            while chunk := s.recv(65536):
+                out += chunk
+    except OSError:
+        pass
+    return out
+
+
+def post(url: str, body: bytes, headers: dict) -> str:
+    try:
+        return str(httpx.post(url, content=body, headers={"Content-Type": "application/json", **headers},
+                              timeout=120).status_code)
+    except httpx.HTTPError as e:
+        return type(e).__name__
+
+
+def slowloris(port: int, n: int = 200, hold: float = 14.0) -> str:
+    """n connections that send half their headers; how many the server still holds after `hold` s."""
+    socks = []
+    for _ in range(n):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            socks.append(s)
+        except OSError:
+            break
+    time.sleep(hold)
+    held = 0
+    for s in socks:
+        s.settimeout(0.2)
+        try:
+            s.recv(1)  # data (an error reply) or b"" (closed): the server let go of it
+        except socket.timeout:
+            held += 1
+        except OSError:
+            pass
+        s.close()
+    return f"{held}/{len(socks)} held after {hold:g}s"
+
+
+def attacks(key: bool) -> dict:
+    """name -> (function(url, port) -> status string). Each is one request (repeated by clients)."""
+    auth = {"Authorization": f"Bearer {KEY}"} if key else {}
+    big_messages = json.dumps({"model": "chain", "messages": [{"role": "user", "content": "a"}] * 1_000_000}).encode()
+    bogus_role = json.dumps({"model": "chain", "messages": [{"role": "bogus", "content": "a"}] * 1_000_000}).encode()
+    return {
+        "stop 100 KB": lambda url, port: post(url + CHAT, json.dumps(chat(stop=["a" * 100_000])).encode(), auth),
+        "stop 2,000 chars": lambda url, port: post(url + CHAT, json.dumps(chat(stop=[os.urandom(8).hex() * 125])).encode(), auth),
+        "34 MB, 1M messages, no key": lambda url, port: post(url + CHAT, big_messages, {}),
+        "34 MB, bad role, no key": lambda url, port: post(url + CHAT, bogus_role, {}),
+        "34 MB, 1M messages, key": lambda url, port: post(url + CHAT, big_messages, auth),
+        "10.8 MB prompt": lambda url, port: post(url + CHAT, json.dumps(chat("word " * 2_160_000)).encode(), auth),
+        "3.8 MB prompt": lambda url, port: post(url + CHAT, json.dumps(chat("w " * 1_900_000)).encode(), auth),
+        "text part 5": lambda url, port: post(url + CHAT, json.dumps(
+            {"model": "chain", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}).encode(), auth),
+        "100k-deep JSON": lambda url, port: post(url + CHAT, b"[" * 100_000 + b"]" * 100_000, auth),
+        "Content-Length 100 MB, no body": lambda url, port: raw(port, (
+            f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n"
+            + (f"Authorization: Bearer {KEY}\r\n" if key else "") + "\r\n").encode(), wait=60)[:12].decode(errors="replace"),
+        "200 half-sent headers": lambda url, port: slowloris(port),
+    }
+
+
+class Prober(threading.Thread):
+    """GET /health every 50 ms; latencies in seconds (a failed probe counts as its time)."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.times, self.stop = url, [], threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=60) as c:
+            while not self.stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    c.get(self.url + "/health")
+                except httpx.HTTPError:
+                    pass
+                self.times.append(time.monotonic() - t0)
+                time.sleep(0.05)
+
+
+def summary(times: list[float]) -> tuple[float, float, float]:
+    xs = sorted(times)
+    return statistics.median(xs), xs[min(len(xs) - 1, int(0.99 * len(xs)))], xs[-1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--library", required=True)
+    ap.add_argument("--key", action="store_true", help="serve with an API key (from a file)")
+    ap.add_argument("--seconds", type=float, default=5.0, help="how long each attack runs")
+    ap.add_argument("--clients", type=int, default=2, help="attacking clients at once")
+    ap.add_argument("--src", help="serve from this checkout's src/ instead of the installed chainlora")
+    ap.add_argument("--skip", nargs="*", default=[], help="attacks to leave out (their names' first word)")
+    args = ap.parse_args()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "chainlora", "serve", args.library, "--port", str(port)]
+    if args.src:
+        env["PYTHONPATH"] = str(Path(args.src) / "src")
+    key_file = None
+    if args.key:
+        key_file = tempfile.NamedTemporaryFile("w", suffix=".key", delete=False)
+        key_file.write(KEY)
+        key_file.close()
+        cmd += ["--api-key", KEY] if args.src else ["--api-key-file", key_file.name]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    auth = {"Authorization": f"Bearer {KEY}"} if args.key else {}
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                print(proc.stderr.read() if proc.stderr else "", file=sys.stderr)
+                raise SystemExit("the server did not start")
+            time.sleep(0.5)
+        httpx.post(url + CHAT, json=chat(), headers=auth, timeout=120).raise_for_status()  # warm
+        idle = Prober(url)
+        idle.start()
+        time.sleep(3)
+        idle.stop.set()
+        idle.join()
+        base = summary(idle.times)
+        print(f"server {'with' if args.key else 'without'} a key, {'src=' + args.src if args.src else 'installed'}; "
+              f"idle /health median {base[0] * 1000:.1f} ms, p99 {base[1] * 1000:.1f} ms; RSS {rss_mb(proc.pid):.0f} MB\n")
+        print("| attack | statuses | answer s | /health median ms (x idle) | p99 ms | max ms | RSS MB before / peak / after | alive |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, attack in attacks(args.key).items():
+            if name.split()[0] in args.skip or name in args.skip:
+                continue
+            if proc.poll() is not None:
+                print(f"| {name} | server gone (exit {proc.returncode}) | | | | | | no |")
+                break
+            before, peak, statuses, took = rss_mb(proc.pid), [rss_mb(proc.pid)], [], []
+            stop = threading.Event()
+
+            def client() -> None:
+                while not stop.is_set() and proc.poll() is None:
+                    t0 = time.monotonic()
+                    statuses.append(attack(url, port))
+                    took.append(time.monotonic() - t0)
+
+            prober = Prober(url)
+            prober.start()
+            clients = [threading.Thread(target=client, daemon=True) for _ in range(1 if "half" in name else args.clients)]
+            for c in clients:
+                c.start()
+            t_end = time.monotonic() + args.seconds
+            while time.monotonic() < t_end or (any(c.is_alive() for c in clients) and not took):
+                if proc.poll() is not None:
+                    break
+                peak.append(rss_mb(proc.pid))
+                time.sleep(0.1)
+            stop.set()
+            for c in clients:
+                c.join(timeout=180)
+            prober.stop.set()
+            prober.join(timeout=60)
+            time.sleep(1)
+            after = rss_mb(proc.pid) if proc.poll() is None else float("nan")
+            try:
+                ok = httpx.post(url + CHAT, json=chat(), headers=auth, timeout=120).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            med, p99, mx = summary(prober.times) if prober.times else (float("nan"),) * 3
+            counts = {s: statuses.count(s) for s in dict.fromkeys(statuses)}
+            print(f"| {name} | {', '.join(f'{s} x{n}' for s, n in counts.items())} | "
+                  f"{statistics.median(took) if took else float('nan'):.2f} | {med * 1000:.1f} ({med / base[0]:.1f}x) | "
+                  f"{p99 * 1000:.1f} | {mx * 1000:.1f} | {before:.0f} / {max(peak):.0f} / {after:.0f} | "
+                  f"{'yes' if ok else 'NO'} |", flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if key_file is not None:
+            os.unlink(key_file.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
