@@ -329,6 +329,26 @@ def test_4_neutral_values_and_text_parts_are_answered(keyed):
     assert r.status_code == 400 and error_of(r)["param"] == "messages[0].content[0]"
 
 
+def test_4_a_reply_appended_to_the_conversation_is_accepted(keyed):
+    """What the official client sends when a reply's message goes back into `messages`."""
+    from openai import OpenAI
+
+    c = OpenAI(base_url=f"{keyed.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    msgs = [{"role": "user", "content": "Give the antonym of hot."}]
+    first = c.chat.completions.create(model="antonym", messages=msgs, max_tokens=3, temperature=0)
+    msgs += [first.choices[0].message.model_dump(), {"role": "user", "content": "And of tall?"}]
+    again = c.chat.completions.create(model="antonym", messages=msgs, max_tokens=3, temperature=0)
+    assert again.choices[0].finish_reason in ("stop", "length")
+
+
+def test_4_random_paths_do_not_grow_the_metrics(keyed):
+    for i in range(300):
+        httpx.get(f"{keyed.url}/x{i}", timeout=30)
+        httpx.get(f"{keyed.url}/y{i}", headers=AUTH, timeout=30)
+    text = httpx.get(f"{keyed.url}/metrics", headers=AUTH, timeout=30).text
+    assert "/x1" not in text and "/y1" not in text and 'endpoint="other"' in text
+
+
 # --------------------------------------------------------------------------- 5 key handling
 
 

@@ -35,6 +35,10 @@ class _CacheCollector:
                                 value=len(cache.resident))
 
 
+PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adapters/reload", "/health",
+                   "/metrics", "/openapi.json"})
+
+
 class Metrics:
     def __init__(self, engine: Any):
         r = self.registry = CollectorRegistry()
@@ -73,7 +77,9 @@ class Metrics:
         self.completion_tokens.inc(answer.completion_tokens)
 
     def status(self, path: str, status: int) -> None:
-        self.requests.labels(path, str(status)).inc()
+        """Count a refused request; any path but the server's own is `other`, so that random
+        paths cannot grow the label sets (and the server's memory) without bound."""
+        self.requests.labels(path if path in PATHS else "other", str(status)).inc()
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

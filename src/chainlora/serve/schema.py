@@ -66,6 +66,10 @@ class Message(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None  # only empty: chainlora has no tools
     tool_call_id: str | None = Text
     refusal: str | None = None
+    # what an OpenAI client sends back when a reply's message is appended to the conversation
+    function_call: dict[str, Any] | None = None  # only null
+    audio: dict[str, Any] | None = None  # only null
+    annotations: list[dict[str, Any]] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -156,9 +160,10 @@ def refuse_unsupported(body: Sampling, *, forwarding: bool) -> None:
         raise ApiError(400, f"{name}: not supported by chainlora's engine (send it unset or "
                             f"{NEUTRAL[name][0]!r}){where}", param=name, code="unsupported_parameter")
     for i, m in enumerate(getattr(body, "messages", None) or []):
-        if m.tool_calls:
-            raise ApiError(400, f"messages[{i}].tool_calls: tool calls are not supported",
-                           param=f"messages[{i}].tool_calls", code="unsupported_parameter")
+        for name in ("tool_calls", "function_call", "audio"):
+            if getattr(m, name):
+                raise ApiError(400, f"messages[{i}].{name}: not supported (send it empty or null)",
+                               param=f"messages[{i}].{name}", code="unsupported_parameter")
         for j, part in enumerate(m.content if isinstance(m.content, list) else []):
             if part.type != "text" or not isinstance(part.text, str):
                 param = f"messages[{i}].content[{j}]"
