@@ -204,3 +204,23 @@ def test_token_prompts_are_answered_verbatim_and_need_a_pinned_model(servers):
     assert r.status_code == 400 and "pin a model" in r.json()["error"]["message"]
     r = httpx.post(f"{local.url}/v1/completions", json={"model": "antonym", "prompt": [10**9]}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_only_validated_fields_reach_the_backend(servers):
+    """The backend sees the explicit sampling fields and the validated ones it implements;
+    an unknown field, or a valid one outside its range, is a 400 here and never forwarded."""
+    local, _, front, rec = servers
+    n = len(rec.calls)
+    body = {"model": "antonym", "max_tokens": 4, **CHAT, "presence_penalty": 0.5, "top_k": 5, "user": "u"}
+    r = httpx.post(f"{front.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    sent = rec.calls[-1][1]
+    assert sent["presence_penalty"] == 0.5 and sent["top_k"] == 5 and sent["user"] == "u"
+    assert set(sent) <= {"model", "prompt", "max_tokens", "temperature", "top_p", "stream", "stop",
+                         "stream_options", "presence_penalty", "top_k", "user"}
+    for bad in ({"frobnicate": 1}, {"presence_penalty": 9}, {"logit_bias": {"1": "x"}}, {"tools": [{"type": "f"}]}):
+        r = httpx.post(f"{front.url}/v1/chat/completions", json={**body, **bad}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"], (bad, r.text)
+    assert len(rec.calls) == n + 1
+    r = httpx.post(f"{local.url}/v1/chat/completions", json=body, timeout=60)  # the local engine has no penalties
+    assert r.status_code == 400 and r.json()["error"]["param"] == "presence_penalty"

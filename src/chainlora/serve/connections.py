@@ -94,7 +94,8 @@ def protocol(limits: Limits) -> type[GuardedH11]:
 
 
 def uvicorn_config(app: Any, limits: Limits, **kw: Any) -> Any:
-    """uvicorn's Config with the limits it knows itself (keep-alive) and our protocol."""
+    """uvicorn's Config with the limits it knows itself (keep-alive), our protocol, and no
+    WebSocket upgrades (the server has no WebSocket routes: an upgrade would skip the guard)."""
     import uvicorn
 
-    return uvicorn.Config(app, http=protocol(limits), timeout_keep_alive=limits.keep_alive_s, **kw)
+    return uvicorn.Config(app, http=protocol(limits), ws="none", timeout_keep_alive=limits.keep_alive_s, **kw)

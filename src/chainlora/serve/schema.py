@@ -152,7 +152,7 @@ BACKEND_ONLY = ("presence_penalty", "frequency_penalty", "logit_bias", "top_k", 
 
 def refuse_unsupported(body: Sampling, *, forwarding: bool) -> None:
     """A 400 naming the first field set to something chainlora would otherwise ignore."""
-    for name in body.model_fields_set & NEUTRAL.keys():
+    for name in (n for n in NEUTRAL if n in body.model_fields_set):  # in a fixed order
         value = getattr(body, name)
         if value is None or value in NEUTRAL[name] or (forwarding and name in BACKEND_ONLY):
             continue
