@@ -183,7 +183,7 @@ def test_2_message_count_and_prompt_characters_are_checked_before_tokenizing(key
     many = {"model": "chain", "messages": [{"role": "user", "content": "hi"}] * 10_000}
     r = httpx.post(f"{keyed.url}{CHAT}", json=many, headers=AUTH, timeout=30)
     assert r.status_code == 400 and "--max-messages" in error_of(r)["message"]
-    long = hello(messages=[{"role": "user", "content": "word " * 200_000}])  # 1 MB: under the body limit
+    long = hello(messages=[{"role": "user", "content": "word " * 30_000}])  # 150 KB: under the body limit
     r = httpx.post(f"{keyed.url}{CHAT}", json=long, headers=AUTH, timeout=30)
     assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
     assert "--max-prompt-chars" in error_of(r)["message"]
@@ -194,12 +194,15 @@ def test_2_message_count_and_prompt_characters_are_checked_before_tokenizing(key
 
 def test_2_health_answers_quickly_while_the_worst_requests_are_rejected(keyed):
     """The event loop never parses, validates or tokenizes: /health stays fast while four
-    clients send 4 MB bodies that are refused (no key; too many messages; too long)."""
+    clients send the largest bodies the limits let in (1 MB), each refused: no key; broken JSON;
+    too many JSON values; too long; past the context after rendering and tokenizing."""
     stop = threading.Event()
-    worst = [(b"x" * (4 << 20), {}),
-             (json.dumps({"model": "chain", "messages": [{"role": "user", "content": "a"}] * 150_000})
-              .encode()[: (4 << 20) - 10], AUTH),
-             (json.dumps(hello(messages=[{"role": "user", "content": "w " * 1_900_000}])).encode(), AUTH),
+    part = {"type": "text", "text": ""}
+    worst = [(b"x" * (1 << 20), {}),
+             (json.dumps({"model": "chain", "messages": [{"role": "user", "content": "a"}] * 40_000})
+              .encode()[: (1 << 20) - 10], AUTH),
+             (json.dumps(hello(messages=[{"role": "user", "content": [part] * 30_000}])).encode(), AUTH),
+             (json.dumps(hello(messages=[{"role": "user", "content": "w " * 450_000}])).encode(), AUTH),
              (json.dumps({"model": "chain", "messages": [{"role": "user", "content": "word " * 80}] * 200})
               .encode(), AUTH)]  # rendered and tokenized: past the context
     statuses: list[int] = []
@@ -211,6 +214,7 @@ def test_2_health_answers_quickly_while_the_worst_requests_are_rejected(keyed):
             except httpx.TransportError:
                 statuses.append(0)
 
+    assert all(len(body) <= 1 << 20 for body, _ in worst)
     threads = [threading.Thread(target=attack, args=w, daemon=True) for w in worst]
     for t in threads:
         t.start()

@@ -36,7 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     key = _api_key(args)
     try:
-        limits = Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_messages=args.max_messages,
+        limits = Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_json_values=args.max_json_values,
+                        max_messages=args.max_messages,
                         max_prompt_chars=args.max_prompt_chars, max_stops=args.max_stops,
                         max_stop_chars=args.max_stop_chars, header_timeout_s=args.header_timeout,
                         body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive,
@@ -75,7 +76,9 @@ def add_serve_parser(sub: argparse._SubParsersAction, selector_args: Callable) -
     d.add_argument("--backend-key", help="API key for the backend (default: $CHAINLORA_BACKEND_KEY)")
     d.add_argument("--backend-base-model", help="the backend's name for the bare base model (fallback rows)")
     lim = d.add_argument_group("limits (each refusal is a 400/408/413/503 naming its option; README: Security)")
-    lim.add_argument("--max-body-mb", type=float, default=4.0, help="request body size (default: %(default)s)")
+    lim.add_argument("--max-body-mb", type=float, default=1.0, help="request body size (default: %(default)s)")
+    lim.add_argument("--max-json-values", type=int, default=20_000,
+                     help="JSON values (objects, arrays, strings, numbers) in a body (default: %(default)s)")
     lim.add_argument("--max-messages", type=int, default=256, help="messages per chat request (default: %(default)s)")
     lim.add_argument("--max-prompt-chars", type=int, default=100_000, help="prompt characters, checked before tokenizing (default: %(default)s)")
     lim.add_argument("--max-stops", type=int, default=4, help="stop sequences per request (default: %(default)s)")

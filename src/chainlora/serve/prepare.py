@@ -46,6 +46,7 @@ def parse(raw: bytes, model: type[BaseModel], limits: Limits) -> Any:
         raise ApiError(400, "body: must be a JSON object", param="body", code="invalid_json")
     if isinstance(data.get("messages"), list):
         limits.messages(len(data["messages"]))
+    limits.json_values(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
