@@ -47,7 +47,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def chat(content: str = "Give the antonym of hot.", **extra) -> dict:
+def chat(content: str | list = "Give the antonym of hot.", **extra) -> dict:
     return {"model": "chain", "messages": [{"role": "user", "content": content}], "max_tokens": 8,
             "temperature": 0, **extra}
 
@@ -110,6 +110,8 @@ def attacks(key: bool) -> dict:
         "34 MB, 1M messages, key": lambda url, port: post(url + CHAT, big_messages, auth),
         "10.8 MB prompt": lambda url, port: post(url + CHAT, json.dumps(chat("word " * 2_160_000)).encode(), auth),
         "3.8 MB prompt": lambda url, port: post(url + CHAT, json.dumps(chat("w " * 1_900_000)).encode(), auth),
+        "1 MB of content parts": lambda url, port: post(url + CHAT, json.dumps(chat([{"type": "text", "text": ""}] * 30_000)).encode(), auth),
+        "1 MB logit_bias": lambda url, port: post(url + CHAT, json.dumps(chat(logit_bias={str(i): 1 for i in range(70_000)})).encode(), auth),
         "text part 5": lambda url, port: post(url + CHAT, json.dumps(
             {"model": "chain", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}).encode(), auth),
         "100k-deep JSON": lambda url, port: post(url + CHAT, b"[" * 100_000 + b"]" * 100_000, auth),
@@ -166,7 +168,8 @@ def main() -> int:
         key_file.write(KEY)
         key_file.close()
         cmd += ["--api-key", KEY] if args.src else ["--api-key-file", key_file.name]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: an unread pipe fills and blocks the server
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     auth = {"Authorization": f"Bearer {KEY}"} if args.key else {}
     try:
         deadline = time.monotonic() + 300
@@ -177,7 +180,8 @@ def main() -> int:
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                print(proc.stderr.read() if proc.stderr else "", file=sys.stderr)
+                log.seek(0)
+                print(log.read()[-3000:], file=sys.stderr)
                 raise SystemExit("the server did not start")
             time.sleep(0.5)
         httpx.post(url + CHAT, json=chat(), headers=auth, timeout=120).raise_for_status()  # warm

@@ -425,3 +425,15 @@ def test_6_report_markdown_and_csv_cells_are_inert():
     for cell in ("=HYPERLINK(\"http://x\")", "+1", "-2+3", "@SUM(A1)", "\tx", "\rx"):
         assert spreadsheet_safe(cell) == "'" + cell
     assert spreadsheet_safe("plain answer") == "plain answer"
+
+
+def test_3_a_flood_of_bad_connections_is_not_a_flood_of_log_lines(caplog):
+    import logging
+
+    from chainlora.serve.connections import Quiet
+
+    quiet, logger = Quiet(every=60), logging.getLogger("chainlora.test.quiet")
+    with caplog.at_level(logging.WARNING, logger="chainlora.test.quiet"):
+        for _ in range(500):
+            quiet.warn(logger, "headers: not received")
+    assert len(caplog.records) == 1 and quiet.skipped == 499

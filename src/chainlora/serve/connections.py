@@ -15,12 +15,33 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from chainlora.serve.limits import Limits
 from chainlora.serve.schema import ApiError
+
+
+class Quiet:
+    """At most one log line per `every` seconds, with how many it stood for: a flood of bad
+    connections must not become a flood of log lines (or a full disk)."""
+
+    def __init__(self, every: float = 10.0):
+        self.every, self.last, self.skipped = every, float("-inf"), 0
+
+    def warn(self, logger: Any, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.skipped += 1
+            return
+        more = f" (and {self.skipped} more like it since the last line)" if self.skipped else ""
+        logger.warning("closing a connection: %s%s", message, more)
+        self.last, self.skipped = now, 0
+
+
+QUIET = Quiet()
 
 
 def raw_response(error: ApiError) -> bytes:
@@ -65,7 +86,7 @@ class GuardedH11(H11Protocol):
                                            "(chainlora serve --header-timeout)", code="request_timeout"))
 
     def _close_with(self, error: ApiError) -> None:
-        self.logger.warning("closing a connection: %s", error.message)
+        QUIET.warn(self.logger, error.message)
         self.transport.write(raw_response(error))
         self.transport.close()
 
