@@ -3,12 +3,14 @@
     GET  /v1/models                 chain, mixed, every task adapter
     POST /v1/chat/completions       OpenAI chat (streaming: server-sent events, [DONE])
     POST /v1/completions            OpenAI completions (the prompt is the instruction)
-    POST /v1/adapters/reload        rescan the library (API key required)
+    POST /v1/adapters/reload        rescan the library (the key; without one: loopback + JSON)
     GET  /health, GET /metrics      liveness; Prometheus text
 
 `model: "chain"` routes with the library's selector, `"<task>"` pins an adapter, `"mixed"` uses
 the mixed one. Every response carries the routing decision in an extra `chainlora` field.
-Requests are batched across adapters by `scheduler.Scheduler`; errors use OpenAI's JSON shape.
+A request passes the Guard (key, body size and pace: guard.py), becomes a scheduler Request on
+the preparer's thread (prepare.py) and is batched across adapters by `scheduler.Scheduler`;
+every error is in OpenAI's JSON shape (errors.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import Any, AsyncIterator
 
 from fastapi import Request as HttpRequest  # module level: FastAPI resolves annotations here
 
-from chainlora.data import prompts
 from chainlora.errors import ChainloraError, NotFound
 from chainlora.inference.engine import Answer, Engine, Route
 from chainlora.serve.guard import Guard, authorized
@@ -54,7 +55,6 @@ class Server:
         if max_queue < 1 or timeout_s <= 0 or max_batch < 1:
             raise ChainloraError("serve: --max-queue and --max-batch must be >= 1, --timeout > 0")
         self.preparer = Preparer(self)  # bodies become Requests on its own thread (prepare.py)
-        self.tok = self.preparer.tok
         self.metrics = Metrics(engine)
         self.scheduler = Scheduler(engine, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
                                    on_batch=self.metrics.batch)
@@ -227,7 +227,7 @@ def create_app(server: Server):
             raise ApiError(404, str(e), param="model", code="model_not_found")
         except ChainloraError as e:
             raise ApiError(500, str(e), type="server_error")
-        payload = completion_body(body, req, model, prompts.ids(server.tok, req.rendered))
+        payload = completion_body(body, req, model, list(req.rendered))  # token ids (prepare.py)
         rf = route_field(route)
         server.metrics.routed.labels(route.adapter, str(route.fallback).lower()).inc()
         if body.stream:

@@ -46,7 +46,8 @@ async def respond(send: Callable, error: ApiError) -> None:
     """An OpenAI-shaped error sent straight from the middleware; the connection then closes."""
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")] + [(k.lower().encode(), str(v).encode()) for k, v in error.headers.items()]
+               (b"connection", b"close")] + [(k.lower().encode(), str(v).encode()) for k, v in error.headers.items()
+                                             if k.lower() != "connection"]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
