@@ -2,7 +2,7 @@
 
 Stages, lowest first (a module's stage is its subpackage; errors, atomic and models are core):
 
-    core < data < library < inference < train < eval < serve < demo < cli
+    core < data < library < inference < discover < train < eval < serve < demo < cli
 
 Every import counts: module level, inside functions (lazy imports) and importlib.import_module
 calls with a literal name. Parsed with `ast`, nothing is imported.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "chainlora"
-STAGES = ("core", "data", "library", "inference", "train", "eval", "serve", "demo", "cli")
+STAGES = ("core", "data", "library", "inference", "discover", "train", "eval", "serve", "demo", "cli")
 RANK = {stage: i for i, stage in enumerate(STAGES)}
 CORE = ("errors", "atomic", "models")  # top-level modules every stage may use
 MAX_LINES = 450

@@ -8,7 +8,7 @@
     changes.py   per-adapter fingerprints: the keep / train / retrain / remove plan
     staging.py   the library is rebuilt beside the old one and swapped in whole
 
-May import: core, data, library, inference.
+May import: core, data, library, inference, discover (tasks: auto).
 """
 
 

@@ -1,0 +1,124 @@
+"""Clustering the template groups into tasks, and choosing how many.
+
+k-means (scikit-learn) over the groups' pooled vectors, each group weighted by its records.
+k-means and not HDBSCAN: the groups are few and dense (tens to thousands) and every record
+must land in some task; HDBSCAN leaves much of such data as noise, and its density scale is
+one more knob a user cannot judge.
+
+How many tasks: internal indices (silhouette, Calinski-Harabasz, Davies-Bouldin) are flat on
+this data — measured on the demo data, each favours a coarser k than the true 10. What does
+separate a real task from a spurious split is the answer: two halves of one task answer alike,
+two tasks do not. For a partition, each pair of clusters is scored by
+
+    separation(a, b) = |mean_a - mean_b|^2 / (var_a / n_a + var_b / n_b)
+
+over the answer vectors: the squared distance of the two mean answers over what sampling noise
+alone gives it (about 1 for two samples of one distribution). k is the largest k in the range
+whose closest pair still scores at least SEPARATION. On the demo data the closest pair scores
+2.5-9 at the true k and 1.0-1.3 once a task is split (bench/discover.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SEPARATION = 2.0  # twice the separation that sampling noise alone gives two halves of one task
+FIT_LIMIT = 4000  # groups k-means fits on; more are assigned to the nearest centroid
+PATIENCE = 4  # stop scanning k after this many in a row fail past the last that passed
+
+
+@dataclass
+class Partition:
+    k: int
+    group_labels: np.ndarray  # each group's cluster
+    centroids: np.ndarray
+    separation: float  # of the closest pair of clusters (inf for k = 1)
+
+
+@dataclass
+class Choice:
+    partition: Partition
+    scanned: dict[int, float] = field(default_factory=dict)  # k -> closest pair's separation
+
+
+def kmeans(points: np.ndarray, weights: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, centroids) of weighted k-means; on a seeded sample of FIT_LIMIT points when there
+    are more (the rest go to their nearest centroid)."""
+    from sklearn.cluster import KMeans
+
+    n_init = 50 if len(points) <= 1000 else 8
+    fit = np.arange(len(points))
+    if len(points) > FIT_LIMIT:
+        fit = np.sort(np.random.default_rng(seed).choice(len(points), FIT_LIMIT, replace=False))
+    model = KMeans(k, n_init=n_init, random_state=seed).fit(points[fit], sample_weight=weights[fit])
+    labels = model.predict(points) if len(fit) < len(points) else model.labels_
+    return labels.astype(np.int64), model.cluster_centers_
+
+
+def separation(answers: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """The closest pair of clusters' separation (module docstring) over per-record answer vectors."""
+    if k < 2:
+        return float("inf")
+    n = np.bincount(labels, minlength=k).astype(np.float64)
+    if (n < 2).any():
+        return 0.0  # a cluster of one record is not a task
+    sums = np.zeros((k, answers.shape[1]))
+    sq = np.zeros(k)
+    np.add.at(sums, labels, answers)
+    np.add.at(sq, labels, (answers.astype(np.float64) ** 2).sum(1))
+    means = sums / n[:, None]
+    noise = (sq / n - (means ** 2).sum(1)) / (n - 1)  # var / n, unbiased
+    d2 = ((means[:, None, :] - means[None, :, :]) ** 2).sum(-1)
+    ratio = d2 / np.maximum(noise[:, None] + noise[None, :], 1e-12)
+    return float(ratio[np.triu_indices(k, 1)].min())
+
+
+def partition(points: np.ndarray, weights: np.ndarray, answers: np.ndarray, group: np.ndarray,
+              k: int, seed: int) -> Partition:
+    if k == 1:
+        return Partition(1, np.zeros(len(points), np.int64), points.mean(0, keepdims=True), float("inf"))
+    labels, centroids = kmeans(points, weights, k, seed)
+    return Partition(k, labels, centroids, separation(answers, labels[group], k))
+
+
+def choose_k(points: np.ndarray, weights: np.ndarray, answers: np.ndarray, group: np.ndarray,
+             k_max: int, seed: int, progress: bool = True) -> Choice:
+    """The largest k in 2..k_max whose closest pair of clusters separates (else k = 1)."""
+    from tqdm.auto import tqdm
+
+    best, scanned, misses = partition(points, weights, answers, group, 1, seed), {}, 0
+    for k in tqdm(range(2, k_max + 1), desc="choosing k", unit="k", disable=not progress):
+        p = partition(points, weights, answers, group, k, seed)
+        scanned[k] = p.separation
+        if p.separation >= SEPARATION:
+            best, misses = p, 0
+        else:
+            misses += 1
+            if misses >= PATIENCE and best.k > 1:
+                break
+    return Choice(best, scanned)
+
+
+def merge_small(p: Partition, points: np.ndarray, weights: np.ndarray, min_size: int) -> tuple[Partition, int]:
+    """Clusters of fewer than `min_size` records joined to the nearest kept one (by centroid);
+    returns the new partition (clusters renumbered by size, largest first) and how many records moved."""
+    sizes = np.bincount(p.group_labels, weights=weights, minlength=p.k)
+    keep = np.flatnonzero(sizes >= min_size)
+    if len(keep) == 0:
+        keep = np.array([int(np.argmax(sizes))])
+    labels = p.group_labels.copy()
+    moved = 0
+    small = ~np.isin(labels, keep)
+    if small.any():
+        d = ((points[small][:, None, :] - p.centroids[keep][None, :, :]) ** 2).sum(-1)
+        labels[small] = keep[np.argmin(d, 1)]
+        moved = int(weights[small].sum())
+    new_sizes = np.bincount(labels, weights=weights, minlength=p.k)
+    order = [int(c) for c in np.argsort(-new_sizes, kind="stable") if new_sizes[c] > 0]
+    renumber = {c: i for i, c in enumerate(order)}
+    labels = np.fromiter((renumber[int(c)] for c in labels), dtype=np.int64, count=len(labels))
+    centroids = np.stack([np.average(points[labels == i], axis=0, weights=weights[labels == i])
+                          for i in range(len(order))])
+    return Partition(len(order), labels, centroids, p.separation), moved
