@@ -2,6 +2,8 @@
 
     __init__.py  the parser and the data / train / export / route / generate / serve / model commands
     eval.py      the evaluation commands: eval, judge, annotate, report
+    serve.py     `chainlora serve` and its limits
+    discover.py  `chainlora discover`: task labels for unlabelled data
 
 Exit codes: 0 success, 2 user error (one line on stderr naming the file / line / key),
 1 a bug (with its traceback), 130 interrupted. Importing this package stays cheap (no torch):
@@ -21,6 +23,7 @@ from typing import Callable, Sequence
 from chainlora import __version__
 from chainlora.cli.eval import cmd_annotate, cmd_eval, cmd_judge, cmd_report
 from chainlora.cli.eval import load_engine as _load_engine
+from chainlora.cli.discover import add_discover_parser
 from chainlora.cli.serve import add_serve_parser
 from chainlora.errors import ChainloraError
 from chainlora.inference.router import SELECTORS  # a name list: no model code is imported
@@ -308,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_report)
 
     add_serve_parser(sub, selector_args)
+    add_discover_parser(sub)
 
     d = sub.add_parser("data", help="check a data file: per-task counts and train/test split")
     d.add_argument("file", help=".jsonl/.json/.csv/.parquet file or a hub dataset name")

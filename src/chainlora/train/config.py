@@ -192,10 +192,19 @@ class ChainSettings(_Section):
     trunk_fraction: Number = Field(0.5, gt=0.0, lt=1.0)
 
 
+class DiscoverSettings(_Section):
+    """`tasks: auto`: the records' task labels come from `chainlora discover`'s clustering of the
+    train (and test) records, their own task fields ignored (chainlora.discover)."""
+
+    k: Union[Literal["auto"], int] = "auto"  # auto: the largest k whose clusters differ in their answers
+    min_size: int = Field(10, ge=1)  # smaller clusters join the nearest other one
+
+
 class Config(_Section):
     base_model: str = DEFAULT_MODEL
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    tasks: Union[Literal["all"], list[str]] = "all"
+    # all: every task of the data; auto: tasks discovered from unlabelled data (`discover`)
+    tasks: Union[Literal["all", "auto"], list[str]] = "all"
     # System message for every prompt; null keeps the chat template's own default. Recorded in
     # the library so inference renders prompts exactly as training did.
     system_prompt: str | None = None
@@ -209,6 +218,7 @@ class Config(_Section):
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     mixed: MixedSettings = Field(default_factory=MixedSettings)
     chain: ChainSettings = Field(default_factory=ChainSettings)
+    discover: DiscoverSettings = Field(default_factory=DiscoverSettings)
     output_dir: str = "runs/library"
     _source: str = PrivateAttr("<dict>")
 
@@ -362,6 +372,8 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
         raise _fail(source, "lora.target_modules", "must name at least one module")
     if isinstance(cfg.tasks, list) and not cfg.tasks:
         raise _fail(source, "tasks", "empty list (use 'all' or name tasks)")
+    if isinstance(cfg.discover.k, int) and cfg.discover.k < 1:
+        raise _fail(source, "discover.k", f"must be >= 1, got {cfg.discover.k}")
     if isinstance(cfg.mixed.budget, int) and cfg.mixed.budget < 1:
         raise _fail(source, "mixed.budget", f"must be >= 1, got {cfg.mixed.budget}")
     if cfg.chain.branch != "none" and "cola" in (cfg.training.method, cfg.training_for("mixed").method):

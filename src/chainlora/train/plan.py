@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chainlora.data.examples import Pair, answer_pairs, selector_pairs
-from chainlora.data.records import Record, TaskData, demo_path, load_tasks
+from chainlora.data.records import Record, TaskData, check_min_records, demo_path, load_tasks, read_records, split_of
 from chainlora.errors import ChainloraError
 from chainlora.library import store
 from chainlora.train import cola
@@ -46,10 +46,33 @@ class Job:
 
 def load_data(cfg: Config) -> dict[str, TaskData]:
     """The config's data, split by task ("demo" means the bundled data and its fixed split)."""
+    return load_with_discovery(cfg)[0]
+
+
+def load_with_discovery(cfg: Config) -> tuple[dict[str, TaskData], dict | None]:
+    """The config's data split by task, and with `tasks: auto` the discovery's summary (for the
+    manifest): the tasks then come from clustering the train and test records together
+    (chainlora.discover), their own task fields ignored."""
     d = cfg.data
     train, test = (demo_path("train"), demo_path("test")) if d.train == "demo" else (d.train, d.test)
-    return load_tasks(train, test_source=test, test_fraction=d.test_fraction, seed=cfg.training.seed,
-                      min_records=d.min_records, fields=d.fields or None, task=d.task)
+    if cfg.tasks != "auto":
+        return load_tasks(train, test_source=test, test_fraction=d.test_fraction, seed=cfg.training.seed,
+                          min_records=d.min_records, fields=d.fields or None, task=d.task), None
+    from chainlora.discover import discover
+    from chainlora.discover.run import UNLABELLED
+
+    read = dict(fields=d.fields or None, task=UNLABELLED)
+    train_records = list(read_records(train, **read))
+    test_records = list(read_records(test, **read)) if test is not None else []
+    found = discover(train_records + test_records, k=cfg.discover.k, min_size=cfg.discover.min_size,
+                     seed=cfg.training.seed, source=f"{cfg.source}: tasks: auto: {train}")
+    tasks: dict[str, TaskData] = {}
+    for i, r in enumerate(found.records):
+        part = ("train" if i < len(train_records) else "test") if test is not None else \
+            split_of(r, cfg.training.seed, d.test_fraction)
+        getattr(tasks.setdefault(r.task, TaskData()), part).append(r)
+    check_min_records({t: len(x.train) + len(x.test) for t, x in tasks.items()}, d.min_records, train)
+    return dict(sorted(tasks.items())), found.summary
 
 
 def _sample(records: list[Record], limit: int | None, seed: int) -> list[Record]:
@@ -107,7 +130,7 @@ def _check_default_selector(cfg: Config) -> None:
 
 def task_splits(cfg: Config, data: dict[str, TaskData]) -> tuple[list[str], dict, dict]:
     """The tasks to train and their (sampled) train and test records, checked."""
-    names = list(data) if cfg.tasks == "all" else cfg.tasks
+    names = list(data) if cfg.tasks in ("all", "auto") else cfg.tasks
     for name in names:
         if name not in data:
             raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")
@@ -276,7 +299,7 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
 def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:
     """`chainlora finetune`: ONE adapter on every selected task's records together, named after
     `data.task` (else "finetune") — a plain single-adapter fine-tune, e.g. with method: cola."""
-    names = list(data) if cfg.tasks == "all" else cfg.tasks
+    names = list(data) if cfg.tasks in ("all", "auto") else cfg.tasks
     for name in names:
         if name not in data:
             raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")

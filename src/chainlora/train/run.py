@@ -34,7 +34,7 @@ from chainlora.library import store
 from chainlora.train import changes, cola, selection, selectors, staging
 from chainlora.train.config import Config, TrainingSettings
 from chainlora.train.distributed import on_main  # noqa: F401  (the API: chainlora.train.run.on_main)
-from chainlora.train.plan import (Job, load_data, plan_finetune, plan_train, selector_split,  # noqa: F401
+from chainlora.train.plan import (Job, load_data, load_with_discovery, plan_finetune, plan_train, selector_split,  # noqa: F401
                                   task_splits)
 from chainlora.train.progress import RunProgress
 
@@ -311,7 +311,9 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     state = PartialState(cpu=use_cpu())  # torch.distributed under accelerate launch / torchrun
     root = staging.resolve_root(out or cfg.output_dir)
     digest = cfg.digest() if not finetune else store.files_sha256([("finetune", cfg.digest().encode())])
-    data = load_data(cfg)  # check data before loading a model: bad input fails fast
+    data, discovery = load_with_discovery(cfg)  # check data before loading a model: bad input fails fast
+    if discovery is not None:  # tasks: auto: a different clustering is a different library
+        digest = store.files_sha256([("config", digest.encode()), ("discovery", discovery["assignments_sha256"].encode())])
     jobs = plan_finetune(cfg, data, state.num_processes) if finetune else plan_train(cfg, data, state.num_processes)
     staging.check_target(root)
     partial = staging.partial_dir(root)
@@ -354,6 +356,7 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     if base is None:
         base = load_base(cfg.base_model, dtype=cfg.dtype)
     new = store.new_manifest(cfg.base_model, base_fp, cfg.to_dict(), digest, cfg.system_prompt)
+    new["discovery"] = discovery
     new["forced"] = changes.forced(force, earlier if continuing else None)  # a resumed --force stays one
     for c in plan_:
         if c.action == "keep":
