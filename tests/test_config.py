@@ -106,7 +106,7 @@ def test_router_label_checks():
 # config digest is only recorded (a new digest rewrites the manifest, nothing retrains); it is
 # pinned over the keys that existed then, so the old keys still load to the same values. Keys
 # added since (`chain`, trunk-and-branch; `encoder`, `sft`, `selection`: issue 15) are left out of that digest.
-ADDED_SINCE = ("chain", "encoder", "sft", "selection")
+ADDED_SINCE = ("chain", "encoder", "sft", "selection", "discover")
 OVERRIDES = {  # every section, numbers as ints and as YAML 1.1 text, cola merged key by key
     "tasks": ["antonym", "hypernym"], "system_prompt": "Be brief.",
     "data": {"fields": {"output": "answer"}, "task": "t", "test_fraction": 0, "max_train_per_task": 50},
