@@ -32,12 +32,13 @@ def _blobs(k: int, per: int, dim: int = 16, seed: int = 0) -> tuple:
     return centres, labels, answers
 
 
-def test_separation_is_about_one_within_a_task_and_large_between_tasks():
+def test_separation_is_about_one_and_no_effect_within_a_task_and_large_between_tasks():
     _, labels, answers = _blobs(2, 400)
-    assert cluster.separation(answers, labels, 2) > 50
+    significance, effect = cluster.separation(answers, labels, 2)
+    assert significance > 50 and effect > 0.5
     one = answers[labels == 0]
-    halves = np.arange(len(one)) % 2
-    assert 0.2 < cluster.separation(one, halves, 2) < 2.0
+    significance, effect = cluster.separation(one, np.arange(len(one)) % 2, 2)
+    assert 0.2 < significance < 2.0 and abs(effect) < 0.01
 
 
 def test_choose_k_finds_the_number_of_answer_distributions():
@@ -49,12 +50,13 @@ def test_choose_k_finds_the_number_of_answer_distributions():
     group = np.concatenate([np.flatnonzero(group_task == t)[np.arange(200) % 3] for t in range(4)])
     choice = cluster.choose_k(points, np.bincount(group).astype(float), answers, group, 10, 0, progress=False)
     assert choice.partition.k == 4
-    assert choice.scanned[4] >= cluster.SEPARATION > choice.scanned[5]
+    assert choice.scanned[4][0] >= cluster.SIGNIFICANCE and choice.scanned[4][1] >= cluster.EFFECT
+    assert choice.scanned[5][0] < cluster.SIGNIFICANCE or choice.scanned[5][1] < cluster.EFFECT
 
 
 def test_merge_small_moves_small_clusters_and_numbers_by_size():
     points = np.array([[0.0], [0.1], [5.0], [5.1], [9.0]])
-    p = cluster.Partition(3, np.array([0, 0, 1, 1, 2]), np.array([[0.05], [5.05], [9.0]]), 3.0)
+    p = cluster.Partition(3, np.array([0, 0, 1, 1, 2]), np.array([[0.05], [5.05], [9.0]]), 3.0, 0.1)
     merged, moved = cluster.merge_small(p, points, np.array([5.0, 5.0, 6.0, 6.0, 1.0]), min_size=5)
     assert merged.k == 2 and moved == 1
     assert merged.group_labels.tolist() == [1, 1, 0, 0, 0]  # the 12-record cluster is first

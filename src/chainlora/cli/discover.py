@@ -68,8 +68,9 @@ def cmd_discover(args: argparse.Namespace) -> int:
     for path in write_outputs(found, out, config_yaml(cfg, args.data, found.summary)):
         print(f"wrote {path}")
     s = found.summary
-    how = (f"k chosen: closest pair separates {s['closest_pair_separation']:.2f}x sampling noise"
-           if s["k_mode"] == "auto" else "k given")
+    c = s["closest_pair"]
+    how = (f"k chosen: every pair of tasks answers differently, significance >= {c['significance']:.2f}, "
+           f"effect >= {c['effect']:.4f}" if s["k_mode"] == "auto" else "k given")
     ari = f"; adjusted Rand index against the records' own task fields: {s['given_labels_ari']:.3f}" \
         if s["given_labels_ari"] is not None else ""
     print(f"{s['records']} records -> {s['k']} tasks ({how}; {s['merged_records']} records of small "

@@ -8,14 +8,20 @@ one more knob a user cannot judge.
 How many tasks: internal indices (silhouette, Calinski-Harabasz, Davies-Bouldin) are flat on
 this data — measured on the demo data, each favours a coarser k than the true 10. What does
 separate a real task from a spurious split is the answer: two halves of one task answer alike,
-two tasks do not. For a partition, each pair of clusters is scored by
+two tasks do not. Over the answer vectors, each pair of clusters a, b gets two scores:
 
-    separation(a, b) = |mean_a - mean_b|^2 / (var_a / n_a + var_b / n_b)
+    significance(a, b) = |mean_a - mean_b|^2 / (var_a / n_a + var_b / n_b)
+    effect(a, b)       = (|mean_a - mean_b|^2 - var_a / n_a - var_b / n_b) / (var_a + var_b)
 
-over the answer vectors: the squared distance of the two mean answers over what sampling noise
-alone gives it (about 1 for two samples of one distribution). k is the largest k in the range
-whose closest pair still scores at least SEPARATION. On the demo data the closest pair scores
-2.5-9 at the true k and 1.0-1.3 once a task is split (bench/discover.py).
+significance is the squared distance of the two mean answers over what sampling noise alone
+gives it (about 1 for two samples of one distribution, at any size); effect is that distance,
+less its noise, relative to the answers' spread, so it does not grow with the data (with
+10,000 records a task any two templates differ significantly, and not by much). k is the
+largest k in the range whose every pair of clusters passes both: significance >= SIGNIFICANCE
+and effect >= EFFECT. Measured on the demo data (bench/discover.py): at the true k the closest
+pair scores 1.3-8.6 and 0.006-0.010 from 40 to 800 records a task; once a task is split, at
+most 1.3 and 0.004. Below about 40 records a task nothing is significant and k comes out low:
+give --k there.
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SEPARATION = 2.0  # twice the separation that sampling noise alone gives two halves of one task
+SIGNIFICANCE = 1.25  # the closest pair's mean answers this many times further apart than noise explains
+EFFECT = 0.005  # ... and apart by this fraction of the answers' spread (squared)
 FIT_LIMIT = 4000  # groups k-means fits on; more are assigned to the nearest centroid
-PATIENCE = 4  # stop scanning k after this many in a row fail past the last that passed
 
 
 @dataclass
@@ -34,13 +40,18 @@ class Partition:
     k: int
     group_labels: np.ndarray  # each group's cluster
     centroids: np.ndarray
-    separation: float  # of the closest pair of clusters (inf for k = 1)
+    significance: float  # of the least significant pair of clusters (inf for k = 1)
+    effect: float  # of the pair with the smallest effect (inf for k = 1)
+
+    @property
+    def separated(self) -> bool:
+        return self.significance >= SIGNIFICANCE and self.effect >= EFFECT
 
 
 @dataclass
 class Choice:
     partition: Partition
-    scanned: dict[int, float] = field(default_factory=dict)  # k -> closest pair's separation
+    scanned: dict[int, tuple[float, float]] = field(default_factory=dict)  # k -> (significance, effect)
 
 
 def kmeans(points: np.ndarray, weights: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,47 +68,49 @@ def kmeans(points: np.ndarray, weights: np.ndarray, k: int, seed: int) -> tuple[
     return labels.astype(np.int64), model.cluster_centers_
 
 
-def separation(answers: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """The closest pair of clusters' separation (module docstring) over per-record answer vectors."""
+def separation(answers: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, float]:
+    """(smallest significance, smallest effect) over all pairs of clusters (module docstring)."""
     if k < 2:
-        return float("inf")
+        return float("inf"), float("inf")
     n = np.bincount(labels, minlength=k).astype(np.float64)
     if (n < 2).any():
-        return 0.0  # a cluster of one record is not a task
+        return 0.0, 0.0  # a cluster of one record is not a task
     sums = np.zeros((k, answers.shape[1]))
     sq = np.zeros(k)
     np.add.at(sums, labels, answers)
     np.add.at(sq, labels, (answers.astype(np.float64) ** 2).sum(1))
     means = sums / n[:, None]
-    noise = (sq / n - (means ** 2).sum(1)) / (n - 1)  # var / n, unbiased
+    var = np.maximum(sq / n - (means ** 2).sum(1), 0.0) * n / (n - 1)  # unbiased, summed over dimensions
+    noise = var / n
     d2 = ((means[:, None, :] - means[None, :, :]) ** 2).sum(-1)
-    ratio = d2 / np.maximum(noise[:, None] + noise[None, :], 1e-12)
-    return float(ratio[np.triu_indices(k, 1)].min())
+    pair_noise = noise[:, None] + noise[None, :]
+    significance = d2 / np.maximum(pair_noise, 1e-12)
+    effect = (d2 - pair_noise) / np.maximum(var[:, None] + var[None, :], 1e-12)
+    upper = np.triu_indices(k, 1)
+    return float(significance[upper].min()), float(effect[upper].min())
 
 
 def partition(points: np.ndarray, weights: np.ndarray, answers: np.ndarray, group: np.ndarray,
               k: int, seed: int) -> Partition:
     if k == 1:
-        return Partition(1, np.zeros(len(points), np.int64), points.mean(0, keepdims=True), float("inf"))
+        return Partition(1, np.zeros(len(points), np.int64), points.mean(0, keepdims=True), float("inf"), float("inf"))
     labels, centroids = kmeans(points, weights, k, seed)
-    return Partition(k, labels, centroids, separation(answers, labels[group], k))
+    return Partition(k, labels, centroids, *separation(answers, labels[group], k))
 
 
 def choose_k(points: np.ndarray, weights: np.ndarray, answers: np.ndarray, group: np.ndarray,
              k_max: int, seed: int, progress: bool = True) -> Choice:
-    """The largest k in 2..k_max whose closest pair of clusters separates (else k = 1)."""
+    """The largest k in 2..k_max whose clusters all separate (else k = 1). Every k is scanned:
+    on small data a k can fail between two that pass (k-means splits a task before it
+    separates two close ones)."""
     from tqdm.auto import tqdm
 
-    best, scanned, misses = partition(points, weights, answers, group, 1, seed), {}, 0
+    best, scanned = partition(points, weights, answers, group, 1, seed), {}
     for k in tqdm(range(2, k_max + 1), desc="choosing k", unit="k", disable=not progress):
         p = partition(points, weights, answers, group, k, seed)
-        scanned[k] = p.separation
-        if p.separation >= SEPARATION:
-            best, misses = p, 0
-        else:
-            misses += 1
-            if misses >= PATIENCE and best.k > 1:
-                break
+        scanned[k] = (p.significance, p.effect)
+        if p.separated:
+            best = p
     return Choice(best, scanned)
 
 
@@ -121,4 +134,4 @@ def merge_small(p: Partition, points: np.ndarray, weights: np.ndarray, min_size:
     labels = np.fromiter((renumber[int(c)] for c in labels), dtype=np.int64, count=len(labels))
     centroids = np.stack([np.average(points[labels == i], axis=0, weights=weights[labels == i])
                           for i in range(len(order))])
-    return Partition(len(order), labels, centroids, p.separation), moved
+    return Partition(len(order), labels, centroids, p.significance, p.effect), moved

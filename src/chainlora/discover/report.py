@@ -55,7 +55,10 @@ def render(summary: dict[str, Any], clusters: list[dict[str, Any]], points: np.n
     rows = "".join(
         f"<tr><td><b>{e(c['name'])}</b></td><td>{c['size']}</td><td>{e(', '.join(c['words']))}</td>"
         f"<td><ul>{''.join(f'<li>{e(x)}</li>' for x in c['examples'])}</ul></td></tr>" for c in clusters)
-    scan = "".join(f"<td>{k}: {s:.2f}</td>" for k, s in summary["separation_by_k"].items())
+    t = summary["thresholds"]
+    scan = "".join(f"<tr><td>{k}</td><td>{a:.2f}</td><td>{b:.4f}</td>"
+                   f"<td>{'yes' if a >= t['significance'] and b >= t['effect'] else 'no'}</td></tr>"
+                   for k, (a, b) in summary["separation_by_k"].items())
     settings = "".join(f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in summary.items()
                        if k not in ("separation_by_k", "tasks"))
     png = _map_png(points, labels, [c["name"] for c in clusters]) if len(points) else ""
@@ -65,8 +68,10 @@ padding:4px;vertical-align:top}}table{{border-collapse:collapse}}li{{font-size:9
 <h1>Discovered tasks: {len(clusters)} from {summary['records']} records</h1>
 <ul>{settings}</ul>
 <h2>Tasks</h2><table><tr><th>name</th><th>records</th><th>distinctive words</th><th>examples</th></tr>{rows}</table>
-<h2>How k was chosen</h2><p>Closest pair's answer separation at each k scanned (a real task pair scores
-above {summary['separation_threshold']}; two halves of one task about 1):</p><table><tr>{scan}</tr></table>
+<h2>How k was chosen</h2><p>k is the largest k whose every pair of clusters answers differently: the
+least significant pair at least {t['significance']} (two halves of one task score about 1) and the
+smallest effect at least {t['effect']} (chainlora.discover.cluster).</p>
+<table><tr><th>k</th><th>significance</th><th>effect</th><th>separated</th></tr>{scan}</table>
 <h2>Map</h2>{f'<img alt="2-D map of the records" src="data:image/png;base64,{png}">' if png else ''}
 </body></html>
 """

@@ -108,11 +108,13 @@ def discover(records: Sequence[Record], *, k: Union[str, int] = "auto", min_size
         "records": len(records), "k": part.k, "k_mode": "auto" if k == "auto" else "given",
         "k_range": [1, k_max] if k == "auto" else None, "encoder": ENCODER, "seed": seed,
         "min_size": min_size, "merged_records": moved, "templates": feats.n_groups,
-        "rare_fraction": RARE_FRACTION, "separation_threshold": cluster.SEPARATION,
-        "closest_pair_separation": round(choice.partition.separation, 3),
+        "rare_fraction": RARE_FRACTION,
+        "thresholds": {"significance": cluster.SIGNIFICANCE, "effect": cluster.EFFECT},
+        "closest_pair": {"significance": round(choice.partition.significance, 3),
+                         "effect": round(choice.partition.effect, 4)},
         "given_labels_ari": given_label_ari(records, labels),
         "assignments_sha256": assignments_sha256(out), "tasks": {c["name"]: c["size"] for c in clusters},
-        "separation_by_k": {kk: round(s, 3) for kk, s in choice.scanned.items()},
+        "separation_by_k": {kk: [round(a, 3), round(b, 4)] for kk, (a, b) in choice.scanned.items()},
     }
     sample = report.record_sample(len(records), seed)
     map_points = np.hstack([feats.blocks[b][0][feats.blocks[b][1][sample]] for b in range(len(feats.blocks))])
