@@ -2,12 +2,17 @@
 
     python bench/discover.py              # the demo's train and test splits, labels removed
     python bench/discover.py --scale 100000   # also: 100,000 distinct records, time and peak RSS
+    python bench/discover.py --table runs/bench-discover   # also: Table I, true vs discovered labels
 
 Quality: the adjusted Rand index (ARI) of `chainlora.discover.discover` against the true demo
 tasks and the k it chose with no hint, per split and per-task slice (the whole split, and the
 first N records a task), seed 0. Scale: the demo's 9,500 records made distinct (each record's
 instruction and answer get a unique "(#i)" tag, so nothing is embedded once for many records)
 and repeated to N; time per stage and peak resident memory of this process.
+Table I: two libraries trained with the demo config (same budget, same records): one on the
+true labels, one with `tasks: auto` on the same train and test files with their task fields
+removed; both scored on the demo's test records (16 a true task, as `chainlora demo`): answer
+perplexity of each library's routed chain and of the mixed adapter, per true task.
 """
 
 from __future__ import annotations
@@ -59,10 +64,68 @@ def scale(encoder, n: int) -> list[str]:
             f"| {n} | {secs:.0f} | {n / secs:.0f} | {found.summary['k']} | {ari:.3f} | {rss:.0f} |"]
 
 
+def _unlabelled(src, dst) -> str:
+    import gzip
+    import json
+    import random
+
+    rows = [json.loads(line) for line in gzip.open(src, "rt")]
+    random.Random(0).shuffle(rows)
+    for r in rows:
+        r.pop("task")
+    dst.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(dst)
+
+
+def table(out) -> list[str]:
+    import math
+    from importlib import resources
+    from pathlib import Path
+
+    import yaml
+
+    from chainlora.data.records import demo_path, load_demo
+    from chainlora.eval.evaluate import perplexity, pooled, record_nll
+    from chainlora.inference.engine import Engine
+    from chainlora.train import config
+    from chainlora.train.run import train_library
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    demo = yaml.safe_load((resources.files("chainlora") / "demo" / "config.yaml").read_text())
+    unl = {s: _unlabelled(demo_path(s), out / f"{s}-unlabelled.jsonl") for s in ("train", "test")}
+    libs = {}
+    for name, over in (("true", {}), ("discovered", {"tasks": "auto", "data": {
+            **demo["data"], "train": unl["train"], "test": unl["test"]}})):
+        cfg = config.from_dict({**demo, **over, "output_dir": str(out / name)}, f"demo config ({name} labels)")
+        t = time.perf_counter()
+        libs[name] = train_library(cfg, out / name)
+        print(f"{name}: trained in {time.perf_counter() - t:.0f} s", flush=True)
+    test = {t: d.test[:16] for t, d in load_demo().items()}
+    ppl: dict[str, dict[str, float]] = {}
+    for name, root in libs.items():
+        engine = Engine.load(root)
+        for task, records in test.items():
+            routes = engine.routes_for([r.text for r in records], None)
+            per = [record_nll(engine, [r], rt.adapter)[0] for r, rt in zip(records, routes)]
+            ppl.setdefault(task, {})[f"chain ({name})"] = perplexity(*pooled(per))
+            if name == "true":
+                ppl[task]["mixed"] = perplexity(*pooled(record_nll(engine, records, "mixed")))
+        del engine
+    cols = ["chain (true)", "chain (discovered)", "mixed"]
+    rows = ["| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    rows += [f"| {t} | " + " | ".join(f"{v[c]:.2f}" for c in cols) + " |" for t, v in ppl.items()]
+    geo = {c: math.exp(sum(math.log(v[c]) for v in ppl.values()) / len(ppl)) for c in cols}
+    rows.append("| geometric mean | " + " | ".join(f"{geo[c]:.2f}" for c in cols) + " |")
+    rows.append(f"\ndiscovered / true (geometric mean): {geo['chain (discovered)'] / geo['chain (true)']:.3f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=int, help="also time discovery of this many distinct records")
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--table", metavar="DIR", help="also train two demo libraries in DIR and print Table I")
     args = p.parse_args(argv)
     import torch
 
@@ -73,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [] if args.skip_quality else quality(encoder)
     if args.scale:
         rows += [""] + scale(encoder, args.scale)
+    if args.table:
+        rows += [""] + table(args.table)
     print("\n".join(rows))
     return 0
 

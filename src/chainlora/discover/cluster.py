@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from chainlora.discover.features import sum_by
+
 SIGNIFICANCE = 1.25  # the closest pair's mean answers this many times further apart than noise explains
 EFFECT = 0.005  # ... and apart by this fraction of the answers' spread (squared)
 FIT_LIMIT = 4000  # groups k-means fits on; more are assigned to the nearest centroid
@@ -75,10 +77,8 @@ def separation(answers: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, 
     n = np.bincount(labels, minlength=k).astype(np.float64)
     if (n < 2).any():
         return 0.0, 0.0  # a cluster of one record is not a task
-    sums = np.zeros((k, answers.shape[1]))
-    sq = np.zeros(k)
-    np.add.at(sums, labels, answers)
-    np.add.at(sq, labels, (answers.astype(np.float64) ** 2).sum(1))
+    sums = sum_by(labels, k, answers)
+    sq = np.bincount(labels, weights=np.einsum("ij,ij->i", answers, answers, dtype=np.float64), minlength=k)
     means = sums / n[:, None]
     var = np.maximum(sq / n - (means ** 2).sum(1), 0.0) * n / (n - 1)  # unbiased, summed over dimensions
     noise = var / n

@@ -37,6 +37,15 @@ BLOCKS = ("request", "template", "answer", "shape")
 ANSWER = BLOCKS.index("answer")
 
 
+def sum_by(labels: np.ndarray, k: int, x: np.ndarray) -> np.ndarray:
+    """Row sums of `x` per label (k x d): one sparse product, not a Python loop, and no copy of x."""
+    from scipy.sparse import csr_matrix
+
+    ones = np.ones(len(labels), dtype=x.dtype)
+    onehot = csr_matrix((ones, (labels, np.arange(len(labels)))), shape=(k, len(labels)))
+    return np.asarray(onehot @ x, dtype=np.float64)
+
+
 def mask_rare(texts: Sequence[str], rare_fraction: float) -> list[str]:
     """Each text with the words fewer than `rare_fraction` of the texts use replaced by X."""
     df: collections.Counter = collections.Counter()
@@ -56,7 +65,7 @@ def embed_unique(encoder: Any, texts: Sequence[str], batch_size: int = 64, progr
     parts = []
     for start in range(0, len(order), chunk):
         ids = order[start:start + chunk]
-        parts.append(encoder.embed([distinct[i] for i in ids], batch_size=batch_size).numpy())
+        parts.append(encoder.embed([distinct[i] for i in ids], batch_size=batch_size).cpu().numpy())
         if progress is not None:
             progress(len(ids))
     if parts:
@@ -90,8 +99,7 @@ class Features:
         """Each group's block means, renormalised and concatenated (n_groups x 4d)."""
         out = []
         for vectors, index in self.blocks:
-            sums = np.zeros((self.n_groups, vectors.shape[1]), dtype=np.float64)
-            np.add.at(sums, self.group, vectors[index])
+            sums = sum_by(self.group, self.n_groups, vectors[index])
             out.append(sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12))
         return np.hstack(out).astype(np.float32)
 

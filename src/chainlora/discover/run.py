@@ -71,6 +71,18 @@ def given_label_ari(records: Sequence[Record], labels: np.ndarray) -> float | No
     return round(float(adjusted_rand_score(given, labels)), 4)
 
 
+def default_encoder() -> Any:
+    """The bundled MiniLM, on the GPU when there is one (embedding is nearly all the work)."""
+    import torch
+
+    from chainlora.inference.classifier import Encoder
+
+    encoder = Encoder("minilm")
+    if torch.cuda.is_available():
+        encoder.model.to("cuda")
+    return encoder
+
+
 def discover(records: Sequence[Record], *, k: Union[str, int] = "auto", min_size: int = 10, seed: int = 0,
              source: str = "data", encoder: Any = None, show_progress: bool = True) -> Discovery:
     """Cluster `records` into tasks. k: "auto" (module cluster's rule) or a number; clusters of
@@ -78,9 +90,7 @@ def discover(records: Sequence[Record], *, k: Union[str, int] = "auto", min_size
     ignored (and compared with, when every record has one)."""
     _check(records, source, k)
     if encoder is None:
-        from chainlora.inference.classifier import Encoder
-
-        encoder = Encoder("minilm")
+        encoder = default_encoder()
     feats = features(records, encoder, RARE_FRACTION, show_progress)
     points, weights = feats.group_means(), feats.weights()
     answers = feats.block(ANSWER)
