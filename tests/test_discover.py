@@ -144,3 +144,10 @@ def test_tasks_auto_discovers_inside_train_and_fingerprints_the_clustering(tmp_p
     with pytest.raises(Exception, match="discover.k"):
         config.from_dict({"tasks": "auto", "discover": {"k": 0}}, "cfg.yaml")
     assert isinstance(Record("t", "i", "o"), Record)
+
+
+def test_one_template_is_one_task_not_an_error(tmp_path, capsys):
+    rows = [{"instruction": "Define the word.", "input": f"word{i}", "output": f"meaning {i}"} for i in range(20)]
+    assert main(["discover", _write(tmp_path / "d.jsonl", rows), "--out", str(tmp_path / "out")]) == 0
+    found = {json.loads(line)["task"] for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()}
+    assert len(found) == 1 and "no two clusters" in capsys.readouterr().out

@@ -69,8 +69,9 @@ def cmd_discover(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     s = found.summary
     c = s["closest_pair"]
-    how = (f"k chosen: every pair of tasks answers differently, significance >= {c['significance']:.2f}, "
-           f"effect >= {c['effect']:.4f}" if s["k_mode"] == "auto" else "k given")
+    how = ("k given" if s["k_mode"] == "given" else "k chosen: no two clusters answer differently enough"
+           if c is None else f"k chosen: every pair of tasks answers differently, significance >= "
+           f"{c['significance']:.2f}, effect >= {c['effect']:.4f}")
     ari = f"; adjusted Rand index against the records' own task fields: {s['given_labels_ari']:.3f}" \
         if s["given_labels_ari"] is not None else ""
     print(f"{s['records']} records -> {s['k']} tasks ({how}; {s['merged_records']} records of small "

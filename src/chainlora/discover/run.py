@@ -120,8 +120,8 @@ def discover(records: Sequence[Record], *, k: Union[str, int] = "auto", min_size
         "min_size": min_size, "merged_records": moved, "templates": feats.n_groups,
         "rare_fraction": RARE_FRACTION,
         "thresholds": {"significance": cluster.SIGNIFICANCE, "effect": cluster.EFFECT},
-        "closest_pair": {"significance": round(choice.partition.significance, 3),
-                         "effect": round(choice.partition.effect, 4)},
+        "closest_pair": None if choice.partition.k < 2 else {  # one task: no pair
+            "significance": round(choice.partition.significance, 3), "effect": round(choice.partition.effect, 4)},
         "given_labels_ari": given_label_ari(records, labels),
         "assignments_sha256": assignments_sha256(out), "tasks": {c["name"]: c["size"] for c in clusters},
         "separation_by_k": {kk: [round(a, 3), round(b, 4)] for kk, (a, b) in choice.scanned.items()},
