@@ -87,7 +87,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from chainlora.library.export import export
 
     report = export(args.library, args.out, args.format, adapter=args.adapter, compress_rank=args.compress_rank,
-                    max_loras=args.max_loras)
+                    max_loras=args.max_loras, adapter_dtype=args.adapter_dtype,
+                    base_dtype=args.base_dtype)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -97,6 +98,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"{name}: {Path(args.out) / info['path']}{note}")
     if report["format"] == "merged":
         print(f"merged model ({report['adapter']}): {args.out}")
+    if report["format"] == "gguf":
+        print(f"base: {Path(args.out) / 'base.gguf'}; Ollama: ollama create NAME -f {Path(args.out) / 'Modelfiles'}/"
+              f"<adapter>; llama.cpp with every adapter: {Path(args.out) / 'llama-server.sh'}")
     if report["format"] == "vllm":
         print(f"{len(report['lora_modules'])} adapters in {Path(args.out) / 'adapters'}; start vLLM with "
               f"{Path(args.out) / 'serve.sh'}:\n  {' '.join(report['command'])}\nthen front it with:\n  {report['front']}")
@@ -230,12 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("export", help="write adapters as plain PEFT dirs (optionally compressed) or a merged model")
     d.add_argument("library", help="adapter library directory")
-    d.add_argument("--format", required=True, help="peft, merged or vllm")
+    d.add_argument("--format", required=True, help="peft, merged, vllm or gguf (llama.cpp / Ollama)")
     d.add_argument("--out", required=True, help="output directory (created; replaced if an earlier export)")
     d.add_argument("--adapter", help="one adapter by name (default: all for peft; required for merged "
                                      "unless the library has one)")
     d.add_argument("--compress-rank", type=int, help="peft: truncate every adapter to this rank by SVD")
     d.add_argument("--max-loras", type=int, help="vllm: adapters per batch (default: min(adapters, 8))")
+    d.add_argument("--adapter-dtype", default="f32", help="gguf: adapter tensors as f32 (default) or f16")
+    d.add_argument("--base-dtype", default="source",
+                   help="gguf: the base GGUF as it is (source, default) or re-encoded: f32, f16, q8_0")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_export)
 

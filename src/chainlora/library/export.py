@@ -3,6 +3,7 @@
     peft     plain PEFT adapter directories (optionally SVD-compressed to a lower rank)
     merged   a full model with one adapter merged in: no adapter, no PEFT, at inference
     vllm     the task + mixed adapters and the `vllm serve ... --enable-lora` command for them
+    gguf     the base GGUF and every adapter as a llama.cpp LoRA GGUF, Ollama Modelfiles (llamacpp.py)
 
 Compression works on any LoRA adapter (a COLA chain exports at rank Σ r_j, which this brings
 back down): ΔW = s·B A per module is truncated to its best rank-r approximation and the
@@ -23,7 +24,7 @@ from chainlora import atomic
 from chainlora.errors import ChainloraError
 from chainlora.library.store import ADAPTER_FILES, Library
 
-FORMATS = ("peft", "merged", "vllm")
+FORMATS = ("peft", "merged", "vllm", "gguf")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 VLLM_NO_SAVE = ("lm_head", "embed_tokens", "wte", "embed_out", "word_embeddings")
 
@@ -180,7 +181,8 @@ def export_vllm(lib: Library, out: Path, max_loras: int | None = None) -> dict:
 
 
 def export(library: str | Path, out: str | Path, fmt: str, adapter: str | None = None,
-           compress_rank: int | None = None, max_loras: int | None = None) -> dict:
+           compress_rank: int | None = None, max_loras: int | None = None, adapter_dtype: str = "f32",
+           base_dtype: str = "source") -> dict:
     if fmt not in FORMATS:
         raise ChainloraError(f"--format: unknown {fmt!r} (use {', '.join(FORMATS)})")
     if compress_rank is not None and (fmt != "peft" or compress_rank < 1):
@@ -193,4 +195,8 @@ def export(library: str | Path, out: str | Path, fmt: str, adapter: str | None =
         raise ChainloraError(f"--out {out}: exists and is not an earlier export; choose another directory")
     if fmt == "vllm":
         return export_vllm(lib, out, max_loras)
+    if fmt == "gguf":
+        from chainlora.library.llamacpp import export_gguf
+
+        return export_gguf(lib, out, adapter_dtype, base_dtype)
     return export_peft(lib, out, adapter, compress_rank) if fmt == "peft" else export_merged(lib, out, adapter)

@@ -1,0 +1,264 @@
+"""`chainlora export --format gguf`: a library for llama.cpp and Ollama.
+
+    OUT/base.gguf              the library's base model as it is (the default model's Q4_1 file), or
+                               re-encoded (--base-dtype f32 / f16 / q8_0), every key (tokenizer, chat
+                               template) copied
+    OUT/adapters/<name>.gguf   every task adapter and the mixed one as a llama.cpp LoRA GGUF
+    OUT/Modelfiles/<name>      an Ollama Modelfile per adapter (FROM + ADAPTER + system + template)
+    OUT/manifest.json          task -> file, rank, base sha256, the selector to route with
+    OUT/llama-server.sh        llama-server with every adapter loaded, none applied
+
+A llama.cpp LoRA GGUF (read llama.cpp's convert_lora_to_gguf.py and llama-adapter.cpp for the
+format): general.type = adapter, adapter.type = lora, adapter.lora.alpha, and per adapted
+weight `blk.N.<llama.cpp name>.weight.lora_a` (PEFT's A, r x in) and `.lora_b` (B, out x r).
+Written here with the `gguf` package alone. Three traps, each handled:
+
+- llama.cpp scales every tensor by alpha / rank, the rank read from that tensor. PEFT's
+  scaling (alpha / r, alpha / sqrt(r) with rsLoRA, per-module rank_pattern / alpha_pattern, a
+  COLA export of rank sum r_j) is folded into B, every tensor is zero-padded to one rank R
+  (zero rows of A and columns of B add nothing), and alpha is written as R: scale 1 everywhere.
+- llama.cpp stores q_proj / k_proj rows permuted (its converter reorders each head's rotary
+  halves; transformers undoes it when it loads a GGUF), so B of q_proj / k_proj gets the same
+  permutation (q by the attention heads, k by the key-value heads).
+- What llama.cpp cannot load is refused with one line: LoRA on embeddings or lm_head,
+  `modules_to_save`, DoRA, LoRA biases, and any architecture but llama (the permutation is
+  llama's).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chainlora import atomic
+from chainlora.errors import ChainloraError
+from chainlora.library.store import ADAPTER_FILES, Library
+
+LLAMA_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+MODULE = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+CHATML = ('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+          '{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}'
+          '<|im_start|>assistant\n{{ .Response }}<|im_end|>\n')
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's row order of a q/k projection (or of its LoRA B): within each head, the
+    rotary pairs' halves side by side."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _pattern(pattern: dict, module: str, default: float) -> float:
+    from chainlora.library.export import _pattern as peft_pattern
+
+    return peft_pattern(pattern, module, default)
+
+
+def _refuse(where: Path, cfg: dict) -> None:
+    if cfg.get("peft_type") != "LORA":
+        raise ChainloraError(f"{where}: llama.cpp loads LoRA adapters only (this is {cfg.get('peft_type')})")
+    if cfg.get("use_dora"):
+        raise ChainloraError(f"{where}: DoRA adapters cannot be loaded by llama.cpp; retrain with use_dora false")
+    if cfg.get("modules_to_save"):
+        raise ChainloraError(f"{where}: modules_to_save {cfg['modules_to_save'][0]!r} (a full module copy) "
+                             "cannot be loaded by llama.cpp; retrain without it")
+    if cfg.get("lora_bias"):
+        raise ChainloraError(f"{where}: LoRA biases (lora_bias) cannot be loaded by llama.cpp")
+
+
+def lora_tensors(adapter_dir: Path, n_head: int, n_head_kv: int) -> tuple[dict[str, np.ndarray], int]:
+    """({llama.cpp tensor name: float32 array}, R) for one PEFT LoRA directory: PEFT's scaling
+    folded into B, q/k B permuted, every tensor padded to rank R (module docstring)."""
+    from safetensors.numpy import load_file
+
+    where = adapter_dir / ADAPTER_FILES[0]
+    cfg = json.loads(where.read_text())
+    _refuse(where, cfg)
+    weights = load_file(str(adapter_dir / ADAPTER_FILES[1]))
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key in sorted(k for k in weights if k.endswith(".lora_A.weight")):
+        module = key[: -len(".lora_A.weight")]
+        m = MODULE.fullmatch(module)
+        if not m or m.group(2) not in LLAMA_NAMES:
+            raise ChainloraError(f"{where}: a LoRA on {module.split('.')[-1]!r} cannot be loaded by llama.cpp "
+                                 f"(it adapts {', '.join(LLAMA_NAMES)} of the transformer layers)")
+        layer, proj = int(m.group(1)), m.group(2)
+        short = module.split(".", 2)[-1] if module.startswith("base_model.model.") else module
+        r = _pattern(cfg.get("rank_pattern") or {}, short, cfg["r"])
+        alpha = _pattern(cfg.get("alpha_pattern") or {}, short, cfg["lora_alpha"])
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        a = weights[key].astype(np.float32)
+        b = weights[f"{module}.lora_B.weight"].astype(np.float32) * np.float32(scale)
+        if proj in ("q_proj", "k_proj"):
+            b = permute(b, n_head if proj == "q_proj" else n_head_kv)
+        pairs[f"blk.{layer}.{LLAMA_NAMES[proj]}.weight"] = (a, b)
+    extra = [k for k in weights if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if extra:
+        raise ChainloraError(f"{where}: weights llama.cpp cannot load: {extra[0]}")
+    if not pairs:
+        raise ChainloraError(f"{where}: no LoRA weights")
+    rank = max(a.shape[0] for a, _ in pairs.values())
+    out = {}
+    for name, (a, b) in pairs.items():
+        pad = rank - a.shape[0]
+        out[f"{name}.lora_a"] = np.ascontiguousarray(np.pad(a, ((0, pad), (0, 0))))
+        out[f"{name}.lora_b"] = np.ascontiguousarray(np.pad(b, ((0, 0), (0, pad))))
+    return out, rank
+
+
+def write_adapter(path: Path, tensors: dict[str, np.ndarray], rank: int, arch: str = "llama",
+                  dtype: str = "f32", name: str | None = None) -> None:
+    """One llama.cpp LoRA GGUF (alpha = rank: scale 1, the scaling is in B)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))
+    if name:
+        writer.add_name(name)
+    for key, value in tensors.items():
+        writer.add_tensor(key, value.astype(np.float16 if dtype == "f16" else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+BASE_DTYPES = ("source", "f32", "f16", "q8_0")
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's general.file_type (LLAMA_FTYPE_*)
+
+
+def reencode_base(src: Path, dst: Path, dtype: str) -> None:
+    """A copy of the GGUF `src` with its weights dequantised and written as `dtype`: every
+    metadata key copied (tokenizer, chat template); 1-D tensors (norms) stay F32, as llama.cpp's
+    own converter keeps them; q8_0 where a row splits into 32-value blocks, else F16."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        writer.add_key_value(key, f.contents(), f.types[0], f.types[1] if len(f.types) > 1 else None)
+    writer.add_file_type(FILE_TYPES[dtype])
+    Q = gguf.GGMLQuantizationType
+    for t in reader.tensors:
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if w.ndim < 2 or dtype == "f32":
+            writer.add_tensor(t.name, w)
+        elif dtype == "q8_0" and w.shape[-1] % 32 == 0:
+            writer.add_tensor(t.name, quantize(w, Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            writer.add_tensor(t.name, w.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def base_facts(gguf_path: Path) -> dict[str, Any]:
+    """What the export needs from the base GGUF's metadata (no tensors are read)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    arch = field("general.architecture")
+    return {"arch": arch, "shapes": {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}, "n_head": field(f"{arch}.attention.head_count"),
+            "n_head_kv": field(f"{arch}.attention.head_count_kv") or field(f"{arch}.attention.head_count"),
+            "chat_template": field("tokenizer.chat_template")}
+
+
+def check_fits(tensors: dict[str, np.ndarray], shapes: dict[str, tuple], where: Path) -> None:
+    """Every adapted weight exists in the base GGUF with the adapter's shape (llama.cpp refuses
+    to start otherwise): one line naming the first that does not."""
+    for key, a in tensors.items():
+        if not key.endswith(".lora_a"):
+            continue
+        name, b = key[: -len(".lora_a")], tensors[key[: -len(".lora_a")] + ".lora_b"]
+        want = (a.shape[1], b.shape[0])  # GGUF lists a weight's shape inner dimension first
+        if shapes.get(name) is None or tuple(shapes[name][:2]) != want:
+            got = "missing" if name not in shapes else f"shape {shapes[name]}"
+            raise ChainloraError(f"{where}: {name} {want} does not fit the base model ({got}): "
+                                 "the adapter was trained on another model")
+
+
+def modelfile(name: str, system: str | None, chat_template: str | None) -> str:
+    """An Ollama Modelfile: the base, one adapter (Ollama applies one per model), the library's
+    system prompt and, for ChatML chat templates (SmolLM2's), the same template in Ollama's syntax."""
+    lines = ["FROM ../base.gguf", f"ADAPTER ../adapters/{name}.gguf"]
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    if chat_template and "<|im_start|>" in chat_template:
+        lines += [f'TEMPLATE """{CHATML}"""', 'PARAMETER stop "<|im_end|>"']
+    return "\n".join(lines) + "\n"
+
+
+def export_gguf(lib: Library, out: Path, dtype: str = "f32", base_dtype: str = "source") -> dict:
+    """The library for llama.cpp / Ollama (module docstring); facts in OUT/manifest.json."""
+    from chainlora.models import resolve, sha256_file
+
+    kind, base = resolve(lib.manifest["base_model"]["name"])
+    if kind != "gguf":
+        raise ChainloraError(f"{lib.root}: base model {lib.manifest['base_model']['name']!r} is not a GGUF file; "
+                             "convert it with llama.cpp's convert_hf_to_gguf.py and train on that file")
+    facts = base_facts(Path(base))
+    if facts["arch"] != "llama":
+        raise ChainloraError(f"{base}: architecture {facts['arch']!r}: the GGUF export knows llama's layout only")
+    if dtype not in ("f32", "f16"):
+        raise ChainloraError(f"--adapter-dtype: {dtype!r} (use f32 or f16)")
+    if base_dtype not in BASE_DTYPES:
+        raise ChainloraError(f"--base-dtype: {base_dtype!r} (use {', '.join(BASE_DTYPES)})")
+    entries = lib.tasks + ([lib.mixed] if lib.mixed else [])
+    converted = {e["name"]: lora_tensors(lib.path(e), facts["n_head"], facts["n_head_kv"]) for e in entries}
+    for e in entries:
+        check_fits(converted[e["name"]][0], facts["shapes"], lib.path(e))
+    with atomic.directory(out, replace=True) as tmp:
+        if base_dtype == "source":
+            shutil.copy2(base, tmp / "base.gguf")
+        else:
+            reencode_base(Path(base), tmp / "base.gguf", base_dtype)
+        (tmp / "adapters").mkdir()
+        (tmp / "Modelfiles").mkdir()
+        adapters = {}
+        for name, (tensors, rank) in converted.items():
+            write_adapter(tmp / "adapters" / f"{name}.gguf", tensors, rank, facts["arch"], dtype, name)
+            atomic.write_text(tmp / "Modelfiles" / name, modelfile(name, lib.manifest.get("system_prompt"), facts["chat_template"]))
+            adapters[name] = {"path": f"adapters/{name}.gguf", "rank": rank, "alpha": rank,
+                              "modelfile": f"Modelfiles/{name}"}
+        files = [f"adapters/{n}.gguf" for n in adapters]
+        command = ["llama-server", "-m", "base.gguf", *[x for f in files for x in ("--lora", f)],
+                   "--lora-init-without-apply", "--port", "8080"]
+        report = {"format": "gguf", "library": str(lib.root), "base_model": lib.manifest["base_model"],
+                  "base": {"file": "base.gguf", "source_sha256": sha256_file(Path(base)), "dtype": base_dtype,
+                           "sha256": sha256_file(tmp / "base.gguf"), "arch": facts["arch"]},
+                  "adapters": adapters, "tasks": [e["name"] for e in lib.tasks],
+                  "mixed": lib.mixed["name"] if lib.mixed else None,
+                  "selector": (lib.manifest.get("selection") or {}).get("winner"),
+                  "system_prompt": lib.manifest.get("system_prompt"), "adapter_dtype": dtype, "llama_server": command}
+        atomic.write_json(tmp / "manifest.json", report)
+        atomic.write_json(tmp / "export.json", report)
+        atomic.write_text(tmp / "llama-server.sh", "#!/bin/sh\n# every adapter loaded, none applied: each request "
+                          "names its adapter (chainlora serve --backend llamacpp)\ncd \"$(dirname \"$0\")\"\nexec "
+                          + " ".join(shlex.quote(c) for c in command) + " \"$@\"\n")
+        (tmp / "llama-server.sh").chmod(0o755)
+    return report
