@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.chainlora-installed
 
-.PHONY: install demo test test-fast fuzz bench bench-cola clean
+.PHONY: install demo test test-fast fuzz bench bench-cola llamacpp-check clean
 
 install: $(STAMP)
 
@@ -44,6 +44,14 @@ bench: $(STAMP)
 
 bench-cola: $(STAMP)
 	$(PY) bench/cola.py
+
+# the GGUF export checked in a real llama.cpp: llama-cpp-python builds llama.cpp from source once
+# (10-20 min on 2 cores; pip caches the built wheel per version, so later runs install in seconds)
+LLAMA_CPP_VERSION ?= 0.3.36
+llamacpp-check: $(STAMP)
+	$(PIP) install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	test -f runs/demo/library/chainlora.json || $(VENV)/bin/chainlora demo
+	$(PY) scripts/llamacpp_check.py --library runs/demo/library
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

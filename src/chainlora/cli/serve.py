@@ -71,7 +71,8 @@ def add_serve_parser(sub: argparse._SubParsersAction, selector_args: Callable) -
     d.add_argument("--cpu-cache-mb", type=float, default=1024, help="host-memory tier for evicted adapters")
     d.add_argument("--adapters", default="pool", choices=["pool", "peft"],
                    help="device tier that answers: pool (slot tensors, one batched matmul a layer) or peft")
-    d.add_argument("--backend", default="local", help="local (default) or openai: route here, answer at --backend-url")
+    d.add_argument("--backend", default="local",
+                   help="local (default), openai (vLLM) or llamacpp (llama-server): route here, answer at --backend-url")
     d.add_argument("--backend-url", help="OpenAI-compatible server with the adapters, e.g. vLLM's http://host:8000/v1")
     d.add_argument("--backend-key", help="API key for the backend (default: $CHAINLORA_BACKEND_KEY)")
     d.add_argument("--backend-base-model", help="the backend's name for the bare base model (fallback rows)")

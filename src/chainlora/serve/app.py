@@ -320,8 +320,11 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
         if not backend_url:
             raise ChainloraError("--backend openai needs --backend-url URL (e.g. http://vllm-host:8000/v1)")
         forwarder = Forwarder(backend_url, api_key=backend_key, base_model=backend_base_model, timeout_s=timeout_s)
+    elif backend == "llamacpp":
+        if not backend_url:
+            raise ChainloraError("--backend llamacpp needs --backend-url URL (llama-server, e.g. http://127.0.0.1:8080)")
     elif backend != "local":
-        raise ChainloraError(f"--backend: unknown {backend!r} (use local or openai)")
+        raise ChainloraError(f"--backend: unknown {backend!r} (use local, openai or llamacpp)")
     limits = limits or Limits()
     if not api_key and host not in LOOPBACK:
         print(f"chainlora: warning: serving on {host} without an API key: anyone who reaches the port can use "
@@ -329,6 +332,11 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
     engine = Engine.load(library, device=device, dtype=dtype, selector=selector, threshold=threshold,
                          novelty=novelty, max_adapters=max_adapters,
                          cpu_cache_bytes=int(cpu_cache_mb * (1 << 20)), adapters=adapters)
+    if backend == "llamacpp":  # it answers with every task adapter and the mixed one, by name
+        from chainlora.serve.llamacpp import LlamaCppForwarder
+
+        names = [e["name"] for e in engine.lib.tasks] + ([engine.lib.mixed["name"]] if engine.lib.mixed else [])
+        forwarder = LlamaCppForwarder(backend_url, names, api_key=backend_key, timeout_s=timeout_s)
     server = Server(engine, api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
                     timeout_s=timeout_s, forwarder=forwarder, limits=limits)
     print(f"chainlora: serving {library} on http://{host}:{port}/v1 (models: {', '.join(server.models())})")

@@ -1,0 +1,90 @@
+"""`chainlora serve --backend llamacpp`: route here, answer on a llama.cpp server (llama-server).
+
+llama-server runs the library exported by `chainlora export --format gguf` with every adapter
+loaded and none applied (`OUT/llama-server.sh`: `--lora a.gguf --lora b.gguf ...
+--lora-init-without-apply`). Each request then names its adapter in llama-server's per-request
+`lora` field, a list of {id, scale}: EVERY loaded adapter is listed with an explicit scale (1
+for the routed one, 0 for the rest; all 0 for a request that falls back to the base model),
+because llama.cpp versions differ in what an unlisted adapter does (scale 0, or the server's
+own scale). The ids come from llama-server's `GET /lora-adapters`, matched by file name
+(`adapters/<name>.gguf`), read once and checked against the library's adapters.
+
+Everything else is `forward.Forwarder`'s: the chat template and system prompt applied here and
+token ids sent to `/v1/completions`, the answer in the shape the client asked for with the
+routing field, streams that always end with [DONE]. llama-server never batches two different
+adapter settings in one step (its slots take turns), unlike chainlora's own mixed-adapter batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import PurePath
+from typing import Any, AsyncIterator, Sequence
+
+from chainlora.errors import ChainloraError
+from chainlora.inference.engine import BASE, Route
+from chainlora.serve.forward import Forwarder, _error
+
+
+class LlamaCppForwarder(Forwarder):
+    """A Forwarder whose requests carry llama-server's `lora` list instead of a model name."""
+
+    def __init__(self, url: str, adapters: Sequence[str], **kw: Any):
+        super().__init__(url, **kw)
+        self.root = self.url.removesuffix("/v1")
+        self.adapters = list(adapters)  # the library's task adapters and the mixed one
+        self.ids: dict[str, int] | None = None
+        self._lock = asyncio.Lock()
+
+    def model_for(self, route: Route) -> str:
+        return route.adapter  # BASE: every scale 0
+
+    async def lora_ids(self) -> dict[str, int]:
+        """{adapter name: llama-server id}, from GET /lora-adapters (once)."""
+        import httpx
+
+        async with self._lock:
+            if self.ids is not None:
+                return self.ids
+            try:
+                r = await self.client.get(f"{self.root}/lora-adapters")
+                listing = r.json()
+            except (httpx.HTTPError, json.JSONDecodeError) as e:
+                raise ChainloraError(f"llama-server at {self.root}: cannot list its adapters ({e.__class__.__name__})")
+            if r.status_code != 200 or not isinstance(listing, list):
+                raise ChainloraError(f"llama-server at {self.root}: GET /lora-adapters answered {r.status_code}")
+            ids = {PurePath(str(e.get("path", ""))).stem: int(e["id"]) for e in listing
+                   if isinstance(e, dict) and isinstance(e.get("id"), int)}
+            missing = [a for a in self.adapters if a not in ids]
+            if missing:
+                raise ChainloraError(f"llama-server at {self.root} has no adapter {missing[0]!r} loaded: start it "
+                                     "with llama-server.sh from `chainlora export --format gguf`")
+            self.ids = ids
+            return ids
+
+    async def with_lora(self, body: dict) -> dict:
+        """The completion body with every loaded adapter's scale explicit."""
+        ids = await self.lora_ids()
+        chosen = body["model"]
+        if chosen != BASE and chosen not in ids:
+            raise ChainloraError(f"llama-server has no adapter {chosen!r}")
+        return {**body, "model": "base" if chosen == BASE else chosen,
+                "lora": [{"id": i, "scale": 1.0 if name == chosen else 0.0} for name, i in sorted(ids.items())]}
+
+    async def complete(self, body: dict) -> tuple[int, dict]:
+        try:
+            body = await self.with_lora(body)
+        except ChainloraError as e:
+            return 502, _error(str(e))
+        return await super().complete(body)
+
+    async def stream(self, body: dict, kind: str, model: str, route_field: dict | None) -> AsyncIterator[str]:
+        try:
+            body = await self.with_lora(body)
+        except ChainloraError as e:
+            yield f"data: {json.dumps(_error(str(e)))}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        async for event in super().stream(body, kind, model, route_field):
+            yield event
