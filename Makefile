@@ -48,8 +48,9 @@ bench-cola: $(STAMP)
 # the GGUF export checked in a real llama.cpp: llama-cpp-python builds llama.cpp from source once
 # (10-20 min on 2 cores; pip caches the built wheel per version, so later runs install in seconds)
 LLAMA_CPP_VERSION ?= 0.3.36
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 llamacpp-check: $(STAMP)
-	$(PIP) install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	test -f runs/demo/library/chainlora.json || $(VENV)/bin/chainlora demo
 	$(PY) scripts/llamacpp_check.py --library runs/demo/library
 

@@ -13,7 +13,8 @@ demo's test prompts of that task (and the mixed adapter on all of them):
 - with the adapter at scale 0, llama.cpp's answers against chainlora's base model (no adapter);
 - whether llama.cpp's own tokenizer gives the same ids for the rendered prompts.
 
-Prints one JSON object; exits 1 when answer agreement is under --min-agreement (0.95).
+Prints one JSON object; exits 1 when answer agreement is under --min-agreement (0.95) or a
+first-token log-probability differs by more than --logprob-tolerance (0.05 nats).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-task", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--min-agreement", type=float, default=0.95)
+    p.add_argument("--logprob-tolerance", type=float, default=0.05,
+                   help="largest first-token log-probability difference allowed (nats, top 20 tokens)")
     p.add_argument("--out", help="export directory (default: a temporary one)")
     p.add_argument("--result", help="also write the result JSON to this file")
     args = p.parse_args(argv)
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.result:
         Path(args.result).write_text(text + "\n")
-    return 0 if total >= args.min_agreement else 1
+    return 0 if total >= args.min_agreement and worst <= args.logprob_tolerance else 1
 
 
 if __name__ == "__main__":
