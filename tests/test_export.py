@@ -94,7 +94,7 @@ def test_export_refuses_bad_requests(finetuned, random_lib, tmp_path, cli):
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
     cases = [
-        (["--format", "onnx", "--out", str(tmp_path / "x")], "--format: unknown 'onnx' (use peft, merged, vllm)"),
+        (["--format", "onnx", "--out", str(tmp_path / "x")], "--format: unknown 'onnx' (use peft, merged, vllm, gguf)"),
         (["--format", "peft", "--out", str(keep)], f"--out {keep}: exists and is not an earlier export"),
         (["--format", "peft", "--out", str(finetuned / "sub")], "must be outside the library"),
         (["--format", "peft", "--adapter", "nope", "--out", str(tmp_path / "y")], "--adapter: no adapter 'nope'"),
@@ -106,6 +106,8 @@ def test_export_refuses_bad_requests(finetuned, random_lib, tmp_path, cli):
     assert (keep / "notes.txt").read_text() == "mine"
     r = cli("export", str(random_lib), "--format", "merged", "--out", str(tmp_path / "m"))
     assert r.returncode == 2 and "--adapter: name the adapter to merge" in r.stderr
+    r = cli("export", str(random_lib), "--format", "gguf", "--out", str(tmp_path / "g"))  # base is a HF directory
+    assert r.returncode == 2 and "is not a GGUF file" in r.stderr and not (tmp_path / "g").exists()
     with pytest.raises(ChainloraError, match="above finetune's rank 12"):
         export(finetuned, tmp_path / "big", "peft", compress_rank=13)
 

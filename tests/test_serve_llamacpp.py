@@ -60,6 +60,7 @@ def test_every_adapter_has_an_explicit_scale_and_only_the_chosen_one_is_on(front
     assert r.status_code == 200, r.text
     where, sent = fake.calls[-1]
     assert where == "/v1/completions" and all(isinstance(t, int) for t in sent["prompt"])
+    assert sent["cache_prompt"] is False  # a prefix cached under another adapter would be reused
     ids = {n: i for i, n in enumerate(reversed(names))}
     assert sorted(sent["lora"], key=lambda x: x["id"]) == [
         {"id": ids[n], "scale": 1.0 if n == task else 0.0} for n in sorted(names, key=ids.get)]

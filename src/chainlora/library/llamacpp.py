@@ -246,7 +246,7 @@ def export_gguf(lib: Library, out: Path, dtype: str = "f32", base_dtype: str = "
             adapters[name] = {"path": f"adapters/{name}.gguf", "rank": rank, "alpha": rank,
                               "modelfile": f"Modelfiles/{name}"}
         files = [f"adapters/{n}.gguf" for n in adapters]
-        command = ["llama-server", "-m", "base.gguf", *[x for f in files for x in ("--lora", f)],
+        command = ["llama-server", "-m", "base.gguf", "--lora", ",".join(files),
                    "--lora-init-without-apply", "--port", "8080"]
         report = {"format": "gguf", "library": str(lib.root), "base_model": lib.manifest["base_model"],
                   "base": {"file": "base.gguf", "source_sha256": sha256_file(Path(base)), "dtype": base_dtype,

@@ -7,7 +7,10 @@ loaded and none applied (`OUT/llama-server.sh`: `--lora a.gguf --lora b.gguf ...
 for the routed one, 0 for the rest; all 0 for a request that falls back to the base model),
 because llama.cpp versions differ in what an unlisted adapter does (scale 0, or the server's
 own scale). The ids come from llama-server's `GET /lora-adapters`, matched by file name
-(`adapters/<name>.gguf`), read once and checked against the library's adapters.
+(`adapters/<name>.gguf`), read once and checked against the library's adapters. Every request
+also sends `cache_prompt: false`: llama-server (llama.cpp as vendored by llama-cpp-python
+0.3.36) otherwise reuses a slot's cached prompt prefix that was computed under ANOTHER
+adapter, and answers change (measured: 2 of 40 demo prompts; 0 of 40 without the cache).
 
 Everything else is `forward.Forwarder`'s: the chat template and system prompt applied here and
 token ids sent to `/v1/completions`, the answer in the shape the client asked for with the
@@ -69,7 +72,7 @@ class LlamaCppForwarder(Forwarder):
         chosen = body["model"]
         if chosen != BASE and chosen not in ids:
             raise ChainloraError(f"llama-server has no adapter {chosen!r}")
-        return {**body, "model": "base" if chosen == BASE else chosen,
+        return {**body, "model": "base" if chosen == BASE else chosen, "cache_prompt": False,
                 "lora": [{"id": i, "scale": 1.0 if name == chosen else 0.0} for name, i in sorted(ids.items())]}
 
     async def complete(self, body: dict) -> tuple[int, dict]:
