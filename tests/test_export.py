@@ -106,8 +106,8 @@ def test_export_refuses_bad_requests(finetuned, random_lib, tmp_path, cli):
     assert (keep / "notes.txt").read_text() == "mine"
     r = cli("export", str(random_lib), "--format", "merged", "--out", str(tmp_path / "m"))
     assert r.returncode == 2 and "--adapter: name the adapter to merge" in r.stderr
-    r = cli("export", str(random_lib), "--format", "gguf", "--out", str(tmp_path / "g"))  # base is a HF directory
-    assert r.returncode == 2 and "is not a GGUF file" in r.stderr and not (tmp_path / "g").exists()
+    r = cli("export", str(random_lib), "--format", "gguf", "--base-dtype", "f32", "--out", str(tmp_path / "g"))
+    assert r.returncode == 2 and "nothing to re-encode" in r.stderr and not (tmp_path / "g").exists()
     with pytest.raises(ChainloraError, match="above finetune's rank 12"):
         export(finetuned, tmp_path / "big", "peft", compress_rank=13)
 

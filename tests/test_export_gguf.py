@@ -137,3 +137,35 @@ def test_reencoded_base_keeps_metadata_and_values(tmp_path):
         back = gguf.quants.dequantize(q.data, q.tensor_type).reshape(w.shape)
         ref = gguf.quants.dequantize(quantize(w, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
         np.testing.assert_allclose(back, ref.reshape(w.shape), atol=tol + 1e-7)
+
+
+def test_a_library_on_a_model_directory_exports_its_adapters(random_lib, tmp_path, cli):
+    """The tiny random library (a Hugging Face directory base): every adapter's GGUF tensors give
+    PEFT's update; no base.gguf (llama.cpp's converter makes it), said in the report."""
+    import json
+
+    import torch
+    from peft import PeftModel
+
+    from chainlora.library import Library
+    from chainlora.models import load_base
+
+    r = cli("export", str(random_lib), "--format", "gguf", "--out", str(tmp_path / "g"), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["base"]["file"] is None and not (tmp_path / "g" / "base.gguf").exists()
+    lib = Library.open(random_lib)
+    base = load_base(lib.manifest["base_model"]["name"], device="cpu")
+    for entry in lib.tasks + [lib.mixed]:
+        model = PeftModel.from_pretrained(base.model, str(lib.path(entry)))
+        fields, back = _read(tmp_path / "g" / report["adapters"][entry["name"]]["path"])
+        for i, layer in enumerate(model.base_model.model.model.layers):
+            for proj, heads in (("q_proj", 4), ("v_proj", None)):
+                a, b = back[f"blk.{i}.{llamacpp.LLAMA_NAMES[proj]}.weight.lora_a"], \
+                    back[f"blk.{i}.{llamacpp.LLAMA_NAMES[proj]}.weight.lora_b"]
+                delta = fields["adapter.lora.alpha"] / b.shape[1] * (b @ a)
+                delta = llamacpp.unpermute(delta, heads) if heads else delta
+                with torch.no_grad():
+                    expected = getattr(layer.self_attn, proj).get_delta_weight("default").numpy()
+                np.testing.assert_allclose(delta, expected, rtol=1e-5, atol=1e-6)
+        base.model = model.unload()

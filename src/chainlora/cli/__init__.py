@@ -98,6 +98,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"{name}: {Path(args.out) / info['path']}{note}")
     if report["format"] == "merged":
         print(f"merged model ({report['adapter']}): {args.out}")
+    if report["format"] == "gguf" and report["base"]["file"] is None:
+        print(f"no base.gguf: {report['base']['note']} ({report['base']['source']})")
     if report["format"] == "gguf":
         print(f"base: {Path(args.out) / 'base.gguf'}; Ollama: ollama create NAME -f {Path(args.out) / 'Modelfiles'}/"
               f"<adapter>; llama.cpp with every adapter: {Path(args.out) / 'llama-server.sh'}")

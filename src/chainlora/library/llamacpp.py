@@ -1,6 +1,8 @@
 """`chainlora export --format gguf`: a library for llama.cpp and Ollama.
 
-    OUT/base.gguf              the library's base model as it is (the default model's Q4_1 file), or
+    OUT/base.gguf              (a GGUF base only; a Hugging Face directory base is left to llama.cpp's
+                               convert_hf_to_gguf.py, the adapters are written all the same)
+                               the library's base model as it is (the default model's Q4_1 file), or
                                re-encoded (--base-dtype f32 / f16 / q8_0), every key (tokenizer, chat
                                template) copied
     OUT/adapters/<name>.gguf   every task adapter and the mixed one as a llama.cpp LoRA GGUF
@@ -202,6 +204,18 @@ def check_fits(tensors: dict[str, np.ndarray], shapes: dict[str, tuple], where: 
                                  "the adapter was trained on another model")
 
 
+def dir_facts(model_dir: Path) -> dict[str, Any]:
+    """The same facts from a Hugging Face model directory's config.json and tokenizer_config.json
+    (no base.gguf can be written from it here: llama.cpp's convert_hf_to_gguf.py does that)."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    tok_cfg = model_dir / "tokenizer_config.json"
+    template = json.loads(tok_cfg.read_text()).get("chat_template") if tok_cfg.is_file() else None
+    arch = "llama" if cfg.get("model_type") == "llama" else cfg.get("model_type")
+    heads = cfg.get("num_attention_heads")
+    return {"arch": arch, "shapes": None, "n_head": heads, "n_head_kv": cfg.get("num_key_value_heads") or heads,
+            "chat_template": template if isinstance(template, str) else None}
+
+
 def modelfile(name: str, system: str | None, chat_template: str | None) -> str:
     """An Ollama Modelfile: the base, one adapter (Ollama applies one per model), the library's
     system prompt and, for ChatML chat templates (SmolLM2's), the same template in Ollama's syntax."""
@@ -218,10 +232,12 @@ def export_gguf(lib: Library, out: Path, dtype: str = "f32", base_dtype: str = "
     from chainlora.models import resolve, sha256_file
 
     kind, base = resolve(lib.manifest["base_model"]["name"])
-    if kind != "gguf":
-        raise ChainloraError(f"{lib.root}: base model {lib.manifest['base_model']['name']!r} is not a GGUF file; "
-                             "convert it with llama.cpp's convert_hf_to_gguf.py and train on that file")
-    facts = base_facts(Path(base))
+    if kind == "hub":
+        raise ChainloraError(f"{lib.root}: base model {base!r} is a hub id: export needs it as a local "
+                             "directory or .gguf file (train on a local copy)")
+    facts = base_facts(Path(base)) if kind == "gguf" else dir_facts(Path(base))
+    if kind != "gguf" and base_dtype != "source":
+        raise ChainloraError(f"--base-dtype {base_dtype}: the base model is not a GGUF file, nothing to re-encode")
     if facts["arch"] != "llama":
         raise ChainloraError(f"{base}: architecture {facts['arch']!r}: the GGUF export knows llama's layout only")
     if dtype not in ("f32", "f16"):
@@ -231,9 +247,12 @@ def export_gguf(lib: Library, out: Path, dtype: str = "f32", base_dtype: str = "
     entries = lib.tasks + ([lib.mixed] if lib.mixed else [])
     converted = {e["name"]: lora_tensors(lib.path(e), facts["n_head"], facts["n_head_kv"]) for e in entries}
     for e in entries:
-        check_fits(converted[e["name"]][0], facts["shapes"], lib.path(e))
+        if facts["shapes"] is not None:
+            check_fits(converted[e["name"]][0], facts["shapes"], lib.path(e))
     with atomic.directory(out, replace=True) as tmp:
-        if base_dtype == "source":
+        if kind != "gguf":
+            pass  # adapters only: base.gguf comes from llama.cpp's converter (the report says so)
+        elif base_dtype == "source":
             shutil.copy2(base, tmp / "base.gguf")
         else:
             reencode_base(Path(base), tmp / "base.gguf", base_dtype)
@@ -249,8 +268,10 @@ def export_gguf(lib: Library, out: Path, dtype: str = "f32", base_dtype: str = "
         command = ["llama-server", "-m", "base.gguf", "--lora", ",".join(files),
                    "--lora-init-without-apply", "--port", "8080"]
         report = {"format": "gguf", "library": str(lib.root), "base_model": lib.manifest["base_model"],
-                  "base": {"file": "base.gguf", "source_sha256": sha256_file(Path(base)), "dtype": base_dtype,
-                           "sha256": sha256_file(tmp / "base.gguf"), "arch": facts["arch"]},
+                  "base": ({"file": "base.gguf", "source_sha256": sha256_file(Path(base)), "dtype": base_dtype,
+                            "sha256": sha256_file(tmp / "base.gguf"), "arch": facts["arch"]} if kind == "gguf" else
+                           {"file": None, "arch": facts["arch"], "source": str(base),
+                            "note": "convert the base with llama.cpp's convert_hf_to_gguf.py to base.gguf here"}),
                   "adapters": adapters, "tasks": [e["name"] for e in lib.tasks],
                   "mixed": lib.mixed["name"] if lib.mixed else None,
                   "selector": (lib.manifest.get("selection") or {}).get("winner"),
