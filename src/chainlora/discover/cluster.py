@@ -19,9 +19,9 @@ less its noise, relative to the answers' spread, so it does not grow with the da
 10,000 records a task any two templates differ significantly, and not by much). k is the
 largest k in the range whose every pair of clusters passes both: significance >= SIGNIFICANCE
 and effect >= EFFECT. Measured on the demo data (bench/discover.py): at the true k the closest
-pair scores 1.3-8.6 and 0.006-0.010 from 40 to 800 records a task; once a task is split, at
-most 1.3 and 0.004. Below about 40 records a task nothing is significant and k comes out low:
-give --k there.
+pair scores 1.27-8.6 and 0.006-0.010 from 40 to 800 records a task; at the k after it
+(a task split) significance is at most 1.27 and effect at most 0.0051, never both passing.
+Below about 40 records a task nothing is significant and k comes out low: give --k there.
 """
 
 from __future__ import annotations
