@@ -52,8 +52,8 @@ def quality(encoder) -> list[str]:
     from chainlora.data.records import demo_path, read_records
     from chainlora.discover import discover
 
-    rows = ["| split | records a task | records | k chosen | ARI | seconds | closest pair at k: significance / effect "
-            "| at k + 1 | silhouette's best k (ARI) |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| split | records a task | records | templates | k chosen | ARI | seconds | closest pair at k: "
+            "significance / effect | at k + 1 | silhouette's best k (ARI) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for split, slices in (("train", (None, 300)), ("test", (None, 100, 60, 40, 20))):
         records = list(read_records(demo_path(split)))
         for per in slices:
@@ -69,7 +69,7 @@ def quality(encoder) -> list[str]:
             at = [f"{scan[kk][0]:.2f} / {scan[kk][1]:.4f}" if kk in scan else "-" for kk in (k, k + 1)]
             sk, sari = silhouette_k(sub, encoder, [r.task for r in sub])
             rows.append(f"| {split} | {per or 'all (' + str(len(sub) // len(by)) + ')'} | {len(sub)} | "
-                        f"{k} | {ari:.3f} | {secs:.1f} | {at[0]} | {at[1]} | {sk} ({sari:.3f}) |")
+                        f"{found.summary['templates']} | {k} | {ari:.3f} | {secs:.1f} | {at[0]} | {at[1]} | {sk} ({sari:.3f}) |")
             print(rows[-1], flush=True)
     return rows
 

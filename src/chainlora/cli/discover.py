@@ -27,7 +27,7 @@ def _k(value: str) -> Any:
     return k
 
 
-def train_config(out: Path, summary: dict) -> dict:
+def train_config(out: Path) -> dict:
     """A `chainlora train` config over DIR/records.jsonl: the demo's recipe (task adapters that
     branch from a shared trunk, the classifier selector), sized for a CPU; raise max_steps on a GPU."""
     return {
@@ -63,7 +63,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
         raise ChainloraError(f"--min-size {args.min_size}: must be at least 1")
     records = list(read_records(args.data, task=UNLABELLED))
     found = discover(records, k=k, min_size=args.min_size, seed=args.seed, source=args.data)
-    cfg = train_config(out, found.summary)
+    cfg = train_config(out)
     config.from_dict(cfg, str(out / "config.yaml"))  # what train will read: checked before anything is written
     for path in write_outputs(found, out, config_yaml(cfg, args.data, found.summary)):
         print(f"wrote {path}")

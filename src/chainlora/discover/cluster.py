@@ -1,12 +1,11 @@
 """Clustering the template groups into tasks, and choosing how many.
 
 k-means (scikit-learn) over the groups' pooled vectors, each group weighted by its records.
-k-means and not HDBSCAN: the groups are few and dense (tens to thousands) and every record
-must land in some task; HDBSCAN leaves much of such data as noise, and its density scale is
-one more knob a user cannot judge.
+k-means and not HDBSCAN: every record must land in some task, and HDBSCAN by design labels
+records in low-density regions as noise; its density scale is one more knob a user cannot judge.
 
-How many tasks: internal indices (silhouette, Calinski-Harabasz, Davies-Bouldin) are flat on
-this data — measured on the demo data, each favours a coarser k than the true 10. What does
+How many tasks: an internal index does not tell — the silhouette on the same partitions would
+choose 2-4 tasks on the demo data, whose true k is 10 (bench/discover.py). What does
 separate a real task from a spurious split is the answer: two halves of one task answer alike,
 two tasks do not. Over the answer vectors, each pair of clusters a, b gets two scores:
 

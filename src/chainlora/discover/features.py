@@ -60,7 +60,6 @@ def embed_unique(encoder: Any, texts: Sequence[str], batch_size: int = 64, progr
     text, shortest first so a batch pads little; `progress(n)` is told how many were done."""
     distinct = list(dict.fromkeys(texts))
     order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
-    vectors = np.zeros((len(distinct), 0), dtype=np.float32)
     chunk = batch_size * 16
     parts = []
     for start in range(0, len(order), chunk):
@@ -68,9 +67,8 @@ def embed_unique(encoder: Any, texts: Sequence[str], batch_size: int = 64, progr
         parts.append(encoder.embed([distinct[i] for i in ids], batch_size=batch_size).cpu().numpy())
         if progress is not None:
             progress(len(ids))
-    if parts:
-        vectors = np.empty((len(distinct), parts[0].shape[1]), dtype=np.float32)
-        vectors[order] = np.concatenate(parts)
+    vectors = np.empty((len(distinct), parts[0].shape[1]), dtype=np.float32)  # discover() refuses empty data
+    vectors[order] = np.concatenate(parts)
     where = {t: i for i, t in enumerate(distinct)}
     return vectors, np.fromiter((where[t] for t in texts), dtype=np.int64, count=len(texts))
 
@@ -91,7 +89,7 @@ class Features:
         return np.bincount(self.group, minlength=self.n_groups).astype(np.float64)
 
     def block(self, b: int) -> np.ndarray:
-        """Every record's vector of block b (n x d): a view's worth of memory per call."""
+        """Every record's vector of block b (n x d): a new array each call."""
         vectors, index = self.blocks[b]
         return vectors[index]
 

@@ -39,9 +39,6 @@ class Discovery:
     clusters: list[dict[str, Any]]  # per task: name, size, words, examples
     html: str  # clusters.html
 
-    def counts(self) -> dict[str, int]:
-        return {c["name"]: c["size"] for c in self.clusters}
-
 
 def _check(records: Sequence[Record], source: str, k: Union[str, int]) -> None:
     if len(records) < MIN_RECORDS:

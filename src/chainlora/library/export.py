@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ def compress_adapter(src: Path, dst: Path, rank: int) -> dict:
     """Write src's LoRA truncated to `rank` (scaling folded into B, lora_alpha = r) to dst."""
     from safetensors.torch import load_file, save_file
 
-    from chainlora.library.lora_math import truncate
+    from chainlora.library.lora_math import peft_scale, truncate
 
     cfg = json.loads((src / ADAPTER_FILES[0]).read_text())
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
@@ -56,10 +55,7 @@ def compress_adapter(src: Path, dst: Path, rank: int) -> dict:
         module = key[: -len(".lora_A.weight")]
         a, b = tensors[key].float(), tensors[f"{module}.lora_B.weight"].float()
         r = a.shape[0]
-        short = module.split(".", 2)[-1] if module.startswith("base_model.model.") else module
-        r_mod = _pattern(cfg.get("rank_pattern") or {}, short, cfg["r"])
-        alpha = _pattern(cfg.get("alpha_pattern") or {}, short, cfg["lora_alpha"])
-        s = alpha / math.sqrt(r_mod) if cfg.get("use_rslora") else alpha / r_mod
+        s = peft_scale(cfg, module)
         if rank > r:
             raise ChainloraError(f"--compress-rank: {rank} is above {src.name}'s rank {r} ({module})")
         new_b, new_a, tail, full = truncate(s * b, a, rank)
@@ -77,14 +73,6 @@ def compress_adapter(src: Path, dst: Path, rank: int) -> dict:
     return {"rank": rank, "from_rank": total_rank,
             "relative_error": round(math.sqrt(dropped / norm), 6) if norm > 0 else 0.0,
             "module_errors": errors}
-
-
-def _pattern(pattern: dict, module: str, default: float) -> float:
-    """PEFT's rank_pattern / alpha_pattern: the first key that ends the module name wins."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):  # PEFT's own matching (keys may be regexes)
-            return value
-    return default
 
 
 def export_peft(lib: Library, out: Path, adapter: str | None = None, compress_rank: int | None = None) -> dict:

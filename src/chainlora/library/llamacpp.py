@@ -30,7 +30,6 @@ Written here with the `gguf` package alone. Three traps, each handled:
 from __future__ import annotations
 
 import json
-import math
 import re
 import shlex
 import shutil
@@ -41,6 +40,7 @@ import numpy as np
 
 from chainlora import atomic
 from chainlora.errors import ChainloraError
+from chainlora.library.lora_math import peft_scale
 from chainlora.library.store import ADAPTER_FILES, Library
 
 LLAMA_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -61,12 +61,6 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _pattern(pattern: dict, module: str, default: float) -> float:
-    from chainlora.library.export import _pattern as peft_pattern
-
-    return peft_pattern(pattern, module, default)
 
 
 def _refuse(where: Path, cfg: dict) -> None:
@@ -98,12 +92,8 @@ def lora_tensors(adapter_dir: Path, n_head: int, n_head_kv: int) -> tuple[dict[s
             raise ChainloraError(f"{where}: a LoRA on {module.split('.')[-1]!r} cannot be loaded by llama.cpp "
                                  f"(it adapts {', '.join(LLAMA_NAMES)} of the transformer layers)")
         layer, proj = int(m.group(1)), m.group(2)
-        short = module.split(".", 2)[-1] if module.startswith("base_model.model.") else module
-        r = _pattern(cfg.get("rank_pattern") or {}, short, cfg["r"])
-        alpha = _pattern(cfg.get("alpha_pattern") or {}, short, cfg["lora_alpha"])
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         a = weights[key].astype(np.float32)
-        b = weights[f"{module}.lora_B.weight"].astype(np.float32) * np.float32(scale)
+        b = weights[f"{module}.lora_B.weight"].astype(np.float32) * np.float32(peft_scale(cfg, module))
         if proj in ("q_proj", "k_proj"):
             b = permute(b, n_head if proj == "q_proj" else n_head_kv)
         pairs[f"blk.{layer}.{LLAMA_NAMES[proj]}.weight"] = (a, b)

@@ -1,11 +1,30 @@
-"""LoRA factor math shared by training (COLA's export) and `chainlora export` (compression).
+"""LoRA factor math shared by training (COLA's export) and `chainlora export` (compression, GGUF).
 
 Pure functions on tensors; torch is imported inside each, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
+
+
+def _pattern(pattern: dict, module: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern: the first key that ends the module name wins."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):  # PEFT's own matching (keys may be regexes)
+            return value
+    return default
+
+
+def peft_scale(cfg: dict, module: str) -> float:
+    """The scaling PEFT applies to module's B A (alpha / r, or alpha / sqrt(r) with rsLoRA), with
+    its rank_pattern / alpha_pattern; `module` as saved (a leading base_model.model. is ignored)."""
+    short = module.split(".", 2)[-1] if module.startswith("base_model.model.") else module
+    r = _pattern(cfg.get("rank_pattern") or {}, short, cfg["r"])
+    alpha = _pattern(cfg.get("alpha_pattern") or {}, short, cfg["lora_alpha"])
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
 def truncate(b: Any, a: Any, r: int) -> tuple[Any, Any, float, float]:
