@@ -14,7 +14,7 @@ import pytest
 from chainlora.cli import main
 from chainlora.data.records import demo_path, load_tasks
 from chainlora.discover import cluster, names
-from chainlora.discover.features import mask_rare
+from chainlora.data.content import mask_rare
 
 
 def test_mask_rare_keeps_template_words_and_masks_the_filled_in_ones():

@@ -4,6 +4,7 @@
                  the bundled demo data (files in chainlora/demo/, located with importlib.resources)
     prompts.py   how an instruction becomes a prompt, for answering and for task selection
     examples.py  (prompt, answer) pairs tokenized for response-only loss
+    content.py   content words (the rare words a template is filled with): masked, or swapped between records
 
 May import: core (chainlora.errors, chainlora.atomic, chainlora.models) only.
 """

@@ -8,8 +8,8 @@ vectors from the bundled sentence encoder (all-MiniLM-L6-v2), concatenated:
     answer     the output
     shape      the output with its rare words masked ("X, X, X")
 
-A word is rare when fewer than `rare_fraction` of the records use it: the word a template is
-filled with (the input) is rare, the template's own words are not. Embedded as they are,
+A word is rare when fewer than `rare_fraction` of the records use it (chainlora.data.content):
+the word a template is filled with (the input) is rare, the template's own words are not. Embedded as they are,
 the filled-in word dominates a short instruction's vector (k-means on the request alone
 reaches an adjusted Rand index of 0.5-0.6 on the demo data, bench/discover.py).
 
@@ -22,17 +22,14 @@ record by record and clusters as it is.
 
 from __future__ import annotations
 
-import collections
-import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
+from chainlora.data.content import mask_rare
 from chainlora.data.records import Record
 
-WORD = re.compile(r"\w+")
-MASK = "X"
 BLOCKS = ("request", "template", "answer", "shape")
 ANSWER = BLOCKS.index("answer")
 
@@ -44,15 +41,6 @@ def sum_by(labels: np.ndarray, k: int, x: np.ndarray) -> np.ndarray:
     ones = np.ones(len(labels), dtype=x.dtype)
     onehot = csr_matrix((ones, (labels, np.arange(len(labels)))), shape=(k, len(labels)))
     return np.asarray(onehot @ x, dtype=np.float64)
-
-
-def mask_rare(texts: Sequence[str], rare_fraction: float) -> list[str]:
-    """Each text with the words fewer than `rare_fraction` of the texts use replaced by X."""
-    df: collections.Counter = collections.Counter()
-    for t in texts:
-        df.update({w.lower() for w in WORD.findall(t)})
-    keep = max(3.0, rare_fraction * len(texts))
-    return [WORD.sub(lambda m: m.group(0) if df[m.group(0).lower()] >= keep else MASK, t) for t in texts]
 
 
 def embed_unique(encoder: Any, texts: Sequence[str], batch_size: int = 64, progress: Any = None) -> tuple:

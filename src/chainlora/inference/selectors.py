@@ -132,6 +132,6 @@ class Loaded:
             directory = self.lib.path(entry)
             read_verified(directory, entry, novelty.FILES, "out-of-library detector")
             self._models["novelty"] = novelty.load(directory)
-        bank, info = self._models["novelty"]
-        sims = novelty.similarity(bank, self._encoder(info["encoder"]).embed(texts), info.get("k", novelty.K))
+        state, info = self._models["novelty"]
+        sims = novelty.score(state, info, self._encoder(info["encoder"]).embed(texts))
         return sims.tolist(), float(info["threshold"])

@@ -60,7 +60,10 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
         parts["classifier settings"] = _digest([c["encoder"], c["epochs"], c["learning_rate"],
                                                 job.info.get("tasks")])
     elif job.kind == "encoder":
-        parts["encoder settings"] = _digest([cfg.encoder.model_dump(), job.info.get("tasks")])
+        e = cfg.encoder.model_dump()
+        if not e["swap_content"]:  # added later: off, it trains as before, so it keeps the fingerprint
+            del e["swap_content"]
+        parts["encoder settings"] = _digest([e, job.info.get("tasks")])
     else:
         if job.kind != "sft":  # the sft selector trains every weight, no LoRA
             parts["LoRA settings"] = _digest(cfg.lora.model_dump())

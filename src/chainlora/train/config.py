@@ -136,6 +136,10 @@ class EncoderSettings(_Section):
     batch_size: int = Field(32, ge=1)
     learning_rate: Number = Field(5e-5, ge=0.0, le=1.0)
     max_length: int = Field(64, ge=8)  # tokens of the instruction the encoder reads
+    # share of the training instructions whose content words (the rare words a template is filled
+    # with) are swapped for other records' (chainlora.data.content); off by default: on the demo data
+    # it measured within noise of off (bench/selector_cv.py)
+    swap_content: Number = Field(0.0, ge=0.0, le=1.0)
 
 
 class SftSettings(_Section):
@@ -159,6 +163,7 @@ class SelectionSettings(_Section):
     heldout_templates: int = Field(1, ge=0)  # templates a task no selector trains on (tasks with >= 3 templates)
     precision: Number = Field(0.99, gt=0.0, le=1.0)  # accepted validation routes must be this right
     novelty: bool = True  # out-of-library detector: similarity to the selectors' training instructions
+    novelty_method: Literal["mahalanobis", "knn"] = "mahalanobis"  # nearest task mean, or k-th nearest instruction
     novelty_recall: Number = Field(0.99, gt=0.0, le=1.0)  # in-library validation instructions it must accept
     default: Literal["auto", "score", "generate", "classifier", "encoder", "sft"] = "auto"  # auto: measured best
     # which trained selectors to measure (all, or a list): `generate` beam-searches every

@@ -8,8 +8,9 @@ manifest's `selection`:
   calibrated confidence threshold (chainlora.inference.calibration) with what it does there;
 - the winner: the best top-1 on held-out templates (unseen wording is what users send), then
   overall top-1, then speed — unless `selection.default` names one;
-- the out-of-library detector (chainlora.inference.novelty): a bank of the selectors' training
-  instructions and the similarity threshold that accepts `novelty_recall` of the validation.
+- the out-of-library detector (chainlora.inference.novelty): fitted on the selectors' training
+  instructions (`novelty_method`), with the similarity threshold that accepts `novelty_recall` of
+  the validation.
 It has a fingerprint of its own: kept while the selectors, the validation data and these
 settings are unchanged.
 """
@@ -94,15 +95,21 @@ def _novelty(engine: Any, cfg: Config, split: SelectorSplit, root: Path) -> dict
     enc = classifier.Encoder(kind, engine.base.model, engine.tok)
     if kind == "base":
         enc.model = engine.cache.model if engine.cache.model is not None else engine.base.model
-    bank = enc.embed([r.text for r in bank_records(split, cfg.training.seed)])
-    sims = novelty.similarity(bank, enc.embed([r.text for r in split.validation])).tolist()
+    records = bank_records(split, cfg.training.seed)
+    bank, method = enc.embed([r.text for r in records]), cfg.selection.novelty_method
+    if method == "mahalanobis":
+        state = novelty.fit_mahalanobis(bank, [r.task for r in records])
+        info = {"method": method, "encoder": kind, "shrinkage": novelty.SHRINKAGE}
+    else:
+        state, info = {"embeddings": bank}, {"method": method, "encoder": kind, "k": novelty.K}
+    sims = novelty.score(state, info, enc.embed([r.text for r in split.validation])).tolist()
     threshold = novelty.threshold_for(sims, cfg.selection.novelty_recall)
-    info = {"encoder": kind, "k": novelty.K, "threshold": threshold, "n_bank": int(bank.shape[0])}
+    info = {**info, "threshold": threshold, "n_bank": int(bank.shape[0])}
     directory = store.inside(root, NOVELTY_PATH)
     from chainlora import atomic
 
     with atomic.directory(directory, replace=True) as tmp:
-        novelty.save(tmp, bank, info)
+        novelty.save(tmp, state, info)
         sha = store.adapter_sha256(tmp, novelty.FILES)
     return {**info, "path": NOVELTY_PATH, "sha256": sha,
             "validation_fallback_rate": round(sum(s < threshold for s in sims) / len(sims), 4)}

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from chainlora.library import store
-from chainlora.train.config import Config
 from chainlora.train import staging
+from chainlora.train.config import Config
 from chainlora.train.distributed import on_main
 from chainlora.train.plan import Job
 
@@ -83,38 +83,51 @@ class _Examples:
         return self.rows[i]
 
 
-def run_encoder_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
-    """Fine-tune all-MiniLM-L6-v2 and a linear head on instruction -> task with the Trainer,
-    the head first fitted as a linear probe on the frozen features (LP-FT)."""
+def fit_encoder(texts: list[str], y: list[int], n_classes: int, steps: int, cfg: Config,
+                workdir: Path) -> tuple[Any, Any, float]:
+    """Fine-tune all-MiniLM-L6-v2 and a linear head on instruction -> task index with the Trainer;
+    (model, tokenizer, training loss). `encoder.swap_content` of the instructions have their
+    content words swapped first; the head starts as a linear probe on the frozen features (LP-FT)."""
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
+    from chainlora.data.content import swap_content
     from chainlora.inference import classifier, encoder
     from chainlora.train.run import use_cpu
 
-    t0 = time.perf_counter()
-    e, tasks = cfg.encoder, job.info["tasks"]
-    set_seed(cfg.training.seed)
-    model, tok = encoder.build(len(tasks))
-    texts, y = [p.text for p in job.train], [tasks.index(p.answer) for p in job.train]
+    e, seed = cfg.encoder, cfg.training.seed
+    set_seed(seed)
+    texts = swap_content(texts, e.swap_content, seed)
+    model, tok = encoder.build(n_classes)
     probe = classifier.Encoder.wrap("minilm", model.encoder, tok)  # frozen: this very encoder, before training
-    head, _ = classifier.train_head(probe.embed(texts), torch.tensor(y), len(tasks),
-                                    epochs=cfg.classifier.epochs, lr=cfg.classifier.learning_rate,
-                                    seed=cfg.training.seed)
+    head, _ = classifier.train_head(probe.embed(texts), torch.tensor(y), n_classes,
+                                    epochs=cfg.classifier.epochs, lr=cfg.classifier.learning_rate, seed=seed)
     model.head.load_state_dict(head.state_dict())
     args = TrainingArguments(
-        output_dir=str(root / staging.WORK / "encoder"), max_steps=job.steps,
+        output_dir=str(workdir), max_steps=steps,
         per_device_train_batch_size=e.batch_size, learning_rate=e.learning_rate, lr_scheduler_type="linear",
-        warmup_steps=max(1, job.steps // 10), weight_decay=0.01, seed=cfg.training.seed,
-        data_seed=cfg.training.seed, save_strategy="no", report_to="none", remove_unused_columns=False,
+        warmup_steps=max(1, steps // 10), weight_decay=0.01, seed=seed,
+        data_seed=seed, save_strategy="no", report_to="none", remove_unused_columns=False,
         logging_strategy="no", dataloader_num_workers=0, use_cpu=use_cpu(), disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=_Examples(tok, texts, y, e.max_length),
                       data_collator=DataCollatorWithPadding(tok))
     result = trainer.train()
-    model = model.eval()
+    return model.eval(), tok, result.training_loss
+
+
+def run_encoder_job(job: Job, base: Any, cfg: Config, root: Path) -> dict:
+    """Train the `encoder` selector (fit_encoder) on the job's instructions and save it."""
+    import torch
+
+    from chainlora.inference import encoder
+
+    t0 = time.perf_counter()
+    e, tasks = cfg.encoder, job.info["tasks"]
+    texts, y = [p.text for p in job.train], [tasks.index(p.answer) for p in job.train]
+    model, tok, loss = fit_encoder(texts, y, len(tasks), job.steps, cfg, root / staging.WORK / "encoder")
     info = {"encoder": "all-MiniLM-L6-v2", "tasks": tasks, "max_length": e.max_length}
     entry = {**job.info, "path": job.path, "n_train": len(job.train), "n_test": len(job.test),
-             "steps": job.steps, "tokens": 0, "train_loss": round(result.training_loss, 5)}
+             "steps": job.steps, "tokens": 0, "train_loss": round(loss, 5)}
     entry["train_accuracy"] = _accuracy(encoder.logits(model, tok, texts, e.max_length), torch.tensor(y))
     if job.test:
         yt = torch.tensor([tasks.index(p.answer) for p in job.test])

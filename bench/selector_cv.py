@@ -1,0 +1,106 @@
+"""How selectors carry to wording they never saw: leave one instruction template out.
+
+The bundled demo data has five instruction templates a task. For each fold k, every selector
+recipe trains on the train split's records of the other four templates (`--per-task` a task)
+and is scored on records of template k (`--eval-per-task` a task), for every seed. This is the
+development measurement for selector recipes: it uses neither the test split nor the
+hand-written paraphrases of bench/selection.py, which stay for the final check.
+
+Recipes: `classifier` (frozen MiniLM + linear head) and the `encoder` (MiniLM fine-tuned, LP-FT)
+at each `--swap` share of `encoder.swap_content` (chainlora.data.content).
+
+    .venv/bin/python bench/selector_cv.py [--swap 0 0.5] [--seeds 0 1] [--per-task 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def fold(demo: dict, k: int, per_task: int, eval_per_task: int, seed: int) -> tuple[list, list]:
+    """(train records without template k, records of template k), sampled per task."""
+    train, held = [], []
+    for t, d in demo.items():
+        rng = random.Random(f"{seed}:{t}:{k}")
+        seen = [r for r in d.train if r.meta.get("template") != k]
+        unseen = [r for r in d.train if r.meta.get("template") == k]
+        train += rng.sample(seen, min(per_task, len(seen)))
+        held += rng.sample(unseen, min(eval_per_task, len(unseen)))
+    return train, held
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--swap", type=float, nargs="+", default=[0.0, 0.5], help="encoder.swap_content shares")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--per-task", type=int, default=200, help="training records a task (the demo's 200)")
+    parser.add_argument("--eval-per-task", type=int, default=30)
+    parser.add_argument("--no-classifier", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from chainlora.data import load_demo
+    from chainlora.inference import classifier, encoder
+    from chainlora.train import config
+    from chainlora.train.config import TrainingSettings
+    from chainlora.train.plan import steps_for
+    from chainlora.train.selectors import fit_encoder
+
+    demo = load_demo()
+    tasks = list(demo)
+    templates = sorted({r.meta.get("template") for d in demo.values() for r in d.train})
+    frozen = classifier.Encoder("minilm")
+    recipes = ([] if args.no_classifier else ["classifier"]) + [f"encoder swap {s:g}" for s in args.swap]
+    scores: dict[str, list[float]] = {r: [] for r in recipes}
+    confidence: dict[str, list[float]] = {r: [] for r in recipes}
+    seconds: dict[str, float] = {r: 0.0 for r in recipes}
+    for seed in args.seeds:
+        for k in templates:
+            train, held = fold(demo, k, args.per_task, args.eval_per_task, seed)
+            texts, y = [r.text for r in train], [tasks.index(r.task) for r in train]
+            yt = torch.tensor([tasks.index(r.task) for r in held])
+            for recipe in recipes:
+                t0 = time.perf_counter()
+                cfg = config.from_dict({"training": {"seed": seed}, "encoder": {"enabled": True}})
+                if recipe == "classifier":
+                    head, _ = classifier.train_head(frozen.embed(texts), torch.tensor(y), len(tasks),
+                                                    epochs=cfg.classifier.epochs, lr=cfg.classifier.learning_rate,
+                                                    seed=seed)
+                    with torch.no_grad():
+                        probs = torch.softmax(head(frozen.embed([r.text for r in held])), -1)
+                else:
+                    cfg = config.from_dict({"training": {"seed": seed},
+                                            "encoder": {"enabled": True, "epochs": 1,
+                                                        "swap_content": float(recipe.split()[-1])}})
+                    steps = steps_for(TrainingSettings(max_steps=None, epochs=1, batch_size=cfg.encoder.batch_size),
+                                      len(texts))
+                    with tempfile.TemporaryDirectory() as work:
+                        model, tok, _ = fit_encoder(texts, y, len(tasks), steps, cfg, Path(work))
+                    probs = torch.softmax(encoder.logits(model, tok, [r.text for r in held], cfg.encoder.max_length), -1)
+                seconds[recipe] += time.perf_counter() - t0
+                scores[recipe].append(float((probs.argmax(-1) == yt).float().mean()))
+                confidence[recipe].append(float(probs.max(-1).values.mean()))
+                print(f"seed {seed} held-out template {k} {recipe}: top-1 {scores[recipe][-1]:.3f}", flush=True)
+
+    n = len(args.seeds) * len(templates)
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+          f"{args.per_task} training records a task, {args.eval_per_task} held-out records a task; "
+          f"{len(templates)} folds x seeds {args.seeds}")
+    print("\n| recipe | top-1 on the held-out template (mean of folds x seeds) | worst fold | "
+          "mean confidence | s a fit |")
+    print("|---|---|---|---|---|")
+    for r in recipes:
+        print(f"| {r} | {statistics.mean(scores[r]):.1%} ± {statistics.stdev(scores[r]) / n ** 0.5:.1%} | "
+              f"{min(scores[r]):.1%} | {statistics.mean(confidence[r]):.3f} | {seconds[r] / n:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
