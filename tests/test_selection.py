@@ -60,6 +60,41 @@ def test_similarity_is_the_kth_nearest_neighbour():
     assert sims[0] == pytest.approx(2 ** -0.5, abs=1e-6) and sims[1] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_mahalanobis_learns_which_directions_vary_within_a_task():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    # two tasks whose instructions spread widely along axis 0 (the filled-in word) and barely along 1-3
+    spread = torch.tensor([1.0, 0.05, 0.05, 0.05])
+    a = torch.randn(200, 4, generator=g) * spread + torch.tensor([0.0, 1.0, 0.0, 0.0])
+    b = torch.randn(200, 4, generator=g) * spread + torch.tensor([0.0, 0.0, 1.0, 0.0])
+    state = novelty.fit_mahalanobis(torch.cat([a, b]), ["a"] * 200 + ["b"] * 200, shrinkage=0.0)
+    assert torch.allclose(state["means"], torch.stack([a.mean(0), b.mean(0)]))
+    # 1.5 along the free axis is nearer task a than 0.4 off its axes: k-NN cosine would say otherwise
+    along, across = torch.tensor([[1.5, 1.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0, 0.4]])
+    assert novelty.mahalanobis(state, along) > novelty.mahalanobis(state, across)
+    here = novelty.mahalanobis(state, state["means"][:1])
+    assert float(here) == pytest.approx(0.0, abs=1e-3)  # at a task's mean: distance 0
+    assert novelty.fit_mahalanobis(torch.ones(3, 4), ["a"] * 3)["precision"].isfinite().all()  # never singular
+
+
+def test_detector_files_round_trip_and_old_knn_libraries_still_load(tmp_path):
+    import torch
+
+    bank = torch.nn.functional.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    q = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(2)), dim=-1)
+    fitted = novelty.fit_mahalanobis(bank, ["a", "b"] * 10)
+    novelty.save(tmp_path / "m", fitted, {"method": "mahalanobis", "encoder": "minilm"})
+    state, info = novelty.load(tmp_path / "m")
+    assert torch.allclose(novelty.score(state, info, q), novelty.mahalanobis(fitted, q))
+    novelty.save(tmp_path / "k", {"embeddings": bank}, {"encoder": "minilm", "k": 3})  # no "method": before it
+    state, info = novelty.load(tmp_path / "k")
+    assert torch.allclose(novelty.score(state, info, q), novelty.similarity(bank, q, 3), atol=1e-3)  # float16
+    (tmp_path / "k" / novelty.FILES[0]).write_text(json.dumps({"method": "mahalanobis", "encoder": "minilm"}))
+    with pytest.raises(ChainloraError, match="lacks its means and precision"):
+        novelty.load(tmp_path / "k")
+
+
 def _records(task: str, templates: int, per_template: int) -> list[Record]:
     return [Record(task, f"{task} template {k} word {i}", "x", meta={"template": k})
             for k in range(templates) for i in range(per_template)]
@@ -118,6 +153,7 @@ def test_every_selector_is_measured_and_the_engine_uses_the_winner(selected_lib)
         assert r["n"] == sel["n_validation"] and 0 <= r["top1"] <= 1 and r["heldout_n"] > 0
         assert 0 <= r["threshold"] and r["fallback_rate"] is not None
     assert sel["novelty"]["encoder"] == "minilm" and sel["novelty"]["n_bank"] == lib.classifier["n_train"]
+    assert sel["novelty"]["method"] == "mahalanobis"
     engine = Engine.load(selected_lib, device="cpu")
     assert engine.selector == sel["winner"]
     assert engine.threshold == pytest.approx(sel["selectors"][sel["winner"]]["threshold"])
