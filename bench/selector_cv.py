@@ -6,10 +6,11 @@ and is scored on records of template k (`--eval-per-task` a task), for every see
 development measurement for selector recipes: it uses neither the test split nor the
 hand-written paraphrases of bench/selection.py, which stay for the final check.
 
-Recipes: `classifier` (frozen MiniLM + linear head) and the `encoder` (MiniLM fine-tuned, LP-FT)
-at each `--swap` share of `encoder.swap_content` (chainlora.data.content).
+Recipes: `classifier` (frozen MiniLM + linear head) and the `encoder` (MiniLM fine-tuned, LP-FT,
+one epoch as in the demo) with each `--encoder` set of `encoder.*` settings, e.g.
+`swap_content=0.5` (chainlora.data.content) or `learning_rate=2e-5,epochs=2`.
 
-    .venv/bin/python bench/selector_cv.py [--swap 0 0.5] [--seeds 0 1] [--per-task 200]
+    .venv/bin/python bench/selector_cv.py [--encoder swap_content=0 swap_content=0.5] [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def fold(demo: dict, k: int, per_task: int, eval_per_task: int, seed: int) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--swap", type=float, nargs="+", default=[0.0, 0.5], help="encoder.swap_content shares")
+    parser.add_argument("--encoder", nargs="+", default=["swap_content=0", "swap_content=0.5"],
+                        help="encoder recipes: comma lists of encoder.KEY=VALUE")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--per-task", type=int, default=200, help="training records a task (the demo's 200)")
     parser.add_argument("--eval-per-task", type=int, default=30)
@@ -58,7 +60,7 @@ def main() -> None:
     tasks = list(demo)
     templates = sorted({r.meta.get("template") for d in demo.values() for r in d.train})
     frozen = classifier.Encoder("minilm")
-    recipes = ([] if args.no_classifier else ["classifier"]) + [f"encoder swap {s:g}" for s in args.swap]
+    recipes = ([] if args.no_classifier else ["classifier"]) + [f"encoder {r}" for r in args.encoder]
     scores: dict[str, list[float]] = {r: [] for r in recipes}
     confidence: dict[str, list[float]] = {r: [] for r in recipes}
     seconds: dict[str, float] = {r: 0.0 for r in recipes}
@@ -77,10 +79,11 @@ def main() -> None:
                     with torch.no_grad():
                         probs = torch.softmax(head(frozen.embed([r.text for r in held])), -1)
                 else:
+                    settings = dict(kv.split("=", 1) for kv in recipe.split()[-1].split(","))
                     cfg = config.from_dict({"training": {"seed": seed},
-                                            "encoder": {"enabled": True, "epochs": 1,
-                                                        "swap_content": float(recipe.split()[-1])}})
-                    steps = steps_for(TrainingSettings(max_steps=None, epochs=1, batch_size=cfg.encoder.batch_size),
+                                            "encoder": {"enabled": True, "epochs": 1, **settings}})
+                    e = cfg.encoder
+                    steps = steps_for(TrainingSettings(max_steps=None, epochs=e.epochs, batch_size=e.batch_size),
                                       len(texts))
                     with tempfile.TemporaryDirectory() as work:
                         model, tok, _ = fit_encoder(texts, y, len(tasks), steps, cfg, Path(work))
