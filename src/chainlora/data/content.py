@@ -6,11 +6,11 @@ word is rare, the template's wording is not. Two uses:
 
 - task discovery masks content (chainlora.discover.features): the template is what tells
   tasks apart, and a short instruction's vector is dominated by its filled-in word;
-- selector training swaps content between records (`swap_content`): the words a task's records
-  ask about say little about the task (sentiment records ask about emotional words, so a
-  selector learns "happy" -> sentiment), and swapping them for other records' content words
-  makes the selector learn the wording. Measured on the demo data by bench/selector_cv.py
-  (leave one instruction template out).
+- selector training can swap content between records (`swap_content`, `encoder.swap_content`):
+  the words a task's records ask about say little about the task (sentiment records ask about
+  emotional words, so a selector may learn "happy" -> sentiment), and swapped words leave only
+  the wording to learn from. On the demo data it measured within noise of no swap
+  (bench/selector_cv.py, leave one instruction template out), so it is off by default.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ vectors from the bundled sentence encoder (all-MiniLM-L6-v2), concatenated:
     shape      the output with its rare words masked ("X, X, X")
 
 A word is rare when fewer than `rare_fraction` of the records use it (chainlora.data.content):
-the word a template is filled with (the input) is rare, the template's own words are not. Embedded as they are,
-the filled-in word dominates a short instruction's vector (k-means on the request alone
-reaches an adjusted Rand index of 0.5-0.6 on the demo data, bench/discover.py).
+the word a template is filled with (the input) is rare, the template's own words are not.
+Embedded as they are, the filled-in word dominates a short instruction's vector (k-means on the
+request alone reaches an adjusted Rand index of 0.5-0.6 on the demo data, bench/discover.py).
 
 Records sharing a template are pooled into one group (the mean of each block, renormalised),
 weighted by its size: averaging over a template's records cancels the filled-in words and

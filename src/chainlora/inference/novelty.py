@@ -14,7 +14,7 @@ is the instruction to what the tasks were trained on — in a frozen sentence en
 - `knn`: the k-th highest cosine similarity to the training instructions (Sun et al. 2022, "Out-of-
   distribution detection with deep nearest neighbors"), the detector of earlier libraries. Near a
   bank of templates filled with many words, a reworded request of a task can sit as far as a
-  request of no task (bench/selection.py measures both).
+  request of no task (bench/novelty.py measures both).
 
 The score is a similarity (higher: nearer the library's tasks): for `mahalanobis`, minus the
 root-mean-square distance per dimension. Below a threshold chosen at train time on held-out
@@ -68,9 +68,10 @@ def mahalanobis(state: dict, queries: Any) -> Any:
     """[Q] minus the RMS-per-dimension Mahalanobis distance of each query to its nearest task mean."""
     import torch
 
-    d = queries.float()[:, None, :] - state["means"][None]
-    squared = torch.einsum("qcd,de,qce->qc", d, state["precision"], d).min(1).values
-    return -(squared.clamp(min=0) / queries.shape[1]).sqrt()
+    x, means, precision = queries.float(), state["means"], state["precision"]
+    xp = x @ precision  # (x - m) P (x - m)' expanded: no Q x tasks x dim tensor
+    squared = ((xp * x).sum(-1, keepdim=True) - 2 * xp @ means.T + ((means @ precision) * means).sum(-1)).min(1).values
+    return -(squared.clamp(min=0) / x.shape[1]).sqrt()
 
 
 def score(state: dict, info: dict, queries: Any) -> Any:
