@@ -45,6 +45,28 @@ def test_matched_compute_and_schedules():
     assert "trunk" not in none and none["mixed"].steps == 80 and none["mixed"].start is None
 
 
+def test_replay_adds_other_tasks_records_to_branches_and_keeps_the_steps():
+    demo = Path(__file__).parents[1] / "configs" / "demo.yaml"
+    base = config.load(demo, ["chain.branch=warm", "training.max_steps=8"])
+    cfg = config.load(demo, ["chain.branch=warm", "training.max_steps=8", "chain.replay=0.25"])
+    data = load_data(cfg)
+    plain = {j.name: j for j in plan_train(base, data)}
+    replayed = {j.name: j for j in plan_train(cfg, data)}
+    for name, job in replayed.items():
+        if job.kind != "task":
+            assert job.train == plain[name].train and job.steps == plain[name].steps  # trunk, mixed, selectors
+            continue
+        own = plain[name].train
+        assert job.train[:len(own)] == own and job.steps == plain[name].steps
+        extra = job.train[len(own):]
+        assert len(extra) == round(len(own) / 3)  # 25% of the examples
+        own_texts = {p.text for p in own}
+        assert not any(p.text in own_texts for p in extra)  # other tasks' records
+        assert job.info["branch"]["replay"] == 0.25
+    with pytest.raises(ChainloraError, match=r"x.yaml: chain.replay: replays other tasks' records in branches"):
+        config.from_dict({"chain": {"replay": 0.2}}, "x.yaml")
+
+
 def test_bad_branch_settings_are_one_line():
     with pytest.raises(ChainloraError, match=r"x.yaml: chain.branch: expected 'none' or 'warm' or 'residual'"):
         config.from_dict({"chain": {"branch": "hot"}}, "x.yaml")

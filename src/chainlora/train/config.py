@@ -195,6 +195,9 @@ class ChainSettings(_Section):
     # A fixed number keeps the trunk when tasks are added (only the new branch trains).
     trunk_steps: int | None = Field(None, ge=1)
     trunk_fraction: Number = Field(0.5, gt=0.0, lt=1.0)
+    # share of each branch's training examples drawn from the other tasks' records (same steps and
+    # batch, so the compute is unchanged): a branch keeps some of what it shares with its neighbours
+    replay: Number = Field(0.0, ge=0.0, lt=1.0)
 
 
 class DiscoverSettings(_Section):
@@ -381,6 +384,9 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
         raise _fail(source, "discover.k", f"must be >= 1, got {cfg.discover.k}")
     if isinstance(cfg.mixed.budget, int) and cfg.mixed.budget < 1:
         raise _fail(source, "mixed.budget", f"must be >= 1, got {cfg.mixed.budget}")
+    if cfg.chain.replay and cfg.chain.branch == "none":
+        raise _fail(source, "chain.replay", "replays other tasks' records in branches of a trunk; "
+                    "set chain.branch: warm or residual (or chain.replay: 0)")
     if cfg.chain.branch != "none" and "cola" in (cfg.training.method, cfg.training_for("mixed").method):
         raise _fail(source, "chain.branch", f"{cfg.chain.branch!r} branches continue a plain LoRA trunk; "
                     "use training.method: lora (or chain.branch: none)")

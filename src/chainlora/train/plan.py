@@ -218,6 +218,16 @@ def _plan_trunk(cfg: Config, tasks: list[Job], train: dict[str, list[Record]], t
     return trunk
 
 
+def _replay(cfg: Config, tasks: list[Job], train: dict[str, list[Record]]) -> None:
+    """Add `chain.replay` of other tasks' records to each branch's examples (its steps stay)."""
+    share, seed = cfg.chain.replay, cfg.training.seed
+    for job in tasks:
+        others = [r for t, records in train.items() if t != job.name for r in records]
+        n = round(len(job.train) * share / (1.0 - share))
+        job.train = job.train + answer_pairs(_sample(others, n, seed))
+        job.info["branch"]["replay"] = share
+
+
 def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
                trunk_tasks: list[str] | None = None) -> list[Job]:
     """`chainlora train`: the trunk (chain.branch warm / residual), task adapters in task order,
@@ -237,6 +247,8 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
     trunk = None
     if cfg.chain.branch != "none":
         trunk = _plan_trunk(cfg, jobs, train, test, [t for t in names if t in (trunk_tasks or ())] or names)
+        if cfg.chain.replay:
+            _replay(cfg, jobs, train)
         jobs.insert(0, trunk)
     labels = labels_for(cfg, names) if cfg.router.enabled or cfg.sft.enabled else {}
     template = cfg.router.task_prompt
