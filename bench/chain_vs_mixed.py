@@ -205,6 +205,8 @@ def plot(results: list[dict], path: Path) -> None:
         ax2.plot(xs, [statistics.mean(r["em"] for r in by[(b, s)]) for b in xs], marker="o", label=s)
     for ax, title in ((ax1, "answer perplexity (geomean, lower is better)"), (ax2, "exact match (higher is better)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("optimizer steps of the whole system")
         ax.set_title(title, fontsize=10)
     ax1.legend(fontsize=8)
