@@ -203,6 +203,9 @@ def selector_args(d: argparse.ArgumentParser) -> None:
                    help="below this top probability the mixed adapter answers (default: the calibrated one)")
     d.add_argument("--no-novelty", action="store_true",
                    help="route out-of-library requests too (skip the library's out-of-library detector)")
+    d.add_argument("--no-gate", action="store_true",
+                   help="answer every routed task with its own adapter, even where the library's gate "
+                        "(chain.gate) chose the mixed adapter")
 
 
 def build_parser() -> argparse.ArgumentParser:

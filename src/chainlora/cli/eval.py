@@ -15,7 +15,7 @@ def load_engine(args: argparse.Namespace):
     from chainlora.inference.engine import Engine
 
     return Engine.load(args.library, device=args.device, selector=args.selector, threshold=args.threshold,
-                       novelty=not args.no_novelty)
+                       novelty=not args.no_novelty, gate=not args.no_gate)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ChainloraError(str(e))
     serve(args.library, host=args.host, port=args.port, api_key=key, device=args.device, dtype=args.dtype,
-          selector=args.selector, threshold=args.threshold, novelty=not args.no_novelty, max_batch=args.max_batch, window_ms=args.window_ms,
+          selector=args.selector, threshold=args.threshold, novelty=not args.no_novelty, gate=not args.no_gate, max_batch=args.max_batch, window_ms=args.window_ms,
           max_queue=args.max_queue, timeout_s=args.timeout, max_adapters=args.max_adapters,
           cpu_cache_mb=args.cpu_cache_mb, backend=args.backend, backend_url=args.backend_url,
           backend_key=args.backend_key or os.environ.get("CHAINLORA_BACKEND_KEY"),

@@ -2,9 +2,8 @@
 
 Table I, perplexity per task of the base model, the task's own adapter M_t, the mixed adapter
 and the chain (each record answered by the adapter its selector picks). Perplexity is over
-response tokens only: PPL = exp(Σ NLL / N), the sum over ALL answer tokens (plus the
-end-of-answer token) of a task's records in nats — token-weighted, not the mean of per-batch
-means the Trainer's eval_loss reports; the paper's 2^(Σ -log2 p / N) is the same number.
+response tokens only (chainlora.inference.scoring): PPL = exp(Σ NLL / N) over all answer
+tokens of a task's records; the paper's 2^(Σ -log2 p / N) is the same number.
 Table II, task selection: top-1 / top-3 accuracy, per-task precision and recall, the confusion
 matrix, and accuracy on held-out instruction templates (wording the selector never saw).
 Table III, the selectors side by side with their latency. Task metrics for short answers:
@@ -18,47 +17,11 @@ import re
 import time
 from typing import Any, Sequence
 
-from chainlora.data.examples import IGNORE, answer_pairs, collator, tokenize
 from chainlora.data.records import Record
 from chainlora.errors import ChainloraError
+from chainlora.inference.scoring import perplexity, pooled, record_nll  # Table I's measurement
 
 NONE = "(none)"  # the selector named no task
-
-EVAL_MAX_LENGTH = 1024  # prompt + answer tokens scored; longer prompts lose their start
-
-
-def record_nll(engine, records: Sequence[Record], adapter: str, batch_size: int = 16,
-               model: Any = None) -> list[tuple[float, int]]:
-    """(summed NLL in nats, tokens scored) of each record's answer (+ end-of-answer token) under
-    `adapter` (a task, "mixed" or engine.BASE) — or under `model` (e.g. Arrow's), same tokens."""
-    import torch
-    import torch.nn.functional as F
-
-    rows = [tokenize(engine.tok, p, EVAL_MAX_LENGTH, engine.system) for p in answer_pairs(records)]
-    pad = collator(engine.tok)
-    out: list[tuple[float, int]] = []
-    for i in range(0, len(rows), batch_size):
-        batch = pad(rows[i:i + batch_size]).to(engine.base.model.device)
-        labels = batch.pop("labels")
-        target = labels[:, 1:]
-        keep = target != IGNORE  # only answer positions: a vocabulary-wide float copy of a few tokens
-        with engine.lock, torch.no_grad():
-            run, extra = (model, {}) if model is not None else engine.model_for([adapter] * len(labels))
-            logits = run(**batch, **extra).logits[:, :-1][keep].float()
-        nll = F.cross_entropy(logits, target[keep], reduction="none")
-        rows_of = keep.nonzero()[:, 0]
-        sums = torch.zeros(len(labels), dtype=torch.float64).index_add_(0, rows_of.cpu(), nll.double().cpu())
-        out += [(float(s), int(n)) for s, n in zip(sums, keep.sum(1))]
-    return out
-
-
-def perplexity(nll: float, tokens: int) -> float:
-    return math.exp(nll / tokens) if tokens else float("nan")
-
-
-def pooled(per: Sequence[tuple[float, int]]) -> tuple[float, int]:
-    """Summed NLL and tokens over records: perplexity is token-weighted, not a mean of means."""
-    return sum(n for n, _ in per), sum(k for _, k in per)
 
 
 def normalize(text: str) -> str:
@@ -177,7 +140,8 @@ def perplexity_table(engine, by_task: dict[str, list[Record]], routes: dict[str,
         row["chain"] = perplexity(*pooled(per))
         if arrow is not None:
             row["arrow"] = perplexity(*pooled(record_nll(engine, records, "arrow", model=arrow.model)))
-        row["routed_right"] = _mean([rt.adapter == task for rt in routes[task]])
+        # the selector named the task (a gated task is answered by the mixed adapter: still right)
+        row["routed_right"] = _mean([rt.task == task and not rt.fallback for rt in routes[task]])
         rows.append(row)
     return rows
 
@@ -325,7 +289,7 @@ def evaluate(engine, records: Sequence[Record], *, heldout: dict[str, set] | Non
     result: dict[str, Any] = {"n": len(flat), "tasks": list(by_task), "selector": chosen_by,
                               "threshold": engine.threshold, "perplexity": rows, "perplexity_mean": mean_row(rows),
                               "chain_beats_mixed": sum(r["chain"] < r["mixed"] for r in rows if "mixed" in r),
-                              "arrow": arrow_info,
+                              "arrow": arrow_info, "gated": sorted(engine.gated),
                               "compute": compute_of(engine.lib),
                               "selection": {k: {kk: vv for kk, vv in v.items() if kk != "routes"}
                                             for k, v in sel.items()}}

@@ -20,7 +20,7 @@ from typing import Any
 
 from chainlora import atomic
 from chainlora.errors import ChainloraError
-from chainlora.eval.tables import SELECTION_HEADER, arrow_caption, selection_rows
+from chainlora.eval.tables import SELECTION_HEADER, arrow_caption, gate_caption, selection_rows
 from chainlora.library.store import Library
 
 SYSTEMS = (("base", "base (zero-shot)", "#9aa5b1"), ("own", "own adapter M_t", "#3b82f6"),
@@ -167,7 +167,7 @@ def tables(lib: Library, ev: dict | None, jd: dict | None, human: dict | None) -
         rows = [[r["task"], *[_f(r.get(k)) for k, _, _ in keys], _f(r["routed_right"], ".0%")] for r in ev["perplexity"]]
         rows.append(["mean", *[_f(ev["perplexity_mean"][k]) for k, _, _ in keys], ""])
         note = (f" — chain < mixed on {ev['chain_beats_mixed']} of {len(ev['perplexity'])} tasks{arrow_caption(ev)}"
-                if "mixed" in ev["perplexity_mean"] else "")
+                f"{gate_caption(ev)}" if "mixed" in ev["perplexity_mean"] else "")
         out.append((f"Table I — answer perplexity per task (lower is better){note}",
                     ["task", *[label for _, label, _ in keys], "routed right"], rows))
         out.append(("Tables II / III — task selection (* the default)", SELECTION_HEADER, selection_rows(ev)))

@@ -29,7 +29,8 @@ def perplexity(result: dict) -> Table:
     t.add_row("[bold]mean[/bold]", *[_f(mean[c]) for c in cols], "")
     if "mixed" in mean:
         t.caption = (f"chain < mixed on {result['chain_beats_mixed']} of {len(rows)} tasks" + arrow_caption(result)
-                     + f"; chain routed by the {result['selector']} selector" + compute_caption(result))
+                     + f"; chain routed by the {result['selector']} selector" + gate_caption(result)
+                     + compute_caption(result))
     return t
 
 
@@ -40,6 +41,12 @@ def arrow_caption(result: dict) -> str:
         return (f", chain < Arrow on {result['chain_beats_arrow']} of {len(result['perplexity'])} "
                 f"(Arrow top-{arrow.get('top_k')})")
     return f" (Arrow skipped: {arrow['skipped']})" if arrow.get("skipped") else ""
+
+
+def gate_caption(result: dict) -> str:
+    """"; the mixed adapter answers antonym, rhyme (chain.gate)" — or nothing."""
+    gated = result.get("gated")
+    return f"; the mixed adapter answers {', '.join(gated)} (chain.gate)" if gated else ""
 
 
 def compute_caption(result: dict) -> str:

@@ -5,6 +5,7 @@
     router.py         the `score` and `generate` selectors over the task-selection LoRA
     classifier.py     the `classifier` selector: a frozen encoder and a linear head (and its training step)
     stops.py          where an answer ends (end-of-answer tokens, stop strings), for engine and streamer
+    scoring.py        answer perplexity under an adapter (Table I, the train-time gate)
 
 A new selector goes here (router.py or a module beside it, named in router.SELECTORS).
 May import: core, data, library.

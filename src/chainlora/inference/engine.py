@@ -46,7 +46,9 @@ class Route:
     fallback: bool = False  # True: `adapter` is the fallback (see `reason`)
     adapter: str = BASE  # the adapter that answers: a task, "mixed" or "__base__"
     selector: str = "score"
-    reason: str | None = None  # why it fell back: "no label", "low confidence" or "out of library"
+    # why it fell back: "no label", "low confidence" or "out of library"; or, not a fallback, "gated":
+    # the task is the selector's, but the mixed adapter answers it (chainlora.train.gate)
+    reason: str | None = None
     novelty: float | None = None  # similarity to the library's tasks (the out-of-library detector)
 
     def as_dict(self) -> dict:
@@ -72,11 +74,12 @@ class Engine:
 
     def __init__(self, lib: Library, base: Base, *, selector: str | None = None, threshold: float | None = None,
                  novelty: bool = True, device_cache_bytes: int = 256 << 20, cpu_cache_bytes: int = 1 << 30,
-                 max_adapters: int | None = None, adapters: str = "peft"):
+                 max_adapters: int | None = None, adapters: str = "peft", gate: bool = True):
         """selector / threshold: None = the library's measured choice (manifest `selection`), else
         the classifier where there is one, else `score`, with no threshold. novelty: use the
         library's out-of-library detector where it has one. adapters: the device tier that
-        answers, "peft" or "pool" (max_adapters slots, 8 when None)."""
+        answers, "peft" or "pool" (max_adapters slots, 8 when None). gate: answer the tasks the
+        library's gate marked with the mixed adapter when routed to (chainlora.train.gate)."""
         if adapters not in ADAPTER_TIERS:
             raise ChainloraError(f"adapters: unknown {adapters!r} (use {' or '.join(ADAPTER_TIERS)})")
         if selector is not None and selector not in router.SELECTORS:
@@ -88,6 +91,8 @@ class Engine:
         self.selector = selector or selectors.default(lib)
         self.threshold = threshold if threshold is not None else selectors.recorded_threshold(lib, self.selector)
         self.use_novelty = novelty
+        # tasks whose own adapter lost to the mixed adapter on held-out records (chain.gate)
+        self.gated = set((lib.manifest.get("gate") or {}).get("gated") or ()) if gate and lib.mixed else set()
         self.system = lib.manifest.get("system_prompt")
         self.cache = AdapterCache(base.model, lib, device_bytes=device_cache_bytes, cpu_bytes=cpu_cache_bytes,
                                   max_adapters=max_adapters)
@@ -234,8 +239,11 @@ class Engine:
         prob = rk.scores[0] if rk.scores else 0.0
         reason = ("no label" if best is None else "out of library" if sim is not None and sim < limit
                   else "low confidence" if prob < self.threshold else None)
-        adapter = best if reason is None else ("mixed" if self.lib.mixed else BASE)
-        return Route(best, prob, list(zip(rk.tasks, rk.scores))[:top_k], reason is not None, adapter, selector,
+        fallback = reason is not None
+        adapter = best if not fallback else ("mixed" if self.lib.mixed else BASE)
+        if not fallback and best in self.gated:
+            adapter, reason = "mixed", "gated"
+        return Route(best, prob, list(zip(rk.tasks, rk.scores))[:top_k], fallback, adapter, selector,
                      reason, sim)
 
     # ------------------------------------------------------------------ answering

@@ -303,7 +303,7 @@ def create_app(server: Server):
 
 def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           device: str | None = None, dtype: str = "float32", selector: str | None = None,
-          threshold: float | None = None, novelty: bool = True,
+          threshold: float | None = None, novelty: bool = True, gate: bool = True,
           max_batch: int = 16, window_ms: float = 10.0, max_queue: int = 256, timeout_s: float = 300.0,
           max_adapters: int | None = None, cpu_cache_mb: float = 1024, backend: str = "local",
           backend_url: str | None = None, backend_key: str | None = None,
@@ -330,7 +330,7 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
         print(f"chainlora: warning: serving on {host} without an API key: anyone who reaches the port can use "
               "it (set --api-key-file or CHAINLORA_API_KEY)", file=sys.stderr)
     engine = Engine.load(library, device=device, dtype=dtype, selector=selector, threshold=threshold,
-                         novelty=novelty, max_adapters=max_adapters,
+                         novelty=novelty, gate=gate, max_adapters=max_adapters,
                          cpu_cache_bytes=int(cpu_cache_mb * (1 << 20)), adapters=adapters)
     if backend == "llamacpp":  # it answers with every task adapter and the mixed one, by name
         from chainlora.serve.llamacpp import LlamaCppForwarder

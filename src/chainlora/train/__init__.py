@@ -7,6 +7,8 @@
     progress.py  the run's progress bars and summary
     changes.py   per-adapter fingerprints: the keep / train / retrain / remove plan
     staging.py   the library is rebuilt beside the old one and swapped in whole
+    selection.py the default selector, its threshold and the out-of-library detector, measured
+    gate.py      chain.gate: which tasks the mixed adapter answers better, measured
 
 May import: core, data, library, inference, discover (tasks: auto).
 """

@@ -198,6 +198,11 @@ class ChainSettings(_Section):
     # share of each branch's training examples drawn from the other tasks' records (same steps and
     # batch, so the compute is unchanged): a branch keeps some of what it shares with its neighbours
     replay: Number = Field(0.0, ge=0.0, lt=1.0)
+    # the per-task gate (chainlora.train.gate): hold out `gate_per_task` training records a task from
+    # every adapter; after training, a task whose own adapter does not beat the mixed adapter on them
+    # is answered by the mixed adapter when routed to (a task asked for by name still gets its own)
+    gate: bool = False
+    gate_per_task: int = Field(32, ge=1)
 
 
 class DiscoverSettings(_Section):
@@ -384,6 +389,9 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
         raise _fail(source, "discover.k", f"must be >= 1, got {cfg.discover.k}")
     if isinstance(cfg.mixed.budget, int) and cfg.mixed.budget < 1:
         raise _fail(source, "mixed.budget", f"must be >= 1, got {cfg.mixed.budget}")
+    if cfg.chain.gate and not cfg.mixed.enabled:
+        raise _fail(source, "chain.gate", "compares each task adapter with the mixed adapter; "
+                    "set mixed.enabled: true (or chain.gate: false)")
     if cfg.chain.replay and cfg.chain.branch == "none":
         raise _fail(source, "chain.replay", "replays other tasks' records in branches of a trunk; "
                     "set chain.branch: warm or residual (or chain.replay: 0)")

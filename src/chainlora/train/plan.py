@@ -138,9 +138,27 @@ def task_splits(cfg: Config, data: dict[str, TaskData]) -> tuple[list[str], dict
             raise ChainloraError(f"{cfg.source}: tasks: {name!r} is a reserved name; rename that task")
     _check_train_split(cfg, data, names)
     seed, d = cfg.training.seed, cfg.data
-    train = {t: _sample(data[t].train, d.max_train_per_task, seed) for t in names}
+    train = {t: _gate_split(cfg, t, _sample(data[t].train, d.max_train_per_task, seed))[0] for t in names}
     test = {t: _sample(data[t].test, d.max_test_per_task, seed) for t in names}
     return names, train, test
+
+
+def _gate_split(cfg: Config, task: str, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """(kept, held out) for `chain.gate`: `gate_per_task` records (at most a quarter) that no
+    adapter or selector trains on. Seeded per task, so adding a task moves no other task's."""
+    c = cfg.chain
+    if not c.gate:
+        return records, []
+    n = min(c.gate_per_task, len(records) // 4)
+    held = random.Random(f"{cfg.training.seed}:gate:{task}").sample(records, n) if n else []
+    picked = {id(r) for r in held}
+    return [r for r in records if id(r) not in picked], held
+
+
+def gate_records(cfg: Config, data: dict[str, TaskData]) -> dict[str, list[Record]]:
+    """Per task, the records `chain.gate` held out of training (empty where the gate is off)."""
+    names, seed, d = task_splits(cfg, data)[0], cfg.training.seed, cfg.data
+    return {t: _gate_split(cfg, t, _sample(data[t].train, d.max_train_per_task, seed))[1] for t in names}
 
 
 def steps_for(settings: TrainingSettings, n_examples: int, world_size: int = 1) -> int:

@@ -12,6 +12,9 @@ Incremental: the jobs are compared with the library on disk by fingerprint
 trained. The new library is built beside the old one and swapped in when complete
 (chainlora.train.staging), so the old one serves until then and an interrupted run loses nothing.
 
+After the adapters: the selectors are measured on validation records (chainlora.train.selection)
+and, with `chain.gate`, each task adapter against the mixed adapter (chainlora.train.gate).
+
 Resume: each job checkpoints into .LIB.partial/.work/<job>/; the partial manifest is rewritten
 after every finished adapter. `--resume` keeps finished adapters (fingerprint- and hash-checked)
 and continues the job in progress from its last complete Trainer checkpoint (RNG, optimizer,
@@ -31,11 +34,11 @@ from typing import Any, Callable
 from chainlora.data.examples import build_dataset, collator
 from chainlora.errors import ChainloraError
 from chainlora.library import store
-from chainlora.train import changes, cola, selection, selectors, staging
+from chainlora.train import changes, cola, gate, selection, selectors, staging
 from chainlora.train.config import Config, TrainingSettings
 from chainlora.train.distributed import on_main  # noqa: F401  (the API: chainlora.train.run.on_main)
-from chainlora.train.plan import (Job, load_data, load_with_discovery, plan_finetune, plan_train, selector_split,  # noqa: F401
-                                  task_splits)
+from chainlora.train.plan import (Job, gate_records, load_data, load_with_discovery, plan_finetune, plan_train,  # noqa: F401
+                                  selector_split, task_splits)
 from chainlora.train.progress import RunProgress
 
 FINGERPRINT_FILE = "fingerprint.txt"  # in a job's work directory: which job its checkpoints are of
@@ -279,10 +282,10 @@ def _refresh(root: Path, manifest: dict, cfg: Config, digest: str, plan_: list[c
     print(f"{root}: every adapter is up to date; the manifest now records the new config")
 
 
-def _selection_of(manifest: dict | None, fp: str | None) -> dict | None:
-    """The library's recorded selection when it was measured for this very fingerprint."""
-    sel = (manifest or {}).get("selection")
-    return sel if fp is not None and sel and sel.get("fingerprint") == fp else None
+def _block_of(manifest: dict | None, key: str, fp: str | None) -> dict | None:
+    """The library's recorded `selection` or `gate` when it was measured for this very fingerprint."""
+    block = (manifest or {}).get(key)
+    return block if fp is not None and block and block.get("fingerprint") == fp else None
 
 
 def _print_selection(sel: dict | None, main: bool) -> None:
@@ -342,8 +345,12 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
                                                 if j.kind in ("router", "classifier", "encoder", "sft")})
               if split else None)
     state.wait_for_everyone()  # every process has read the disk before the main one writes to it
+    held = gate_records(cfg, data) if cfg.chain.gate and not finetune else {}
+    gate_fp = gate.fingerprint(held, {j.path: prints[j.path]["sha256"] for j in jobs if j.kind in ("task", "mixed")},
+                               cfg.system_prompt) if held else None
     current = (bool(manifest and manifest.get("complete")) and changes.up_to_date(plan_, root)
-               and _selection_of(manifest, sel_fp) == (manifest or {}).get("selection"))
+               and _block_of(manifest, "selection", sel_fp) == (manifest or {}).get("selection")
+               and _block_of(manifest, "gate", gate_fp) == (manifest or {}).get("gate"))
     if state.is_main_process and (dry_run or not current):
         print(changes.format_plan(root, plan_), flush=True)
     if dry_run:
@@ -377,12 +384,17 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         on_main(state, lambda: (_record(new, c.job, entry), store.write_manifest(partial, new)))
     progress.close()
     if split is not None:
-        new["selection"] = _selection_of(manifest, sel_fp) if not force else None
+        new["selection"] = _block_of(manifest, "selection", sel_fp) if not force else None
         if new["selection"] is None and state.is_main_process:
             print("measuring the selectors on validation data no selector trained on ...", flush=True)
         new["selection"] = on_main(state, lambda: new["selection"] or selection.measure(
             partial, new, base, cfg, split, sel_fp))
         _print_selection(new["selection"], state.is_main_process)
+    if held:
+        new["gate"] = _block_of(manifest, "gate", gate_fp) if not force else None
+        new["gate"] = on_main(state, lambda: new["gate"] or gate.measure(partial, new, base, cfg, held, gate_fp))
+        if state.is_main_process and gate.summary(new["gate"]):
+            print(gate.summary(new["gate"]), flush=True)
 
     def complete() -> None:
         order = [j.path for j in jobs]
