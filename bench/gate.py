@@ -11,12 +11,13 @@ same routes, so only the gate differs; the mixed adapter is the same in both.
 Per seed: which tasks were gated, on how many tasks the chain beats the mixed adapter (strictly;
 a gated task ties it), mean and geometric-mean answer perplexity, mean exact match.
 
-    .venv/bin/python bench/gate.py [--seeds 0 1 2] [--out runs/bench-gate]
+    .venv/bin/python bench/gate.py [--seeds 0 1 2] [--out runs/bench-gate] [--render]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 from pathlib import Path
@@ -48,8 +49,7 @@ def run_seed(seed: int, out: Path, per_task: int, max_new_tokens: int) -> dict:
         result = evaluate(engine, records, heldout=heldout, per_task=per_task, max_new_tokens=max_new_tokens,
                           selectors=[engine.selector], arrow=False)
         row["gate" if gated else "no gate"] = summary(result)
-        row["selector"], row["gated"] = engine.selector, sorted(engine.gated)
-        row["measured"] = engine.lib.manifest["gate"]["tasks"]
+        row["selector"], row["measured"] = engine.selector, engine.lib.manifest["gate"]["tasks"]
         del engine
     return row
 
@@ -61,7 +61,8 @@ def report(rows: list[dict]) -> str:
     lines = [f"seeds {[r['seed'] for r in rows]}; chain routed by the library's default selector "
              f"({', '.join(sorted({r['selector'] for r in rows}))})", "",
              "| seed | gated tasks (mixed answers them) |", "|---|---|"]
-    lines += [f"| {r['seed']} | {', '.join(r['gated']) or '—'} |" for r in rows]
+    lines += [f"| {r['seed']} | {', '.join(t for t, v in r['measured'].items() if v['serve'] == 'mixed') or '—'} |"
+              for r in rows]
     lines += ["", "| system | beats mixed on | ties | mean perplexity | geometric mean | mean exact match |",
               "|---|---|---|---|---|---|"]
     first = rows[0]["gate"]
@@ -72,6 +73,12 @@ def report(rows: list[dict]) -> str:
         lines.append(f"| chain, {side} | {ms([x['beats'] for x in s], '.1f')} of {len(first['per_task'])} | "
                      f"{ms([x['ties'] for x in s], '.1f')} | {ms([x['chain_mean'] for x in s], '.2f')} | "
                      f"{ms([x['chain_geo'] for x in s], '.2f')} | {ms([x['chain_em'] for x in s], '.3f')} |")
+    right = []
+    for r in rows:  # the gate's choice against what the test split says (the ungated chain vs mixed)
+        test = r["no gate"]["per_task"]
+        right.append(sum((v["serve"] == "mixed") == (test[t]["chain"] >= test[t]["mixed"]) for t, v in r["measured"].items()))
+    lines += ["", "The gate chose the adapter that is better on the test split on "
+              + " / ".join(f"{n} of {len(r['measured'])}" for n, r in zip(right, rows)) + " tasks (per seed)."]
     return "\n".join(lines)
 
 
@@ -81,10 +88,14 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-gate"))
+    parser.add_argument("--render", action="store_true", help="only the tables, from --out/results.json")
     args = parser.parse_args()
     from chainlora import atomic
 
     out = Path(args.out)
+    if args.render:
+        print(report(json.loads((out / "results.json").read_text())))
+        return
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in args.seeds:
