@@ -27,7 +27,7 @@ from chainlora.inference import router, selectors
 from chainlora.inference.adapter_cache import AdapterCache
 from chainlora.inference.adapter_pool import ZERO, AdapterPool, unsupported
 from chainlora.inference.stops import StopMatcher, cut_at_stop, end_ids, streamable
-from chainlora.library.store import Library, read_verified
+from chainlora.library.store import Library
 from chainlora.models import Base, load_base
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch

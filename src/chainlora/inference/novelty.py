@@ -66,8 +66,6 @@ def fit_mahalanobis(bank: Any, labels: Sequence[str], shrinkage: float = SHRINKA
 
 def mahalanobis(state: dict, queries: Any) -> Any:
     """[Q] minus the RMS-per-dimension Mahalanobis distance of each query to its nearest task mean."""
-    import torch
-
     x, means, precision = queries.float(), state["means"], state["precision"]
     xp = x @ precision  # (x - m) P (x - m)' expanded: no Q x tasks x dim tensor
     squared = ((xp * x).sum(-1, keepdim=True) - 2 * xp @ means.T + ((means @ precision) * means).sum(-1)).min(1).values

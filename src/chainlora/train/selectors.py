@@ -5,6 +5,8 @@ Bloomz-SFT). The task-selection LoRA trains like every other adapter (chainlora.
 
 from __future__ import annotations
 
+import functools
+
 import time
 from pathlib import Path
 from typing import Any
@@ -174,7 +176,8 @@ def run_sft_job(job: Job, base: Any, cfg: Config, root: Path, progress: Any = No
         entry["test_loss"] = round(trainer.evaluate(test)["eval_loss"], 5)
     entry["seconds"] = round(time.perf_counter() - t0, 1)
     model = model.eval()
-    entry["sha256"] = _save(root, job, lambda d: model.save_pretrained(d, safe_serialization=True), store.SFT_FILES)
+    save = functools.partial(model.save_pretrained, safe_serialization=True)  # no closure over `model`
+    entry["sha256"] = _save(root, job, save, store.SFT_FILES)
     entry["parameters"] = sum(p.numel() for p in model.parameters())
-    del trainer, model
+    del trainer, model, save
     return entry
