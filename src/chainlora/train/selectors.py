@@ -6,7 +6,6 @@ Bloomz-SFT). The task-selection LoRA trains like every other adapter (chainlora.
 from __future__ import annotations
 
 import functools
-
 import time
 from pathlib import Path
 from typing import Any
