@@ -39,18 +39,15 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import platform
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-MODES = ("none", "warm", "residual")
-SYSTEMS = ("mixed", "chain none", "mixed (trunk)", "chain warm", "chain residual", "arrow")
+MODES = ("none", "warm", "residual")  # the order libraries are trained in (each copies the previous)
 
 
 def overrides(budget: int, seed: int, mode: str, per_task: int, train_per_task: int | None) -> list[str]:
@@ -118,156 +115,24 @@ def run(budgets: list[int], seeds: list[int], per_task: int, train_per_task: int
 
 
 def load(out: Path) -> list[dict]:
-    path = out / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    from chainlora.eval import sweep
 
-
-def systems_of(row: dict) -> dict[str, tuple[dict, dict]]:
-    """system name -> ({task: perplexity}, {task: exact match}) from one library's row."""
-    ppl, em, mode = row["perplexity"], row["exact_match"], row["mode"]
-    out = {f"chain {mode}": ({t: v["chain"] for t, v in ppl.items()}, {t: v["chain"] for t, v in em.items()})}
-    if mode == "none":
-        out["mixed"] = ({t: v["mixed"] for t, v in ppl.items()}, {t: v["mixed"] for t, v in em.items()})
-        if all("arrow" in v for v in ppl.values()):
-            out["arrow"] = ({t: v["arrow"] for t, v in ppl.items()},
-                            {t: v.get("arrow", float("nan")) for t, v in em.items()})
-    if mode == "warm":
-        out["mixed (trunk)"] = ({t: v["mixed"] for t, v in ppl.items()}, {t: v["mixed"] for t, v in em.items()})
-    return out
-
-
-def geomean(xs) -> float:
-    xs = list(xs)
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
-
-
-def summary(results: list[dict]) -> dict:
-    """(budget, system) -> per-seed geomean perplexity, mean exact match, wins over its mixed."""
-    by: dict[tuple[int, str], list[dict]] = {}
-    for row in results:
-        sys_ = systems_of(row)
-        base = {r["mode"]: r for r in results if r["budget"] == row["budget"] and r["seed"] == row["seed"]}
-        for name, (ppl, em) in sys_.items():
-            ref = None
-            if name.startswith("chain") or name == "arrow":  # against the mixed of the same compute
-                ref_row = base.get("none" if name in ("chain none", "arrow") else "warm")
-                ref = ref_row and {t: v["mixed"] for t, v in ref_row["perplexity"].items()}
-            by.setdefault((row["budget"], name), []).append({
-                "geomean": geomean(ppl.values()), "em": statistics.mean(em.values()),
-                "wins": sum(ppl[t] < ref[t] for t in ppl) if ref else None, "n": len(ppl)})
-    return by
-
-
-def fmt(vals: list[float], spec: str) -> str:
-    if not vals:
-        return "—"
-    m = statistics.mean(vals)
-    return f"{m:{spec}}" + (f" ± {statistics.stdev(vals):{spec}}" if len(vals) > 1 else "")
-
-
-def routing_line(results: list[dict]) -> str:
-    """How the chain was routed: the selector, its top-1 and how often a record reached its own adapter."""
-    rows = [r for r in results if "selector" in r]
-    if not rows:
-        return "The chain is routed by the `score` selector (runs recorded before the sweep routed by the default)."
-    right = [statistics.mean(v["routed_right"] for v in r["perplexity"].values()) for r in rows]
-    return (f"The chain is routed by the library's default selector ({', '.join(sorted({r['selector'] for r in rows}))}"
-            f", its threshold and out-of-library detector): top-1 {fmt([r['top1'] for r in rows], '.3f')}, "
-            f"records answered by their own task's adapter {fmt(right, '.3f')} (the rest by the mixed adapter "
-            "or a wrong one).")
-
-
-def oracle_table(results: list[dict], budgets: list[int]) -> str:
-    """The task adapters with oracle routing (every record on its own task's adapter): what
-    specialisation buys with routing taken out, against the mixed adapter of the same compute."""
-    lines = ["Oracle routing (every record answered by its own task's adapter), geometric mean and "
-             "[tasks where it beats the mixed adapter of the same compute]:", "",
-             "| budget (steps) | own none | own warm | own residual |", "|---|---|---|---|"]
-    for b in budgets:
-        cells = []
-        for mode in MODES:
-            runs = [r for r in results if r["budget"] == b and r["mode"] == mode]
-            ref = {r["seed"]: r for r in results if r["budget"] == b and r["mode"] == ("none" if mode == "none" else "warm")}
-            geo = [geomean(v["own"] for v in r["perplexity"].values()) for r in runs]
-            wins = [sum(v["own"] < ref[r["seed"]]["perplexity"][t]["mixed"] for t, v in r["perplexity"].items())
-                    for r in runs if r["seed"] in ref]
-            cells.append(fmt(geo, ".2f") + (f" [{fmt(wins, '.1f')}]" if wins else ""))
-        lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return sweep.load(out) if (out / "results.jsonl").exists() else []
 
 
 def render(results: list[dict], meta: dict) -> str:
-    by = summary(results)
-    budgets = sorted({b for b, _ in by})
+    """bench/RESULTS.md's section: settings, how the chain was routed, epochs, the sweep's tables."""
+    from chainlora.eval import sweep
+
     lines = [f"Settings: {meta['settings']}; {meta['machine']}.", f"Command: `{meta['command']}`", ""]
     if not results:
         return "\n".join(lines + ["No runs recorded yet."])
-    lines += [routing_line(results), ""]
-    if meta.get("records"):
-        lines += ["Epochs of the mixed adapter over its training records (B x 8 examples / "
-                  f"{meta['records']} records): " + ", ".join(f"{b}: {b * 8 / meta['records']:.2f}"
-                                                               for b in sorted({b for b, _ in by})) + ".", ""]
-    seeds = sorted({r["seed"] for r in results})
-    lines += [f"Geometric mean over the ten tasks of answer perplexity (lower is better), mean ± std over "
-              f"seeds {seeds}; in brackets, on how many tasks the system beats the mixed adapter of the same "
-              "compute (`chain none`, `arrow` vs `mixed`; `chain warm` / `residual` vs `mixed (trunk)`):", "",
-              "| budget (steps) | " + " | ".join(SYSTEMS) + " |", "|---" * (len(SYSTEMS) + 1) + "|"]
-    for b in budgets:
-        cells = []
-        for s in SYSTEMS:
-            runs = by.get((b, s), [])
-            wins = [r["wins"] for r in runs if r["wins"] is not None]
-            cells.append(fmt([r["geomean"] for r in runs], ".2f")
-                         + (f" [{fmt(wins, '.1f')} of {runs[0]['n']}]" if wins else ""))
-        lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean exact match of greedy answers over the ten tasks (higher is better):", "",
-              "| budget (steps) | " + " | ".join(SYSTEMS) + " |", "|---" * (len(SYSTEMS) + 1) + "|"]
-    for b in budgets:
-        lines.append(f"| {b} | " + " | ".join(fmt([r["em"] for r in by.get((b, s), [])], ".3f")
-                                             for s in SYSTEMS) + " |")
-    lines += ["", oracle_table(results, budgets)]
-    per_task = [r for r in results if r["budget"] == budgets[-1]]
-    if per_task:
-        lines += ["", f"Per task at budget {budgets[-1]} (perplexity, mean over seeds):", "",
-                  "| task | " + " | ".join(SYSTEMS) + " |", "|---" * (len(SYSTEMS) + 1) + "|"]
-        tasks = list(per_task[0]["perplexity"])
-        cell: dict[tuple[str, str], list[float]] = {}
-        for row in per_task:
-            for name, (ppl, _) in systems_of(row).items():
-                for t, v in ppl.items():
-                    cell.setdefault((t, name), []).append(v)
-        for t in tasks:
-            lines.append(f"| {t} | " + " | ".join(fmt(cell.get((t, s), []), ".2f") for s in SYSTEMS) + " |")
-    lines += ["", f"![chain vs mixed against budget]({meta['plot']})"]
+    budgets = sorted({r["budget"] for r in results})
+    lines += [sweep.routing_note(results), "",
+              f"Epochs of the mixed adapter over its training records (B x 8 examples / {meta['records']} records): "
+              + ", ".join(f"{b}: {b * 8 / meta['records']:.2f}" for b in budgets) + ".", "",
+              sweep.markdown(sweep.tables(results)), f"![chain vs mixed against budget]({meta['plot']})"]
     return "\n".join(lines)
-
-
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by = summary(results)
-    budgets = sorted({b for b, _ in by})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for s in SYSTEMS:
-        xs = [b for b in budgets if by.get((b, s))]
-        if not xs:
-            continue
-        ax1.plot(xs, [statistics.mean(r["geomean"] for r in by[(b, s)]) for b in xs], marker="o", label=s)
-        ax2.plot(xs, [statistics.mean(r["em"] for r in by[(b, s)]) for b in xs], marker="o", label=s)
-    for ax, title in ((ax1, "answer perplexity (geomean, lower is better)"), (ax2, "exact match (higher is better)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.minorticks_off()
-        ax.set_xlabel("optimizer steps of the whole system")
-        ax.set_title(title, fontsize=10)
-    ax1.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
 
 
 def write_results(section: str, suffix: str) -> None:
@@ -307,10 +172,14 @@ def main() -> int:
                         f"{n or 'all'} training records a task, {args.per_task} test records a task, "
                         f"{args.max_new_tokens} new tokens",
             "machine": f"{platform.machine()}, {platform.python_version()}, torch CPU",
-            "command": "python bench/chain_vs_mixed.py " + " ".join(sys.argv[1:]),
+            "command": " ".join(["python bench/chain_vs_mixed.py", *(a for a in sys.argv[1:] if a != "--render")]),
             "records": 10 * (n or 800), "plot": f"chain_vs_mixed{suffix}.png"}
     if results:
-        plot(results, BENCH / meta["plot"])
+        from chainlora.eval import sweep
+
+        tmp = BENCH / f".{meta['plot']}.tmp"
+        tmp.write_bytes(sweep.plot(results))
+        tmp.replace(BENCH / meta["plot"])
     section = render(results, meta)
     write_results(section, suffix)
     print(section)

@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("library", help="adapter library directory")
     d.add_argument("--human", help="results.json of `chainlora annotate import` to include")
     d.add_argument("--eval", help="which LIB/eval/NAME.json to show (default: the newest)")
+    d.add_argument("--sweep", action="append", metavar="DIR",
+                   help="a bench/chain_vs_mixed.py results directory to add (its tables and plot); repeatable")
     d.set_defaults(func=cmd_report)
 
     add_serve_parser(sub, selector_args)

@@ -125,6 +125,6 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from chainlora.eval.report import build
 
-    html_path, md_path = build(args.library, human=args.human, eval_name=args.eval)
+    html_path, md_path = build(args.library, human=args.human, eval_name=args.eval, sweeps=args.sweep or [])
     print(f"report: {html_path}  (Markdown: {md_path})")
     return 0

@@ -4,8 +4,9 @@ Reads what the library already holds — the manifest (config, provenance, train
 COLA knots) and LIB/eval/ (`chainlora eval`, `chainlora judge`) plus, optionally, human
 ratings from `chainlora annotate import` — and draws: per-task perplexity as grouped bars
 (log scale), the selector's confusion matrix, its confidence for right and wrong choices,
-training-loss curves per adapter, and COLA adapters' curves with their knots. Nothing is
-recomputed here: a report is cheap to rebuild after any of those commands.
+training-loss curves per adapter, and COLA adapters' curves with their knots; with `--sweep DIR`,
+a chain-vs-mixed budget sweep's tables and its plot against budget (chainlora.eval.sweep). Nothing
+is recomputed here: a report is cheap to rebuild after any of those commands.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from chainlora import atomic
 from chainlora.errors import ChainloraError
+from chainlora.eval import sweep
 from chainlora.eval.tables import SELECTION_HEADER, arrow_caption, gate_caption, selection_rows
 from chainlora.library.store import Library
 
@@ -194,8 +196,10 @@ def tables(lib: Library, ev: dict | None, jd: dict | None, human: dict | None) -
 # --------------------------------------------------------------------------- the documents
 
 
-def build(root: str | Path, human: str | Path | None = None, eval_name: str | None = None) -> tuple[Path, Path]:
-    """Write LIB/report.html and LIB/report.md (+ LIB/report/*.png for the Markdown)."""
+def build(root: str | Path, human: str | Path | None = None, eval_name: str | None = None,
+          sweeps: list[str | Path] = ()) -> tuple[Path, Path]:
+    """Write LIB/report.html and LIB/report.md (+ LIB/report/*.png for the Markdown). `sweeps`:
+    bench/chain_vs_mixed.py result directories whose budget tables and plot are added."""
     lib = Library.open(root, verify=False)
     root = lib.root
     ev, jd = _latest(root, judge=False, name=eval_name), _latest(root, judge=True)
@@ -215,6 +219,11 @@ def build(root: str | Path, human: str | Path | None = None, eval_name: str | No
              ("cola", "COLA vs LoRA", plot_cola(lib))]
     plots = [p for p in plots if p[2]]
     tabs = tables(lib, ev, jd, hu)
+    for i, directory in enumerate(sweeps):
+        sweep_tabs, png, note = sweep.section(directory)
+        tabs += [(f"{title} — {directory}" + (f". {note}" if j == 0 else ""), header, rows)
+                 for j, (title, header, rows) in enumerate(sweep_tabs)]
+        plots.append((f"sweep{i}", f"Chain vs mixed against budget — {directory}", png))
     m = lib.manifest
     prov = {"library": str(root), "base model": f"{m['base_model']['name']} ({m['base_model']['fingerprint'][:23]}…)",
             "chainlora": m.get("chainlora_version"), "created": m.get("created"),
