@@ -50,7 +50,7 @@ def test_chains_count_against_the_mixed_adapter_of_the_same_compute(rows):
 
 
 def test_tables_and_oracle_routing(rows):
-    ppl, em, oracle, per_task = sweep.tables(rows)
+    ppl, em, oracle, paired, per_task = sweep.tables(rows)
     assert ppl[1] == ["budget (steps)", *sweep.SYSTEMS]
     cells = dict(zip(ppl[1], ppl[2][0]))
     assert cells["budget (steps)"] == "80 (2 seeds)"
@@ -60,9 +60,14 @@ def test_tables_and_oracle_routing(rows):
     own = dict(zip(oracle[1], oracle[2][0]))
     assert own["own warm"].endswith("[3.0 ± 0.0]") and own["own residual"].endswith("[1.0 ± 0.0]")
     assert [r[0] for r in per_task[2]] == list(TASKS)
+    # paired: warm (4, 5, 30) against 8s, the same in both seeds: mean log ratio, standard error 0.22
+    logs = [math.log(4 / 8), math.log(5 / 8), math.log(30 / 8)] * 2
+    mean = sum(logs) / 6
+    se = (sum((x - mean) ** 2 for x in logs) / 5) ** 0.5 / 6 ** 0.5
+    assert dict(zip(paired[1], paired[2][0]))["chain warm"] == f"{math.expm1(mean):+.1%} ± {se:.1%} (n=6)"
     assert "routed by the library's default selector (encoder" in sweep.routing_note(rows)
     md = sweep.markdown(sweep.tables(rows))
-    assert md.count("| budget (steps) |") == 3 and "| a |" in md
+    assert md.count("| budget (steps) |") == 4 and "| a |" in md
 
 
 def test_load_names_the_bad_line(tmp_path, rows):

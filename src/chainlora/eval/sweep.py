@@ -123,7 +123,7 @@ def tables(rows: list[dict]) -> list[Table]:
         ("Budget sweep — geometric mean answer perplexity over the tasks (lower is better), mean ± std over seeds; "
          "[tasks where the system beats the mixed adapter of the same compute]", header, ppl_rows),
         ("Budget sweep — mean exact match of greedy answers (higher is better)", header, em_rows),
-        oracle(rows, budgets)]
+        oracle(rows, budgets), paired(rows, budgets)]
     last = [r for r in rows if r["budget"] == budgets[-1]] if budgets else []
     if last:
         cell: dict[tuple[str, str], list[float]] = {}
@@ -154,6 +154,31 @@ def oracle(rows: list[dict], budgets: list[int]) -> Table:
     return ("Budget sweep — oracle routing (each record on its own task's adapter): geometric mean perplexity "
             "[tasks where it beats the mixed adapter of the same compute]",
             ["budget (steps)", "own none", "own warm", "own residual"], body)
+
+
+def paired(rows: list[dict], budgets: list[int]) -> Table:
+    """Each chain against the mixed adapter of the same compute, record-free but paired: the mean
+    over (seed, task) of log(chain / mixed) perplexity, as a percentage, ± one standard error. A
+    gap within two standard errors of 0 is not a result."""
+    systems = [s for s in SYSTEMS if s.startswith("chain") or s == "arrow"]
+    body = []
+    for b in budgets:
+        cells = []
+        for name in systems:
+            logs = []
+            for row in (r for r in rows if r["budget"] == b):
+                ref = _reference(rows, row, name)
+                ppl = systems_of(row).get(name, ({}, {}))[0]
+                logs += [math.log(v / ref[t]) for t, v in ppl.items() if ref and t in ref]
+            if len(logs) < 2:
+                cells.append("—")
+                continue
+            m, se = statistics.mean(logs), statistics.stdev(logs) / len(logs) ** 0.5
+            cells.append(f"{math.expm1(m):+.1%} ± {se:.1%} (n={len(logs)})")
+        body.append([str(b), *cells])
+    return ("Budget sweep — perplexity of each chain relative to the mixed adapter of the same compute, paired "
+            "by seed and task: exp(mean log ratio) − 1 ± one standard error (negative: the chain is better)",
+            ["budget (steps)", *systems], body)
 
 
 def routing_note(rows: list[dict]) -> str:
