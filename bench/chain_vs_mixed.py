@@ -68,7 +68,7 @@ def train(budget: int, seed: int, mode: str, per_task: int, train_per_task: int 
     lib = out / f"B{budget}-s{seed}" / mode
     previous = {"warm": "none", "residual": "warm"}.get(mode)
     if previous and not lib.exists() and (lib.parent / previous).exists():
-        shutil.copytree(lib.parent / previous, lib)  # kept pieces (router, trunk, mixed) are reused
+        shutil.copytree(lib.parent / previous, lib)  # kept pieces (selector, trunk, mixed) are reused
     cfg = config.load(REPO / "configs" / "demo.yaml", overrides(budget, seed, mode, per_task, train_per_task))
     t0 = time.perf_counter()
     train_library(cfg, lib)
