@@ -73,7 +73,7 @@ def test_tables_and_oracle_routing(rows):
 def test_load_names_the_bad_line(tmp_path, rows):
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps(rows[0]) + "\n\n" + "{not json\n")
-    with pytest.raises(ChainloraError, match=r"results.jsonl:3: not JSON"):
+    with pytest.raises(ChainloraError, match=r"results.jsonl:3: malformed JSON"):
         sweep.load(tmp_path)
     path.write_text(json.dumps({"budget": 80}) + "\n")
     with pytest.raises(ChainloraError, match=r"results.jsonl:1: not a chain_vs_mixed result row"):

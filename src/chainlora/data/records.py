@@ -106,7 +106,8 @@ def _data_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(file:line, parsed object) for each non-empty line; a malformed line is one clear error."""
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -168,7 +169,7 @@ def _hub_rows(name: str, split: str) -> Iterator[tuple[str, Any]]:
         raise ChainloraError(f"{name}: not a data file, and the hub dataset could not be read ({e})")
 
 
-READERS = {".jsonl": _jsonl_rows, ".ndjson": _jsonl_rows, ".json": _json_rows,
+READERS = {".jsonl": jsonl_rows, ".ndjson": jsonl_rows, ".json": _json_rows,
            ".csv": _csv_rows, ".parquet": _parquet_rows}
 
 

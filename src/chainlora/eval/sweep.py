@@ -19,11 +19,11 @@ against `mixed`, `chain warm` / `residual` against `mixed (trunk)`.
 from __future__ import annotations
 
 import io
-import json
 import math
 import statistics
 from pathlib import Path
 
+from chainlora.data.records import jsonl_rows
 from chainlora.errors import ChainloraError
 
 MODES = ("none", "warm", "residual")
@@ -38,16 +38,10 @@ def load(directory: str | Path) -> list[dict]:
     if not path.is_file():
         raise ChainloraError(f"{path}: no sweep results (run bench/chain_vs_mixed.py)")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ChainloraError(f"{path}:{i}: not JSON ({e.msg})")
+    for where, row in jsonl_rows(path):  # a malformed line is named by file and line
         if not isinstance(row, dict) or not {"budget", "seed", "mode", "perplexity", "exact_match"} <= set(row) \
                 or row["mode"] not in MODES:
-            raise ChainloraError(f"{path}:{i}: not a chain_vs_mixed result row")
+            raise ChainloraError(f"{where}: not a chain_vs_mixed result row")
         rows.append(row)
     return rows
 
