@@ -169,6 +169,11 @@ class SelectionSettings(_Section):
     # which trained selectors to measure (all, or a list): `generate` beam-searches every
     # validation instruction, the slowest part of the measurement on a CPU
     selectors: Union[Literal["all"], list[Literal["score", "generate", "classifier", "encoder", "sft"]]] = "all"
+    # extra phrasings a task that only the selectors and the out-of-library detector learn from:
+    # a JSONL file of {"task", "instruction"} ("demo": the bundled one); a {word} slot is filled
+    # `instructions_per_template` times with words of every task's records (data/selector_instructions.py)
+    instructions: str | None = None
+    instructions_per_template: int = Field(25, ge=1)
 
 
 class MixedSettings(_Section):

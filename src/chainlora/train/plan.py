@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chainlora.data.examples import Pair, answer_pairs, selector_pairs
+from chainlora.data import selector_instructions
 from chainlora.data.records import Record, TaskData, check_min_records, demo_path, load_tasks, read_records, split_of
 from chainlora.errors import ChainloraError
 from chainlora.library import store
@@ -90,6 +91,12 @@ class SelectorSplit:
     pool: dict[str, list[Record]]  # per task: the selectors' training records
     validation: list[Record]
     heldout: dict[str, set]  # per task: the templates held out (empty where records carry none)
+    extra: dict[str, list[Record]] = field(default_factory=dict)  # per task: selection.instructions
+
+    def training(self, task: str, limit: int | None, seed: int) -> list[Record]:
+        """A selector's training records of `task`: up to `limit` of the pool, then every extra phrasing
+        (the extras are on top, so they never push the task's own records out)."""
+        return _sample(self.pool[task], limit, seed) + self.extra.get(task, [])
 
 
 def _template(r: Record) -> Any:
@@ -101,8 +108,10 @@ def selector_split(cfg: Config, train: dict[str, list[Record]]) -> SelectorSplit
     stay) and `validation_per_task` records of them and of the seen templates (at most a
     quarter of the seen ones). Seeded: the same config and data give the same split."""
     s, seed = cfg.selection, cfg.training.seed
+    extra = (selector_instructions.expand(selector_instructions.read(s.instructions), train,
+                                          s.instructions_per_template, seed) if s.instructions else {})
     if not s.enabled:
-        return SelectorSplit(dict(train), [], {t: set() for t in train})
+        return SelectorSplit(dict(train), [], {t: set() for t in train}, extra)
     pool, validation, heldout = {}, [], {}
     for t, records in train.items():
         templates = sorted({_template(r) for r in records if _template(r) is not None}, key=str)
@@ -115,7 +124,7 @@ def selector_split(cfg: Config, train: dict[str, list[Record]]) -> SelectorSplit
         pool[t] = [r for r in seen if id(r) not in picked]
         validation += _sample(unseen, s.validation_per_task, seed) + val_seen
         heldout[t] = held
-    return SelectorSplit(pool, validation, heldout)
+    return SelectorSplit(pool, validation, heldout, extra)
 
 
 def _check_default_selector(cfg: Config) -> None:
@@ -254,7 +263,7 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
     names, train, test = task_splits(cfg, data)
     _check_default_selector(cfg)
     seed = cfg.training.seed
-    pool = selector_split(cfg, train).pool  # the selectors never see the validation records
+    split = selector_split(cfg, train)  # the selectors never see the validation records
     jobs = []
     for t in names:
         job = Job("task", t, store.task_path(t), answer_pairs(train[t]), answer_pairs(test[t]),
@@ -274,7 +283,7 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
         for job in jobs:
             if job.kind == "task":
                 job.info["label"] = labels[job.name]
-        rtrain = [r for t in names for r in _sample(pool[t], cfg.router.max_train_per_task, seed)]
+        rtrain = [r for t in names for r in split.training(t, cfg.router.max_train_per_task, seed)]
         router = Job("router", "router", "router", selector_pairs(rtrain, labels, template),
                      selector_pairs([r for t in names for r in test[t]], labels, template),
                      cfg.training_for("router"), section="router.training",
@@ -284,13 +293,13 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
         jobs.append(router)
     if cfg.classifier.enabled:
         c = cfg.classifier
-        ctrain = [r for t in names for r in _sample(pool[t], c.max_train_per_task, seed)]
+        ctrain = [r for t in names for r in split.training(t, c.max_train_per_task, seed)]
         clf = Job("classifier", "classifier", "classifier", [Pair(r.text, r.task) for r in ctrain],
                   [Pair(r.text, r.task) for t in names for r in test[t]], cfg.training, steps=c.epochs,
                   info={"name": "classifier", "encoder": c.encoder, "tasks": names})
         jobs.append(clf)
     if cfg.sft.enabled:
-        strain = [r for t in names for r in _sample(pool[t], cfg.sft.max_train_per_task, seed)]
+        strain = [r for t in names for r in split.training(t, cfg.sft.max_train_per_task, seed)]
         sft = Job("sft", "sft", "sft", selector_pairs(strain, labels, template),
                   selector_pairs([r for t in names for r in test[t]], labels, template),
                   cfg.training_for("sft"), section="sft.training",
@@ -299,7 +308,7 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
         jobs.append(sft)
     if cfg.encoder.enabled:
         e = cfg.encoder
-        etrain = [r for t in names for r in _sample(pool[t], e.max_train_per_task, seed)]
+        etrain = [r for t in names for r in split.training(t, e.max_train_per_task, seed)]
         enc = Job("encoder", "encoder", "encoder", [Pair(r.text, r.task) for r in etrain],
                   [Pair(r.text, r.task) for t in names for r in test[t]], cfg.training,
                   steps=steps_for(TrainingSettings(max_steps=None, epochs=e.epochs, batch_size=e.batch_size),

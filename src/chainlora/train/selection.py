@@ -38,9 +38,11 @@ def _digest(obj: Any) -> str:
 
 
 def bank_records(split: SelectorSplit, seed: int) -> list:
-    """The instructions the out-of-library detector compares with: selectors' training records."""
+    """The instructions the out-of-library detector compares with: selectors' training records,
+    and the extra phrasings of `selection.instructions` (in-library wording too)."""
     out = []
     for t, records in split.pool.items():
+        records = records + split.extra.get(t, [])
         out += records if len(records) <= BANK_PER_TASK else random.Random(seed).sample(records, BANK_PER_TASK)
     return out
 
