@@ -78,7 +78,7 @@ def test_bundled_file_covers_every_demo_task():
 
 
 def test_plan_gives_the_phrasings_to_selectors_only(tmp_path):
-    plain_cfg = config.load(DEMO, ["training.max_steps=2"])
+    plain_cfg = config.load(DEMO, ["training.max_steps=2", "selection.instructions=null"])
     data = load_data(plain_cfg)
     cfg = config.load(DEMO, ["training.max_steps=2", "selection.instructions=demo",
                              "selection.instructions_per_template=3"])

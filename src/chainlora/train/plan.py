@@ -14,8 +14,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from chainlora.data.examples import Pair, answer_pairs, selector_pairs
 from chainlora.data import selector_instructions
+from chainlora.data.examples import Pair, answer_pairs, selector_pairs
 from chainlora.data.records import Record, TaskData, check_min_records, demo_path, load_tasks, read_records, split_of
 from chainlora.errors import ChainloraError
 from chainlora.library import store
