@@ -59,8 +59,9 @@ def test_expand_fills_slots_with_every_tasks_words_and_is_seeded():
     assert all(r.output == "" for rs in out.values() for r in rs)  # no answers: selectors only
     assert [r.text for r in si.expand(rows, _train(), 4, 0)["a"]] == [r.text for r in out["a"]]
     assert len(si.expand(rows, _train(), per_template=50, seed=0)["a"]) == 5  # at most every word once
-    with pytest.raises(ChainloraError, match=r"f:9: task 'c' is not one of this library's tasks \(a, b\)"):
+    with pytest.raises(ChainloraError, match=r"^f: no phrasing names a task of this library \(a, b\)"):
         si.expand([si.Phrasing("f:9", "c", "x")], _train(), 4, 0)
+    assert si.expand(rows + [si.Phrasing("f:9", "c", "x")], _train(), 4, 0).keys() == {"a", "b"}  # other tasks skipped
     bare = {"a": [Record("a", "no words here", "x")]}
     with pytest.raises(ChainloraError, match=r"f:1: \{word\} needs words"):
         si.expand(rows[:1], bare, 4, 0)

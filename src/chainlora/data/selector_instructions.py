@@ -83,13 +83,16 @@ def words_of(train: Mapping[str, list[Record]]) -> list[str]:
 def expand(phrasings: list[Phrasing], train: Mapping[str, list[Record]], per_template: int,
            seed: int) -> dict[str, list[Record]]:
     """Per task of `train`, the phrasings as records (empty outputs: selectors read text and task).
-    A phrasing of a task not in `train` is an error: a misspelt name would silently do nothing."""
+    Phrasings of other tasks are skipped (one file may serve libraries of different task sets);
+    a file with none for any task of `train` is an error: its names are likely misspelt."""
     out: dict[str, list[Record]] = {t: [] for t in train}
+    if phrasings and not any(p.task in out for p in phrasings):
+        raise ChainloraError(f"{phrasings[0].where.rsplit(':', 1)[0]}: no phrasing names a task of this library "
+                             f"({', '.join(sorted(out))})")
     words = words_of(train)
     for i, p in enumerate(phrasings):
         if p.task not in out:
-            raise ChainloraError(f"{p.where}: task {p.task!r} is not one of this library's tasks "
-                                 f"({', '.join(sorted(out))})")
+            continue
         if SLOT not in p.instruction and SLOT not in p.input:
             out[p.task].append(Record(p.task, p.instruction, "", p.input, {"template": f"extra:{i}"}))
             continue
