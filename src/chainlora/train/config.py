@@ -5,25 +5,23 @@ strict: an unknown or mistyped key (with a "did you mean" hint), a wrong type or
 of range is ONE ChainloraError naming the file and the dotted key, so a typo never silently
 trains with a default. Example: configs/demo.yaml.
 
-pydantic checks keys, types and ranges (strict: an integer is never true, 8.5 or "8"); this
-module only turns its first complaint into that one line, in words taken from the schema.
+pydantic checks keys, types and ranges (strict: an integer is never true, 8.5 or "8");
+train/config_check.py turns its first complaint into that one line, in words taken from the schema.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import types
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 
 from chainlora.data.prompts import DEFAULT_TASK_PROMPT, check_task_prompt
 from chainlora.errors import ChainloraError
 from chainlora.models import DEFAULT_MODEL
+from chainlora.train.config_check import fail, validate
 
 
 def _number(value: Any) -> Any:
@@ -267,88 +265,13 @@ class Config(_Section):
 # --------------------------------------------------------------------------- checking
 
 
-def _fail(source: str, key: str, message: str) -> ChainloraError:
-    return ChainloraError(f"{source}: {key}: {message}")
-
-
-def _optional_of(tp: Any) -> Any:
-    """`X | None` -> X; anything else unchanged."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1 else tp
-
-
-def _describe(tp: Any) -> str:
-    """What an annotation accepts, in the words of the error messages."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Annotated:
-        return _describe(args[0])
-    if origin is Literal:
-        return " or ".join(repr(a) for a in args)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args if a is not type(None))
-    if origin is list:
-        return "a list of text" if args[0] is str else "a list of integers"
-    if origin is dict or (isinstance(tp, type) and issubclass(tp, BaseModel)):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}[tp]
-
-
-def _locate(model: type[BaseModel], loc: tuple, data: Any, key: str) -> tuple[str, Any, Any, tuple]:
-    """Follow pydantic's error location through the schema and the data, as far as it names
-    fields and list items: the dotted key, its annotation, its value, and what is left (an
-    unknown key, a union member's tag, a key inside a mapping)."""
-    tp: Any = model
-    for i, part in enumerate(loc):
-        inner = _optional_of(tp)
-        if isinstance(inner, type) and issubclass(inner, BaseModel) and part in inner.model_fields:
-            tp, key = inner.model_fields[part].annotation, f"{key}.{part}" if key else part
-        elif isinstance(part, int) and typing.get_origin(inner) is list:
-            tp, key = typing.get_args(inner)[0], f"{key}[{part}]"
-        else:
-            return key, tp, data, loc[i:]
-        data = data[part]
-    return key, tp, data, ()
-
-
-def _explain(error: ValidationError, model: type[BaseModel], data: Any, prefix: str,
-             source: str) -> ChainloraError:
-    """pydantic's first complaint (an unknown key first: a typo explains the rest) as one line."""
-    errors = error.errors()
-    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
-    err = min(unknown, key=lambda e: len(e["loc"])) if unknown else errors[0]
-    key, tp, value, rest = _locate(model, err["loc"], data, prefix)
-    kind, ctx = err["type"], err.get("ctx") or {}
-    if kind == "extra_forbidden":
-        known = list(tp.model_fields)
-        hint = difflib.get_close_matches(str(rest[0]), known, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
-        return _fail(source, f"{key}.{rest[0]}" if key else rest[0], f"unknown key{suggestion}")
-    bounds = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"),
-              "greater_than": (">", "gt"), "less_than": ("<", "lt")}
-    if kind in bounds:
-        op, bound = bounds[kind][0], ctx[bounds[kind][1]]
-        got = float(value) if isinstance(bound, float) else value  # float fields have float bounds
-        return _fail(source, key, f"must be {op} {bound}, got {got}")
-    if rest and typing.get_origin(tp) is dict:  # a key or value inside the mapping
-        return _fail(source, key, "expected a mapping of text to text")
-    return _fail(source, key or "(top level)", f"expected {_describe(tp)}, got {value!r}")
-
-
-def _validate(model: type[BaseModel], data: Any, source: str, prefix: str = "") -> Any:
-    """`model` built from `data`, or the one-line ChainloraError saying what is wrong."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise _explain(e, model, data, prefix, source) from None
-
-
 def _check_overrides(section: str, overrides: dict[str, Any], base: TrainingSettings,
                      source: str) -> dict[str, Any]:
     """Overrides use `training` keys and are checked like them; a `cola` override is merged
     key by key over `training.cola` (so `mixed.training.cola.links: 2` keeps the other keys)."""
     if isinstance(overrides.get("cola"), dict):
         overrides = {**overrides, "cola": {**base.cola.model_dump(), **overrides["cola"]}}
-    checked = _validate(TrainingSettings, overrides, source, f"{section}.training")
+    checked = validate(TrainingSettings, overrides, source, f"{section}.training")
     return {k: getattr(checked, k) for k in overrides}
 
 
@@ -356,23 +279,23 @@ def _check_cola(c: ColaSettings, key: str, source: str) -> None:
     """What the types cannot say: knots increase, schedules agree with the number of links."""
     if c.knots is not None:
         if not c.knots or any(k < 1 for k in c.knots) or c.knots != sorted(set(c.knots)):
-            raise _fail(source, f"{key}.knots", f"expected increasing steps >= 1, got {c.knots}")
+            raise fail(source, f"{key}.knots", f"expected increasing steps >= 1, got {c.knots}")
         if c.links is not None and c.links != len(c.knots) + 1:
-            raise _fail(source, f"{key}.links", f"{c.links} links need {c.links - 1} knots, "
+            raise fail(source, f"{key}.links", f"{c.links} links need {c.links - 1} knots, "
                         f"knots lists {len(c.knots)}")
     if c.knots is not None and c.steps_per_link is not None:
-        raise _fail(source, f"{key}.steps_per_link", "give knots or steps_per_link, not both")
+        raise fail(source, f"{key}.steps_per_link", "give knots or steps_per_link, not both")
     if c.rank_schedule is not None:
         if not c.rank_schedule or any(r < 1 for r in c.rank_schedule):
-            raise _fail(source, f"{key}.rank_schedule", f"expected ranks >= 1, got {c.rank_schedule}")
+            raise fail(source, f"{key}.rank_schedule", f"expected ranks >= 1, got {c.rank_schedule}")
         n = len(c.knots) + 1 if c.knots is not None else c.links
         if n is not None and n != len(c.rank_schedule):
-            raise _fail(source, f"{key}.rank_schedule", f"{len(c.rank_schedule)} ranks for {n} links")
+            raise fail(source, f"{key}.rank_schedule", f"{len(c.rank_schedule)} ranks for {n} links")
 
 
 def from_dict(data: Any, source: str = "<dict>") -> Config:
     """Check a parsed config mapping and return a Config."""
-    cfg = _validate(Config, data, source)
+    cfg = validate(Config, data, source)
     cfg.source = source
     for section in ("router", "mixed", "sft"):
         part = getattr(cfg, section)
@@ -380,28 +303,28 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
     for name in ("training", "router.training", "mixed.training", "sft.training"):
         t = cfg.training_for(name.split(".")[0])
         if t.max_steps is None and t.epochs is None:
-            raise _fail(source, f"{name}.max_steps", "set max_steps or epochs")
+            raise fail(source, f"{name}.max_steps", "set max_steps or epochs")
         _check_cola(t.cola, f"{name}.cola", source)
     try:
         check_task_prompt(cfg.router.task_prompt)
     except ChainloraError as e:
         raise ChainloraError(f"{source}: router.{e}")
     if not cfg.lora.target_modules:
-        raise _fail(source, "lora.target_modules", "must name at least one module")
+        raise fail(source, "lora.target_modules", "must name at least one module")
     if isinstance(cfg.tasks, list) and not cfg.tasks:
-        raise _fail(source, "tasks", "empty list (use 'all' or name tasks)")
+        raise fail(source, "tasks", "empty list (use 'all' or name tasks)")
     if isinstance(cfg.discover.k, int) and cfg.discover.k < 1:
-        raise _fail(source, "discover.k", f"must be >= 1, got {cfg.discover.k}")
+        raise fail(source, "discover.k", f"must be >= 1, got {cfg.discover.k}")
     if isinstance(cfg.mixed.budget, int) and cfg.mixed.budget < 1:
-        raise _fail(source, "mixed.budget", f"must be >= 1, got {cfg.mixed.budget}")
+        raise fail(source, "mixed.budget", f"must be >= 1, got {cfg.mixed.budget}")
     if cfg.chain.gate and not cfg.mixed.enabled:
-        raise _fail(source, "chain.gate", "compares each task adapter with the mixed adapter; "
+        raise fail(source, "chain.gate", "compares each task adapter with the mixed adapter; "
                     "set mixed.enabled: true (or chain.gate: false)")
     if cfg.chain.replay and cfg.chain.branch == "none":
-        raise _fail(source, "chain.replay", "replays other tasks' records in branches of a trunk; "
+        raise fail(source, "chain.replay", "replays other tasks' records in branches of a trunk; "
                     "set chain.branch: warm or residual (or chain.replay: 0)")
     if cfg.chain.branch != "none" and "cola" in (cfg.training.method, cfg.training_for("mixed").method):
-        raise _fail(source, "chain.branch", f"{cfg.chain.branch!r} branches continue a plain LoRA trunk; "
+        raise fail(source, "chain.branch", f"{cfg.chain.branch!r} branches continue a plain LoRA trunk; "
                     "use training.method: lora (or chain.branch: none)")
     return cfg
 
