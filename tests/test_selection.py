@@ -152,7 +152,7 @@ def test_every_selector_is_measured_and_the_engine_uses_the_winner(selected_lib)
     for r in sel["selectors"].values():
         assert r["n"] == sel["n_validation"] and 0 <= r["top1"] <= 1 and r["heldout_n"] > 0
         assert 0 <= r["threshold"] and r["fallback_rate"] is not None
-    assert sel["novelty"]["encoder"] == "minilm" and sel["novelty"]["n_bank"] == lib.classifier["n_train"]
+    assert sel["novelty"]["encoder"] == "encoder" and sel["novelty"]["n_bank"] == lib.classifier["n_train"]
     assert sel["novelty"]["method"] == "mahalanobis"
     engine = Engine.load(selected_lib, device="cpu")
     assert engine.selector == sel["winner"]
@@ -162,6 +162,21 @@ def test_every_selector_is_measured_and_the_engine_uses_the_winner(selected_lib)
     assert d["selector"] == sel["winner"] and d["similarity"] is not None
     assert (d["reason"] is None) == (not d["fallback"])
     assert Engine.load(selected_lib, device="cpu", selector="score", threshold=0.0).threshold == 0.0
+
+
+def test_detector_lives_in_the_fine_tuned_encoders_space(selected_lib):
+    """selection.novelty_space: auto fits the detector in the encoder selector's embeddings (the
+    space that learnt the tasks' varied wording); the engine scores in that same space."""
+    from chainlora.inference import encoder
+    from chainlora.inference.engine import Engine
+
+    lib = Library.open(selected_lib)
+    state, info = novelty.load(lib.path(lib.selection["novelty"]))
+    model, tokenizer, enc_info = encoder.load(lib.path(lib.encoder))
+    texts = ["Give the antonym of hot.", "Wie spät ist es in Berlin?"]
+    by_hand = novelty.mahalanobis(state, encoder.embed(model, tokenizer, texts, enc_info["max_length"]))
+    assert state["means"].shape == (len(lib.task_names), 384)
+    assert Engine.load(selected_lib, device="cpu").similarity(texts) == pytest.approx(by_hand.tolist(), abs=1e-5)
 
 
 def test_out_of_library_requests_fall_back_with_the_reason(selected_lib):
@@ -212,11 +227,13 @@ def test_selection_is_kept_and_remeasured_only_when_it_changes(selected_lib, tin
     train_library(tiny_config(tiny_model_dir, *SELECTED), copy)
     assert "already trained" in capsys.readouterr().out
     assert Library.open(copy).selection == before
-    train_library(tiny_config(tiny_model_dir, *SELECTED, "selection.precision=0.5"), copy)
+    train_library(tiny_config(tiny_model_dir, *SELECTED, "selection.precision=0.5",
+                              "selection.novelty_space=frozen"), copy)
     out = capsys.readouterr().out
     assert "0 train, 0 retrain" in out and "measuring the selectors" in out  # no adapter retrains
     after = Library.open(copy).selection
     assert after["precision"] == 0.5 and after["fingerprint"] != before["fingerprint"]
+    assert after["novelty"]["encoder"] == "minilm"  # frozen: the MiniLM space even beside an encoder
 
 
 def test_sft_selector_is_a_plain_transformers_model(selected_lib, tiny_model_dir):

@@ -32,11 +32,15 @@ def _torch_module() -> type:
             self.encoder = encoder
             self.head = torch.nn.Linear(encoder.config.hidden_size, n_classes)
 
-        def forward(self, input_ids: Any, attention_mask: Any, labels: Any = None, **_: Any) -> dict:
+        def embed(self, input_ids: Any, attention_mask: Any) -> Any:
+            """The L2-normalised mean-pooled sentence embedding the head reads."""
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            logits = self.head(torch.nn.functional.normalize(pooled, dim=-1))
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+        def forward(self, input_ids: Any, attention_mask: Any, labels: Any = None, **_: Any) -> dict:
+            logits = self.head(self.embed(input_ids, attention_mask))
             out = {"logits": logits}
             if labels is not None:
                 out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
@@ -81,7 +85,7 @@ def load(directory: Path) -> tuple[Any, Any, dict]:
     return model.eval(), tokenizer, info
 
 
-def logits(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 64) -> Any:
+def _batched(fn: Any, model: Any, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int) -> Any:
     import torch
 
     device = next(model.parameters()).device
@@ -90,17 +94,30 @@ def logits(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int, ba
         enc = tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
                         truncation=True, max_length=max_length).to(device)
         with torch.no_grad():
-            out.append(model(enc["input_ids"], enc["attention_mask"])["logits"].float())
+            out.append(fn(enc["input_ids"], enc["attention_mask"]).float())
     return torch.cat(out)
 
 
-def rank(model: Any, tokenizer: Any, info: dict, texts: Sequence[str]) -> list:
-    """Softmax over the head's logits, tasks best first."""
+def logits(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 64) -> Any:
+    """[N, tasks] the head's logits."""
+    return _batched(lambda ids, mask: model(ids, mask)["logits"], model, tokenizer, texts, max_length, batch_size)
+
+
+def embed(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 64) -> Any:
+    """[N, 384] the fine-tuned sentence embeddings (L2-normalised): the space the out-of-library
+    detector can be fitted in, where the task's varied wordings were pulled together."""
+    return _batched(model.embed, model, tokenizer, texts, max_length, batch_size)
+
+
+def rank(model: Any, info: dict, embeddings: Any) -> list:
+    """Softmax over the head's logits of `embed`'s embeddings, tasks best first (the embeddings
+    are an argument so the out-of-library detector can reuse them: one encoder pass a request)."""
     import torch
 
     from chainlora.inference.router import Ranking
 
-    probs = torch.softmax(logits(model, tokenizer, texts, info.get("max_length", 64)), -1)
+    with torch.no_grad():
+        probs = torch.softmax(model.head(embeddings.to(model.head.weight.dtype)).float(), -1)
     tasks = info["tasks"]
     out = []
     for row in probs:

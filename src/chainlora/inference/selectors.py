@@ -7,8 +7,8 @@ the router adapter, chainlora.inference.router).
 - `sft`: a fully fine-tuned copy of the base model scoring every label;
 - the out-of-library detector (chainlora.inference.novelty).
 
-Each loads on first use, hash-checked against the manifest; the MiniLM encoder is shared by
-the classifier and the detector.
+Each loads on first use, hash-checked against the manifest; the detector shares the encoder
+selector's model (or the frozen MiniLM's, with the classifier) rather than loading its own.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class Loaded:
         self.lib, self.base, self.system, self.live_model = lib, base, system, live_model
         self._models: dict[str, Any] = {}
         self._minilm: Any = None
+        self._last_embedded: tuple[list[str] | None, Any] = (None, None)  # the encoder's last batch
 
     def forget(self, new: Library, system: str | None) -> None:
         """A reloaded library: drop every model whose files changed."""
@@ -57,7 +58,20 @@ class Loaded:
             entry_new = (new.selection or {}).get("novelty") if kind == "novelty" else new.manifest.get(kind)
             if (entry_old or {}).get("sha256") != (entry_new or {}).get("sha256"):
                 del self._models[kind]
-        self.lib, self.system = new, system
+        self.lib, self.system, self._last_embedded = new, system, (None, None)
+
+    def embed(self, space: str, texts: Sequence[str]) -> Any:
+        """[N, dim] L2-normalised sentence embeddings in a detector's space: `minilm` (frozen),
+        `base` (the base model, adapters off) or `encoder` (the fine-tuned encoder selector)."""
+        from chainlora.inference import encoder
+
+        if space == "encoder":
+            texts = list(texts)
+            if self._last_embedded[0] != texts:  # the encoder selector just embedded them: reuse
+                model, tokenizer, info = self._encoder_selector()
+                self._last_embedded = (texts, encoder.embed(model, tokenizer, texts, info.get("max_length", 64)))
+            return self._last_embedded[1]
+        return self._encoder(space).embed(texts)
 
     def _encoder(self, kind: str) -> Any:
         from chainlora.inference import classifier
@@ -89,7 +103,7 @@ class Loaded:
         head, info = self._models["classifier"]
         return classifier.rank(self._encoder(info["encoder"]), head, texts, info["tasks"])
 
-    def _encode(self, texts: Sequence[str]) -> list[router.Ranking]:
+    def _encoder_selector(self) -> tuple[Any, Any, dict]:
         from chainlora.inference import encoder
 
         entry = self._entry("encoder", "encoder.enabled: true")
@@ -97,7 +111,13 @@ class Loaded:
             directory = self.lib.path(entry)
             read_verified(directory, entry, encoder.FILES, "encoder")
             self._models["encoder"] = encoder.load(directory)
-        return encoder.rank(*self._models["encoder"], texts)
+        return self._models["encoder"]
+
+    def _encode(self, texts: Sequence[str]) -> list[router.Ranking]:
+        from chainlora.inference import encoder
+
+        model, _, info = self._encoder_selector()
+        return encoder.rank(model, info, self.embed("encoder", texts))
 
     def _sft(self, texts: Sequence[str]) -> list[router.Ranking]:
         """Its own fine-tuned copy of the base model scores every label, as `score` does with the LoRA."""
@@ -133,5 +153,5 @@ class Loaded:
             read_verified(directory, entry, novelty.FILES, "out-of-library detector")
             self._models["novelty"] = novelty.load(directory)
         state, info = self._models["novelty"]
-        sims = novelty.score(state, info, self._encoder(info["encoder"]).embed(texts))
+        sims = novelty.score(state, info, self.embed(info["encoder"], texts))
         return sims.tolist(), float(info["threshold"])

@@ -163,6 +163,9 @@ class SelectionSettings(_Section):
     novelty: bool = True  # out-of-library detector: similarity to the selectors' training instructions
     novelty_method: Literal["mahalanobis", "knn"] = "mahalanobis"  # nearest task mean, or k-th nearest instruction
     novelty_recall: Number = Field(0.99, gt=0.0, le=1.0)  # in-library validation instructions it must accept
+    # the detector's sentence space: auto = the fine-tuned `encoder` selector's where the library
+    # trains one (it has learnt the tasks' varied wording), else frozen; frozen = all-MiniLM-L6-v2
+    novelty_space: Literal["auto", "frozen"] = "auto"
     default: Literal["auto", "score", "generate", "classifier", "encoder", "sft"] = "auto"  # auto: measured best
     # which trained selectors to measure (all, or a list): `generate` beam-searches every
     # validation instruction, the slowest part of the measurement on a CPU

@@ -85,26 +85,35 @@ def winner(results: dict[str, dict]) -> str:
     return max(results, key=key)
 
 
+def detector_space(cfg: Config, lib: Any) -> str:
+    """The out-of-library detector's sentence space (`selection.novelty_space`): the fine-tuned
+    encoder selector's where the library has one and `auto` asks for it, else the frozen
+    all-MiniLM-L6-v2, else (MiniLM not installed) the base model's last hidden state."""
+    from chainlora.errors import ChainloraError
+    from chainlora.inference import classifier
+
+    if cfg.selection.novelty_space == "auto" and lib.encoder:
+        return "encoder"
+    try:
+        return "minilm" if classifier.minilm_dir() else "base"
+    except ChainloraError:
+        return "base"
+
+
 def _novelty(engine: Any, cfg: Config, split: SelectorSplit, root: Path) -> dict | str:
     """Fit the out-of-library detector; its manifest entry, or why it was left out."""
-    from chainlora.inference import classifier, novelty
-    from chainlora.errors import ChainloraError
+    from chainlora.inference import novelty
 
-    try:
-        kind = "minilm" if classifier.minilm_dir() else "base"
-    except ChainloraError:
-        kind = "base"
-    enc = classifier.Encoder(kind, engine.base.model, engine.tok)
-    if kind == "base":
-        enc.model = engine.cache.model if engine.cache.model is not None else engine.base.model
+    space = detector_space(cfg, engine.lib)
+    embed = lambda texts: engine.selectors.embed(space, texts)  # noqa: E731
     records = bank_records(split, cfg.training.seed)
-    bank, method = enc.embed([r.text for r in records]), cfg.selection.novelty_method
+    bank, method = embed([r.text for r in records]), cfg.selection.novelty_method
     if method == "mahalanobis":
         state = novelty.fit_mahalanobis(bank, [r.task for r in records])
-        info = {"method": method, "encoder": kind, "shrinkage": novelty.SHRINKAGE}
+        info = {"method": method, "encoder": space, "shrinkage": novelty.SHRINKAGE}
     else:
-        state, info = {"embeddings": bank}, {"method": method, "encoder": kind, "k": novelty.K}
-    sims = novelty.score(state, info, enc.embed([r.text for r in split.validation])).tolist()
+        state, info = {"embeddings": bank}, {"method": method, "encoder": space, "k": novelty.K}
+    sims = novelty.score(state, info, embed([r.text for r in split.validation])).tolist()
     threshold = novelty.threshold_for(sims, cfg.selection.novelty_recall)
     info = {**info, "threshold": threshold, "n_bank": int(bank.shape[0])}
     directory = store.inside(root, NOVELTY_PATH)
