@@ -78,8 +78,18 @@ def test_missing_config_and_bad_set(tmp_path, capsys, monkeypatch):
     (tmp_path / "c.yaml").write_text("{}\n")
     assert main(["train", "c.yaml", "--set", "no_equals_sign"]) == 2
     assert "--set 'no_equals_sign': expected KEY=VALUE" in capsys.readouterr().err
+    # a key set on the command line is that --set's fault, not the file's (issue 42, finding 7)
     assert main(["train", "c.yaml", "--set", "training.nonsense=3"]) == 2
-    assert "c.yaml: training.nonsense: unknown key" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--set training.nonsense=3: training.nonsense: unknown key" in err and "c.yaml" not in err
+    assert main(["train", "c.yaml", "--set", "training.lerning_rate=1e-3"]) == 2
+    assert "--set training.lerning_rate=1e-3: training.lerning_rate: unknown key (did you mean 'learning_rate'?)" \
+        in capsys.readouterr().err
+    assert main(["train", "c.yaml", "--set", "lora.r=0"]) == 2
+    assert "--set lora.r=0: lora.r: must be >= 1" in capsys.readouterr().err
+    (tmp_path / "d.yaml").write_text("training: {lerning_rate: 1}\n")  # the file's own typo stays the file's
+    assert main(["train", "d.yaml", "--set", "training.max_steps=3"]) == 2
+    assert "d.yaml: training.lerning_rate: unknown key" in capsys.readouterr().err
 
 
 def test_unknown_task_in_config(tmp_path, capsys, monkeypatch, tiny_model_dir):

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from chainlora.errors import ChainloraError
+
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` atomically (temp file + fsync + rename)."""
@@ -173,3 +175,60 @@ def link_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copytree(src, dst, copy_function=link, symlinks=True)
     else:
         link(str(src), str(dst))
+
+
+# --------------------------------------------------------------------------- output directories
+
+
+def check_creatable(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, before any work, an output path that cannot be created: a file on the way
+    (`data.csv/lib`) or a parent nobody may write in (`/proc/x`). Creates nothing: a probe
+    directory is made and removed in the nearest folder that exists."""
+    path = Path(os.path.abspath(path))
+    ancestor = path if path.exists() else path.parent
+    while not ancestor.exists() and not ancestor.is_symlink():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ChainloraError(f"{flag} {path}: {ancestor} is a file, not a directory; nothing was changed")
+    if ancestor == path:
+        return
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".chainlora-probe."))
+    except OSError as e:
+        raise ChainloraError(f"{flag} {path}: cannot create it in {ancestor} ({e.strerror}); nothing was changed")
+
+
+def check_out_dir(path: str | os.PathLike, marker: str, what: str, flag: str = "--out",
+                  own: tuple[str, ...] = ()) -> None:
+    """An output directory chainlora may write: missing, empty, or one it wrote before (it holds
+    `marker`, or only entries named in `own`: what an interrupted run leaves before its marker).
+    Anything else is a user's folder, refused in the same one line by every command."""
+    path = Path(path)
+    check_creatable(path, flag)
+    if path.exists() and not path.is_dir():
+        raise ChainloraError(f"{path}: exists and is not a directory; nothing was changed (choose another {flag})")
+    if path.is_dir() and not (path / marker).exists() and any(p.name not in own for p in path.iterdir()):
+        raise ChainloraError(f"{path}: exists and is not {what} (no {marker}); nothing was changed "
+                             f"(choose another {flag})")
+
+
+def files_sha256(directory: str | os.PathLike, names: list[str]) -> dict[str, str]:
+    """sha256 of each named file that exists in `directory` (what a writer records of its own files)."""
+    import hashlib
+
+    out = {}
+    for name in names:
+        file = Path(directory) / name
+        if file.is_file():
+            out[name] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return out
+
+
+def check_unchanged(directory: str | os.PathLike, written: dict[str, str], flag: str = "--out") -> None:
+    """Refuse to overwrite a file the user changed since chainlora wrote it (`written`: name ->
+    sha256 recorded then): rerunning a command never loses someone's edits."""
+    now = files_sha256(directory, list(written))
+    for name, digest in written.items():
+        if name in now and now[name] != digest:
+            raise ChainloraError(f"{Path(directory) / name}: changed since chainlora wrote it; nothing was "
+                                 f"changed (choose another {flag}, or move the file away)")

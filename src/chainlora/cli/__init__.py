@@ -25,6 +25,7 @@ from chainlora.cli.eval import cmd_annotate, cmd_eval, cmd_judge, cmd_report
 from chainlora.cli.eval import load_engine as _load_engine
 from chainlora.cli.discover import add_discover_parser
 from chainlora.cli.serve import add_serve_parser
+from chainlora.console import PROGRESS_MODES, set_progress
 from chainlora.errors import ChainloraError
 from chainlora.inference.router import SELECTORS  # a name list: no model code is imported
 
@@ -33,7 +34,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit 2, like every other user error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ChainloraError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("chainlora").strip()  # main() prints the `chainlora:` itself
+        raise ChainloraError(f"{command}: {message}" if command else message)
 
 
 def _parse_fields(pairs: Sequence[str]) -> dict[str, str]:
@@ -121,16 +123,40 @@ def _instructions(args: argparse.Namespace) -> list[str]:
     return list(args.text)
 
 
+def route_note(route, threshold: float) -> str:
+    """Where a route that is not the selector's own task goes, and why, in words."""
+    from chainlora.inference.engine import BASE
+
+    answers = "the base model" if route.adapter == BASE else route.adapter
+    digits = next((d for d in range(3, 9) if f"{route.probability:.{d}f}" != f"{threshold:.{d}f}"), 9)
+    why = {"low confidence": f"low confidence: {route.probability:.{digits}f} < threshold {threshold:.{digits}f}",
+           "out of library": "out of library" + (f": similarity {route.novelty:.3f}, below the detector's threshold"
+                                                 if route.novelty is not None else ""),
+           "no label": "no label: the selector named no task",
+           "gated": "gated: its own adapter did not beat the mixed adapter on held-out records"}
+    reason = why.get(route.reason, route.reason)
+    if route.fallback:
+        return f" -> fallback {answers} ({reason})"
+    return f" -> {answers} ({reason})" if route.reason else ""
+
+
 def cmd_route(args: argparse.Namespace) -> int:
+    from chainlora.inference.calibration import fallback_warning
+
     texts = _instructions(args)
-    routes = _load_engine(args).route(texts, top_k=args.top_k)
+    engine = _load_engine(args)
+    if args.selector is None and args.threshold is None:
+        warning = fallback_warning(engine.lib.manifest.get("selection"),
+                                   "the mixed adapter" if engine.lib.mixed else "the base model")
+        if warning:
+            print(f"chainlora: {warning}", file=sys.stderr)
+    routes = engine.route(texts, top_k=args.top_k)
     for text, route in zip(texts, routes):
         if args.json:
             print(json.dumps({"instruction": text, **route.as_dict()}, ensure_ascii=False))
         else:
             ranked = ", ".join(f"{t} {p:.3f}" for t, p in route.top_k)
-            note = f" -> fallback {route.adapter}" if route.fallback else ""
-            print(f"{route.task or '(no label)'}{note}\t[{ranked}]\t{text!r}")
+            print(f"{route.task or '(no label)'}{route_note(route, engine.threshold)}\t[{ranked}]\t{text!r}")
     return 0
 
 
@@ -159,15 +185,16 @@ def cmd_data(args: argparse.Namespace) -> int:
         for name, d in tasks.items():
             print(json.dumps({"task": name, "train": len(d.train), "test": len(d.test)}))
         return 0
-    from rich.console import Console
     from rich.table import Table
+
+    from chainlora.console import console
 
     table = Table(title=str(args.file))
     for col in ("task", "train", "test"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for name, d in tasks.items():
         table.add_row(name, str(len(d.train)), str(len(d.test)))
-    Console().print(table)
+    console().print(table)
     return 0
 
 
@@ -237,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. training.method=cola (repeatable)")
         d.set_defaults(func=func)
 
-    d = sub.add_parser("export", help="write adapters as plain PEFT dirs (optionally compressed) or a merged model")
+    d = sub.add_parser("export", help="write the library for other tools: peft (plain PEFT dirs, optionally compressed), "
+                                         "merged (one adapter merged into the model), vllm (adapters + serve command), "
+                                         "gguf (llama.cpp / Ollama)")
     d.add_argument("library", help="adapter library directory")
     d.add_argument("--format", required=True, help="peft, merged, vllm or gguf (llama.cpp / Ollama)")
     d.add_argument("--out", required=True, help="output directory (created; replaced if an earlier export)")
@@ -274,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("library", help="adapter library directory")
     d.add_argument("--data", required=True, help="records with a task field (.jsonl/...), or 'demo' (bundled test split)")
     d.add_argument("--per-task", type=int, help="at most this many records per task")
+    d.add_argument("--include-train", action="store_true",
+                   help="also score records the library trained on (left out by default: LIB/seen.json)")
     d.add_argument("--max-new-tokens", type=int, default=16, help="answer length for the task metrics")
     d.add_argument("--no-generate", action="store_true", help="perplexity and selection only")
     d.add_argument("--no-arrow", action="store_true",
@@ -291,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--judge-model", required=True, help="the judge model's name at that endpoint")
     d.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding its API key")
     d.add_argument("--per-task", type=int, default=8, help="records per task (default 8)")
+    d.add_argument("--include-train", action="store_true", help="also judge records the library trained on")
     d.add_argument("--systems", default="chain,mixed,base", help="comma list of chain, mixed, base, or a task")
     d.add_argument("--concurrency", type=int, default=4)
     d.add_argument("--timeout", type=float, default=60.0, help="seconds per judge call")
@@ -308,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", help="export: records with a task field, or 'demo'")
     d.add_argument("--out", help="export: the directory for sheet.csv, sheet.html, key.json")
     d.add_argument("--per-task", type=int, default=4)
+    d.add_argument("--include-train", action="store_true", help="export: also records the library trained on")
     d.add_argument("--systems", default="chain,mixed,base")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--max-new-tokens", type=int, default=64)
@@ -346,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_model)
+    for command in sub.choices.values():  # every command: how long work shows its progress
+        command.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                             help="bar (redrawn), plain (one line per update: logs) or none; "
+                                  "auto: bar on a terminal, else plain")
     return p
 
 
@@ -366,7 +403,10 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:  # the subcommand's name, not the top parser's (which would print `chainlora:` twice)
+            raise ChainloraError(f"{args.command}: unrecognized arguments: {' '.join(extra)}")
+        set_progress(args.progress)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except ChainloraError as e:

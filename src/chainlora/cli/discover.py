@@ -1,7 +1,8 @@
 """`chainlora discover DATA --out DIR`: task labels for unlabelled records, and a config to train on them.
 
 Writes DIR/records.jsonl (every record with its discovered `task`), DIR/config.yaml (ready for
-`chainlora train DIR/config.yaml`) and DIR/clusters.html. Bad input (an empty file, too few
+`chainlora train DIR/config.yaml`), DIR/clusters.html and DIR/discover.json (what it wrote). A
+non-empty DIR that discover did not write, or whose files were edited since, is refused. Bad input (an empty file, too few
 records, all-identical instructions, --k above what the data holds) exits 2 with one line
 and writes nothing.
 """
@@ -55,9 +56,10 @@ def cmd_discover(args: argparse.Namespace) -> int:
     from chainlora.discover.run import UNLABELLED
     from chainlora.train import config
 
+    from chainlora.discover.run import check_out
+
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ChainloraError(f"{out}: --out is a file, not a directory")
+    check_out(out)  # a folder of the user's is refused before any work (and again just before writing)
     k = _k(args.k)
     if args.min_size < 1:
         raise ChainloraError(f"--min-size {args.min_size}: must be at least 1")

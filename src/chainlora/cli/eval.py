@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from chainlora.errors import ChainloraError
@@ -18,21 +19,34 @@ def load_engine(args: argparse.Namespace):
                        novelty=not args.no_novelty, gate=not args.no_gate)
 
 
+def held_out_records(engine, records, include_train: bool):
+    """The records of the library's tasks it never trained on (eval.heldout); what was left out
+    goes to stderr in one line each, so `--json` stays one object."""
+    from chainlora.eval.heldout import held_out
+
+    chosen = held_out(engine.lib, engine.tasks, records, include_train)
+    for note in chosen.notes():
+        print(f"chainlora: {note}", file=sys.stderr, flush=True)
+    return chosen
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from chainlora.console import console as make_console
 
     from chainlora.eval import tables
     from chainlora.eval.evaluate import evaluate, load_eval_data, save_eval
 
     records, heldout, name = load_eval_data(args.data)
     engine = load_engine(args)
-    result = evaluate(engine, records, heldout=heldout, per_task=args.per_task, generate=not args.no_generate,
+    chosen = held_out_records(engine, records, args.include_train)
+    result = evaluate(engine, chosen.records, heldout=heldout, per_task=args.per_task, generate=not args.no_generate,
                       max_new_tokens=args.max_new_tokens, arrow=not args.no_arrow)
+    result["records"] = chosen.as_dict()
     path = save_eval(engine.lib.root, args.name or name, result, args.data)
     if args.json:
         print(json.dumps(json.loads(path.read_text())))
         return 0
-    console = Console()
+    console = make_console()
     console.print(tables.perplexity(result))
     if result["selection"]:
         console.print(tables.selection(result))
@@ -43,16 +57,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from chainlora.console import console as make_console
 
     from chainlora.eval import judge
     from chainlora.eval.evaluate import by_task_of, load_eval_data, save_eval
 
     records, _, name = load_eval_data(args.data)
     engine = load_engine(args)
+    records = held_out_records(engine, records, args.include_train).records
     chosen = [r for rs in by_task_of(engine, records, args.per_task).values() for r in rs]
-    if not chosen:
-        raise ChainloraError(f"--data {args.data}: no records of this library's tasks")
     result = judge.run(engine, chosen, url=args.judge_url, model=args.judge_model,
                        api_key=os.environ.get(args.api_key_env) or None,
                        cache=Path(engine.lib.root) / "eval" / "judge-cache.jsonl",
@@ -71,7 +84,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
         mean = f"{s['mean']:.2f}" if s["mean"] is not None else "—"
         t.add_row(system, str(s["n"]), str(s["scored"]), str(s["missing"]), mean,
                   *[str(s["distribution"][str(k)]) for k in range(1, 7)])
-    Console().print(t)
+    make_console().print(t)
     print(f"{result['calls']} judge calls (the rest from {engine.lib.root / 'eval' / 'judge-cache.jsonl'}); wrote {path}")
     return 0
 
@@ -84,12 +97,12 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
         if not args.data or not args.out:
             raise ChainloraError("annotate export: needs LIB, --data and --out")
+        annotate.check_out(Path(args.out))
         records, _, _ = load_eval_data(args.data)
         args.library = args.target
         engine = load_engine(args)
+        records = held_out_records(engine, records, args.include_train).records
         chosen = [r for rs in by_task_of(engine, records, args.per_task).values() for r in rs]
-        if not chosen:
-            raise ChainloraError(f"--data {args.data}: no records of this library's tasks")
         info = annotate.export(engine, chosen, Path(args.out), seed=args.seed, max_new_tokens=args.max_new_tokens,
                                systems=[s.strip() for s in args.systems.split(",") if s.strip()])
         print(f"{info['items']} items: give annotators {Path(args.out) / 'sheet.html'} (or sheet.csv); "
@@ -105,7 +118,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(json_safe(result)))
         return 0
-    from rich.console import Console
+    from chainlora.console import console as make_console
     from rich.table import Table
 
     t = Table(title=f"Table IV — human ratings ({len(result['annotators'])} annotators)")
@@ -113,7 +126,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         t.add_column(c, justify="left" if c == "system" else "right")
     for system, v in result["systems"].items():
         t.add_row(system, str(v["n"]), *[f"{v[r.lower() + '_rate']:.0%}" if v["n"] else "—" for r in annotate.RATINGS])
-    Console().print(t)
+    make_console().print(t)
     for pair, v in result["cohen_kappa"].items():
         print(f"Cohen's kappa {pair}: {v['cohen_kappa']:.3f} over {v['items']} items")
     if result["fleiss_kappa"] is not None:

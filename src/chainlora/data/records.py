@@ -270,6 +270,12 @@ def split_of(record: Record, seed: int = 0, test_fraction: float = 0.1) -> str:
     return "test" if u < test_fraction else "train"
 
 
+def prompt_digest(record: Record) -> str:
+    """16 hex digits of sha256 over (instruction, input): the key of "was this prompt trained
+    on" (LIB/seen.json), whatever task label or answer a later file gives it."""
+    return hashlib.sha256(f"{record.instruction}\x00{record.input}".encode()).hexdigest()[:16]
+
+
 def check_min_records(counts: Mapping[str, int], min_records: int, source: str | Path) -> None:
     """Refuse a task too small to train on; names the smallest offender."""
     small = sorted((n, t) for t, n in counts.items() if n < min_records)

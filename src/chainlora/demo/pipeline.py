@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from chainlora import atomic
+from chainlora.console import console as make_console
 from chainlora.data.records import TaskData, heldout_templates, load_demo
 from chainlora.eval import tables
 from chainlora.eval.evaluate import evaluate, json_safe, save_eval, selectors_of
@@ -81,7 +82,10 @@ def routed_answers(ev: dict, tasks: list[str], console: Console) -> list[dict]:
 
 def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     """Train (or reuse) the demo library, show what it learned; write out/demo.json."""
-    console = console or Console()
+    console = console or make_console()
+    # a folder of the user's is refused before any work; an interrupted demo's is continued
+    atomic.check_out_dir(out, "demo.json", "a chainlora demo directory",
+                         own=("library", ".library.partial", "library-quick", ".library-quick.partial"))
     tasks = load_demo()
     console.print(data_table(tasks))
     cfg = demo_config(quick)

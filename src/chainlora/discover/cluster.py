@@ -102,14 +102,17 @@ def choose_k(points: np.ndarray, weights: np.ndarray, answers: np.ndarray, group
     """The largest k in 2..k_max whose clusters all separate (else k = 1). Every k is scanned:
     on small data a k can fail between two that pass (k-means splits a task before it
     separates two close ones)."""
-    from tqdm.auto import tqdm
+    from chainlora.console import bar
 
     best, scanned = partition(points, weights, answers, group, 1, seed), {}
-    for k in tqdm(range(2, k_max + 1), desc="choosing k", unit="k", disable=not progress):
+    ks = bar(total=k_max - 1, desc="choosing k", unit="k", disable=not progress)
+    for k in range(2, k_max + 1):
         p = partition(points, weights, answers, group, k, seed)
         scanned[k] = (p.significance, p.effect)
         if p.separated:
             best = p
+        ks.update()
+    ks.close()
     return Choice(best, scanned)
 
 

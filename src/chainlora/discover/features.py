@@ -98,12 +98,12 @@ def features(records: Sequence[Record], encoder: Any, rare_fraction: float = 0.0
              show_progress: bool = True) -> Features:
     """The four blocks of every record, and its template group (a progress bar with ETA over
     the distinct texts to embed)."""
-    from tqdm.auto import tqdm
+    from chainlora.console import bar as progress_bar
 
     requests, answers = texts_of(records)
     texts = (requests, mask_rare(requests, rare_fraction), answers, mask_rare(answers, rare_fraction))
     total = sum(len(set(t)) for t in texts)
-    with tqdm(total=total, desc="embedding", unit="text", disable=not show_progress) as bar:
+    with progress_bar(total=total, desc="embedding", unit="text", disable=not show_progress) as bar:
         blocks = [embed_unique(encoder, t, progress=bar.update) for t in texts]
     names = list(dict.fromkeys(texts[1]))
     where = {t: i for i, t in enumerate(names)}

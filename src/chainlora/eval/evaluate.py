@@ -248,15 +248,14 @@ def evaluate(engine, records: Sequence[Record], *, heldout: dict[str, set] | Non
     """Tables I-III and the task metrics for `records` (the whole evaluation, as JSON-able data).
     arrow: also evaluate PEFT's Arrow router over the task adapters (skipped, with the reason in
     result["arrow"], where the adapters do not allow it)."""
-    from tqdm.auto import tqdm
-
+    from chainlora.console import bar
     from chainlora.eval import arrow as arrow_
 
     by_task = by_task_of(engine, records, per_task)
     if not by_task:
         raise ChainloraError(f"no records of this library's tasks ({', '.join(engine.tasks)}) in the data")
     flat = [r for rs in by_task.values() for r in rs]
-    steps = tqdm(total=3 + bool(generate), desc="evaluate", unit="part")
+    steps = bar(total=3 + bool(generate), desc="evaluate", unit="part")
     sel = {}
     for s in selectors if selectors is not None else selectors_of(engine):
         steps.set_postfix_str(f"selector {s}")

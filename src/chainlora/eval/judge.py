@@ -162,9 +162,9 @@ class Judge:
 
 async def rate_all(judge: Judge, items: Sequence[dict]) -> list[dict]:
     """Rate every {instruction, reference, answer} item concurrently (bounded by the judge)."""
-    from tqdm.auto import tqdm
+    from chainlora.console import bar as progress_bar
 
-    bar = tqdm(total=len(items), desc="judge", unit="answer")
+    bar = progress_bar(total=len(items), desc="judge", unit="answer")
 
     async def one(item: dict) -> dict:
         out = await judge.rate(item["instruction"], item["reference"], item["answer"])

@@ -62,6 +62,15 @@ def _png(fig) -> bytes:
 
 
 def plot_perplexity(ev: dict) -> bytes:
+    return _png(perplexity_figure(ev))
+
+
+def outside_legend(ax, **kw) -> None:
+    """The legend to the right of the axes: over the plot it hides the tallest bars or lines."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kw)
+
+
+def perplexity_figure(ev: dict):
     import matplotlib.pyplot as plt
 
     rows = ev["perplexity"]
@@ -73,9 +82,9 @@ def plot_perplexity(ev: dict) -> bytes:
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], [r["task"] for r in rows], rotation=30, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("answer perplexity (log)")
-    ax.legend(fontsize=8, ncol=len(systems))
+    outside_legend(ax, fontsize=8)
     ax.set_title("Table I — perplexity per task")
-    return _png(fig)
+    return fig
 
 
 def plot_confusion(sel: dict) -> bytes:
@@ -129,7 +138,7 @@ def plot_losses(lib: Library) -> bytes | None:
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (log)")
-    ax.legend(fontsize=7, ncol=2)
+    outside_legend(ax, fontsize=7, ncol=1 + len(entries) // 16)
     ax.set_title("training loss per adapter")
     return _png(fig)
 
@@ -229,6 +238,10 @@ def build(root: str | Path, human: str | Path | None = None, eval_name: str | No
             "chainlora": m.get("chainlora_version"), "created": m.get("created"),
             "config sha256": m.get("config_sha256", "")[:16], "evaluation": ev.get("_file") if ev else "none yet (chainlora eval)",
             "judge": jd.get("_file") if jd else "none", "system prompt": m.get("system_prompt")}
+    if not any(key == "losses" for key, _, _ in plots):
+        every = ((m.get("training") or {}).get("training") or {}).get("logging_steps", 10)
+        prov["training loss"] = (f"no curves: an adapter logs its loss every training.logging_steps ({every}) "
+                                 "optimizer steps, and none trained that long (lower logging_steps to see them)")
     config = json.dumps(m.get("training"), indent=2)
     html_doc = _html(lib, tabs, plots, prov, config)
     md = _markdown(tabs, plots, prov, config)

@@ -32,3 +32,23 @@ def accepted(confidence: Sequence[float], correct: Sequence[bool], threshold: fl
     n = len(confidence)
     return {"fallback_rate": (n - len(kept)) / n if n else None,
             "accepted_accuracy": sum(kept) / len(kept) if kept else None}  # None: nothing accepted
+
+
+MOSTLY_FALLS_BACK = 0.5  # a default selector that sends at least this share to the fallback is a warning
+
+
+def fallback_warning(selection: dict | None, fallback: str = "the mixed adapter") -> str | None:
+    """One line when the library's measured default routing would send most requests to the
+    fallback (its calibrated threshold trusts almost no route): such a "chain" is in effect
+    `fallback`, and a user must hear it at the end of `train` and in `route`, not find it later."""
+    if not selection or selection.get("winner") not in (selection.get("selectors") or {}):
+        return None
+    name = selection["winner"]
+    result = selection["selectors"][name]
+    rate = result.get("fallback_rate")
+    if rate is None or rate < MOSTLY_FALLS_BACK:
+        return None
+    return (f"warning: the default selector {name} sends {rate:.0%} of validation requests to {fallback} "
+            f"(no route is trusted below its calibrated threshold {result.get('threshold', 0):.3f}): the chain "
+            "rarely routes. Train the selectors longer, enable the encoder or classifier selector "
+            "(encoder.enabled / classifier.enabled: true), or lower selection.precision")

@@ -155,14 +155,17 @@ def score_labels(model: Any, tokenizer: Any, texts: Sequence[str], labels: Seque
         # Only the last position's logits are needed: the full [B, P, vocab] tensor would cost GBs.
         pre = model(**enc, position_ids=pre_pos, use_cache=True, logits_to_keep=1, **names(B))
         first = torch.log_softmax(pre.logits[:, -1].float(), -1)  # [B, V]: predicts label token 0
-        cache = pre.past_key_values
+        # transformers 5.2x renamed the KV cache `past_key_values` -> `cache` (the old name warns);
+        # use whichever this model's output declares, and pass it back under the same name
+        key = "cache" if "cache" in getattr(pre, "__dataclass_fields__", {}) else "past_key_values"
+        cache = pre[key]
         cache.batch_repeat_interleave(L)
         pmask = enc["attention_mask"].repeat_interleave(L, 0)  # [B*L, P]
         n_prompt = pmask.sum(-1, keepdim=True)
         rows_ids, rows_mask = ids.repeat(B, 1), lmask.repeat(B, 1)  # [B*L, T]
         positions = n_prompt + torch.arange(T, device=model.device)
         out = model(input_ids=rows_ids, attention_mask=torch.cat([pmask, rows_mask], 1),
-                    position_ids=positions, past_key_values=cache, use_cache=True, **names(B * L))
+                    position_ids=positions, use_cache=True, **{key: cache}, **names(B * L))
         logp = torch.log_softmax(out.logits[:, :-1].float(), -1)  # predicts label tokens 1..T-1
         tok_lp = logp.gather(-1, rows_ids[:, 1:, None]).squeeze(-1) * rows_mask[:, 1:]
         total = tok_lp.sum(-1).view(B, L)

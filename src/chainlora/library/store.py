@@ -28,6 +28,7 @@ from chainlora.errors import ChainloraError
 
 FORMAT_VERSION = 1
 MANIFEST = "chainlora.json"
+SEEN = "seen.json"  # digests of the training split's prompts (what `chainlora eval` leaves out)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CLASSIFIER_FILES = ("classifier.json", "head.safetensors")  # the classifier selector's head
 ENCODER_FILES = ("encoder.json", "model.safetensors")  # the fine-tuned encoder selector
@@ -159,6 +160,9 @@ class Library:
     @classmethod
     def open(cls, root: str | Path, *, verify: bool = True) -> "Library":
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise ChainloraError(f"{root}: is a file, not a library directory (give the folder `chainlora train` "
+                                 "wrote, the one holding chainlora.json)")
         if not root.is_dir():
             raise ChainloraError(f"{root}: library directory not found")
         manifest = read_manifest(root)

@@ -311,7 +311,7 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
     """Load the library and serve it until interrupted."""
     import uvicorn
 
-    from chainlora.serve.connections import uvicorn_config
+    from chainlora.serve.connections import bind, uvicorn_config
 
     forwarder = None
     if backend == "openai":
@@ -329,6 +329,7 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
     if not api_key and host not in LOOPBACK:
         print(f"chainlora: warning: serving on {host} without an API key: anyone who reaches the port can use "
               "it (set --api-key-file or CHAINLORA_API_KEY)", file=sys.stderr)
+    sock = bind(host, port)  # before the model loads: a taken port fails at once
     engine = Engine.load(library, device=device, dtype=dtype, selector=selector, threshold=threshold,
                          novelty=novelty, gate=gate, max_adapters=max_adapters,
                          cpu_cache_bytes=int(cpu_cache_mb * (1 << 20)), adapters=adapters)
@@ -339,5 +340,7 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
         forwarder = LlamaCppForwarder(backend_url, names, api_key=backend_key, timeout_s=timeout_s)
     server = Server(engine, api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue,
                     timeout_s=timeout_s, forwarder=forwarder, limits=limits)
-    print(f"chainlora: serving {library} on http://{host}:{port}/v1 (models: {', '.join(server.models())})")
-    uvicorn.Server(uvicorn_config(create_app(server), limits, host=host, port=port, log_level="warning")).run()
+    port = sock.getsockname()[1]  # --port 0: the one the system chose
+    print(f"chainlora: serving {library} on http://{host}:{port}/v1 (models: {', '.join(server.models())})", flush=True)
+    uvicorn.Server(uvicorn_config(create_app(server), limits, host=host, port=port,
+                                  log_level="warning")).run(sockets=[sock])

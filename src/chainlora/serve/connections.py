@@ -14,12 +14,15 @@ The body's pace is the ASGI guard's (guard.py); everything else is uvicorn's.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import socket
 import time
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from chainlora.errors import ChainloraError
 from chainlora.serve.limits import Limits
 from chainlora.serve.schema import ApiError
 
@@ -120,3 +123,23 @@ def uvicorn_config(app: Any, limits: Limits, **kw: Any) -> Any:
     import uvicorn
 
     return uvicorn.Config(app, http=protocol(limits), ws="none", timeout_keep_alive=limits.keep_alive_s, **kw)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening address, taken BEFORE the model loads: a port in use or a host that does not
+    resolve is one line and exit 2 at once, not an uvicorn error after the load. The socket is
+    handed to uvicorn as it is (no second bind, so nothing can take the port in between)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError, OverflowError) as e:
+        raise ChainloraError(f"--host {host} --port {port}: cannot listen there ({getattr(e, 'strerror', None) or e})")
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a TIME_WAIT port is free
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        hint = "; choose another --port or stop what uses it" if e.errno == errno.EADDRINUSE else ""
+        raise ChainloraError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}){hint}")
+    return sock

@@ -21,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from chainlora.data.prompts import DEFAULT_TASK_PROMPT, check_task_prompt
 from chainlora.errors import ChainloraError
 from chainlora.models import DEFAULT_MODEL
-from chainlora.train.config_check import fail, validate
+from chainlora.train.config_check import ConfigError, fail, validate
 
 
 def _number(value: Any) -> Any:
@@ -374,6 +374,19 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ChainloraError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}")
-    if overrides:
-        data = apply_overrides(data, overrides)
-    return from_dict(data, str(path))
+    if not overrides:
+        return from_dict(data, str(path))
+    try:
+        return from_dict(apply_overrides(data, overrides), str(path))
+    except ConfigError as e:
+        raise blame_override(e, overrides) from None
+
+
+def blame_override(error: ConfigError, overrides: list[str]) -> ChainloraError:
+    """The error named after the `--set` that caused it, when the offending key was set there
+    (the last such `--set` wins, as it does when applied); else the error as it was."""
+    for item in reversed(overrides):
+        key = item.partition("=")[0]
+        if error.key == key or error.key.startswith(key + ".") or key.startswith(error.key + "."):
+            return ChainloraError(f"--set {item}: {error.key}: {error.problem}")
+    return error

@@ -17,9 +17,18 @@ from pydantic import BaseModel, ValidationError
 from chainlora.errors import ChainloraError
 
 
-def fail(source: str, key: str, message: str) -> ChainloraError:
+class ConfigError(ChainloraError):
+    """A config's problem at one dotted key: `FILE: dotted.key: what is wrong`. The key and the
+    complaint are kept apart so a key set on the command line is blamed on its `--set`."""
+
+    def __init__(self, source: str, key: str, message: str):
+        super().__init__(f"{source}: {key}: {message}")
+        self.key, self.problem = key, message
+
+
+def fail(source: str, key: str, message: str) -> ConfigError:
     """The one-line error: `FILE: dotted.key: what is wrong`."""
-    return ChainloraError(f"{source}: {key}: {message}")
+    return ConfigError(source, key, message)
 
 
 def _optional_of(tp: Any) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
+from chainlora.console import bar, console, progress_mode
 from rich.table import Table
 
 
@@ -22,17 +22,17 @@ class RunProgress:
     """Overall bar + per-adapter results; silent on non-main processes."""
 
     def __init__(self, jobs: list, enabled: bool = True):
-        from tqdm.auto import tqdm
-
         self.enabled = enabled
         self.n_jobs = len(jobs)
         self.done = 0
         self.rows: list[tuple[Any, dict, str | None]] = []
-        self.bar = tqdm(total=sum(trainer_steps(j) for j in jobs), desc="chainlora", unit="step",
-                        position=0, disable=not enabled, dynamic_ncols=True)
+        self.bar = bar(total=sum(trainer_steps(j) for j in jobs), desc="chainlora", unit="step",
+                       position=0, disable=not enabled, dynamic_ncols=True)
+        self.loss: str = ""
 
     def _status(self, job: Any) -> None:
-        self.bar.set_postfix_str(f"adapter {self.done + 1}/{self.n_jobs}: {job.name}")
+        self.job = job
+        self.bar.set_postfix_str(f"adapter {self.done + 1}/{self.n_jobs}: {job.name}{self.loss}")
 
     def callback(self, job: Any):
         """A TrainerCallback that advances the overall bar with the Trainer's steps."""
@@ -51,8 +51,21 @@ class RunProgress:
         return _Overall()
 
     def step_bar(self):
-        """The Trainer's per-step bar, showing the latest loss instead of printing log dicts."""
+        """The Trainer's per-step bar, showing the latest loss instead of printing log dicts; in a
+        log (plain or no progress) no second bar: the loss joins the overall line."""
+        from transformers import TrainerCallback
         from transformers.trainer_callback import ProgressCallback
+
+        progress = self
+
+        class _LossOnly(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    progress.loss = f", loss {float(logs['loss']):.4f}"
+                    progress._status(progress.job)
+
+        if progress_mode() != "bar":
+            return _LossOnly()
 
         class _StepBar(ProgressCallback):
             def on_log(self, args, state, control, logs=None, **kw):
@@ -74,11 +87,12 @@ class RunProgress:
     def close(self) -> None:
         self.bar.close()
         if self.enabled and self.rows:
-            Console(stderr=True, width=110).print(summary_table(self.rows))
+            console(stderr=True).print(summary_table(self.rows))
 
 
 def summary_table(rows: list[tuple[Any, dict, str | None]]) -> Table:
-    """Adapters, steps, tokens, wall time, tokens/s and losses; a total row."""
+    """Adapters, steps, tokens, wall time, tokens/s and losses; a total row of this run's work
+    only (an adapter kept from the library shows the numbers of the run that trained it)."""
     table = Table(title="training summary")
     cols = ("adapter", "steps", "tokens", "seconds", "tokens/s", "train loss", "test loss", "base loss")
     for c in cols:
@@ -90,9 +104,11 @@ def summary_table(rows: list[tuple[Any, dict, str | None]]) -> Table:
         table.add_row(name + (f" ({skipped})" if skipped else ""), str(e["steps"]), str(e["tokens"]),
                       f"{e['seconds']:.1f}", f"{tps:.0f}", f"{e['train_loss']:.3f}",
                       _fmt(e.get("test_loss")), _fmt(e.get("base_test_loss")))
-        tokens, seconds, steps = tokens + e["tokens"], seconds + e["seconds"], steps + e["steps"]
-    table.add_row("total", str(steps), str(tokens), f"{seconds:.1f}",
-                  f"{tokens / seconds:.0f}" if seconds else "-", "", "", "")
+        if skipped is None:  # a kept adapter's numbers are from the run that trained it
+            tokens, seconds, steps = tokens + e["tokens"], seconds + e["seconds"], steps + e["steps"]
+    kept = sum(skipped is not None for _, _, skipped in rows)
+    table.add_row("total, this run" + (f" ({kept} not trained now)" if kept else ""), str(steps), str(tokens),
+                  f"{seconds:.1f}", f"{tokens / seconds:.0f}" if seconds else "-", "", "", "")
     return table
 
 

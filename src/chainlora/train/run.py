@@ -27,12 +27,14 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from chainlora.data.examples import build_dataset, collator
 from chainlora.errors import ChainloraError
+from chainlora.inference.calibration import fallback_warning
 from chainlora.library import store
 from chainlora.train import changes, cola, gate, selection, selectors, staging
 from chainlora.train.config import Config, TrainingSettings
@@ -296,6 +298,19 @@ def _print_selection(sel: dict | None, main: bool) -> None:
     w = sel["selectors"][sel["winner"]]
     print(f"selectors on held-out validation: {', '.join(parts)}; default: {sel['winner']} "
           f"(threshold {w['threshold']:.3f}: {w['fallback_rate']:.1%} fall back)", flush=True)
+    warning = fallback_warning(sel)
+    if warning:
+        print(f"chainlora: {warning}", file=sys.stderr, flush=True)
+
+
+def write_seen(root: Path, data: dict) -> None:
+    """LIB/seen.json: a digest of every prompt in the training split (whatever adapter or selector
+    used it), so `chainlora eval` can leave training records out of a file it is given."""
+    from chainlora import atomic
+    from chainlora.data.records import prompt_digest
+
+    digests = sorted({prompt_digest(r) for d in data.values() for r in d.train})
+    atomic.write_json(root / store.SEEN, {"key": "sha256(instruction + NUL + input)[:16]", "digests": digests})
 
 
 def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = False,
@@ -313,12 +328,12 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
 
     state = PartialState(cpu=use_cpu())  # torch.distributed under accelerate launch / torchrun
     root = staging.resolve_root(out or cfg.output_dir)
+    staging.check_target(root)  # a file in the path, a folder we did not write: before any work
     digest = cfg.digest() if not finetune else store.files_sha256([("finetune", cfg.digest().encode())])
     data, discovery = load_with_discovery(cfg)  # check data before loading a model: bad input fails fast
     if discovery is not None:  # tasks: auto: a different clustering is a different library
         digest = store.files_sha256([("config", digest.encode()), ("discovery", discovery["assignments_sha256"].encode())])
     jobs = plan_finetune(cfg, data, state.num_processes) if finetune else plan_train(cfg, data, state.num_processes)
-    staging.check_target(root)
     partial = staging.partial_dir(root)
     manifest = store.read_manifest(root) if root.is_dir() else None
     earlier = store.read_manifest(partial) if partial.is_dir() else None
@@ -356,7 +371,7 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     if dry_run:
         return root
     if current:
-        on_main(state, lambda: (_refresh(root, manifest, cfg, digest, plan_),
+        on_main(state, lambda: (_refresh(root, manifest, cfg, digest, plan_), write_seen(root, data),
                                 shutil.rmtree(partial) if partial.exists() else None))
         return root
 
@@ -397,6 +412,7 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
             print(gate.summary(new["gate"]), flush=True)
 
     def complete() -> None:
+        write_seen(partial, data)
         order = [j.path for j in jobs]
         new["tasks"].sort(key=lambda e: order.index(e["path"]))
         new["complete"] = True

@@ -43,11 +43,7 @@ def partial_dir(root: Path) -> Path:
 def check_target(root: Path) -> None:
     """Refuse an output that chainlora did not write: it must be missing, empty or a library,
     and replaceable by a rename (not a mount point, holding none)."""
-    if root.exists() and not root.is_dir():
-        raise ChainloraError(f"{root}: exists and is not a directory; nothing was changed (choose another --out)")
-    if root.is_dir() and not (root / store.MANIFEST).exists() and any(root.iterdir()):
-        raise ChainloraError(f"{root}: exists and is not a chainlora library (no {store.MANIFEST}); "
-                             "nothing was changed (choose another --out)")
+    atomic.check_out_dir(root, store.MANIFEST, "a chainlora library")
     if root.is_dir():
         mounts = [Path(d) for d, _, _ in os.walk(root) if os.path.ismount(d)]
         if mounts:
