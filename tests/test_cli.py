@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from chainlora import __version__
 from chainlora.cli import main
+from chainlora.data import DEMO_TASKS
 
 
 def test_version(capsys):
@@ -29,7 +31,7 @@ def test_model_json_on_local_dir(tiny_model_dir, capsys):
 
 
 def test_data_json_on_demo(capsys):
-    from chainlora.data import DEMO_TASKS, demo_path
+    from chainlora.data import demo_path
 
     assert main(["data", str(demo_path("train")), "--test-file", str(demo_path("test")), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -56,6 +58,10 @@ def test_demo_quick(tmp_path, default_base, cli):
     assert [r["task"] for r in report["perplexity"]] == sorted(report["test_loss"], key=list(report["test_loss"]).index)
     assert all(r["own"] < r["base"] for r in report["perplexity"])  # Table I: every adapter helps its task
     assert "Table I" in result.stdout and "Tables II/III" in result.stdout
+    # piped, as in CI: every task name whole in every table, progress as whole lines (issue 42)
+    for task in DEMO_TASKS:
+        assert len(re.findall(rf"│ {task}\s", result.stdout)) >= 3, task  # data, losses, Table I, metrics
+    assert "…" not in result.stdout and "\r" not in result.stderr and "\x1b[" not in result.stderr
     lib = tmp_path / "library-quick"
     assert (lib / "report.html").is_file() and (lib / "eval" / "demo.json").is_file()
     assert "report.html" in result.stdout

@@ -326,10 +326,10 @@ def serve(library: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
     elif backend != "local":
         raise ChainloraError(f"--backend: unknown {backend!r} (use local, openai or llamacpp)")
     limits = limits or Limits()
+    sock = bind(host, port)  # before the model loads: a taken port fails at once
     if not api_key and host not in LOOPBACK:
         print(f"chainlora: warning: serving on {host} without an API key: anyone who reaches the port can use "
               "it (set --api-key-file or CHAINLORA_API_KEY)", file=sys.stderr)
-    sock = bind(host, port)  # before the model loads: a taken port fails at once
     engine = Engine.load(library, device=device, dtype=dtype, selector=selector, threshold=threshold,
                          novelty=novelty, gate=gate, max_adapters=max_adapters,
                          cpu_cache_bytes=int(cpu_cache_mb * (1 << 20)), adapters=adapters)
