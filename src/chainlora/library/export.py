@@ -9,10 +9,18 @@ Compression works on any LoRA adapter (a COLA chain exports at rank Σ r_j, whic
 back down): ΔW = s·B A per module is truncated to its best rank-r approximation and the
 relative Frobenius error is reported per module and in total (export.json beside the adapter).
 Everything is written to a temporary directory and renamed into place.
+
+An export reproduces the library: every exported adapter_config.json names the base by its
+portable name (an alias's hub id, not this machine's cache path, which export.json keeps as
+`local_path`); export.json records the prompt the adapters were trained on (the system prompt
+as trained, the chat template's default one when the library set none, the template's sha256)
+and, for a whole-library PEFT export, every selector with the default one, the selectors that
+are not LoRAs copied to OUT/selectors/<kind>/.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -20,12 +28,105 @@ from pathlib import Path
 from typing import Any
 
 from chainlora import atomic
+from chainlora.data import prompts
 from chainlora.errors import ChainloraError
-from chainlora.library.store import ADAPTER_FILES, Library
+from chainlora.library.store import ADAPTER_FILES, NOVELTY_FILES, Library, files_of
 
 FORMATS = ("peft", "merged", "vllm", "gguf")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 VLLM_NO_SAVE = ("lm_head", "embed_tokens", "wte", "embed_out", "word_embeddings")
+SYSTEM_MARK, USER_MARK = "@@chainlora-system@@", "@@chainlora-user@@"  # what no template writes itself
+
+
+def template_default_system(tokenizer: object) -> str | None:
+    """The system message the chat template writes when it is given none (SmolLM2's names the
+    model), found by rendering with and without one; None when it writes none."""
+    if not prompts.has_chat_template(tokenizer):
+        return None
+    try:
+        head, _, tail = prompts.render(tokenizer, USER_MARK, SYSTEM_MARK).partition(SYSTEM_MARK)
+    except Exception:  # noqa: BLE001 - a template may refuse a system turn (Gemma 2's raises): no default
+        return None
+    bare = prompts.render(tokenizer, USER_MARK)
+    if len(bare) >= len(head) + len(tail) and bare.startswith(head) and bare.endswith(tail):
+        return bare[len(head):len(bare) - len(tail)]
+    return None
+
+
+def prompt_facts(tokenizer: object, system_prompt: str | None) -> dict[str, Any]:
+    """How training built its prompts (chainlora.data.prompts.render): the library's system prompt,
+    the one the prompts carried (the template's default when the library set none), the format."""
+    template = getattr(tokenizer, "chat_template", None)
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    trained = system_prompt if system_prompt is not None else template_default_system(tokenizer)
+    return {"format": "chat_template" if prompts.has_chat_template(tokenizer) else "plain",
+            "system_prompt": system_prompt, "system_prompt_as_trained": trained,
+            "chat_template_sha256": hashlib.sha256(text.encode()).hexdigest() if template else None}
+
+
+def library_prompt(lib: Library, tokenizer: object | None = None) -> dict[str, Any]:
+    """prompt_facts for the library (its base's tokenizer loaded when none is given); a base whose
+    tokenizer cannot be loaded here (a hub id offline) is said so rather than failing the export."""
+    from chainlora.models import load_tokenizer
+
+    system = lib.manifest.get("system_prompt")
+    try:
+        return prompt_facts(tokenizer or load_tokenizer(lib.manifest["base_model"]["name"]), system)
+    except ChainloraError as e:
+        return {"system_prompt": system, "unknown": str(e)}
+
+
+def base_record(lib: Library, local_path: str | None) -> dict[str, Any]:
+    """The manifest's base model plus its portable name and the local path it was loaded from."""
+    from chainlora.models import portable_name
+
+    base = lib.manifest["base_model"]
+    return {**base, "portable_name": portable_name(base["name"]), "local_path": local_path}
+
+
+def make_portable(adapter_dir: Path, portable: str) -> str | None:
+    """Point an exported copy's adapter_config.json at the portable base name (never the
+    library's own file); the local path it named before."""
+    path = adapter_dir / ADAPTER_FILES[0]
+    cfg = json.loads(path.read_text())
+    local = cfg.get("base_model_name_or_path")
+    atomic.write_json(path, {**cfg, "base_model_name_or_path": portable})
+    return local
+
+
+def default_selector(lib: Library) -> str | None:
+    """The selector a library routes with: chainlora.inference.selectors.default's rule (that
+    module sits a stage above this one), None when the library has none to choose."""
+    winner = (lib.selection or {}).get("winner")
+    kinds = (["score", "generate"] if lib.router else []) + [k for k, _ in lib.selector_entries()]
+    if winner or not kinds:
+        return winner
+    return "classifier" if lib.classifier else "encoder" if lib.encoder else "score"
+
+
+def export_selectors(lib: Library, tmp: Path) -> dict[str, Any]:
+    """Every selector of the library (threshold as calibrated, the default named): the router's
+    two read the exported router LoRA; the others, and the out-of-library detector, are copied
+    to selectors/<kind>/."""
+    selection = lib.selection or {}
+    measured = selection.get("selectors") or {}
+    kinds: dict[str, Any] = {}
+    if lib.router:
+        facts = {k: v for k, v in lib.router.items() if k not in ("path", "sha256", "name", "selector")}
+        for kind in ("score", "generate"):
+            kinds[kind] = {**facts, "adapter": lib.router["name"], "path": lib.router["name"]}
+    novelty = selection.get("novelty")
+    copies = lib.selector_entries() + ([("novelty", novelty)] if isinstance(novelty, dict) else [])
+    for kind, entry in copies:
+        files = NOVELTY_FILES if kind == "novelty" else files_of(kind)
+        (tmp / "selectors" / kind).mkdir(parents=True)
+        for f in files:
+            shutil.copy2(lib.path(entry) / f, tmp / "selectors" / kind / f)
+        kinds[kind] = {**entry, "path": f"selectors/{kind}", "files": list(files)}
+    for kind, info in kinds.items():
+        if "threshold" in (measured.get(kind) or {}):
+            info["threshold"] = measured[kind]["threshold"]
+    return {"default": default_selector(lib), "chosen_by": selection.get("chosen_by"), "kinds": kinds}
 
 
 def _adapters(lib: Library, name: str | None) -> list[dict]:
@@ -76,9 +177,12 @@ def compress_adapter(src: Path, dst: Path, rank: int) -> dict:
 
 
 def export_peft(lib: Library, out: Path, adapter: str | None = None, compress_rank: int | None = None) -> dict:
-    """Every (or one) adapter as OUT/<name>/ in plain PEFT format; facts in OUT/export.json."""
-    report: dict[str, Any] = {"format": "peft", "library": str(lib.root),
-                              "base_model": lib.manifest["base_model"], "adapters": {}}
+    """Every (or one) adapter as OUT/<name>/ in plain PEFT format, with the selectors when the
+    whole library is exported; facts in OUT/export.json (module docstring)."""
+    from chainlora.models import portable_name
+
+    portable, local = portable_name(lib.manifest["base_model"]["name"]), None
+    report: dict[str, Any] = {"format": "peft", "library": str(lib.root), "base_model": None, "adapters": {}}
     with atomic.directory(out, replace=True) as tmp:
         for entry in _adapters(lib, adapter):
             src, dst = lib.path(entry), tmp / entry["name"]
@@ -90,6 +194,12 @@ def export_peft(lib: Library, out: Path, adapter: str | None = None, compress_ra
             else:
                 report["adapters"][entry["name"]] = {"path": entry["name"],
                                                      "compress": compress_adapter(src, dst, compress_rank)}
+            recorded = make_portable(dst, portable)
+            local = local or recorded
+        report["base_model"] = base_record(lib, local)
+        report["prompt"] = library_prompt(lib)
+        if adapter is None:
+            report["selectors"] = export_selectors(lib, tmp)
         atomic.write_json(tmp / "export.json", report)
     return report
 
@@ -113,7 +223,8 @@ def export_merged(lib: Library, out: Path, adapter: str | None = None) -> dict:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         base.tokenizer.save_pretrained(str(tmp))
         report = {"format": "merged", "library": str(lib.root), "adapter": adapter,
-                  "base_model": lib.manifest["base_model"], "adapter_sha256": entry.get("sha256")}
+                  "base_model": base_record(lib, base.path), "adapter_sha256": entry.get("sha256"),
+                  "prompt": library_prompt(lib, base.tokenizer)}
         atomic.write_json(tmp / "export.json", report)
     return report
 
@@ -123,7 +234,7 @@ def export_vllm(lib: Library, out: Path, max_loras: int | None = None) -> dict:
     `chainlora serve --backend openai`), checked against vLLM's LoRA limits, plus the command."""
     import shlex
 
-    from chainlora.models import converted_dir, resolve
+    from chainlora.models import converted_dir, portable_name, resolve
 
     entries = lib.tasks + ([lib.mixed] if lib.mixed else [])
     ranks = {}
@@ -147,18 +258,20 @@ def export_vllm(lib: Library, out: Path, max_loras: int | None = None) -> dict:
     kind, where = resolve(lib.manifest["base_model"]["name"])
     base = str(converted_dir(where)) if kind == "gguf" else str(where)
     k = max_loras or min(len(entries), 8)
+    portable = portable_name(lib.manifest["base_model"]["name"])
     with atomic.directory(out, replace=True) as tmp:
         for entry in entries:
             (tmp / "adapters" / entry["name"]).mkdir(parents=True)
             for f in ADAPTER_FILES:
                 shutil.copy2(lib.path(entry) / f, tmp / "adapters" / entry["name"] / f)
+            make_portable(tmp / "adapters" / entry["name"], portable)
         modules = {e["name"]: str(out.resolve() / "adapters" / e["name"]) for e in entries}
         command = (["vllm", "serve", base, "--enable-lora", "--lora-modules"]
                    + [f"{n}={p}" for n, p in modules.items()]
                    + ["--max-loras", str(k), "--max-lora-rank", str(allowed[0])])
-        report = {"format": "vllm", "library": str(lib.root), "base_model": lib.manifest["base_model"],
-                  "base_path": base, "lora_modules": modules, "ranks": ranks, "max_loras": k,
-                  "max_lora_rank": allowed[0], "command": command,
+        report = {"format": "vllm", "library": str(lib.root), "base_model": base_record(lib, base),
+                  "prompt": library_prompt(lib), "base_path": base, "lora_modules": modules, "ranks": ranks,
+                  "max_loras": k, "max_lora_rank": allowed[0], "command": command,
                   "front": (f"chainlora serve {shlex.quote(str(lib.root))} --backend openai --backend-url "
                             f"http://HOST:8000/v1 --backend-base-model {shlex.quote(base)}")}
         atomic.write_json(tmp / "export.json", report)
@@ -179,6 +292,7 @@ def export(library: str | Path, out: str | Path, fmt: str, adapter: str | None =
     out = Path(out)
     if out.resolve() == lib.root.resolve() or out.resolve().is_relative_to(lib.root.resolve()):
         raise ChainloraError(f"--out {out}: must be outside the library")
+    atomic.check_creatable(out)  # a file on the way, or a parent nobody may write in: before any work
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "export.json").is_file())):
         raise ChainloraError(f"--out {out}: exists and is not an earlier export; choose another directory")
     if fmt == "vllm":

@@ -6,8 +6,8 @@
                                re-encoded (--base-dtype f32 / f16 / q8_0), every key (tokenizer, chat
                                template) copied
     OUT/adapters/<name>.gguf   every task adapter and the mixed one as a llama.cpp LoRA GGUF
-    OUT/Modelfiles/<name>      an Ollama Modelfile per adapter (FROM + ADAPTER + system + template)
-    OUT/manifest.json          task -> file, rank, base sha256, the selector to route with
+    OUT/Modelfiles/<name>      an Ollama Modelfile per adapter (FROM + ADAPTER + SYSTEM + TEMPLATE)
+    OUT/export.json            task -> file, rank, base sha256, the selector to route with, the prompt
     OUT/llama-server.sh        llama-server with every adapter loaded, none applied
 
 A llama.cpp LoRA GGUF (read llama.cpp's convert_lora_to_gguf.py and llama-adapter.cpp for the
@@ -25,6 +25,11 @@ Written here with the `gguf` package alone. Three traps, each handled:
 - What llama.cpp cannot load is refused with one line: LoRA on embeddings or lm_head,
   `modules_to_save`, DoRA, LoRA biases, and any architecture but llama (the permutation is
   llama's).
+
+The Modelfile prompts as training did: SYSTEM is the system prompt the adapters were trained
+with (the chat template's own default when the library set none, e.g. SmolLM2's), and TEMPLATE
+is cut from chainlora's own renderings of the training tokenizer's template (ollama_template),
+so a turn renders byte for byte the prompt training built.
 """
 
 from __future__ import annotations
@@ -39,16 +44,16 @@ from typing import Any
 import numpy as np
 
 from chainlora import atomic
+from chainlora.data import prompts
 from chainlora.errors import ChainloraError
+from chainlora.library.export import (SYSTEM_MARK, USER_MARK, base_record, default_selector, library_prompt,
+                                      template_default_system)
 from chainlora.library.lora_math import peft_scale
 from chainlora.library.store import ADAPTER_FILES, Library
 
 LLAMA_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 MODULE = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
-CHATML = ('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-          '{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}'
-          '<|im_start|>assistant\n{{ .Response }}<|im_end|>\n')
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -175,9 +180,9 @@ def base_facts(gguf_path: Path) -> dict[str, Any]:
         return f.contents() if f is not None else None
 
     arch = field("general.architecture")
-    return {"arch": arch, "shapes": {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}, "n_head": field(f"{arch}.attention.head_count"),
-            "n_head_kv": field(f"{arch}.attention.head_count_kv") or field(f"{arch}.attention.head_count"),
-            "chat_template": field("tokenizer.chat_template")}
+    return {"arch": arch, "shapes": {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors},
+            "n_head": field(f"{arch}.attention.head_count"),
+            "n_head_kv": field(f"{arch}.attention.head_count_kv") or field(f"{arch}.attention.head_count")}
 
 
 def check_fits(tensors: dict[str, np.ndarray], shapes: dict[str, tuple], where: Path) -> None:
@@ -195,37 +200,115 @@ def check_fits(tensors: dict[str, np.ndarray], shapes: dict[str, tuple], where: 
 
 
 def dir_facts(model_dir: Path) -> dict[str, Any]:
-    """The same facts from a Hugging Face model directory's config.json and tokenizer_config.json
-    (no base.gguf can be written from it here: llama.cpp's convert_hf_to_gguf.py does that)."""
+    """The same facts from a Hugging Face model directory's config.json (no base.gguf can be
+    written from it here: llama.cpp's convert_hf_to_gguf.py does that)."""
     cfg = json.loads((model_dir / "config.json").read_text())
-    tok_cfg = model_dir / "tokenizer_config.json"
-    template = json.loads(tok_cfg.read_text()).get("chat_template") if tok_cfg.is_file() else None
     arch = "llama" if cfg.get("model_type") == "llama" else cfg.get("model_type")
     heads = cfg.get("num_attention_heads")
-    return {"arch": arch, "shapes": None, "n_head": heads, "n_head_kv": cfg.get("num_key_value_heads") or heads,
-            "chat_template": template if isinstance(template, str) else None}
+    return {"arch": arch, "shapes": None, "n_head": heads, "n_head_kv": cfg.get("num_key_value_heads") or heads}
 
 
-def modelfile(name: str, system: str | None, chat_template: str | None) -> str:
-    """An Ollama Modelfile: the base, one adapter (Ollama applies one per model), the library's
-    system prompt and, for ChatML chat templates (SmolLM2's), the same template in Ollama's syntax."""
+REPLY_MARK, NEXT_MARK = "@@chainlora-reply@@", "@@chainlora-next@@"
+
+
+def _cut(text: str, *marks: str) -> list[str] | None:
+    """text split at each mark in turn (each exactly once, in this order), else None."""
+    parts = []
+    for mark in marks:
+        if text.count(mark) != 1:
+            return None
+        head, text = text.split(mark)
+        parts.append(head)
+    return parts + [text]
+
+
+def _template_parts(tokenizer: object) -> tuple[str, str, str, str, str] | None:
+    """(A, B, U, T, E) of a turn `A System B U Prompt T Response E` (A..B only with a system),
+    from chainlora's renderings: the one-turn prompt with a system, without one, and two turns."""
+    one = _cut(prompts.render(tokenizer, USER_MARK, SYSTEM_MARK), SYSTEM_MARK, USER_MARK)
+    if one is None:
+        return None
+    a, middle, t = one  # middle = B + U: where the system turn ends and the user's begins
+    bare = prompts.render(tokenizer, USER_MARK)
+    u = bare[: -len(USER_MARK + t)] if bare.endswith(USER_MARK + t) else None  # U P T without a system
+    if not prompts.has_chat_template(tokenizer):  # plain prompts keep only the last user turn
+        return (a, middle[: len(middle) - len(u)], u, t, "\n\n") if u is not None and middle.endswith(u) else None
+    two = prompts.render_chat(tokenizer, [{"role": "system", "content": SYSTEM_MARK},
+                                          {"role": "user", "content": USER_MARK},
+                                          {"role": "assistant", "content": REPLY_MARK},
+                                          {"role": "user", "content": NEXT_MARK}])
+    turns = _cut(two, SYSTEM_MARK, USER_MARK, REPLY_MARK, NEXT_MARK)
+    if turns is None or turns[:3] != [a, middle, t] or turns[4] != t:
+        return None
+    between = turns[3]  # E + U
+    if template_default_system(tokenizer) is not None:  # the bare prompt has the default system
+        u = _system_end_split(tokenizer, a, middle, between)
+    if u is None or not (middle.endswith(u) and between.endswith(u)):
+        return None  # e.g. a template that folds the system prompt into the user turn
+    return a, middle[: len(middle) - len(u)], u, t, between[: len(between) - len(u)]
+
+
+def _system_end_split(tokenizer: object, a: str, middle: str, between: str) -> str | None:
+    """U where the template writes a default system (no bare one-turn prompt shows U alone): the
+    system turn rendered alone ends with B, middle = B + U; else the longest U both turns share.
+    Either is exact for every turn Ollama renders with .System set, and for every later turn."""
+    try:
+        alone = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_MARK}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template may refuse a conversation without a user turn
+        alone = ""
+    b = alone[len(a + SYSTEM_MARK):] if alone.startswith(a + SYSTEM_MARK) else None
+    if b and middle.startswith(b) and between.endswith(middle[len(b):]):
+        return middle[len(b):]
+    n = 0
+    while n < min(len(middle), len(between)) and middle[-1 - n] == between[-1 - n]:
+        n += 1
+    return middle[len(middle) - n:] if n else None
+
+
+def ollama_template(tokenizer: object) -> str | None:
+    """Ollama's TEMPLATE for the prompts training built, in the plainest Go template syntax
+    (.System / .Prompt / .Response, one if): one turn renders exactly prompts.render's prompt,
+    and later turns what prompts.render_chat writes between turns. None where the renderings
+    do not split that way (or would need escaping): Ollama then uses the GGUF's template."""
+    try:
+        parts = _template_parts(tokenizer)
+    except Exception:  # noqa: BLE001 - a template may refuse a system turn (Gemma 2's raises)
+        parts = None
+    if parts is None or any("{{" in p or '"""' in p for p in parts):
+        return None
+    a, b, u, t, e = parts
+    return f"{{{{ if .System }}}}{a}{{{{ .System }}}}{b}{{{{ end }}}}{u}{{{{ .Prompt }}}}{t}{{{{ .Response }}}}{e}"
+
+
+def modelfile(name: str, system: str | None, template: str | None, stop: str | None) -> str:
+    """An Ollama Modelfile: the base, one adapter (Ollama applies one per model), the system
+    prompt the adapters were trained with and the training prompt's template (module docstring)."""
     lines = ["FROM ../base.gguf", f"ADAPTER ../adapters/{name}.gguf"]
     if system:
+        if '"""' in system:
+            raise ChainloraError('system_prompt: contains """, which an Ollama Modelfile cannot quote')
         lines.append(f'SYSTEM """{system}"""')
-    if chat_template and "<|im_start|>" in chat_template:
-        lines += [f'TEMPLATE """{CHATML}"""', 'PARAMETER stop "<|im_end|>"']
+    if template:
+        lines.append(f'TEMPLATE """{template}"""')
+        if stop:
+            lines.append(f'PARAMETER stop "{stop}"')
     return "\n".join(lines) + "\n"
 
 
-def export_gguf(lib: Library, out: Path, dtype: str = "f32", base_dtype: str = "source") -> dict:
-    """The library for llama.cpp / Ollama (module docstring); facts in OUT/manifest.json."""
-    from chainlora.models import resolve, sha256_file
+def ollama_files(lib: Library, names: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """({adapter: its Modelfile}, the prompt facts) from the training tokenizer: SYSTEM as trained,
+    TEMPLATE cut from chainlora's own renderings."""
+    from chainlora.models import load_tokenizer
 
-    kind, base = resolve(lib.manifest["base_model"]["name"])
-    if kind == "hub":
-        raise ChainloraError(f"{lib.root}: base model {base!r} is a hub id: export needs it as a local "
-                             "directory or .gguf file (train on a local copy)")
-    facts = base_facts(Path(base)) if kind == "gguf" else dir_facts(Path(base))
+    tokenizer = load_tokenizer(lib.manifest["base_model"]["name"])
+    prompt = library_prompt(lib, tokenizer)
+    template = ollama_template(tokenizer)
+    prompt["ollama_template"] = template is not None
+    stop = prompts.end_of_answer(tokenizer)
+    return {n: modelfile(n, prompt["system_prompt_as_trained"], template, stop) for n in names}, prompt
+
+
+def _check_request(kind: str, base: Path | str, facts: dict, dtype: str, base_dtype: str) -> None:
     if kind != "gguf" and base_dtype != "source":
         raise ChainloraError(f"--base-dtype {base_dtype}: the base model is not a GGUF file, nothing to re-encode")
     if facts["arch"] != "llama":
@@ -234,11 +317,24 @@ def export_gguf(lib: Library, out: Path, dtype: str = "f32", base_dtype: str = "
         raise ChainloraError(f"--adapter-dtype: {dtype!r} (use f32 or f16)")
     if base_dtype not in BASE_DTYPES:
         raise ChainloraError(f"--base-dtype: {base_dtype!r} (use {', '.join(BASE_DTYPES)})")
+
+
+def export_gguf(lib: Library, out: Path, dtype: str = "f32", base_dtype: str = "source") -> dict:
+    """The library for llama.cpp / Ollama (module docstring); facts in OUT/export.json."""
+    from chainlora.models import resolve, sha256_file
+
+    kind, base = resolve(lib.manifest["base_model"]["name"])
+    if kind == "hub":
+        raise ChainloraError(f"{lib.root}: base model {base!r} is a hub id: export needs it as a local "
+                             "directory or .gguf file (train on a local copy)")
+    facts = base_facts(Path(base)) if kind == "gguf" else dir_facts(Path(base))
+    _check_request(kind, base, facts, dtype, base_dtype)
     entries = lib.tasks + ([lib.mixed] if lib.mixed else [])
     converted = {e["name"]: lora_tensors(lib.path(e), facts["n_head"], facts["n_head_kv"]) for e in entries}
     for e in entries:
         if facts["shapes"] is not None:
             check_fits(converted[e["name"]][0], facts["shapes"], lib.path(e))
+    modelfiles, prompt = ollama_files(lib, list(converted))
     with atomic.directory(out, replace=True) as tmp:
         if kind != "gguf":
             pass  # adapters only: base.gguf comes from llama.cpp's converter (the report says so)
@@ -251,22 +347,20 @@ def export_gguf(lib: Library, out: Path, dtype: str = "f32", base_dtype: str = "
         adapters = {}
         for name, (tensors, rank) in converted.items():
             write_adapter(tmp / "adapters" / f"{name}.gguf", tensors, rank, facts["arch"], dtype, name)
-            atomic.write_text(tmp / "Modelfiles" / name, modelfile(name, lib.manifest.get("system_prompt"), facts["chat_template"]))
+            atomic.write_text(tmp / "Modelfiles" / name, modelfiles[name])
             adapters[name] = {"path": f"adapters/{name}.gguf", "rank": rank, "alpha": rank,
                               "modelfile": f"Modelfiles/{name}"}
         files = [f"adapters/{n}.gguf" for n in adapters]
         command = ["llama-server", "-m", "base.gguf", "--lora", ",".join(files),
                    "--lora-init-without-apply", "--port", "8080"]
-        report = {"format": "gguf", "library": str(lib.root), "base_model": lib.manifest["base_model"],
+        report = {"format": "gguf", "library": str(lib.root), "base_model": base_record(lib, str(base)),
                   "base": ({"file": "base.gguf", "source_sha256": sha256_file(Path(base)), "dtype": base_dtype,
                             "sha256": sha256_file(tmp / "base.gguf"), "arch": facts["arch"]} if kind == "gguf" else
                            {"file": None, "arch": facts["arch"], "source": str(base),
                             "note": "convert the base with llama.cpp's convert_hf_to_gguf.py to base.gguf here"}),
                   "adapters": adapters, "tasks": [e["name"] for e in lib.tasks],
-                  "mixed": lib.mixed["name"] if lib.mixed else None,
-                  "selector": (lib.manifest.get("selection") or {}).get("winner"),
-                  "system_prompt": lib.manifest.get("system_prompt"), "adapter_dtype": dtype, "llama_server": command}
-        atomic.write_json(tmp / "manifest.json", report)
+                  "mixed": lib.mixed["name"] if lib.mixed else None, "selector": default_selector(lib),
+                  "prompt": prompt, "adapter_dtype": dtype, "llama_server": command}
         atomic.write_json(tmp / "export.json", report)
         atomic.write_text(tmp / "llama-server.sh", "#!/bin/sh\n# every adapter loaded, none applied: each request "
                           "names its adapter (chainlora serve --backend llamacpp)\ncd \"$(dirname \"$0\")\"\nexec "
