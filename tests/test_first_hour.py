@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 import pytest

@@ -279,7 +279,7 @@ def test_warmup_ratio_is_a_ratio(tmp_path, monkeypatch):
     from transformers import get_scheduler
 
     from chainlora.train.plan import Job
-    from chainlora.train.run import training_args
+    from chainlora.train.arguments import training_args
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path))  # training_args sets it; undo after
 

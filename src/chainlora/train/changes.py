@@ -47,6 +47,8 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
     `start`: the fingerprint of the adapter the job continues (the trunk): a new trunk makes
     its branches stale."""
     settings = {k: v for k, v in job.settings.model_dump().items() if k not in NOT_IN_FINGERPRINT}
+    if not settings["early_stopping"]["enabled"]:  # added later: off, it trains as before (same fingerprint)
+        del settings["early_stopping"]
     # A hub model whose revision is unknown is told apart by its name at least.
     name = cfg.base_model if base_fingerprint.startswith("revision:") else None
     parts = {
@@ -55,6 +57,8 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
         "training settings": _digest([settings, job.steps, world_size]),
         "training examples": _digest([[p.text, p.answer] for p in job.train]),
     }
+    if job.validation:  # early stopping: the records that choose the checkpoint decide the adapter
+        parts["validation examples"] = _digest([[p.text, p.answer] for p in job.validation])
     if job.kind == "classifier":
         c = cfg.classifier.model_dump()
         parts["classifier settings"] = _digest([c["encoder"], c["epochs"], c["learning_rate"],

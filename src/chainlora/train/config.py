@@ -83,6 +83,19 @@ class ColaSettings(_Section):
     compress_rank: int | None = Field(None, ge=1)  # save an SVD-truncated rank-r adapter
 
 
+class EarlyStoppingSettings(_Section):
+    """Each answer adapter (task, trunk, mixed) stopped at its best validation loss: every
+    `validation_per_task` records a task are held out of ALL training (so the mixed adapter is
+    chosen on the same data as the task adapters), the loss on them is measured every
+    `eval_steps` optimizer steps, and the adapter saved is the checkpoint where it was lowest.
+    `patience`: stop after that many evaluations without a new best (null: run to max_steps)."""
+
+    enabled: bool = False
+    validation_per_task: int = Field(16, ge=1)
+    eval_steps: int = Field(10, ge=1)
+    patience: int | None = Field(None, ge=1)
+
+
 class TrainingSettings(_Section):
     max_steps: int | None = Field(100, ge=1)  # optimizer steps per adapter
     epochs: Number | None = Field(None, ge=0.0)  # used when max_steps is null
@@ -100,6 +113,7 @@ class TrainingSettings(_Section):
     eval_batch_size: int = Field(16, ge=1)
     method: Literal["lora", "cola"] = "lora"  # cola: the residual chain, settings in `cola`
     cola: ColaSettings = Field(default_factory=ColaSettings)
+    early_stopping: EarlyStoppingSettings = Field(default_factory=EarlyStoppingSettings)
 
 
 TRAINING_KEYS = tuple(TrainingSettings.model_fields)
@@ -272,8 +286,9 @@ def _check_overrides(section: str, overrides: dict[str, Any], base: TrainingSett
                      source: str) -> dict[str, Any]:
     """Overrides use `training` keys and are checked like them; a `cola` override is merged
     key by key over `training.cola` (so `mixed.training.cola.links: 2` keeps the other keys)."""
-    if isinstance(overrides.get("cola"), dict):
-        overrides = {**overrides, "cola": {**base.cola.model_dump(), **overrides["cola"]}}
+    for key in ("cola", "early_stopping"):
+        if isinstance(overrides.get(key), dict):
+            overrides = {**overrides, key: {**getattr(base, key).model_dump(), **overrides[key]}}
     checked = validate(TrainingSettings, overrides, source, f"{section}.training")
     return {k: getattr(checked, k) for k in overrides}
 
@@ -326,6 +341,11 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
     if cfg.chain.replay and cfg.chain.branch == "none":
         raise fail(source, "chain.replay", "replays other tasks' records in branches of a trunk; "
                     "set chain.branch: warm or residual (or chain.replay: 0)")
+    for name in ("training", "mixed.training"):
+        t = cfg.training_for(name.split(".")[0])
+        if t.early_stopping.enabled and t.method == "cola":
+            raise fail(source, f"{name}.early_stopping", "not with method: cola (a checkpoint from before a "
+                       "knot cannot be restored once the link is merged); use method: lora")
     if cfg.chain.branch != "none" and "cola" in (cfg.training.method, cfg.training_for("mixed").method):
         raise fail(source, "chain.branch", f"{cfg.chain.branch!r} branches continue a plain LoRA trunk; "
                     "use training.method: lora (or chain.branch: none)")

@@ -40,6 +40,7 @@ class Job:
     steps: int = 0
     info: dict[str, Any] = field(default_factory=dict)  # extra manifest fields (label, ...)
     section: str = "training"  # the config section its settings come from (for messages)
+    validation: list[Pair] = field(default_factory=list)  # early stopping: what picks the best checkpoint
     link_plan: Any = None  # cola.LinkPlan: knots and ranks, when trained as a residual chain (method: cola)
     start: str | None = None  # path of the adapter it continues (the trunk), None: from zero
     branch: str = "none"  # how it continues `start`: warm (its LoRA) or residual (merged, a fresh LoRA)
@@ -147,9 +148,29 @@ def task_splits(cfg: Config, data: dict[str, TaskData]) -> tuple[list[str], dict
             raise ChainloraError(f"{cfg.source}: tasks: {name!r} is a reserved name; rename that task")
     _check_train_split(cfg, data, names)
     seed, d = cfg.training.seed, cfg.data
-    train = {t: _gate_split(cfg, t, _sample(data[t].train, d.max_train_per_task, seed))[0] for t in names}
+    train = {t: _early_split(cfg, t, _gate_split(cfg, t, _sample(data[t].train, d.max_train_per_task, seed))[0])[0]
+             for t in names}
     test = {t: _sample(data[t].test, d.max_test_per_task, seed) for t in names}
     return names, train, test
+
+
+def _early_split(cfg: Config, task: str, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """(kept, validation) for `training.early_stopping`: `validation_per_task` records (at most a
+    quarter) that no adapter or selector trains on; seeded per task (adding a task moves no other's)."""
+    e = cfg.training.early_stopping
+    if not e.enabled:
+        return records, []
+    n = min(e.validation_per_task, len(records) // 4)
+    held = random.Random(f"{cfg.training.seed}:early:{task}").sample(records, n) if n else []
+    picked = {id(r) for r in held}
+    return [r for r in records if id(r) not in picked], held
+
+
+def validation_records(cfg: Config, data: dict[str, TaskData]) -> dict[str, list[Record]]:
+    """Per task, the records `training.early_stopping` held out to choose each adapter's checkpoint."""
+    names, seed, d = task_splits(cfg, data)[0], cfg.training.seed, cfg.data
+    return {t: _early_split(cfg, t, _gate_split(cfg, t, _sample(data[t].train, d.max_train_per_task, seed))[0])[1]
+            for t in names}
 
 
 def _gate_split(cfg: Config, task: str, records: list[Record]) -> tuple[list[Record], list[Record]]:
@@ -330,9 +351,25 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
                 mixed.steps = budget - trunk.steps
             _branch(cfg, mixed, "warm", trunk)
         jobs.append(mixed)
+    _attach_validation(cfg, data, jobs, names)
     for job in jobs:
         _plan_links(cfg, job)
     return jobs
+
+
+def _attach_validation(cfg: Config, data: dict[str, TaskData], jobs: list[Job], names: list[str]) -> None:
+    """Early stopping: each task adapter is chosen on its task's validation records; the trunk and
+    the mixed adapter on all of them (the same data the chain's adapters are chosen on)."""
+    if not cfg.training.early_stopping.enabled:
+        return
+    held = validation_records(cfg, data)
+    for job in jobs:
+        if not job.settings.early_stopping.enabled:
+            continue
+        if job.kind == "task":
+            job.validation = answer_pairs(held[job.name])
+        elif job.kind in ("trunk", "mixed"):
+            job.validation = answer_pairs([r for t in (job.info.get("tasks") or names) for r in held[t]])
 
 
 def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:

@@ -24,8 +24,6 @@ data order included).
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import sys
 import time
@@ -37,10 +35,11 @@ from chainlora.errors import ChainloraError
 from chainlora.inference.calibration import fallback_warning
 from chainlora.library import store
 from chainlora.train import changes, cola, gate, selection, selectors, staging
-from chainlora.train.config import Config, TrainingSettings
+from chainlora.train.config import Config
 from chainlora.train.distributed import on_main  # noqa: F401  (the API: chainlora.train.run.on_main)
 from chainlora.train.plan import (Job, gate_records, load_data, load_with_discovery, plan_finetune, plan_train,  # noqa: F401
                                   selector_split, task_splits)
+from chainlora.train.arguments import best_step, early_stopping, training_args, use_cpu  # noqa: F401
 from chainlora.train.progress import RunProgress
 
 FINGERPRINT_FILE = "fingerprint.txt"  # in a job's work directory: which job its checkpoints are of
@@ -65,36 +64,6 @@ def last_checkpoint(work: Path, files: tuple[str, ...] = CHECKPOINT_FILES) -> Pa
     return max(found)[1] if found else None
 
 
-def use_cpu() -> bool:
-    """Train on the CPU when there is no accelerator; multi-process CPU runs then use gloo.
-
-    The Trainer and our PartialState must agree: accelerate only treats torchrun's
-    WORLD_SIZE > 1 as a CPU process group when asked for the CPU explicitly.
-    """
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    return not torch.cuda.is_available() and not (mps and mps.is_available())
-
-
-def _precision(settings: TrainingSettings) -> dict[str, bool]:
-    import torch
-
-    p = settings.precision
-    if p == "auto":
-        p = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    if p == "fp16" and not torch.cuda.is_available():
-        raise ChainloraError("training.precision: fp16 needs a CUDA GPU (use fp32 or bf16 on CPU)")
-    return {"bf16": p == "bf16", "fp16": p == "fp16"}
-
-
-def warmup_steps(settings: TrainingSettings, steps: int) -> int:
-    """Linear warm-up steps for `warmup_ratio` of the run. Computed here, as a whole number:
-    transformers reads a warmup_steps below 1 as a ratio and 1.0 as ONE step, and 4.x ignores
-    warmup_ratio once warmup_steps is set."""
-    return math.ceil(round(settings.warmup_ratio * steps, 9))  # 0.07 * 100 is 7.000000000000001
-
-
 def _resumable(work: Path, files: tuple[str, ...], fingerprint: dict) -> Path | None:
     """The checkpoint to continue: only one made for this very job (same fingerprint)."""
     try:
@@ -111,41 +80,6 @@ def _fresh_work(work: Path, fingerprint: dict) -> None:
         shutil.rmtree(work)  # stale work of an earlier, abandoned attempt
     work.mkdir(parents=True)
     (work / FINGERPRINT_FILE).write_text(fingerprint["sha256"] + "\n")
-
-
-def training_args(job: Job, work: Path, logs: Path):
-    """TrainingArguments for one job; everything from the config, nothing hidden."""
-    import importlib.util
-
-    from transformers import TrainingArguments
-
-    s = job.settings
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs)  # transformers reads it per run
-    return TrainingArguments(
-        output_dir=str(work),
-        max_steps=job.steps,
-        per_device_train_batch_size=s.batch_size,
-        per_device_eval_batch_size=s.eval_batch_size,
-        gradient_accumulation_steps=s.gradient_accumulation_steps,
-        learning_rate=s.learning_rate,
-        lr_scheduler_type=s.lr_scheduler,
-        warmup_steps=warmup_steps(s, job.steps),
-        weight_decay=s.weight_decay,
-        seed=s.seed,
-        data_seed=s.seed,
-        save_strategy="steps",
-        save_steps=s.save_steps,
-        save_total_limit=2,
-        logging_steps=s.logging_steps,
-        report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
-        ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
-        prediction_loss_only=True,
-        use_cpu=use_cpu(),  # evaluation needs the loss, not 49k-wide logits kept in RAM
-        **_precision(s),
-    )
 
 
 def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress: RunProgress,
@@ -186,9 +120,11 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
     system = cfg.system_prompt
     train_ds = build_dataset(tok, job.train, job.settings.max_length, system)
     test_ds = build_dataset(tok, job.test, job.settings.max_length, system) if job.test else None
+    stopping = early_stopping(job)
+    val_ds = build_dataset(tok, job.validation, job.settings.max_length, system) if stopping is not None else None
     trainer = Trainer(model=model, args=training_args(job, work, root / "logs" / job.name),
-                      train_dataset=train_ds, data_collator=collator(tok),
-                      callbacks=[progress.callback(job)] + ([cola_cb] if cola_cb else []))
+                      train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator(tok),
+                      callbacks=[progress.callback(job)] + ([cola_cb] if cola_cb else []) + (stopping or []))
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress.step_bar())
     t0 = time.perf_counter()
@@ -206,6 +142,13 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
              "train_loss": round(result.training_loss, 5), "seconds": round(seconds, 1),
              "loss_curve": [[h["step"], round(h["loss"], 5)] for h in trainer.state.log_history
                             if "loss" in h]}
+    if val_ds is not None:  # the Trainer has loaded the best checkpoint's weights (load_best_model_at_end)
+        entry["steps"] = trainer.state.global_step  # an early stop ran fewer steps than planned
+        entry["early_stopping"] = {"best_step": best_step(trainer.state), "n_validation": len(job.validation),
+                                   "best_validation_loss": round(trainer.state.best_metric, 5),
+                                   "planned_steps": job.steps,
+                                   "validation_curve": [[h["step"], round(h["eval_loss"], 5)]
+                                                        for h in trainer.state.log_history if "eval_loss" in h]}
     if cola_cb:  # from here on the model is W0 + one plain LoRA equal to the sum of the links
         facts = cola_cb.export(c.compress_rank, f"{cfg.source}: {job.section}.cola.compress_rank")
         if residual:  # trunk ⊕ residual, one LoRA of rank r_trunk + r

@@ -94,7 +94,7 @@ def fit_encoder(texts: list[str], y: list[int], n_classes: int, steps: int, cfg:
 
     from chainlora.data.content import swap_content
     from chainlora.inference import classifier, encoder
-    from chainlora.train.run import use_cpu
+    from chainlora.train.arguments import use_cpu
 
     e, seed = cfg.encoder, cfg.training.seed
     set_seed(seed)
@@ -150,7 +150,7 @@ def run_sft_job(job: Job, base: Any, cfg: Config, root: Path, progress: Any = No
     from transformers.trainer_callback import ProgressCallback
 
     from chainlora.data.examples import build_dataset, collator
-    from chainlora.train.run import training_args
+    from chainlora.train.arguments import training_args
 
     t0 = time.perf_counter()
     set_seed(job.settings.seed)

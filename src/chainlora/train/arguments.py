@@ -1,0 +1,100 @@
+"""What the Trainer is told for one adapter: device, precision, schedule, checkpoints and, with
+`training.early_stopping`, evaluation on the validation records and keeping the best checkpoint.
+Shared by the LoRA jobs (train/run.py) and the selectors trained by a Trainer (train/selectors.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from chainlora.errors import ChainloraError
+from chainlora.train.config import TrainingSettings
+from chainlora.train.plan import Job
+
+
+def use_cpu() -> bool:
+    """Train on the CPU when there is no accelerator; multi-process CPU runs then use gloo.
+
+    The Trainer and our PartialState must agree: accelerate only treats torchrun's
+    WORLD_SIZE > 1 as a CPU process group when asked for the CPU explicitly.
+    """
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps and mps.is_available())
+
+
+def _precision(settings: TrainingSettings) -> dict[str, bool]:
+    import torch
+
+    p = settings.precision
+    if p == "auto":
+        p = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if p == "fp16" and not torch.cuda.is_available():
+        raise ChainloraError("training.precision: fp16 needs a CUDA GPU (use fp32 or bf16 on CPU)")
+    return {"bf16": p == "bf16", "fp16": p == "fp16"}
+
+
+def warmup_steps(settings: TrainingSettings, steps: int) -> int:
+    """Linear warm-up steps for `warmup_ratio` of the run. Computed here, as a whole number:
+    transformers reads a warmup_steps below 1 as a ratio and 1.0 as ONE step, and 4.x ignores
+    warmup_ratio once warmup_steps is set."""
+    return math.ceil(round(settings.warmup_ratio * steps, 9))  # 0.07 * 100 is 7.000000000000001
+
+
+def training_args(job: Job, work: Path, logs: Path):
+    """TrainingArguments for one job; everything from the config, nothing hidden."""
+    import importlib.util
+
+    from transformers import TrainingArguments
+
+    s = job.settings
+    early = s.early_stopping.enabled and bool(job.validation)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs)  # transformers reads it per run
+    return TrainingArguments(
+        output_dir=str(work),
+        max_steps=job.steps,
+        per_device_train_batch_size=s.batch_size,
+        per_device_eval_batch_size=s.eval_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=warmup_steps(s, job.steps),
+        weight_decay=s.weight_decay,
+        seed=s.seed,
+        data_seed=s.seed,
+        save_strategy="steps",
+        save_steps=s.save_steps if not early else s.early_stopping.eval_steps,  # the best must be a checkpoint
+        **({"eval_strategy": "steps", "eval_steps": s.early_stopping.eval_steps, "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss", "greater_is_better": False} if early else {}),
+        save_total_limit=2,
+        logging_steps=s.logging_steps,
+        report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        prediction_loss_only=True,
+        use_cpu=use_cpu(),  # evaluation needs the loss, not 49k-wide logits kept in RAM
+        **_precision(s),
+    )
+
+
+def early_stopping(job: Job) -> list | None:
+    """The callbacks of `training.early_stopping` (None: off, or the job has no validation
+    records); evaluating and keeping the best checkpoint are the Trainer's own (training_args)."""
+    from transformers import EarlyStoppingCallback
+
+    e = job.settings.early_stopping
+    if not (e.enabled and job.validation):
+        return None
+    return [EarlyStoppingCallback(early_stopping_patience=e.patience)] if e.patience else []
+
+
+def best_step(state: Any) -> int:
+    """The optimizer step of the checkpoint the Trainer kept as best (`checkpoint-N`)."""
+    best = state.best_model_checkpoint or ""
+    return int(best.rsplit("-", 1)[-1]) if best.rsplit("-", 1)[-1].isdigit() else state.global_step
