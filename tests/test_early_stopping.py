@@ -97,3 +97,29 @@ def test_patience_stops_early(tiny_model_dir, tmp_path):
     stop = entry["early_stopping"]
     assert entry["steps"] < 40 and entry["steps"] == stop["validation_curve"][-1][0]
     assert stop["best_step"] <= entry["steps"] - 2
+
+
+def test_finetune_holds_out_the_same_validation_records(tiny_model_dir):
+    """The one big adapter of `chainlora finetune` (the capacity bench's mixed adapter at rank 10 r)
+    is chosen on exactly the records the chain's adapters are chosen on."""
+    from chainlora.train.plan import plan_finetune
+
+    cfg = tiny_config(tiny_model_dir, *EARLY)
+    data = load_data(cfg)
+    (job,) = plan_finetune(cfg, data)
+    held = validation_records(cfg, data)
+    assert sorted(p.text for p in job.validation) == sorted(r.text for v in held.values() for r in v)
+    assert not {p.text for p in job.validation} & {p.text for p in job.train}
+    plain = plan_finetune(tiny_config(tiny_model_dir), data)[0]
+    assert plain.validation == [] and len(plain.train) == len(job.train) + len(job.validation)
+
+
+def test_the_last_step_is_a_candidate_when_steps_are_not_a_multiple_of_eval_steps(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, *EARLY[:2], "training.early_stopping.eval_steps=4", "tasks=[antonym]",
+                      "router.enabled=false", "mixed.enabled=false", "training.max_steps=6")
+    stop = Library.open(train_library(cfg, tmp_path / "lib")).tasks[0]["early_stopping"]
+    assert [s for s, _ in stop["validation_curve"]] == [4, 6]
+    short = tiny_config(tiny_model_dir, *EARLY[:2], "training.early_stopping.eval_steps=10", "tasks=[antonym]",
+                        "router.enabled=false", "mixed.enabled=false", "training.max_steps=3")
+    stop = Library.open(train_library(short, tmp_path / "short")).tasks[0]["early_stopping"]
+    assert [s for s, _ in stop["validation_curve"]] == [3] and stop["best_validation_loss"] is not None

@@ -53,6 +53,7 @@ def training_args(job: Job, work: Path, logs: Path):
 
     s = job.settings
     early = s.early_stopping.enabled and bool(job.validation)
+    every = max(1, min(s.early_stopping.eval_steps, job.steps))  # a job shorter than eval_steps is still evaluated
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs)  # transformers reads it per run
     return TrainingArguments(
         output_dir=str(work),
@@ -67,8 +68,8 @@ def training_args(job: Job, work: Path, logs: Path):
         seed=s.seed,
         data_seed=s.seed,
         save_strategy="steps",
-        save_steps=s.save_steps if not early else s.early_stopping.eval_steps,  # the best must be a checkpoint
-        **({"eval_strategy": "steps", "eval_steps": s.early_stopping.eval_steps, "load_best_model_at_end": True,
+        save_steps=s.save_steps if not early else every,  # the best must be a checkpoint
+        **({"eval_strategy": "steps", "eval_steps": every, "load_best_model_at_end": True,
             "metric_for_best_model": "eval_loss", "greater_is_better": False} if early else {}),
         save_total_limit=2,
         logging_steps=s.logging_steps,
@@ -86,12 +87,21 @@ def training_args(job: Job, work: Path, logs: Path):
 def early_stopping(job: Job) -> list | None:
     """The callbacks of `training.early_stopping` (None: off, or the job has no validation
     records); evaluating and keeping the best checkpoint are the Trainer's own (training_args)."""
-    from transformers import EarlyStoppingCallback
+    from transformers import EarlyStoppingCallback, TrainerCallback
 
     e = job.settings.early_stopping
     if not (e.enabled and job.validation):
         return None
-    return [EarlyStoppingCallback(early_stopping_patience=e.patience)] if e.patience else []
+
+    class _LastStepToo(TrainerCallback):
+        """The last step is a candidate as well: with steps not a multiple of eval_steps the
+        Trainer would otherwise pick among earlier checkpoints only."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_evaluate = control.should_save = True
+
+    return [_LastStepToo()] + ([EarlyStoppingCallback(early_stopping_patience=e.patience)] if e.patience else [])
 
 
 def best_step(state: Any) -> int:

@@ -381,7 +381,9 @@ def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -
             raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")
     _check_train_split(cfg, data, names)
     seed, d = cfg.training.seed, cfg.data
-    train = [r for t in names for r in _sample(data[t].train, d.max_train_per_task, seed)]
+    # with early stopping, the same validation records `chainlora train` holds out of this config's tasks
+    splits = {t: _early_split(cfg, t, _sample(data[t].train, d.max_train_per_task, seed)) for t in names}
+    train = [r for t in names for r in splits[t][0]]
     test = [r for t in names for r in _sample(data[t].test, d.max_test_per_task, seed)]
     name = d.task or FINETUNE
     if name in RESERVED:
@@ -389,5 +391,7 @@ def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -
     job = Job("task", name, store.task_path(name), answer_pairs(train), answer_pairs(test), cfg.training,
               info={"name": name, "label": name, "tasks": names})
     job.steps = steps_for(job.settings, len(job.train), world_size)
+    if cfg.training.early_stopping.enabled:
+        job.validation = answer_pairs([r for t in names for r in splits[t][1]])
     _plan_links(cfg, job)
     return [job]

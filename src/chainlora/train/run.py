@@ -145,7 +145,8 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
     if val_ds is not None:  # the Trainer has loaded the best checkpoint's weights (load_best_model_at_end)
         entry["steps"] = trainer.state.global_step  # an early stop ran fewer steps than planned
         entry["early_stopping"] = {"best_step": best_step(trainer.state), "n_validation": len(job.validation),
-                                   "best_validation_loss": round(trainer.state.best_metric, 5),
+                                   "best_validation_loss": None if trainer.state.best_metric is None
+                                   else round(trainer.state.best_metric, 5),
                                    "planned_steps": job.steps,
                                    "validation_curve": [[h["step"], round(h["eval_loss"], 5)]
                                                         for h in trainer.state.log_history if "eval_loss" in h]}

@@ -1,0 +1,289 @@
+"""Benchmark: the paper's capacity argument — does the chain pull ahead of one mixed adapter when
+the adapters are small (LoRA rank) and every system stops at its own best validation loss?
+
+For each data regime, rank r and seed, four libraries on the bundled ten demo tasks, every adapter
+trained with `training.early_stopping` (a checkpoint every --eval-steps, the one with the lowest
+loss on validation records held out of ALL training kept; the test split decides nothing):
+
+    none      the paper's chain: each task adapter from zero (cap B/10 steps), rank r;
+              its library's mixed adapter, from zero at rank r (cap 2 B: room to stop by itself)
+    warm      a trunk on all tasks (cap B/2) continued per task (cap B/20), rank r
+    residual  the same trunk merged into W, a fresh rank-r LoRA per task (cap B/20)
+    mixed10   ONE adapter on all tasks at rank 10 r (`chainlora finetune`): the chain's disk (cap 2 B)
+
+Each is scored on the same test records (--per-task a task): answer perplexity per task and exact
+match of greedy answers, for the chain routed as `make demo` routes it (the library's measured
+default selector, its threshold and out-of-library detector) and with oracle routing (each task's
+own adapter). Runs are kept in --out/results.jsonl (an interrupted sweep continues where it
+stopped; one sweep a directory), and --render writes bench/RESULTS.md's capacity section.
+
+    .venv/bin/python bench/capacity.py --regime 40 --ranks 1 16 --seeds 0      # the first cells
+    .venv/bin/python bench/capacity.py                                          # everything (days on CPU)
+    .venv/bin/python bench/capacity.py --render
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+SYSTEMS = ("none", "warm", "residual", "mixed10")  # training order: warm copies none, residual copies warm
+LIB_SYSTEMS = ("mixed", "own", "chain")  # what each chain library reports (mixed r, oracle, routed)
+
+
+def overrides(rank: int, seed: int, system: str, budget: int, regime: int | None, args) -> list[str]:
+    """The demo config at rank r (alpha 2r), with early stopping on every answer adapter."""
+    keys = {"lora.r": rank, "lora.alpha": 2 * rank, "training.seed": seed, "training.save_steps": 10000,
+            "training.early_stopping.enabled": "true", "training.early_stopping.eval_steps": args.eval_steps,
+            "training.early_stopping.validation_per_task": args.validation_per_task,
+            "training.early_stopping.patience": args.patience,
+            "data.max_test_per_task": args.per_task, "router.enabled": "false", "classifier.enabled": "false",
+            "encoder.enabled": "true", "selection.selectors": "[encoder]",
+            "training.max_steps": budget // 10 if system == "none" else budget // 20,
+            "chain.branch": system, "chain.trunk_fraction": 0.5, "mixed.budget": 2 * budget}
+    if system == "mixed10":  # one adapter on every task: the chain's ten rank-r adapters' disk at rank 10 r
+        keys.update({"lora.r": 10 * rank, "lora.alpha": 20 * rank, "training.max_steps": 2 * budget,
+                     "chain.branch": "none", "mixed.enabled": "false"})
+    if regime:
+        keys["data.max_train_per_task"] = regime
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
+def train(rank: int, seed: int, system: str, budget: int, regime: int | None, args, out: Path) -> tuple[Path, float]:
+    from chainlora.train import config, train_library
+
+    lib = out / f"r{rank}-s{seed}" / system
+    previous = {"warm": "none", "residual": "warm"}.get(system)
+    if previous and not lib.exists() and (lib.parent / previous).exists():
+        shutil.copytree(lib.parent / previous, lib)  # its selector (and trunk, mixed) are kept by fingerprint
+    cfg = config.load(REPO / "configs" / "demo.yaml", overrides(rank, seed, system, budget, regime, args))
+    t0 = time.perf_counter()
+    train_library(cfg, lib, finetune=system == "mixed10")
+    return lib, time.perf_counter() - t0
+
+
+def steps_of(lib) -> dict:
+    """Optimizer steps each system ran, and where each adapter's best checkpoint was."""
+    entries = lib.tasks + ([lib.trunk] if lib.trunk else []) + ([lib.mixed] if lib.mixed else [])
+    return {e["name"]: {"steps": e.get("steps"), "best": (e.get("early_stopping") or {}).get("best_step")}
+            for e in entries}
+
+
+def score(lib_dir: Path, per_task: int, max_new_tokens: int, system: str) -> dict:
+    """Per task: perplexity and exact match of mixed (rank r), own (oracle) and the routed chain —
+    or, for mixed10, of its one adapter."""
+    from chainlora.data import load_demo
+    from chainlora.eval import evaluate
+    from chainlora.inference.engine import Engine
+    from chainlora.inference.scoring import perplexity, pooled, record_nll
+
+    engine = Engine.load(lib_dir, device="cpu")
+    demo = load_demo()
+    if system == "mixed10":
+        (name,) = engine.tasks
+        tasks = sorted(t for t in demo)
+        ppl, em = {}, {}
+        for t in tasks:
+            records = demo[t].test[:per_task]
+            ppl[t] = {"mixed10": perplexity(*pooled(record_nll(engine, records, name)))}
+            answers = engine.generate([r.text for r in records], task=name, max_new_tokens=max_new_tokens)
+            em[t] = {"mixed10": sum(evaluate.exact_match(a.text, r.output) for a, r in zip(answers, records))
+                     / len(records)}
+        return {"perplexity": ppl, "exact_match": em, "steps": steps_of(engine.lib)}
+    records = [r for t in engine.tasks for r in demo[t].test[:per_task]]
+    ev = evaluate.evaluate(engine, records, per_task=per_task, max_new_tokens=max_new_tokens,
+                           selectors=[engine.selector], arrow=False)
+    # the chain with oracle routing is `own`; the routed chain's exact match is `chain`
+    oracle = {t: {"own": sum(evaluate.exact_match(a.text, r.output) for a, r in zip(
+        engine.generate([r.text for r in rs], task=t, max_new_tokens=max_new_tokens), rs)) / len(rs)}
+        for t in engine.tasks for rs in [demo[t].test[:per_task]]}
+    return {"perplexity": {r["task"]: {k: r[k] for k in LIB_SYSTEMS} for r in ev["perplexity"]},
+            "exact_match": {t: {"mixed": m["mixed"]["exact_match"], "chain": m["chain"]["exact_match"],
+                                **oracle[t]} for t, m in ev["metrics"].items()},
+            "selector": engine.selector, "top1": ev["selection"][engine.selector]["top1"],
+            "steps": steps_of(engine.lib)}
+
+
+def run(args, out: Path) -> None:
+    lock = open(out / ".lock", "w")
+    try:  # one sweep per results directory
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"{out}: another capacity.py is running on this directory; wait for it or give --out")
+    done = {(r["rank"], r["seed"], r["system"]) for r in load(out)}
+    for seed in args.seeds:  # seeds outermost: every rank gets its first seed before any gets a second
+        for rank in args.ranks:
+            for system in SYSTEMS:
+                if (rank, seed, system) in done:
+                    continue
+                print(f"== regime {args.regime or 'all'}, rank {rank}, seed {seed}, {system}", flush=True)
+                lib, seconds = train(rank, seed, system, args.budget, args.regime, args, out)
+                row = {"rank": rank, "seed": seed, "system": system, "budget": args.budget,
+                       "regime": args.regime, "train_s": round(seconds, 1),
+                       **score(lib, args.per_task, args.max_new_tokens, system)}
+                with open(out / "results.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+def load(out: Path) -> list[dict]:
+    path = out / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    se = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else float("nan")
+    return m, se
+
+
+def cells(rows: list[dict]) -> dict[tuple[int, int], dict[str, dict]]:
+    """(rank, seed) -> system name -> {"ppl": {task: x}, "em": {task: x}}: the chain libraries'
+    mixed / own / chain columns and mixed10, side by side."""
+    out: dict[tuple[int, int], dict[str, dict]] = {}
+    for r in rows:
+        cell = out.setdefault((r["rank"], r["seed"]), {})
+        if r["system"] == "mixed10":
+            cell["mixed10"] = {"ppl": {t: v["mixed10"] for t, v in r["perplexity"].items()},
+                               "em": {t: v["mixed10"] for t, v in r["exact_match"].items()}}
+            continue
+        names = {"chain": f"{r['system']} routed", "own": f"{r['system']} oracle"}
+        if r["system"] == "none":
+            names["mixed"] = "mixed r"
+        elif r["system"] == "warm":
+            names["mixed"] = "mixed r (trunk)"
+        for key, name in names.items():
+            cell[name] = {"ppl": {t: v[key] for t, v in r["perplexity"].items()},
+                          "em": {t: v[key] for t, v in r["exact_match"].items()}}
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """Per rank: each system's geometric-mean perplexity and exact match (mean ± SE over seeds), its
+    perplexity relative to the mixed adapter of rank r in the same seed (paired; negative = better)
+    and the tasks it beats that mixed adapter on."""
+    by = cells(rows)
+    order = ["mixed r", "mixed r (trunk)", "mixed10", "none oracle", "none routed", "warm oracle", "warm routed",
+             "residual oracle", "residual routed"]
+    lines = ["| rank | system | seeds | geomean PPL | vs mixed r (paired) | tasks < mixed r | exact match |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for rank in sorted({k[0] for k in by}):
+        seeds = sorted(s for (r, s) in by if r == rank)
+        for name in order:
+            have = [s for s in seeds if name in by[(rank, s)]]
+            if not have:
+                continue
+            g = [_geomean(list(by[(rank, s)][name]["ppl"].values())) for s in have]
+            em = [sum(by[(rank, s)][name]["em"].values()) / len(by[(rank, s)][name]["em"]) for s in have]
+            paired = [s for s in have if "mixed r" in by[(rank, s)]]
+            rel = [_geomean(list(by[(rank, s)][name]["ppl"].values())) /
+                   _geomean(list(by[(rank, s)]["mixed r"]["ppl"].values())) - 1 for s in paired]
+            wins = [sum(by[(rank, s)][name]["ppl"][t] < by[(rank, s)]["mixed r"]["ppl"][t]
+                        for t in by[(rank, s)]["mixed r"]["ppl"]) for s in paired]
+            gm, gse = _mean_se(g)
+            em_m, em_se = _mean_se(em)
+            rel_txt = ("—" if name == "mixed r" or not rel else
+                       f"{100 * _mean_se(rel)[0]:+.1f}% ± {100 * _mean_se(rel)[1]:.1f}" if len(rel) > 1
+                       else f"{100 * rel[0]:+.1f}% (1 seed)")
+            win_txt = "—" if name == "mixed r" or not wins else f"{sum(wins) / len(wins):.1f} of 10"
+            se = lambda x: "" if math.isnan(x) else f" ± {x:.2f}"  # noqa: E731
+            lines.append(f"| {rank} | {name} | {len(have)} | {gm:.2f}{se(gse)} | {rel_txt} | {win_txt} | "
+                         f"{em_m:.3f}{se(em_se) if math.isnan(em_se) else f' ± {em_se:.3f}'} |")
+    return "\n".join(lines)
+
+
+def stops(rows: list[dict]) -> str:
+    """Where early stopping chose each system's checkpoint: median best step of the task adapters
+    and of the mixed adapters, against their caps."""
+    lines = []
+    for r in sorted(rows, key=lambda r: (r["rank"], r["seed"], SYSTEMS.index(r["system"]))):
+        st = r.get("steps") or {}
+        tasks = sorted(v["best"] for k, v in st.items() if k not in ("mixed", "trunk", "finetune") and v["best"])
+        parts = []
+        if tasks:
+            parts.append(f"task adapters' best step median {tasks[len(tasks) // 2]} (range {tasks[0]}-{tasks[-1]})")
+        for k in ("trunk", "mixed", "finetune"):
+            if k in st and st[k]["best"]:
+                parts.append(f"{k} best {st[k]['best']} of {st[k]['steps']} run")
+        lines.append(f"- rank {r['rank']}, seed {r['seed']}, {r['system']}: " + "; ".join(parts)
+                     + f" ({r['train_s'] / 60:.0f} min)")
+    return "\n".join(lines)
+
+
+def render(rows: list[dict], meta: dict) -> str:
+    lines = [f"Settings: {meta['settings']}; {meta['machine']}.", f"Command: `{meta['command']}`", ""]
+    if not rows:
+        return "\n".join(lines + ["No runs recorded yet."])
+    lines += [table(rows), "", "Where each adapter stopped (best validation checkpoint):", "", stops(rows)]
+    return "\n".join(lines)
+
+
+def write_results(section: str, regime: int | None) -> None:
+    """Replace this regime's block of bench/RESULTS.md (its markers), or append it (atomically)."""
+    tag = f"capacity-{regime or 'all'}"
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    path = BENCH / "RESULTS.md"
+    text = path.read_text()
+    block = f"{begin}\n{section}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text += f"\n### Capacity: rank x system, {regime or 'all'} training records a task\n\n{block}\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--regime", type=int, default=40,
+                    help="training records a task (default 40: several epochs; 0 = all 800)")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--budget", type=int, default=320,
+                    help="the chain's step cap B (tasks B/10 from zero, or trunk B/2 + B/20 a task); mixed: 2 B")
+    ap.add_argument("--eval-steps", type=int, default=10)
+    ap.add_argument("--validation-per-task", type=int, default=8)
+    ap.add_argument("--patience", type=int, default=4,
+                    help="evaluations without a new best before an adapter stops (its best is kept)")
+    ap.add_argument("--per-task", type=int, default=16, help="test records a task")
+    ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--out", default=None, help="results directory (default runs/bench-capacity-REGIME)")
+    ap.add_argument("--render", action="store_true", help="only the tables from saved results")
+    args = ap.parse_args()
+    args.regime = args.regime or None
+    out = Path(args.out or REPO / "runs" / f"bench-capacity-{args.regime or 'all'}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.render:
+        run(args, out)
+    rows = load(out)
+    meta = {"settings": f"configs/demo.yaml (SmolLM2-135M, q/v, alpha 2r, batch 8, lr 2e-3), early stopping every "
+                        f"{args.eval_steps} steps on {args.validation_per_task} validation records a task (patience "
+                        f"{args.patience}), chain cap "
+                        f"B={args.budget}, mixed caps 2B, {args.regime or 'all'} training records a task, "
+                        f"{args.per_task} test records a task, {args.max_new_tokens} new tokens",
+            "machine": f"{platform.machine()}, {platform.python_version()}, torch CPU",
+            "command": " ".join(["python bench/capacity.py", *(a for a in sys.argv[1:] if a != "--render")])}
+    section = render(rows, meta)
+    write_results(section, args.regime)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
