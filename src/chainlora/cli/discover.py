@@ -1,10 +1,10 @@
 """`chainlora discover DATA --out DIR`: task labels for unlabelled records, and a config to train on them.
 
 Writes DIR/records.jsonl (every record with its discovered `task`), DIR/config.yaml (ready for
-`chainlora train DIR/config.yaml`), DIR/clusters.html and DIR/discover.json (what it wrote). A
-non-empty DIR that discover did not write, or whose files were edited since, is refused. Bad input (an empty file, too few
-records, all-identical instructions, --k above what the data holds) exits 2 with one line
-and writes nothing.
+`chainlora train DIR/config.yaml`), DIR/clusters.html and DIR/discover.json (what it wrote).
+A non-empty DIR that discover did not write, or whose files were edited since, is refused. Bad
+input (an empty file, too few records, all-identical instructions, --k above what the data
+holds) exits 2 with one line and writes nothing.
 """
 
 from __future__ import annotations
@@ -53,10 +53,8 @@ def config_yaml(cfg: dict, source: str, summary: dict) -> str:
 def cmd_discover(args: argparse.Namespace) -> int:
     from chainlora.data.records import read_records
     from chainlora.discover import discover, write_outputs
-    from chainlora.discover.run import UNLABELLED
+    from chainlora.discover.run import UNLABELLED, check_out
     from chainlora.train import config
-
-    from chainlora.discover.run import check_out
 
     out = Path(args.out)
     check_out(out)  # a folder of the user's is refused before any work (and again just before writing)

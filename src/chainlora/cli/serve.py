@@ -76,7 +76,7 @@ def add_serve_parser(sub: argparse._SubParsersAction, selector_args: Callable) -
     d.add_argument("--backend-url", help="OpenAI-compatible server with the adapters, e.g. vLLM's http://host:8000/v1")
     d.add_argument("--backend-key", help="API key for the backend (default: $CHAINLORA_BACKEND_KEY)")
     d.add_argument("--backend-base-model", help="the backend's name for the bare base model (fallback rows)")
-    lim = d.add_argument_group("limits (each refusal is a 400/408/413/503 naming its option; README: Security)")
+    lim = d.add_argument_group("limits (each refusal is a 400/408/413/503 naming its option; docs/serving.md: Security)")
     lim.add_argument("--max-body-mb", type=float, default=1.0, help="request body size (default: %(default)s)")
     lim.add_argument("--max-json-values", type=int, default=20_000,
                      help="JSON values (objects, arrays, strings, numbers) in a body (default: %(default)s)")
