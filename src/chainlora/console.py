@@ -2,7 +2,7 @@
 
 rich sizes a console that is not a terminal (a pipe, a CI log, a file) at 80 columns and crops
 what does not fit with an ellipsis, so `translate_en_fr` and `translate_en_es` both printed as
-`translat…`. Here a console that is not a terminal is wide (200 columns, or $COLUMNS), and every
+`translat…`. Here a console that is not a terminal is wide (200 columns, or a wider $COLUMNS), and every
 table cell folds onto a second line rather than losing characters, terminal or not.
 """
 
@@ -16,7 +16,7 @@ from rich.table import Table
 from tqdm import tqdm
 from tqdm.auto import tqdm as auto_tqdm
 
-LOG_WIDTH = 200  # columns for a console that is not a terminal (unless $COLUMNS says otherwise)
+LOG_WIDTH = 200  # columns, at least, for a console that is not a terminal (a wider $COLUMNS wins)
 
 
 class Console(_RichConsole):
@@ -34,7 +34,7 @@ def console(stderr: bool = False) -> Console:
     """A Console on stdout (or stderr), as wide as a log needs when the stream is not a terminal."""
     stream = sys.stderr if stderr else sys.stdout
     tty = hasattr(stream, "isatty") and stream.isatty()
-    width = None if tty else int(os.environ.get("COLUMNS") or 0) or LOG_WIDTH
+    width = None if tty else max(int(os.environ.get("COLUMNS") or 0), LOG_WIDTH)  # a log is never narrower
     return Console(stderr=stderr, width=width)
 
 

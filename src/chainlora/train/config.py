@@ -265,7 +265,12 @@ class Config(_Section):
         self._source = value
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
+        """The config as data (the manifest records it; `digest` hashes it). A key added later is
+        left out while at its default, so existing libraries keep their digest and manifest."""
+        d = self.model_dump()
+        if d["training"]["early_stopping"] == EarlyStoppingSettings().model_dump():
+            del d["training"]["early_stopping"]
+        return d
 
     def digest(self) -> str:
         """sha256 of everything that changes what is trained (not where it is written)."""
