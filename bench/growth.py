@@ -116,6 +116,9 @@ def run(args, out: Path) -> dict:
     res["chain9_s"] = round(time.perf_counter() - t0, 1)
     before = {t: tree_sha256(lib9 / "tasks" / t) for t in old}
     steps9 = chain_steps(Library.open(lib9))
+    e9 = Engine.load(lib9, device="cpu")
+    res["chain9_old_ppl"] = {t: ppl(e9, tests[t], t) for t in old}
+    del e9
     grown = out / "chain10"
     if grown.exists():
         shutil.rmtree(grown)
@@ -180,11 +183,13 @@ def render(res: dict, meta: dict) -> str:
     lines = [f"Settings: {meta['settings']}; {meta['machine']}.", f"Command: `{meta['command']}`", "",
              f"New task `{res['new']}`. Before it: the nine-task mixed adapter ({m9['steps']} steps) has old-task "
              f"geomean perplexity {old_before:.2f} and new-task perplexity {m9['new_ppl']:.2f} (never trained on it); "
-             f"the nine-task chain's own adapters {geomean(c['old_ppl'].values()):.2f} on the old tasks.", "",
+             f"the nine-task chain's own adapters {geomean(res['chain9_old_ppl'].values()):.2f} on the old tasks. "
+             "Seconds: wall time of the whole `chainlora train` / `finetune` run (selectors included), of "
+             "`Trainer.train` alone for the two continuations.", "",
              "| how the tenth task is learnt | optimizer steps | seconds | new-task PPL | old tasks' geomean PPL "
              "(change) | old weights |", "|---|---:|---:|---:|---:|---|"]
     for name, steps, secs, new, old_g, note in rows:
-        ref = geomean(c["old_ppl"].values()) if name.startswith("chain") else old_before
+        ref = geomean(res["chain9_old_ppl"].values()) if name.startswith("chain") else old_before
         lines.append(f"| {name} | {steps} | {secs:.0f} | {new:.2f} | {old_g:.2f} ({100 * (old_g / ref - 1):+.1f}%) | {note} |")
     lines += ["", f"The chain's growth run: {c['seconds']:.0f} s wall in all, of which the selectors' retraining "
                   f"{c['selection_s']:.0f} s; routing top-1 over all ten tasks afterwards {c['routing_top1']:.1%} "

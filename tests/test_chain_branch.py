@@ -155,6 +155,21 @@ def test_a_new_task_branches_from_the_kept_trunk(warm_lib, tiny_model_dir, tmp_p
     assert opened.trunk["tasks"] == TASKS and opened.task("hypernym")["branch"]["from"] == "trunk"
 
 
+def test_a_new_task_keeps_a_trunk_sized_by_trunk_fraction(data, tiny_model_dir, tmp_path, capsys):
+    """With chain.trunk_fraction (the demo's way) the trunk's steps follow the branches: adding a
+    task must not resize, and so retrain, the trunk and every branch (found by bench/growth.py)."""
+    base = [*BRANCH[1:], "chain.branch=warm", "chain.trunk_fraction=0.5"]
+    lib = train_library(cfg_for(tiny_model_dir, data, TASKS, *base), tmp_path / "lib")
+    before = files(lib)
+    capsys.readouterr()
+    more = write_data(tmp_path, TASKS + ["hypernym"])
+    train_library(cfg_for(tiny_model_dir, more, TASKS + ["hypernym"], *base), lib)
+    plan = {k: a for k, (a, _) in plan_lines(capsys.readouterr().out).items()}
+    assert plan["(trunk)"] == "keep" and all(plan[t] == "keep" for t in TASKS) and plan["hypernym"] == "train"
+    after = files(lib)
+    assert all(after[f] == before[f] for f in before if f.startswith(("trunk/", "tasks/")))
+
+
 def test_a_changed_trunk_retrains_its_branches(warm_lib, data, tiny_model_dir, tmp_path, capsys):
     lib = tmp_path / "lib"
     shutil.copytree(warm_lib, lib)

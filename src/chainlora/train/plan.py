@@ -255,8 +255,10 @@ def _branch(cfg: Config, job: Job, mode: str, trunk: Job) -> None:
 
 def _plan_trunk(cfg: Config, tasks: list[Job], train: dict[str, list[Record]], test: dict[str, list[Record]],
                 on: list[str]) -> Job:
-    """The shared trunk: all (or the `on`) tasks' data, a constant learning rate after warm-up."""
-    steps = trunk_steps(cfg, sum(j.steps for j in tasks))
+    """The shared trunk: all (or the `on`) tasks' data, a constant learning rate after warm-up.
+    Its steps follow the branches of the tasks it is trained on: a task added to a library keeps
+    the trunk its earlier tasks were trained with (same steps, same examples, same fingerprint)."""
+    steps = trunk_steps(cfg, sum(j.steps for j in tasks if j.name in on))
     settings = cfg.training.model_copy(update={"lr_scheduler": "constant_with_warmup"})
     trunk = Job("trunk", TRUNK, TRUNK, answer_pairs([r for t in on for r in train[t]]),
                 answer_pairs([r for t in on for r in test[t]]), settings, steps=steps,
