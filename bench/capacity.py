@@ -6,10 +6,15 @@ trained with `training.early_stopping` (a checkpoint every --eval-steps, the one
 loss on validation records held out of ALL training kept; the test split decides nothing):
 
     none      the paper's chain: each task adapter from zero (cap B/10 steps), rank r;
-              its library's mixed adapter, from zero at rank r (cap 2 B: room to stop by itself)
-    warm      a trunk on all tasks (cap B/2) continued per task (cap B/20), rank r
+              its library's mixed adapter, from zero at rank r (cap B)
+    warm      a trunk on all tasks (cap B/2) continued per task (cap B/20), rank r; its mixed
+              adapter continues the same trunk (cap B in all)
     residual  the same trunk merged into W, a fresh rank-r LoRA per task (cap B/20)
-    mixed10   ONE adapter on all tasks at rank 10 r (`chainlora finetune`): the chain's disk (cap 2 B)
+    mixed10   ONE adapter on all tasks at rank 10 r (`chainlora finetune`): the chain's disk (cap B)
+
+The caps are room, not budgets: with --patience an adapter stops after that many evaluations
+without a new best, and the checkpoint kept is its best (a cap an adapter was still improving
+at shows in the "where each adapter stopped" list: then the cap, not the system, decided).
 
 Each is scored on the same test records (--per-task a task): answer perplexity per task and exact
 match of greedy answers, for the chain routed as `make demo` routes it (the library's measured
@@ -49,9 +54,9 @@ def overrides(rank: int, seed: int, system: str, budget: int, regime: int | None
             "data.max_test_per_task": args.per_task, "router.enabled": "false", "classifier.enabled": "false",
             "encoder.enabled": "true", "selection.selectors": "[encoder]",
             "training.max_steps": budget // 10 if system == "none" else budget // 20,
-            "chain.branch": system, "chain.trunk_fraction": 0.5, "mixed.budget": 2 * budget}
+            "chain.branch": system, "chain.trunk_fraction": 0.5, "mixed.budget": budget}
     if system == "mixed10":  # one adapter on every task: the chain's ten rank-r adapters' disk at rank 10 r
-        keys.update({"lora.r": 10 * rank, "lora.alpha": 20 * rank, "training.max_steps": 2 * budget,
+        keys.update({"lora.r": 10 * rank, "lora.alpha": 20 * rank, "training.max_steps": budget,
                      "chain.branch": "none", "mixed.enabled": "false"})
     if regime:
         keys["data.max_train_per_task"] = regime
@@ -119,7 +124,7 @@ def run(args, out: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         sys.exit(f"{out}: another capacity.py is running on this directory; wait for it or give --out")
-    done = {(r["rank"], r["seed"], r["system"]) for r in load(out)}
+    done = {(r["rank"], r["seed"], r["system"]) for r in load(out) if r["budget"] == args.budget}
     for seed in args.seeds:  # seeds outermost: every rank gets its first seed before any gets a second
         for rank in args.ranks:
             for system in SYSTEMS:
@@ -255,8 +260,8 @@ def main() -> int:
                     help="training records a task (default 40: several epochs; 0 = all 800)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--budget", type=int, default=320,
-                    help="the chain's step cap B (tasks B/10 from zero, or trunk B/2 + B/20 a task); mixed: 2 B")
+    ap.add_argument("--budget", type=int, default=640,
+                    help="step cap B of every system: tasks B/10 from zero, or trunk B/2 + B/20 a task; mixed B")
     ap.add_argument("--eval-steps", type=int, default=10)
     ap.add_argument("--validation-per-task", type=int, default=8)
     ap.add_argument("--patience", type=int, default=4,
@@ -271,11 +276,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not args.render:
         run(args, out)
-    rows = load(out)
+    rows = [r for r in load(out) if r["budget"] == args.budget]  # one cap per table
     meta = {"settings": f"configs/demo.yaml (SmolLM2-135M, q/v, alpha 2r, batch 8, lr 2e-3), early stopping every "
                         f"{args.eval_steps} steps on {args.validation_per_task} validation records a task (patience "
-                        f"{args.patience}), chain cap "
-                        f"B={args.budget}, mixed caps 2B, {args.regime or 'all'} training records a task, "
+                        f"{args.patience}), step cap "
+                        f"B={args.budget} (tasks B/10 from zero, trunk B/2 + B/20 a branch, mixed B), {args.regime or 'all'} training records a task, "
                         f"{args.per_task} test records a task, {args.max_new_tokens} new tokens",
             "machine": f"{platform.machine()}, {platform.python_version()}, torch CPU",
             "command": " ".join(["python bench/capacity.py", *(a for a in sys.argv[1:] if a != "--render")])}
