@@ -369,3 +369,29 @@ def test_forwarding_routes_here_and_answers_on_the_backend(random_lib):
         for s in (front, backend, nowhere):
             s.close()
         dead.close()
+
+
+@pytest.mark.parametrize("kind", ["sft", "encoder", "classifier"])
+def test_chain_is_served_whatever_selector_kind_the_library_measured_best(random_lib, tmp_path, kind):
+    """A library whose default selector is not the LoRA router (here: no router at all) still
+    answers model="chain"; serve/app.py once knew only classifier and encoder (issue 39)."""
+    from chainlora.serve.schema import ApiError
+
+    lib = tmp_path / "lib"
+    shutil.copytree(random_lib, lib)
+    m = json.loads((lib / library.MANIFEST).read_text())
+    del m["router"]
+    m[kind] = {"name": kind, "path": kind, "sha256": "0" * 64}
+    m["selection"] = {"winner": kind, "selectors": {kind: {"threshold": 0.5}}}
+    (lib / library.MANIFEST).write_text(json.dumps(m))
+    srv = Server(Engine.load(lib, device="cpu"))
+    try:
+        assert srv.engine.selector == kind and srv.pin("chain") is None
+        del m[kind], m["selection"]
+        (lib / library.MANIFEST).write_text(json.dumps(m))
+        bare = Server(Engine.load(lib, device="cpu"))  # no selector at all: 404 naming the models
+        with pytest.raises(ApiError, match="needs a task selector"):
+            bare.pin("chain")
+        bare.close()
+    finally:
+        srv.close()

@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator
 from fastapi import Request as HttpRequest  # module level: FastAPI resolves annotations here
 
 from chainlora.errors import ChainloraError, NotFound
+from chainlora.inference import selectors
 from chainlora.inference.engine import Answer, Engine, Route
 from chainlora.serve.guard import Guard, authorized
 from chainlora.serve.limits import Limits
@@ -67,7 +68,7 @@ class Server:
     def pin(self, model: str) -> str | None:
         """The adapter a `model` names (None: route), or 404."""
         if model == CHAIN:
-            if not self.engine.lib.router and len(self.engine.tasks) != 1 and self.engine.selector not in ("classifier", "encoder"):
+            if len(self.engine.tasks) != 1 and self.engine.selector not in selectors.available(self.engine.lib):
                 raise ApiError(404, f"model 'chain' needs a task selector; this library has none "
                                     f"(use one of: {', '.join(self.models()[1:])})", param="model",
                                code="model_not_found")
