@@ -91,6 +91,7 @@ def fit_encoder(texts: list[str], y: list[int], n_classes: int, steps: int, cfg:
     content words swapped first; the head starts as a linear probe on the frozen features (LP-FT)."""
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+    from transformers.trainer_callback import PrinterCallback
 
     from chainlora.data.content import swap_content
     from chainlora.inference import classifier, encoder
@@ -112,6 +113,7 @@ def fit_encoder(texts: list[str], y: list[int], n_classes: int, steps: int, cfg:
         logging_strategy="no", dataloader_num_workers=0, use_cpu=use_cpu(), disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=_Examples(tok, texts, y, e.max_length),
                       data_collator=DataCollatorWithPadding(tok))
+    trainer.remove_callback(PrinterCallback)  # with disable_tqdm it prints a metrics dict into the log
     result = trainer.train()
     return model.eval(), tok, result.training_loss
 
