@@ -239,19 +239,11 @@ def render(rows: list[dict], meta: dict) -> str:
 
 
 def write_results(section: str, regime: int | None) -> None:
-    """Replace this regime's block of bench/RESULTS.md (its markers), or append it (atomically)."""
-    tag = f"capacity-{regime or 'all'}"
-    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
-    path = BENCH / "RESULTS.md"
-    text = path.read_text()
-    block = f"{begin}\n{section}\n{end}"
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text += f"\n### Capacity: rank x system, {regime or 'all'} training records a task\n\n{block}\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Replace this regime's block of bench/RESULTS.md (its markers), or append it."""
+    from results_md import write_section
+
+    write_section(f"capacity-{regime or 'all'}", section,
+                  f"### Capacity: rank x system, {regime or 'all'} training records a task")
 
 
 def main() -> int:

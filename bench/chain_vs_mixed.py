@@ -136,18 +136,10 @@ def render(results: list[dict], meta: dict) -> str:
 
 
 def write_results(section: str, suffix: str) -> None:
-    """Replace this sweep's block of bench/RESULTS.md (its markers), or append it (atomically)."""
-    begin, end = f"<!-- chain-vs-mixed{suffix}:begin -->", f"<!-- chain-vs-mixed{suffix}:end -->"
-    path = BENCH / "RESULTS.md"
-    text = path.read_text()
-    block = f"{begin}\n{section}\n{end}"
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text += f"\n### Budget sweep on {suffix.strip('-')} records a task\n\n{block}\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Replace this sweep's block of bench/RESULTS.md (its markers), or append it."""
+    from results_md import write_section
+
+    write_section(f"chain-vs-mixed{suffix}", section, f"### Budget sweep on {suffix.strip('-')} records a task")
 
 
 def main() -> int:

@@ -198,17 +198,9 @@ def render(res: dict, meta: dict) -> str:
 
 
 def write_results(section: str) -> None:
-    begin, end = "<!-- growth:begin -->", "<!-- growth:end -->"
-    path = BENCH / "RESULTS.md"
-    text = path.read_text()
-    block = f"{begin}\n{section}\n{end}"
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text += f"\n## Growth: a task added to a trained library vs the mixed adapter\n\n{block}\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from results_md import write_section
+
+    write_section("growth", section, "## Growth: a task added to a trained library vs the mixed adapter")
 
 
 def main() -> int:

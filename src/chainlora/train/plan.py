@@ -154,16 +154,19 @@ def task_splits(cfg: Config, data: dict[str, TaskData]) -> tuple[list[str], dict
     return names, train, test
 
 
-def _early_split(cfg: Config, task: str, records: list[Record]) -> tuple[list[Record], list[Record]]:
-    """(kept, validation) for `training.early_stopping`: `validation_per_task` records (at most a
-    quarter) that no adapter or selector trains on; seeded per task (adding a task moves no other's)."""
-    e = cfg.training.early_stopping
-    if not e.enabled:
-        return records, []
-    n = min(e.validation_per_task, len(records) // 4)
-    held = random.Random(f"{cfg.training.seed}:early:{task}").sample(records, n) if n else []
+def _hold_out(records: list[Record], n: int, key: str) -> tuple[list[Record], list[Record]]:
+    """(kept, held out): `n` records (at most a quarter) that no adapter or selector trains on,
+    sampled with a seed of their own per task (`key`): adding a task moves no other task's."""
+    n = min(n, len(records) // 4)
+    held = random.Random(key).sample(records, n) if n else []
     picked = {id(r) for r in held}
     return [r for r in records if id(r) not in picked], held
+
+
+def _early_split(cfg: Config, task: str, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """(kept, validation) for `training.early_stopping`: `validation_per_task` records a task."""
+    e = cfg.training.early_stopping
+    return _hold_out(records, e.validation_per_task, f"{cfg.training.seed}:early:{task}") if e.enabled else (records, [])
 
 
 def validation_records(cfg: Config, data: dict[str, TaskData]) -> dict[str, list[Record]]:
@@ -174,15 +177,9 @@ def validation_records(cfg: Config, data: dict[str, TaskData]) -> dict[str, list
 
 
 def _gate_split(cfg: Config, task: str, records: list[Record]) -> tuple[list[Record], list[Record]]:
-    """(kept, held out) for `chain.gate`: `gate_per_task` records (at most a quarter) that no
-    adapter or selector trains on. Seeded per task, so adding a task moves no other task's."""
+    """(kept, held out) for `chain.gate`: `gate_per_task` records a task."""
     c = cfg.chain
-    if not c.gate:
-        return records, []
-    n = min(c.gate_per_task, len(records) // 4)
-    held = random.Random(f"{cfg.training.seed}:gate:{task}").sample(records, n) if n else []
-    picked = {id(r) for r in held}
-    return [r for r in records if id(r) not in picked], held
+    return _hold_out(records, c.gate_per_task, f"{cfg.training.seed}:gate:{task}") if c.gate else (records, [])
 
 
 def gate_records(cfg: Config, data: dict[str, TaskData]) -> dict[str, list[Record]]:
