@@ -19,8 +19,9 @@ at shows in the "where each adapter stopped" list: then the cap, not the system,
 Each is scored on the same test records (--per-task a task): answer perplexity per task and exact
 match of greedy answers, for the chain routed as `make demo` routes it (the library's measured
 default selector, its threshold and out-of-library detector) and with oracle routing (each task's
-own adapter). Runs are kept in --out/results.jsonl (an interrupted sweep continues where it
-stopped; one sweep a directory), and --render writes bench/RESULTS.md's capacity section.
+own adapter). Finished runs are kept in bench/capacity-REGIME.jsonl, in the repository, so a
+later checkout continues the sweep where it stopped (the libraries themselves go to --out and
+are not kept; one sweep a directory), and --render writes bench/RESULTS.md's capacity section.
 
     .venv/bin/python bench/capacity.py --regime 40 --ranks 1 16 --seeds 0      # the first cells
     .venv/bin/python bench/capacity.py                                          # everything (days on CPU)
@@ -72,7 +73,7 @@ def train(rank: int, seed: int, system: str, budget: int, regime: int | None, ar
         shutil.copytree(lib.parent / previous, lib)  # its selector (and trunk, mixed) are kept by fingerprint
     cfg = config.load(REPO / "configs" / "demo.yaml", overrides(rank, seed, system, budget, regime, args))
     t0 = time.perf_counter()
-    train_library(cfg, lib, finetune=system == "mixed10")
+    train_library(cfg, lib, finetune=system == "mixed10", resume=True)  # a killed sweep continues its adapter
     return lib, time.perf_counter() - t0
 
 
@@ -124,7 +125,7 @@ def run(args, out: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         sys.exit(f"{out}: another capacity.py is running on this directory; wait for it or give --out")
-    done = {(r["rank"], r["seed"], r["system"]) for r in load(out) if r["budget"] == args.budget}
+    done = {(r["rank"], r["seed"], r["system"]) for r in load(args.regime) if r["budget"] == args.budget}
     for seed in args.seeds:  # seeds outermost: every rank gets its first seed before any gets a second
         for rank in args.ranks:
             for system in SYSTEMS:
@@ -135,12 +136,17 @@ def run(args, out: Path) -> None:
                 row = {"rank": rank, "seed": seed, "system": system, "budget": args.budget,
                        "regime": args.regime, "train_s": round(seconds, 1),
                        **score(lib, args.per_task, args.max_new_tokens, system)}
-                with open(out / "results.jsonl", "a") as f:
+                with open(results_file(args.regime), "a") as f:
                     f.write(json.dumps(row) + "\n")
 
 
-def load(out: Path) -> list[dict]:
-    path = out / "results.jsonl"
+def results_file(regime: int | None) -> Path:
+    """Where finished runs are recorded: tracked beside this script (runs/ is not)."""
+    return BENCH / f"capacity-{regime or 'all'}.jsonl"
+
+
+def load(regime: int | None) -> list[dict]:
+    path = results_file(regime)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
@@ -268,7 +274,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not args.render:
         run(args, out)
-    rows = [r for r in load(out) if r["budget"] == args.budget]  # one cap per table
+    rows = [r for r in load(args.regime) if r["budget"] == args.budget]  # one cap per table
     meta = {"settings": f"configs/demo.yaml (SmolLM2-135M, q/v, alpha 2r, batch 8, lr 2e-3), early stopping every "
                         f"{args.eval_steps} steps on {args.validation_per_task} validation records a task (patience "
                         f"{args.patience}), step cap "

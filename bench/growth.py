@@ -17,7 +17,8 @@ must do to learn it (retrain from its start, or continue and forget).
 
     .venv/bin/python bench/growth.py                 # about 25 min on a 2-core CPU
     .venv/bin/python bench/growth.py --new rhyme --seed 1
-Results go to --out (default runs/bench-growth) and bench/RESULTS.md's growth section.
+Libraries go to --out (default runs/bench-growth); the measurements to bench/growth.json and
+bench/RESULTS.md's growth section.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+RESULTS_FILE = BENCH / "growth.json"  # tracked: --render works on a fresh checkout
 
 
 def config(tasks: list[str], seed: int, extra: list[str] = ()):
@@ -214,8 +216,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.render:
-        (out / "results.json").write_text(json.dumps(run(args, out), indent=2))
-    res = json.loads((out / "results.json").read_text())
+        RESULTS_FILE.write_text(json.dumps(run(args, out), indent=2) + "\n")
+    res = json.loads(RESULTS_FILE.read_text())
     meta = {"settings": "configs/demo.yaml (SmolLM2-135M, LoRA r=8 q/v, warm branches, trunk_fraction 0.5, "
                         f"batch 8, lr 2e-3, its classifier and encoder selectors), seed {res['seed']}, "
                         f"{res['per_task']} test records a task",
