@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from rich.console import Console as _RichConsole
 from rich.table import Table
@@ -87,8 +88,6 @@ class PlainBar(tqdm):
         self.sp = None  # tqdm's own close() then writes nothing (no blank line, no \\r)
 
     def display(self, msg: str | None = None, pos: int | None = None, force: bool = False) -> bool:
-        import time
-
         line = (msg if msg is not None else str(self)).strip()
         now = time.monotonic()
         if line and line != self._last_line and (force or now - self._last_t >= self.mininterval):

@@ -236,12 +236,24 @@ def selector_args(d: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chainlora.models import DEFAULT_MODEL
-
     p = _Parser(prog="chainlora", description="Chain of LoRA: routed task adapters and residual LoRA chains.")
     p.add_argument("--version", action="version", version=f"chainlora {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _training_parsers(sub)
+    _inference_parsers(sub)
+    _evaluation_parsers(sub)
+    add_serve_parser(sub, selector_args)
+    add_discover_parser(sub)
+    _tool_parsers(sub)
+    for command in sub.choices.values():  # every command: how long work shows its progress
+        command.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                             help="bar (redrawn), plain (one line per update: logs) or none; "
+                                  "auto: bar on a terminal, else plain")
+    return p
 
+
+def _training_parsers(sub: argparse._SubParsersAction) -> None:
+    """demo, train, finetune, export."""
     d = sub.add_parser("demo", help="the main job on the bundled default model and data")
     d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     d.add_argument("--quick", action="store_true", help="fewer examples, for a fast look")
@@ -280,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_export)
 
+
+
+def _inference_parsers(sub: argparse._SubParsersAction) -> None:
+    """route and generate: the routing options every inference command takes."""
     for name, func, help_ in (("route", cmd_route, "pick the task adapter for instructions"),
                               ("generate", cmd_generate, "route and answer instructions")):
         d = sub.add_parser(name, help=help_)
@@ -299,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
         d.set_defaults(func=func)
 
+
+
+def _evaluation_parsers(sub: argparse._SubParsersAction) -> None:
+    """eval, judge, annotate, report."""
     d = sub.add_parser("eval", help="Tables I-III and task metrics of a library on test data")
     d.add_argument("library", help="adapter library directory")
     d.add_argument("--data", required=True, help="records with a task field (.jsonl/...), or 'demo' (bundled test split)")
@@ -357,8 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a bench/chain_vs_mixed.py results directory to add (its tables and plot); repeatable")
     d.set_defaults(func=cmd_report)
 
-    add_serve_parser(sub, selector_args)
-    add_discover_parser(sub)
+
+def _tool_parsers(sub: argparse._SubParsersAction) -> None:
+    """data and model: check a data file, describe a base model."""
+    from chainlora.models import DEFAULT_MODEL
 
     d = sub.add_parser("data", help="check a data file: per-task counts and train/test split")
     d.add_argument("file", help=".jsonl/.json/.csv/.parquet file or a hub dataset name")
@@ -379,11 +401,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_model)
-    for command in sub.choices.values():  # every command: how long work shows its progress
-        command.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
-                             help="bar (redrawn), plain (one line per update: logs) or none; "
-                                  "auto: bar on a terminal, else plain")
-    return p
 
 
 def _quiet_libraries() -> None:

@@ -27,7 +27,7 @@ class Selection:
     trained: int = 0  # training records found among the library's tasks' records
     kept_trained: bool = False  # --include-train: they are scored anyway
     unknown: Counter = field(default_factory=Counter)  # task -> records the library has no adapter for
-    checked: str = "seen.json"  # how training records were recognised ("" = they could not be)
+    checked: str = SEEN  # how training records were recognised ("" = they could not be)
 
     def notes(self) -> list[str]:
         out = []
@@ -87,9 +87,9 @@ def held_out(lib, tasks: Sequence[str], records: Sequence[Record], include_train
         raise ChainloraError(f"no records of this library's tasks ({', '.join(tasks)}) in the data"
                              + (f"; it has {', '.join(sorted(unknown))}" if unknown else ""))
     seen, source = seen_digests(lib)
-    trained = [r for r in mine if seen is not None and prompt_digest(r) in seen]
-    kept = mine if include_train else [r for r in mine if seen is None or prompt_digest(r) not in seen]
+    was_trained = [seen is not None and prompt_digest(r) in seen for r in mine]
+    kept = mine if include_train else [r for r, t in zip(mine, was_trained) if not t]
     if not kept:
         raise ChainloraError(f"all {len(mine)} records of this library's tasks were its training records "
                              "(nothing held out to score); give a test file, or --include-train to score them anyway")
-    return Selection(kept, len(trained), include_train, unknown, source)
+    return Selection(kept, sum(was_trained), include_train, unknown, source)

@@ -104,7 +104,11 @@ def early_stopping(job: Job) -> list | None:
     return [_LastStepToo()] + ([EarlyStoppingCallback(early_stopping_patience=e.patience)] if e.patience else [])
 
 
-def best_step(state: Any) -> int:
-    """The optimizer step of the checkpoint the Trainer kept as best (`checkpoint-N`)."""
-    best = state.best_model_checkpoint or ""
-    return int(best.rsplit("-", 1)[-1]) if best.rsplit("-", 1)[-1].isdigit() else state.global_step
+def stopping_facts(state: Any, job: Job) -> dict:
+    """What the manifest records of an early-stopped job: the step of the checkpoint the Trainer
+    kept as best (`checkpoint-N`), its validation loss, and the whole validation curve."""
+    tail = (state.best_model_checkpoint or "").rsplit("-", 1)[-1]
+    return {"best_step": int(tail) if tail.isdigit() else state.global_step, "n_validation": len(job.validation),
+            "best_validation_loss": None if state.best_metric is None else round(state.best_metric, 5),
+            "planned_steps": job.steps,
+            "validation_curve": [[h["step"], round(h["eval_loss"], 5)] for h in state.log_history if "eval_loss" in h]}

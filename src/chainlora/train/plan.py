@@ -140,6 +140,14 @@ def _check_default_selector(cfg: Config) -> None:
 
 def task_splits(cfg: Config, data: dict[str, TaskData]) -> tuple[list[str], dict, dict]:
     """The tasks to train and their (sampled) train and test records, checked."""
+    names, parts = _task_parts(cfg, data)
+    test = {t: _sample(data[t].test, cfg.data.max_test_per_task, cfg.training.seed) for t in names}
+    return names, {t: p[0] for t, p in parts.items()}, test
+
+
+def _task_parts(cfg: Config, data: dict[str, TaskData]) -> tuple[list[str], dict[str, tuple[list, list, list]]]:
+    """The tasks to train (checked) and, per task, its sampled train records split three ways:
+    (what the adapters and selectors train on, the gate's hold-out, early stopping's validation)."""
     names = list(data) if cfg.tasks in ("all", "auto") else cfg.tasks
     for name in names:
         if name not in data:
@@ -147,11 +155,12 @@ def task_splits(cfg: Config, data: dict[str, TaskData]) -> tuple[list[str], dict
         if name in RESERVED:
             raise ChainloraError(f"{cfg.source}: tasks: {name!r} is a reserved name; rename that task")
     _check_train_split(cfg, data, names)
-    seed, d = cfg.training.seed, cfg.data
-    train = {t: _early_split(cfg, t, _gate_split(cfg, t, _sample(data[t].train, d.max_train_per_task, seed))[0])[0]
-             for t in names}
-    test = {t: _sample(data[t].test, d.max_test_per_task, seed) for t in names}
-    return names, train, test
+    parts = {}
+    for t in names:
+        kept, gate = _gate_split(cfg, t, _sample(data[t].train, cfg.data.max_train_per_task, cfg.training.seed))
+        train, validation = _early_split(cfg, t, kept)
+        parts[t] = (train, gate, validation)
+    return names, parts
 
 
 def _hold_out(records: list[Record], n: int, key: str) -> tuple[list[Record], list[Record]]:
@@ -171,9 +180,7 @@ def _early_split(cfg: Config, task: str, records: list[Record]) -> tuple[list[Re
 
 def validation_records(cfg: Config, data: dict[str, TaskData]) -> dict[str, list[Record]]:
     """Per task, the records `training.early_stopping` held out to choose each adapter's checkpoint."""
-    names, seed, d = task_splits(cfg, data)[0], cfg.training.seed, cfg.data
-    return {t: _early_split(cfg, t, _gate_split(cfg, t, _sample(data[t].train, d.max_train_per_task, seed))[0])[1]
-            for t in names}
+    return {t: p[2] for t, p in _task_parts(cfg, data)[1].items()}
 
 
 def _gate_split(cfg: Config, task: str, records: list[Record]) -> tuple[list[Record], list[Record]]:
@@ -184,8 +191,7 @@ def _gate_split(cfg: Config, task: str, records: list[Record]) -> tuple[list[Rec
 
 def gate_records(cfg: Config, data: dict[str, TaskData]) -> dict[str, list[Record]]:
     """Per task, the records `chain.gate` held out of training (empty where the gate is off)."""
-    names, seed, d = task_splits(cfg, data)[0], cfg.training.seed, cfg.data
-    return {t: _gate_split(cfg, t, _sample(data[t].train, d.max_train_per_task, seed))[1] for t in names}
+    return {t: p[1] for t, p in _task_parts(cfg, data)[1].items()}
 
 
 def steps_for(settings: TrainingSettings, n_examples: int, world_size: int = 1) -> int:

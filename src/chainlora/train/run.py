@@ -39,7 +39,7 @@ from chainlora.train.config import Config
 from chainlora.train.distributed import on_main  # noqa: F401  (the API: chainlora.train.run.on_main)
 from chainlora.train.plan import (Job, gate_records, load_data, load_with_discovery, plan_finetune, plan_train,  # noqa: F401
                                   selector_split, task_splits)
-from chainlora.train.arguments import best_step, early_stopping, training_args, use_cpu  # noqa: F401
+from chainlora.train.arguments import early_stopping, stopping_facts, training_args, use_cpu  # noqa: F401
 from chainlora.train.progress import RunProgress
 
 FINGERPRINT_FILE = "fingerprint.txt"  # in a job's work directory: which job its checkpoints are of
@@ -144,12 +144,7 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
                             if "loss" in h]}
     if val_ds is not None:  # the Trainer has loaded the best checkpoint's weights (load_best_model_at_end)
         entry["steps"] = trainer.state.global_step  # an early stop ran fewer steps than planned
-        entry["early_stopping"] = {"best_step": best_step(trainer.state), "n_validation": len(job.validation),
-                                   "best_validation_loss": None if trainer.state.best_metric is None
-                                   else round(trainer.state.best_metric, 5),
-                                   "planned_steps": job.steps,
-                                   "validation_curve": [[h["step"], round(h["eval_loss"], 5)]
-                                                        for h in trainer.state.log_history if "eval_loss" in h]}
+        entry["early_stopping"] = stopping_facts(trainer.state, job)
     if cola_cb:  # from here on the model is W0 + one plain LoRA equal to the sum of the links
         facts = cola_cb.export(c.compress_rank, f"{cfg.source}: {job.section}.cola.compress_rank")
         if residual:  # trunk ⊕ residual, one LoRA of rank r_trunk + r
@@ -287,14 +282,7 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     if base_fp is None:  # a hub model: only loading it tells its revision
         base = load_base(cfg.base_model, dtype=cfg.dtype)
         base_fp = base.fingerprint
-    tokenizer = tokenizer_digest(cfg.base_model)
-    def fingerprints(jobs: list[Job]) -> dict[str, dict]:  # in plan order: the trunk before its branches
-        prints: dict[str, dict] = {}
-        for j in jobs:
-            prints[j.path] = changes.fingerprint(j, cfg, base_fp, state.num_processes, tokenizer,
-                                                 prints.get(j.start) if j.start else None)
-        return prints
-
+    fingerprints = _fingerprinter(cfg, base_fp, state.num_processes, tokenizer_digest(cfg.base_model))
     prints = fingerprints(jobs)
     if not finetune and not force:
         jobs, prints = _keep_trunk(cfg, data, state.num_processes, jobs, prints, manifest, fingerprints)
@@ -328,7 +316,36 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         if c.action == "keep":
             _record(new, c.job, {**c.entry, **c.job.info, "path": c.path})
     on_main(state, lambda: staging.prepare(partial, new, plan_, not continuing, earlier))
-    todo = [c for c in plan_ if c.job is not None]
+    _train_jobs([c for c in plan_ if c.job is not None], new, base, cfg, partial, resume and continuing, state)
+    if split is not None:
+        new["selection"] = _measured(manifest, "selection", sel_fp, force, state, lambda: selection.measure(
+            partial, new, base, cfg, split, sel_fp), "measuring the selectors on validation data no selector trained on ...")
+        _print_selection(new["selection"], state.is_main_process)
+    if held:
+        new["gate"] = _measured(manifest, "gate", gate_fp, force, state,
+                                lambda: gate.measure(partial, new, base, cfg, held, gate_fp))
+        if state.is_main_process and gate.summary(new["gate"]):
+            print(gate.summary(new["gate"]), flush=True)
+    on_main(state, lambda: _complete(partial, root, new, jobs, plan_, data))
+    return root
+
+
+def _fingerprinter(cfg: Config, base_fp: str, world_size: int, tokenizer: str | None) -> Callable:
+    """jobs -> {path: fingerprint}, in plan order: a branch's fingerprint includes its trunk's."""
+    def fingerprints(jobs: list[Job]) -> dict[str, dict]:
+        prints: dict[str, dict] = {}
+        for j in jobs:
+            prints[j.path] = changes.fingerprint(j, cfg, base_fp, world_size, tokenizer,
+                                                 prints.get(j.start) if j.start else None)
+        return prints
+
+    return fingerprints
+
+
+def _train_jobs(todo: list[changes.Change], new: dict, base: Any, cfg: Config, partial: Path, resume: bool,
+                state: Any) -> None:
+    """Train every planned adapter (or count the ones an earlier run finished) into the partial
+    library, the manifest rewritten after each; one progress bar and summary over all of them."""
     progress = RunProgress([c.job for c in todo], enabled=state.is_main_process)
     for c in todo:
         if c.action == "keep":
@@ -337,33 +354,30 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
         if c.job.kind in ("classifier", "encoder", "sft"):
             entry = selectors.run_selector_job(c.job, base, cfg, partial, progress)
         else:
-            entry = run_job(c.job, base, cfg, partial, resume and continuing, progress, c.fingerprint)
+            entry = run_job(c.job, base, cfg, partial, resume, progress, c.fingerprint)
         entry["fingerprint"] = c.fingerprint
         progress.finish(c.job, entry)
         on_main(state, lambda: (_record(new, c.job, entry), store.write_manifest(partial, new)))
     progress.close()
-    if split is not None:
-        new["selection"] = _block_of(manifest, "selection", sel_fp) if not force else None
-        if new["selection"] is None and state.is_main_process:
-            print("measuring the selectors on validation data no selector trained on ...", flush=True)
-        new["selection"] = on_main(state, lambda: new["selection"] or selection.measure(
-            partial, new, base, cfg, split, sel_fp))
-        _print_selection(new["selection"], state.is_main_process)
-    if held:
-        new["gate"] = _block_of(manifest, "gate", gate_fp) if not force else None
-        new["gate"] = on_main(state, lambda: new["gate"] or gate.measure(partial, new, base, cfg, held, gate_fp))
-        if state.is_main_process and gate.summary(new["gate"]):
-            print(gate.summary(new["gate"]), flush=True)
 
-    def complete() -> None:
-        write_seen(partial, data)
-        order = [j.path for j in jobs]
-        new["tasks"].sort(key=lambda e: order.index(e["path"]))
-        new["complete"] = True
-        new.pop("forced")
-        store.write_manifest(partial, new)
-        for note in staging.finish(partial, root, plan_):
-            print(note)
 
-    on_main(state, complete)
-    return root
+def _measured(manifest: dict | None, key: str, fp: str | None, force: bool, state: Any, measure: Callable,
+              announce: str | None = None) -> dict | None:
+    """The library's `selection` / `gate` block: kept when measured for this very fingerprint
+    (and not --force), else measured now on the main process."""
+    kept = _block_of(manifest, key, fp) if not force else None
+    if kept is None and announce and state.is_main_process:
+        print(announce, flush=True)
+    return on_main(state, lambda: kept or measure())
+
+
+def _complete(partial: Path, root: Path, new: dict, jobs: list[Job], plan_: list[changes.Change], data: dict) -> None:
+    """Main process: mark the partial library complete (tasks in plan order) and swap it in."""
+    write_seen(partial, data)
+    order = [j.path for j in jobs]
+    new["tasks"].sort(key=lambda e: order.index(e["path"]))
+    new["complete"] = True
+    new.pop("forced")
+    store.write_manifest(partial, new)
+    for note in staging.finish(partial, root, plan_):
+        print(note)
