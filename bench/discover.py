@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from chainlora.inference.classifier import Encoder
+    from chainlora.inference.classifier import FrozenEncoder as Encoder
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     encoder = Encoder("minilm")

@@ -81,7 +81,7 @@ def continue_training(adapter: Path, tasks: list[str], steps: int, seed: int, wo
     from transformers import Trainer
 
     from chainlora.data.examples import answer_pairs, build_dataset, collator
-    from chainlora.models import load_base
+    from chainlora.base_model import load_base
     from chainlora.train.arguments import training_args
     from chainlora.train.plan import Job, load_data, task_splits
 

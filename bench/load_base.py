@@ -31,7 +31,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chainlora.models import ALIASES, DEFAULT_MODEL, alias_gguf, load_base
+    from chainlora.base_model import ALIASES, DEFAULT_MODEL, alias_gguf, load_base
 
     gguf = alias_gguf(ALIASES[DEFAULT_MODEL])
 

@@ -44,7 +44,7 @@ def main() -> None:
     _, train, _ = task_splits(cfg, load_demo())
     split = selector_split(cfg, train)
     records = bank_records(split, cfg.training.seed)
-    frozen = classifier.Encoder("minilm")
+    frozen = classifier.FrozenEncoder("minilm")
     spaces = {"frozen MiniLM": frozen.embed}
     if manifest.get("encoder"):
         model, tokenizer, enc_info = encoder.load(Path(args.library) / manifest["encoder"]["path"])

@@ -61,12 +61,12 @@ def main() -> None:
     from chainlora.train import config
     from chainlora.train.config import TrainingSettings
     from chainlora.train.plan import steps_for
-    from chainlora.train.selectors import fit_encoder
+    from chainlora.train.selector_models import fit_encoder
 
     demo = load_demo()
     tasks = list(demo)
     templates = sorted({r.meta.get("template") for d in demo.values() for r in d.train})
-    frozen = classifier.Encoder("minilm")
+    frozen = classifier.FrozenEncoder("minilm")
     dev_path = Path(__file__).parent / "data" / "dev_paraphrases.jsonl"
     dev_texts = read_instructions(dev_path)
     dev_y = torch.tensor([tasks.index(json.loads(line)["task"]) for line in dev_path.read_text().splitlines() if line.strip()])

@@ -89,7 +89,7 @@ def main() -> None:
     import torch
 
     from chainlora.data import load_demo
-    from chainlora.models import load_base
+    from chainlora.base_model import load_base
 
     model_dir = load_base().path  # the cached safetensors copy of the default model
     records = load_demo()[args.task].train

@@ -7,9 +7,11 @@ ONCE per run into a session cache directory (set CHAINLORA_TEST_HOME to reuse on
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,7 +85,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def default_base():
     """The real default model (SmolLM2-135M), converted once per run."""
-    from chainlora.models import load_base
+    from chainlora.base_model import load_base
 
     return load_base()
 
@@ -111,7 +113,7 @@ def make_random_library(root: Path, model_dir: Path, tasks: list[str], *, router
 
     from chainlora import library
     from chainlora.data.prompts import DEFAULT_TASK_PROMPT
-    from chainlora.models import load_base
+    from chainlora.base_model import load_base
 
     base = load_base(str(model_dir), device="cpu")
     manifest = library.new_manifest(str(model_dir), base.fingerprint, {}, "test", None)
@@ -191,3 +193,53 @@ def live_app():
     yield start
     for a in started:
         a.close()
+
+
+# --------------------------------------------------------------------------- tiny training runs
+
+TINY = REPO / "configs" / "tiny.yaml"
+TASKS = ["antonym", "sentiment", "rhyme"]
+
+
+def tiny_config(model_dir: Path, *extra: str):
+    """configs/tiny.yaml on the tiny model, with `--set`-style overrides."""
+    from chainlora.train import config
+
+    return config.load(TINY, overrides=[f"base_model={model_dir}", *extra])
+
+
+def write_data(directory: Path, tasks: list[str]) -> tuple[Path, Path]:
+    """A train and a test JSONL file of a few demo records per task (the files are the split)."""
+    from chainlora.data import load_demo
+
+    demo = load_demo()
+    paths = directory / "train.jsonl", directory / "test.jsonl"
+    for path, split, n in ((paths[0], "train", 16), (paths[1], "test", 4)):
+        rows = [{"task": t, "instruction": r.instruction, "input": r.input, "output": r.output}
+                for t in tasks for r in getattr(demo[t], split)[:n]]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return paths
+
+
+def cfg_for(model_dir: Path, data: tuple[Path, Path], tasks: list[str], *extra: str) -> Any:
+    """configs/tiny.yaml on the tiny model and these data files and tasks."""
+    from chainlora.train import config
+
+    return config.load(TINY, overrides=[f"base_model={model_dir}", f"data.train={data[0]}",
+                                        f"data.test={data[1]}", f"tasks={json.dumps(tasks)}", *extra])
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every adapter file's bytes, by path relative to the library."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*.safetensors")
+            if not p.relative_to(root).parts[0].startswith(".")}
+
+
+def plan_lines(out: str) -> dict[str, tuple[str, str]]:
+    """{adapter: (action, reason)} from a printed plan."""
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) >= 2 and parts[0] in ("keep", "train", "retrain", "remove"):
+            rows[parts[1]] = (parts[0], parts[2] if len(parts) > 2 else "")
+    return rows

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_library_update import cfg_for, files, plan_lines, write_data
+from conftest import cfg_for, files, plan_lines, write_data
 
 from chainlora.errors import ChainloraError
 from chainlora.library import Library
@@ -27,7 +27,7 @@ def test_matched_compute_and_schedules():
     rate, branches decay from it without a second warm-up."""
     cfg = config.load(Path(__file__).parents[1] / "configs" / "demo.yaml",
                       ["chain.branch=warm", "chain.trunk_fraction=0.5", "training.max_steps=8"])
-    jobs = {j.name: j for j in plan_train(cfg, load_data(cfg))}
+    jobs = {j.name: j for j in plan_train(cfg, load_data(cfg)).jobs}
     trunk, mixed = jobs["trunk"], jobs["mixed"]
     branches = [j for j in jobs.values() if j.kind == "task"]
     assert trunk.steps == sum(j.steps for j in branches) == 80  # trunk_fraction 0.5 of 160
@@ -41,7 +41,7 @@ def test_matched_compute_and_schedules():
     assert jobs["router"].start is None  # selectors are not branches
     paper = config.load(Path(__file__).parents[1] / "configs" / "demo.yaml",
                         ["chain.branch=none", "training.max_steps=8"])
-    none = {j.name: j for j in plan_train(paper, load_data(cfg))}
+    none = {j.name: j for j in plan_train(paper, load_data(cfg)).jobs}
     assert "trunk" not in none and none["mixed"].steps == 80 and none["mixed"].start is None
 
 
@@ -50,8 +50,8 @@ def test_replay_adds_other_tasks_records_to_branches_and_keeps_the_steps():
     base = config.load(demo, ["chain.branch=warm", "training.max_steps=8"])
     cfg = config.load(demo, ["chain.branch=warm", "training.max_steps=8", "chain.replay=0.25"])
     data = load_data(cfg)
-    plain = {j.name: j for j in plan_train(base, data)}
-    replayed = {j.name: j for j in plan_train(cfg, data)}
+    plain = {j.name: j for j in plan_train(base, data).jobs}
+    replayed = {j.name: j for j in plan_train(cfg, data).jobs}
     for name, job in replayed.items():
         if job.kind != "task":
             assert job.train == plain[name].train and job.steps == plain[name].steps  # trunk, mixed, selectors

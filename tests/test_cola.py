@@ -14,7 +14,7 @@ from chainlora import library
 from chainlora.data.examples import Pair, build_dataset, collator
 from chainlora.errors import ChainloraError
 from chainlora.library import lora_math
-from chainlora.models import load_base
+from chainlora.base_model import load_base
 from chainlora.train import cola, config
 from chainlora.train.config import ColaSettings
 
@@ -310,7 +310,7 @@ def test_cola_library_leaves_the_base_exact_and_loads_in_plain_peft(tiny_model_d
     base = load_base(str(tiny_model_dir), device="cpu")
     ids = base.tokenizer("Is the word happy positive or negative?", return_tensors="pt")["input_ids"]
     before = logits(base.model, ids)
-    jobs = train_mod.plan_train(cfg, train_mod.load_data(cfg))
+    jobs = train_mod.plan_train(cfg, train_mod.load_data(cfg)).jobs
     assert [j.link_plan is not None for j in jobs] == [True, True, False]  # mixed overrides back to lora
     root = tmp_path / "lib"
     progress = RunProgress(jobs, enabled=False)

@@ -30,7 +30,7 @@ def test_validation_records_are_held_out_of_every_job_and_the_mixed_adapter_gets
     held = validation_records(cfg, data)
     assert all(len(v) == 4 for v in held.values())
     held_text = {r.text for v in held.values() for r in v}
-    jobs = {j.name: j for j in plan_train(cfg, data)}
+    jobs = {j.name: j for j in plan_train(cfg, data).jobs}
     for job in jobs.values():  # no adapter and no selector trains on them
         assert not held_text & {p.text for p in job.train}, job.name
     for t in held:
@@ -44,7 +44,7 @@ def test_validation_records_are_held_out_of_every_job_and_the_mixed_adapter_gets
 def test_fingerprints_include_the_option_and_leave_libraries_without_it_alone(tiny_model_dir):
     def prints(*extra: str) -> dict[str, str]:
         cfg = tiny_config(tiny_model_dir, *extra)
-        return {j.path: fingerprint(j, cfg, "sha256:x")["sha256"] for j in plan_train(cfg, load_data(cfg))}
+        return {j.path: fingerprint(j, cfg, "sha256:x")["sha256"] for j in plan_train(cfg, load_data(cfg)).jobs}
 
     off, default = prints("training.early_stopping.enabled=false"), prints()
     assert off == default  # the key's defaults change nothing an existing library was trained with
@@ -106,11 +106,11 @@ def test_finetune_holds_out_the_same_validation_records(tiny_model_dir):
 
     cfg = tiny_config(tiny_model_dir, *EARLY)
     data = load_data(cfg)
-    (job,) = plan_finetune(cfg, data)
+    (job,) = plan_finetune(cfg, data).jobs
     held = validation_records(cfg, data)
     assert sorted(p.text for p in job.validation) == sorted(r.text for v in held.values() for r in v)
     assert not {p.text for p in job.validation} & {p.text for p in job.train}
-    plain = plan_finetune(tiny_config(tiny_model_dir), data)[0]
+    plain = plan_finetune(tiny_config(tiny_model_dir), data).jobs[0]
     assert plain.validation == [] and len(plain.train) == len(job.train) + len(job.validation)
 
 

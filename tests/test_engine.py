@@ -10,7 +10,7 @@ import torch
 
 from chainlora.data import prompts
 from chainlora.errors import ChainloraError
-from chainlora.inference import router
+from chainlora.inference import label_ranking as router
 from chainlora.inference.engine import BASE, Engine
 
 TEXTS = ["Give the antonym of hot.", "Is the word happy positive or negative?",

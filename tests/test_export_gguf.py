@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from chainlora.errors import ChainloraError
-from chainlora.library import llamacpp
+from chainlora.library import gguf as llamacpp
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -96,7 +96,7 @@ def test_permutation_matches_the_default_models_own_gguf(default_base):
     import gguf
     from gguf.quants import dequantize
 
-    from chainlora.models import resolve
+    from chainlora.base_model import resolve
 
     reader = gguf.GGUFReader(str(resolve("smollm2-135m")[1]))
     stored = {t.name: t for t in reader.tensors if t.name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight")}
@@ -154,7 +154,7 @@ def test_a_library_on_a_model_directory_exports_its_adapters(random_lib, tmp_pat
     from peft import PeftModel
 
     from chainlora.library import Library
-    from chainlora.models import load_base
+    from chainlora.base_model import load_base
 
     r = cli("export", str(random_lib), "--format", "gguf", "--out", str(tmp_path / "g"), "--json")
     assert r.returncode == 0, r.stderr

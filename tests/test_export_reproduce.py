@@ -126,7 +126,7 @@ def with_changes(src: Path, dst: Path, manifest_change: dict | None = None) -> P
 
 
 def tokenizer_of(lib: Path):
-    from chainlora.models import load_tokenizer
+    from chainlora.base_model import load_tokenizer
 
     return load_tokenizer(Library.open(lib).manifest["base_model"]["name"])
 
@@ -157,7 +157,7 @@ def test_a_plain_prompt_library_gets_its_plain_template(tiny_model_dir, tmp_path
     """No chat template: training used chainlora's plain format, so must the Modelfile."""
     from transformers import AutoTokenizer
 
-    from chainlora.models import prepare_tokenizer
+    from chainlora.base_model import prepare_tokenizer
 
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
     tok.chat_template = None
@@ -272,7 +272,7 @@ def test_vllm_and_compressed_copies_name_the_portable_base(random_lib, tmp_path)
 
 
 def test_portable_name_of_the_default_alias():
-    from chainlora.models import DEFAULT_MODEL, portable_name
+    from chainlora.base_model import DEFAULT_MODEL, portable_name
 
     assert portable_name(DEFAULT_MODEL) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert portable_name("/data/models/mine") == "/data/models/mine"

@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_library_update import cfg_for, write_data
+from conftest import cfg_for, write_data
 
 from chainlora.errors import ChainloraError
 from chainlora.eval.evaluate import perplexity_table
-from chainlora.inference import router
+from chainlora.inference import label_ranking as router
 from chainlora.inference.engine import Engine
 from chainlora.inference.scoring import perplexity, pooled, record_nll
 from chainlora.library import Library, store
@@ -31,11 +31,11 @@ def test_held_out_records_train_nothing_and_stay_put_when_a_task_is_added():
     held = gate_records(cfg, data)
     assert {t: len(v) for t, v in held.items()} == {"antonym": 24, "rhyme": 24}
     texts = {r.text for v in held.values() for r in v}
-    jobs = plan_train(cfg, data)
+    jobs = plan_train(cfg, data).jobs
     assert {j.kind for j in jobs} >= {"trunk", "task", "mixed", "router", "classifier", "encoder"}
     for job in jobs:  # adapters and selectors alike
         assert not texts & {p.text for p in job.train}, job.name
-    plain = {j.name: j for j in plan_train(config.load(DEMO, ["tasks=[antonym, rhyme]"]), data)}
+    plain = {j.name: j for j in plan_train(config.load(DEMO, ["tasks=[antonym, rhyme]"]), data).jobs}
     assert len(plain["antonym"].train) == len({j.name: j for j in jobs}["antonym"].train) + 24
     more = config.load(DEMO, ["chain.gate=true", "chain.gate_per_task=24", "tasks=[antonym, rhyme, hypernym]"])
     again = gate_records(more, load_data(more))

@@ -138,3 +138,88 @@ def test_same_prompt_is_paid_once_and_a_torn_cache_line_costs_nothing_else(live_
     assert len(keys) == 2  # the torn line did not swallow the new entry
     _, calls3 = asyncio.run(rate(items + other))
     assert calls3 == 0
+
+
+def scripted_judge(statuses: list[int]) -> tuple[FastAPI, list[int]]:
+    """Answers each call with the next status in `statuses` (the last one repeats): an error
+    body with a 1 ms Retry-After for a non-200, else a reply scored 5. Records what it sent."""
+    from fastapi.responses import JSONResponse
+
+    app, sent = FastAPI(), []
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        status = statuses[min(len(sent), len(statuses) - 1)]
+        sent.append(status)
+        assert "authorization" not in request.headers  # no key given: none sent
+        if status != 200:
+            return JSONResponse({"error": {"message": f"status {status}"}}, status_code=status,
+                                headers={"retry-after-ms": "1"})
+        body = await request.json()
+        return {"id": "x", "object": "chat.completion", "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Good.\n5"},
+                             "finish_reason": "stop"}]}
+
+    return app, sent
+
+
+def judge_once(url: str, retries: int = 2) -> tuple[dict, int]:
+    """Rate one answer with a fresh judge (no cache): (the rating, the calls it counted)."""
+    import asyncio
+
+    async def go():
+        j = judge.Judge(url, "fake", retries=retries, timeout_s=5)
+        try:
+            return await j.rate("Say hi.", "hi", "hi"), j.calls
+        finally:
+            await j.close()
+
+    return asyncio.run(go())
+
+
+def test_transient_errors_are_retried_and_every_try_is_counted(live_app):
+    app, sent = scripted_judge([429, 503, 200])
+    rating, calls = judge_once(f"{live_app(app).url}/v1", retries=2)
+    assert rating["score"] == 5 and sent == [429, 503, 200] and calls == 3
+
+
+@pytest.mark.parametrize("statuses, retries, message, tries", [
+    ([400], 2, "HTTP 400: ", 1),  # permanent: reported at once, not retried
+    ([503], 1, "gave up after 2 tries (HTTP 503: ", 2),  # transient, but it never recovers
+])
+def test_a_failure_is_one_line(live_app, statuses, retries, message, tries):
+    from chainlora.errors import ChainloraError
+
+    app, sent = scripted_judge(statuses)
+    server = live_app(app)
+    with pytest.raises(ChainloraError) as e:
+        judge_once(f"{server.url}/v1", retries=retries)
+    assert str(e.value).startswith(f"judge {server.url}/v1: {message}") and "\n" not in str(e.value)
+    assert len(sent) == tries
+
+
+def test_an_unreachable_judge_is_one_line():
+    import socket
+
+    from chainlora.errors import ChainloraError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ChainloraError, match=r"gave up after 1 tries \(\w+\)$"):
+        judge_once(f"http://127.0.0.1:{port}/v1", retries=0)
+
+
+def test_a_reply_that_is_not_a_chat_completion_is_one_line(live_app):
+    from fastapi.responses import PlainTextResponse
+
+    from chainlora.errors import ChainloraError
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        return PlainTextResponse("<html>a captive portal</html>")
+
+    with pytest.raises(ChainloraError, match=r"malformed reply \(AttributeError\)$"):
+        judge_once(f"{live_app(app).url}/v1")

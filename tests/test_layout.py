@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "chainlora"
 STAGES = ("core", "data", "library", "inference", "discover", "train", "eval", "serve", "demo", "cli")
 RANK = {stage: i for i, stage in enumerate(STAGES)}
-CORE = ("errors", "atomic", "models", "console")  # top-level modules every stage may use
+CORE = ("errors", "atomic", "base_model", "models", "console")  # top-level modules every stage may use
 MAX_LINES = 450
 
 
@@ -119,6 +119,64 @@ def test_the_check_catches_a_violation():
     found = violations(src, "chainlora.library.store", "store.py")
     assert [v.split(": ")[0] for v in found] == ["store.py:5", "store.py:6", "store.py:7"], found
     assert violations("from chainlora.inference.engine import Engine\n", "chainlora.serve.app", "app.py") == []
-    assert violations("from chainlora.models import load_base\n", "chainlora.data.records", "r.py") == []
+    assert violations("from chainlora.base_model import load_base\n", "chainlora.data.records", "r.py") == []
     assert violations("", "chainlora.helpers", "helpers.py")  # a new flat module has no stage
     assert violations("from chainlora.helpers import x\n", "chainlora.cli", "cli.py")
+
+
+MAX_FUNCTION_LINES = 80
+REGISTRY = PACKAGE / "library" / "kinds.py"
+
+
+def long_functions(source: str, where: str) -> list[str]:
+    """Functions (methods and nested ones included) over MAX_FUNCTION_LINES lines."""
+    return [f"{where}:{n.lineno}: {n.name} is {n.end_lineno - n.lineno + 1} lines"
+            for n in ast.walk(ast.parse(source, where)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def selector_kind_names() -> set[str]:
+    """Every selector and the entry each runs on, as the registry defines them."""
+    from chainlora.library import kinds
+
+    return set(kinds.SELECTORS) | {s.entry for s in kinds.SELECTORS.values()}
+
+
+def kind_lists(source: str, where: str, names: set[str]) -> list[str]:
+    """Tuples, lists, sets and dict keys that spell out two or more selector kinds by hand: such a
+    list goes stale when a selector is added; read chainlora.library.kinds instead."""
+    found = []
+    for node in ast.walk(ast.parse(source, where)):
+        items = (node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set))
+                 else node.keys if isinstance(node, ast.Dict) else [])
+        spelled = {i.value for i in items if isinstance(i, ast.Constant) and i.value in names}
+        if len(spelled) >= 2:
+            found.append(f"{where}:{node.lineno}: {sorted(spelled)}")
+    return found
+
+
+def test_no_function_is_too_long():
+    long = []
+    for path in sources():
+        long += long_functions(path.read_text(encoding="utf-8"), str(path.relative_to(SRC.parent)))
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n" + "\n".join(long)
+
+
+def test_selector_kinds_are_listed_only_in_the_registry():
+    names, bad = selector_kind_names(), []
+    for path in sources():
+        if path != REGISTRY:
+            bad += kind_lists(path.read_text(encoding="utf-8"), str(path.relative_to(SRC.parent)), names)
+    assert not bad, "selector kinds written out by hand (use chainlora.library.kinds):\n" + "\n".join(bad)
+
+
+def test_the_function_and_kind_checks_catch_what_they_should():
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    assert long_functions(f"def f():\n{body}", "f.py") == [f"f.py:1: f is {MAX_FUNCTION_LINES + 1} lines"]
+    assert long_functions(f"def f():\n{body[:-11]}", "f.py") == []
+    names = selector_kind_names()
+    src = ('A = ("classifier", "encoder", "sft")\n'
+           'B = {"score": 1, "generate": 2}\n'
+           'C: Literal["auto", "score", "router"]\n'
+           'D = ("score", "mixed")\n')
+    assert [v.split(": ")[0] for v in kind_lists(src, "m.py", names)] == ["m.py:1", "m.py:2", "m.py:3"]

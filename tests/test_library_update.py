@@ -12,39 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HANG_S
+from conftest import HANG_S, TASKS, cfg_for, files, plan_lines, write_data
 
 from chainlora import library
-from chainlora.data import load_demo
 from chainlora.errors import ChainloraError
 from chainlora.library import Library
 from chainlora.train import config, train_library
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-TASKS = ["antonym", "sentiment", "rhyme"]
-
-
-def write_data(directory: Path, tasks: list[str]) -> tuple[Path, Path]:
-    """A train and a test JSONL file of a few demo records per task (the files are the split)."""
-    demo = load_demo()
-    paths = directory / "train.jsonl", directory / "test.jsonl"
-    for path, split, n in ((paths[0], "train", 16), (paths[1], "test", 4)):
-        rows = [{"task": t, "instruction": r.instruction, "input": r.input, "output": r.output}
-                for t in tasks for r in getattr(demo[t], split)[:n]]
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return paths
-
-
-def cfg_for(model_dir: Path, data: tuple[Path, Path], tasks: list[str], *extra: str) -> config.Config:
-    return config.load(TINY, overrides=[f"base_model={model_dir}", f"data.train={data[0]}",
-                                        f"data.test={data[1]}", f"tasks={json.dumps(tasks)}", *extra])
-
-
-def files(root: Path) -> dict[str, bytes]:
-    """Every adapter file's bytes, by path relative to the library."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*.safetensors")
-            if not p.relative_to(root).parts[0].startswith(".")}
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +34,6 @@ def data_dir(tmp_path_factory) -> Path:
 def base_lib(tiny_model_dir, data_dir, tmp_path_factory) -> Path:
     data = write_data(tmp_path_factory.mktemp("data3"), TASKS)
     return train_library(cfg_for(tiny_model_dir, data, TASKS), tmp_path_factory.mktemp("lib") / "lib")
-
-
-def plan_lines(out: str) -> dict[str, tuple[str, str]]:
-    """{adapter: (action, reason)} from a printed plan."""
-    rows = {}
-    for line in out.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) >= 2 and parts[0] in ("keep", "train", "retrain", "remove"):
-            rows[parts[1]] = (parts[0], parts[2] if len(parts) > 2 else "")
-    return rows
 
 
 def test_every_entry_records_its_fingerprint(base_lib):

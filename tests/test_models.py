@@ -13,11 +13,11 @@ import pytest
 from conftest import HANG_S
 import torch
 
-from chainlora import models
+from chainlora import base_model as models
 from chainlora.cli import main
 from chainlora.data import prompts
 from chainlora.errors import ChainloraError
-from chainlora.models import home, load_base, resolve
+from chainlora.base_model import home, load_base, resolve
 
 
 def test_home_precedence(monkeypatch, tmp_path):
@@ -119,6 +119,31 @@ def test_converted_dir_is_reused_and_cleaned(monkeypatch, tmp_path):
     assert leftovers == [first.name]
 
 
+def test_conversion_holds_a_lock_other_processes_wait_on(monkeypatch, tmp_path):
+    """While converting, the lock file (filelock's FileLock) is held: another process cannot take it."""
+    monkeypatch.setenv("CHAINLORA_HOME", str(tmp_path))
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"not really gguf")
+    probe = ("import sys\nfrom filelock import FileLock, Timeout\n"
+             "try:\n    FileLock(sys.argv[1]).acquire(timeout=0)\n"
+             "except Timeout:\n    print('held')\nelse:\n    print('free')\n")
+    seen = []
+
+    def try_lock(target: Path) -> str:
+        lock = str(target.with_name(target.name + ".lock"))
+        return subprocess.run([sys.executable, "-c", probe, lock], capture_output=True, text=True,
+                              timeout=HANG_S).stdout.strip()
+
+    def fake_convert(src: Path, target: Path) -> None:
+        seen.append(try_lock(target))
+        with models.atomic.directory(target) as tmp:
+            (tmp / models.SOURCE_FILE).write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    target = models.converted_dir(gguf)
+    assert seen == ["held"] and try_lock(target) == "free"
+
+
 def test_real_gguf_error_is_one_line(tmp_path, capsys):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF\x00garbage")
@@ -159,7 +184,7 @@ def test_two_processes_converting_at_once(tmp_path):
     """Two processes race to convert the default model into an empty cache: both succeed,
     one copy exists, no temporary directories are left."""
     env_home = tmp_path / "home"
-    code = "from chainlora.models import load_base; print(load_base().fingerprint)"
+    code = "from chainlora.base_model import load_base; print(load_base().fingerprint)"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env={**__import__("os").environ, "CHAINLORA_HOME": str(env_home)})

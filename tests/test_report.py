@@ -76,3 +76,31 @@ def test_report_renders_in_headless_chromium(reported, tmp_path):
     ink = (pixels.sum(axis=-1) < 2.9).mean()  # share of pixels that are not (near) white
     colours = len({tuple(p) for p in (pixels[::7, ::7] * 255).astype(int).reshape(-1, 3).tolist()})
     assert ink > 0.03 and colours > 40, (ink, colours)  # text, tables and coloured plots drawn
+
+
+def test_user_text_in_the_page_is_escaped():
+    """Task names, the system prompt, the library's path and the config are user text: a
+    `<script>` in any of them comes out as text, never as markup (jinja2 autoescaping)."""
+    from types import SimpleNamespace
+
+    from chainlora.eval import report
+
+    evil = "<script>alert('x')</script>"
+    lib = SimpleNamespace(root=Path("/runs/lib<script>"), tasks=["t"], router=True, mixed=True, classifier=False)
+    tabs = [(f"Table I {evil}", ["task", "chain"], [[evil, "1.00"], ['a & "b"', "—"]])]
+    plots = [("losses", f"Training loss {evil}", b"\x89PNG")]
+    page = report._html(lib, tabs, plots, {"system prompt": evil, "judge": None}, f'{{"prompt": "{evil}"}}')
+    assert "<script" not in page and page.count("&lt;script&gt;") == 8
+    assert "<td>a &amp; &#34;b&#34;</td>" in page and "<td>None</td>" in page  # as str() wrote them
+    assert " task adapters, router, mixed</p>" in page
+
+
+def test_the_template_ships_in_the_wheel():
+    """pyproject.toml's package data covers every template, so an installed chainlora finds them."""
+    from fnmatch import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = REPO / "src/chainlora/eval"
+    templates = [p.relative_to(package).as_posix() for p in (package / "templates").iterdir()]
+    assert templates and all(any(fnmatch(t, g) for g in data["chainlora.eval"]) for t in templates)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chainlora.inference.router import LabelMatcher, kmp_find, kmp_table, normalize
+from chainlora.inference.label_ranking import LabelMatcher, kmp_find, kmp_table, normalize
 
 small_text = st.text(alphabet="abc ", max_size=40)
 

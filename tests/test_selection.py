@@ -7,20 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
 from chainlora.data.records import Record
 from chainlora.errors import ChainloraError
 from chainlora.inference import calibration, novelty
 from chainlora.library import Library
-from chainlora.train import config, train_library
+from chainlora.train import train_library
 from chainlora.train.plan import selector_split
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-
-
-def tiny_config(model_dir: Path, *extra: str) -> config.Config:
-    return config.load(TINY, overrides=[f"base_model={model_dir}", *extra])
 
 
 # --------------------------------------------------------------------------- pure parts

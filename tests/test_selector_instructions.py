@@ -83,8 +83,8 @@ def test_plan_gives_the_phrasings_to_selectors_only(tmp_path):
     data = load_data(plain_cfg)
     cfg = config.load(DEMO, ["training.max_steps=2", "selection.instructions=demo",
                              "selection.instructions_per_template=3"])
-    plain = {j.name: j for j in plan_train(plain_cfg, data)}
-    extra = {j.name: j for j in plan_train(cfg, data)}
+    plain = {j.name: j for j in plan_train(plain_cfg, data).jobs}
+    extra = {j.name: j for j in plan_train(cfg, data).jobs}
     n_extra = 3 * len(si.read("demo"))
     for name in ("encoder", "classifier"):
         assert len(extra[name].train) == len(plain[name].train) + n_extra

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HANG_S
+from conftest import HANG_S, tiny_config
 import torch
 from safetensors.torch import load_file
 
@@ -19,15 +19,11 @@ from chainlora import library
 from chainlora.cli import main
 from chainlora.errors import ChainloraError
 from chainlora.library import Library
-from chainlora.models import load_base
-from chainlora.train import config, train_library
+from chainlora.base_model import load_base
+from chainlora.train import train_library
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-
-
-def tiny_config(model_dir: Path, *extra: str) -> config.Config:
-    return config.load(TINY, overrides=[f"base_model={model_dir}", *extra])
 
 
 @pytest.fixture(scope="module")

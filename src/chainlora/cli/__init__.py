@@ -27,7 +27,7 @@ from chainlora.cli.discover import add_discover_parser
 from chainlora.cli.serve import add_serve_parser
 from chainlora.console import PROGRESS_MODES, set_progress
 from chainlora.errors import ChainloraError
-from chainlora.inference.router import SELECTORS  # a name list: no model code is imported
+from chainlora.library.kinds import selector_names  # the registry: no model code is imported
 
 
 class _Parser(argparse.ArgumentParser):
@@ -202,7 +202,7 @@ def cmd_model(args: argparse.Namespace) -> int:
     """Resolve (and for a GGUF, convert and cache) a base model; print what was loaded."""
     import time
 
-    from chainlora.models import load_base
+    from chainlora.base_model import load_base
 
     t0 = time.perf_counter()
     base = load_base(args.name, dtype=args.dtype, device=args.device)
@@ -224,7 +224,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 def selector_args(d: argparse.ArgumentParser) -> None:
     """The routing options every inference command takes; unset, the library's measured choice."""
-    d.add_argument("--selector", choices=SELECTORS,
+    d.add_argument("--selector", choices=selector_names(),
                    help="the task selector (default: the one `chainlora train` measured best)")
     d.add_argument("--threshold", type=float,
                    help="below this top probability the mixed adapter answers (default: the calibrated one)")
@@ -380,7 +380,7 @@ def _evaluation_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _tool_parsers(sub: argparse._SubParsersAction) -> None:
     """data and model: check a data file, describe a base model."""
-    from chainlora.models import DEFAULT_MODEL
+    from chainlora.base_model import DEFAULT_MODEL
 
     d = sub.add_parser("data", help="check a data file: per-task counts and train/test split")
     d.add_argument("file", help=".jsonl/.json/.csv/.parquet file or a hub dataset name")

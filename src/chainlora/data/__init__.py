@@ -6,7 +6,7 @@
     examples.py  (prompt, answer) pairs tokenized for response-only loss
     content.py   content words (the rare words a template is filled with): masked, or swapped between records
 
-May import: core (chainlora.errors, chainlora.atomic, chainlora.models) only.
+May import: core (chainlora.errors, chainlora.atomic, chainlora.base_model) only.
 """
 
 from chainlora.data.records import (DEMO_TASKS, FIELDS, Record, TaskData, check_task_name,

@@ -73,7 +73,7 @@ def default_encoder() -> Any:
     """The bundled MiniLM, on the GPU when there is one (embedding is nearly all the work)."""
     import torch
 
-    from chainlora.inference.classifier import Encoder
+    from chainlora.inference.classifier import FrozenEncoder as Encoder
 
     encoder = Encoder("minilm")
     if torch.cuda.is_available():

@@ -39,18 +39,10 @@ class Arrow:
 
     def generate(self, engine, texts: list[str], max_new_tokens: int) -> list[str]:
         """Greedy answers, prompted, tokenised, stopped and decoded exactly as the engine does."""
-        import torch
-
         from chainlora.inference.engine import Route
 
-        with engine.lock:
-            enc = engine._inputs(engine.render(texts))
-        kw = engine._gen_kwargs(max_new_tokens, 0.0, 1.0, None)
-        with torch.no_grad():
-            out = self.model.generate(**enc, **kw)
-        new = out[:, enc["input_ids"].shape[1]:]
         route = Route(None, 1.0, adapter="arrow", selector="arrow")
-        return [engine._answer(row, route, int(mask.sum()), None).text for row, mask in zip(new, enc["attention_mask"])]
+        return [a.text for a in engine.answer_with(self.model, texts, route, max_new_tokens)]
 
 
 def _task_configs(lib) -> list[dict]:
@@ -86,7 +78,7 @@ def load(engine, *, top_k: int = TOP_K, temperature: float = TEMPERATURE) -> Arr
     device), with PEFT's `create_arrow_model`. Raises ChainloraError with `unavailable`'s reason."""
     from peft import ArrowConfig, create_arrow_model
 
-    from chainlora.models import load_base
+    from chainlora.base_model import load_base
 
     lib = engine.lib
     reason = unavailable(lib)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from typing import Any, Sequence
 
 from chainlora.data.records import Record
@@ -59,14 +58,13 @@ def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 def selection(engine, records: Sequence[Record], selector: str, heldout: dict[str, set] | None = None) -> dict:
     """Route every record with `selector`; accuracy, precision / recall, confusion, latency."""
+    from chainlora.inference.accuracy import route_labelled
+
     tasks = engine.tasks
-    engine.route([records[0].text], top_k=3, selector=selector)  # untimed: first-use loading, warm-up
-    t0 = time.perf_counter()
-    routes = engine.route([r.text for r in records], top_k=3, selector=selector)
-    ms = 1000 * (time.perf_counter() - t0) / max(len(records), 1)
+    measured = route_labelled(engine, records, selector, heldout)
+    routes, hit1, hit3, held, ms = (measured.routes, measured.hit1, measured.hit3, measured.held,
+                                    measured.ms_per_instruction)
     picked = [rt.top_k[0][0] if rt.top_k and rt.task is not None else NONE for rt in routes]
-    hit1 = [p == r.task for p, r in zip(picked, records)]
-    hit3 = [any(t == r.task for t, _ in rt.top_k[:3]) for r, rt in zip(records, routes)]
     confusion = {t: {u: 0 for u in tasks + [NONE]} for t in tasks}
     for r, p in zip(records, picked):
         row = confusion.setdefault(r.task, {u: 0 for u in tasks + [NONE]})
@@ -78,7 +76,6 @@ def selection(engine, records: Sequence[Record], selector: str, heldout: dict[st
         actual = sum(confusion[t].values())
         per_task[t] = {"precision": tp / predicted if predicted else float("nan"),
                        "recall": tp / actual if actual else float("nan"), "n": actual}
-    held = [i for i, r in enumerate(records) if heldout and r.meta.get("template") in heldout.get(r.task, ())]
     kept = [h for h, rt in zip(hit1, routes) if not rt.fallback]
     return {"selector": selector, "n": len(records), "top1": _mean(hit1), "top3": _mean(hit3),
             "heldout_n": len(held), "heldout_top1": _mean([hit1[i] for i in held]),
@@ -103,8 +100,9 @@ def selectors_of(engine) -> list[str]:
 def selector_cost(lib, selector: str) -> dict:
     """Training seconds and size on disk of what `selector` runs (score and generate share the
     task-selection LoRA; the out-of-library detector is not counted)."""
-    entry = {"score": lib.router, "generate": lib.router, "classifier": lib.classifier,
-             "encoder": lib.encoder, "sft": lib.sft}.get(selector)
+    from chainlora.library import kinds
+
+    entry = lib.manifest.get(kinds.SELECTORS[selector].entry) if selector in kinds.SELECTORS else None
     if not entry:
         return {"train_seconds": None, "disk_mb": None}
     size = sum(f.stat().st_size for f in lib.path(entry).rglob("*") if f.is_file())

@@ -3,9 +3,10 @@
 Answers of the chain, the mixed adapter and the base model are rated by any OpenAI-compatible
 chat endpoint. The judge is asked for its reasoning first and the bare score alone on its last
 line; a reply without a parseable score is asked again once, then recorded as missing — never
-guessed. Calls run concurrently (bounded), with timeouts and retries on 429 / 5xx / network
-errors, and every reply is cached on disk (LIB/eval/judge-cache.jsonl, keyed by the judge
-model and the exact prompt), so a rerun — or a run after a crash — does not pay twice.
+guessed. Calls run concurrently (bounded) through the `openai` SDK, whose own timeout and
+retries (jittered backoff on 408 / 409 / 429 / 5xx / network errors, honouring Retry-After)
+cover the transient failures; every reply is cached on disk (LIB/eval/judge-cache.jsonl, keyed
+by the judge model and the exact prompt), so a rerun — or a run after a crash — does not pay twice.
 """
 
 from __future__ import annotations
@@ -55,21 +56,41 @@ def parse_score(reply: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _client(url: str, api_key: str | None, timeout_s: float, retries: int) -> tuple[Any, dict]:
+    """The SDK's async client, so retries and backoff are the SDK's, not ours, and the headers
+    for each call: without a key none is sent (a local judge needs none) rather than the SDK's
+    fallback, OPENAI_API_KEY, which --api-key-env did not name."""
+    try:
+        from openai import AsyncOpenAI, Omit
+    except ImportError as e:
+        raise ChainloraError(f"chainlora judge needs the package openai: pip install 'openai>=1.57' ({e})")
+    client = AsyncOpenAI(base_url=url, api_key=api_key or "none", timeout=timeout_s, max_retries=retries)
+    return client, ({} if api_key else {"Authorization": Omit()})  # the SDK insists on a key
+
+
+def _failure(e: Exception, tries: int) -> str:
+    """One line for an SDK error: permanent HTTP errors as they are, transient ones as given up."""
+    import openai
+
+    if isinstance(e, openai.APIStatusError):
+        status = f"HTTP {e.status_code}: {e.response.text[:200]}"
+        transient = e.status_code in (408, 409, 429) or e.status_code >= 500
+        return f"gave up after {tries} tries ({status})" if transient else status
+    return f"gave up after {tries} tries ({type(e.__cause__ or e).__name__})"
+
+
 class Judge:
     """An OpenAI-compatible chat endpoint used as a judge, with a disk cache."""
 
     def __init__(self, url: str, model: str, *, api_key: str | None = None, cache: Path | None = None,
                  concurrency: int = 4, timeout_s: float = 60.0, retries: int = 2):
-        import httpx
-
         self.url = url.rstrip("/")  # a base URL as the OpenAI SDK takes it: .../v1, .../v1beta/openai
         self.model, self.cache_path, self.retries = model, cache, retries
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(headers=headers, timeout=timeout_s)
+        self.client, self.headers = _client(self.url, api_key, timeout_s, retries)  # retries: max_retries
         self.gate = asyncio.Semaphore(concurrency)
         self.cache: dict[str, dict] = {}
         self.pending: dict[str, asyncio.Future] = {}  # same prompt twice in one run: one call
-        self.calls = 0
+        self.calls = 0  # HTTP requests sent, retries included
         if cache is not None and cache.is_file():
             for line in cache.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
@@ -98,30 +119,23 @@ class Judge:
                 os.fsync(f.fileno())
 
     async def _chat(self, messages: list[dict]) -> str:
-        """One chat call with retries on 429, 5xx, timeouts and connection errors."""
-        import httpx
+        """One chat call; the SDK retries the transient failures, anything left is one line."""
+        import openai
 
-        last = ""
-        for attempt in range(self.retries + 1):
-            try:
-                async with self.gate:
-                    self.calls += 1
-                    r = await self.client.post(f"{self.url}/chat/completions", json={
-                        "model": self.model, "messages": messages, "temperature": 0, "max_tokens": 512})
-                if r.status_code == 200:
-                    content = r.json()["choices"][0]["message"]["content"]
-                    if content is not None and not isinstance(content, str):
-                        raise TypeError("message content is not text")
-                    return content or ""
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-                if r.status_code not in (408, 409, 429) and r.status_code < 500:
-                    raise ChainloraError(f"judge {self.url}: {last}")
-            except (httpx.TimeoutException, httpx.TransportError) as e:
-                last = e.__class__.__name__
-            except (KeyError, IndexError, TypeError, ValueError) as e:
-                last = f"malformed reply ({e.__class__.__name__})"
-            await asyncio.sleep(min(8.0, 0.5 * 2 ** attempt))
-        raise ChainloraError(f"judge {self.url}: gave up after {self.retries + 1} tries ({last})")
+        try:
+            async with self.gate:
+                raw = await self.client.chat.completions.with_raw_response.create(
+                    model=self.model, messages=messages, temperature=0, max_tokens=512,
+                    extra_headers=self.headers)
+                self.calls += 1 + raw.retries_taken
+            content = raw.parse().choices[0].message.content
+            if content is not None and not isinstance(content, str):
+                raise TypeError("message content is not text")
+            return content or ""
+        except (openai.APIStatusError, openai.APIConnectionError) as e:
+            raise ChainloraError(f"judge {self.url}: {_failure(e, self.retries + 1)}") from None
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:  # 200, but no chat reply
+            raise ChainloraError(f"judge {self.url}: malformed reply ({e.__class__.__name__})") from None
 
     async def rate(self, instruction: str, reference: str, answer: str) -> dict:
         """{score (1-6 or None), reply, retried} for one answer, from the cache when there."""
@@ -157,7 +171,7 @@ class Judge:
         return item
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
 
 async def rate_all(judge: Judge, items: Sequence[dict]) -> list[dict]:

@@ -12,6 +12,7 @@ is recomputed here: a report is cheap to rebuild after any of those commands.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -253,27 +254,24 @@ def build(root: str | Path, human: str | Path | None = None, eval_name: str | No
     return atomic.write_text(root / "report.html", html_doc), atomic.write_text(root / "report.md", md)
 
 
-def _table_html(title: str, header: list[str], rows: list[list[str]]) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<h2>{e(title)}</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+@functools.lru_cache(maxsize=1)
+def _templates() -> Any:
+    """The package's templates (chainlora/eval/templates), autoescaped: a report shows user
+    text (task names, prompts, answers, paths), and the template must not be able to forget it."""
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("chainlora.eval", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 def _html(lib: Library, tabs, plots, prov: dict, config: str) -> str:
-    e = html.escape
-    figs = "".join(f'<figure><img alt="{e(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                   f"<figcaption>{e(title)}</figcaption></figure>" for _, title, png in plots)
-    prov_rows = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in prov.items())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>chainlora report — {e(lib.root.name)}</title>
-<style>body{{font:14px system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#1f2933;padding:0 1em}}
-h1{{margin-bottom:0}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #d9e2ec;padding:4px 8px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}thead{{background:#f0f4f8}}figure{{display:inline-block;margin:.5em}}
-img{{max-width:100%;border:1px solid #e4e7eb}}table.prov td{{text-align:left}}pre{{background:#f5f7fa;padding:1em;overflow:auto;font-size:12px}}</style></head>
-<body><h1>chainlora report</h1><p>{e(str(lib.root))} — {len(lib.tasks)} task adapters{', router' if lib.router else ''}{', mixed' if lib.mixed else ''}{', classifier' if lib.classifier else ''}</p>
-{"".join(_table_html(*t) for t in tabs)}<h2>Plots</h2>{figs}
-<h2>Provenance</h2><table class="prov">{prov_rows}</table><h2>Training config</h2><pre>{e(config)}</pre></body></html>
-"""
+    """report.html: templates/report.html.j2 filled in, plots embedded as base64 PNGs."""
+    parts = [name for name, present in (("router", lib.router), ("mixed", lib.mixed),
+                                        ("classifier", lib.classifier)) if present]
+    figures = [(title, base64.b64encode(png).decode()) for _, title, png in plots]
+    return _templates().get_template("report.html.j2").render(
+        name=lib.root.name, root=str(lib.root), n_tasks=len(lib.tasks), parts=parts, tables=tabs,
+        figures=figures, prov=prov, config=config)
 
 
 def md_text(value: Any) -> str:

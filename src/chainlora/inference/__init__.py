@@ -7,7 +7,7 @@
     stops.py          where an answer ends (end-of-answer tokens, stop strings), for engine and streamer
     scoring.py        answer perplexity under an adapter (Table I, the train-time gate)
 
-A new selector goes here (router.py or a module beside it, named in router.SELECTORS).
+A new selector goes here (a module with its rank function, registered in chainlora.library.kinds).
 May import: core, data, library.
 """
 

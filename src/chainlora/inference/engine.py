@@ -17,56 +17,24 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from chainlora.data import prompts
 from chainlora.errors import ChainloraError, NotFound
-from chainlora.inference import router, selectors
+from chainlora.inference import label_ranking as router
+from chainlora.inference import selectors
 from chainlora.inference.adapter_cache import AdapterCache
 from chainlora.inference.adapter_pool import ZERO, AdapterPool, unsupported
+from chainlora.inference.answers import BASE, Answer, Route  # noqa: F401  (the API: chainlora.inference.engine.Route)
 from chainlora.inference.stops import StopMatcher, cut_at_stop, end_ids, streamable
+from chainlora.library import kinds
 from chainlora.library.store import Library
-from chainlora.models import Base, load_base
+from chainlora.base_model import Base, load_base
 
-BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch
 ADAPTER_TIERS = ("peft", "pool")
 SAMPLING_EPS = 1e-5  # a temperature below this samples greedily (logits / t would overflow)
 ROUTE_CHUNK = router.ROUTE_CHUNK  # instructions per LoRA-selector pass (bounds the label-expanded KV cache)
-
-
-@dataclass
-class Route:
-    """Where an instruction goes: the chosen task, its score, the ranking, and what answers."""
-
-    task: str | None  # the selector's best task (None: no label found)
-    probability: float
-    top_k: list[tuple[str, float]] = field(default_factory=list)
-    fallback: bool = False  # True: `adapter` is the fallback (see `reason`)
-    adapter: str = BASE  # the adapter that answers: a task, "mixed" or "__base__"
-    selector: str = "score"
-    # why it fell back: "no label", "low confidence" or "out of library"; or, not a fallback, "gated":
-    # the task is the selector's, but the mixed adapter answers it (chainlora.train.gate)
-    reason: str | None = None
-    novelty: float | None = None  # similarity to the library's tasks (the out-of-library detector)
-
-    def as_dict(self) -> dict:
-        """The route as users see it (`--json`, the server's "chainlora" field): probabilities
-        rounded, the base model as adapter null."""
-        return {"task": self.task, "probability": round(self.probability, 6),
-                "top_k": [[t, round(p, 6)] for t, p in self.top_k], "fallback": self.fallback,
-                "adapter": None if self.adapter == BASE else self.adapter, "selector": self.selector,
-                "reason": self.reason, "similarity": None if self.novelty is None else round(self.novelty, 4)}
-
-
-@dataclass
-class Answer:
-    text: str
-    route: Route
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end of answer or a stop string) or "length"
 
 
 class Engine:
@@ -82,8 +50,8 @@ class Engine:
         library's gate marked with the mixed adapter when routed to (chainlora.train.gate)."""
         if adapters not in ADAPTER_TIERS:
             raise ChainloraError(f"adapters: unknown {adapters!r} (use {' or '.join(ADAPTER_TIERS)})")
-        if selector is not None and selector not in router.SELECTORS:
-            raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
+        if selector is not None:
+            _check_selector(selector)
         lib.check_base(base.name, base.fingerprint)
         if getattr(base.model, "peft_config", None):
             raise ChainloraError("this base model already carries adapters; load a fresh one per Engine")
@@ -167,12 +135,18 @@ class Engine:
             if not isinstance(text, str) or not text.strip():
                 raise ChainloraError(f"instruction {i}: empty")
 
+    def overflow(self, n: int, extra: int) -> str | None:
+        """Why `n` prompt tokens and `extra` new ones do not fit the model's context (None: they
+        do): the one context check, here and in the server's preparer."""
+        if n + extra > self.context:
+            return f"{n} prompt tokens + {extra} new tokens exceed the model's context of {self.context}"
+        return None
+
     def _check_fit(self, lengths: Sequence[int], reserve: int | Sequence[int]) -> None:
         reserves = [reserve] * len(lengths) if isinstance(reserve, int) else list(reserve)
         for i, (n, extra) in enumerate(zip(lengths, reserves), 1):
-            if n + extra > self.context:
-                raise ChainloraError(f"instruction {i}: {n} prompt tokens + {extra} new tokens exceed "
-                                     f"the model's context of {self.context}; shorten it")
+            if why := self.overflow(n, extra):
+                raise ChainloraError(f"instruction {i}: {why}; shorten it")
 
     def check_task(self, task: str) -> str:
         """`task` if the library has it now (a reload may have removed it), else NotFound."""
@@ -191,29 +165,27 @@ class Engine:
 
     def _route(self, texts: Sequence[str], top_k: int = 3, selector: str | None = None) -> list[Route]:
         selector = selector or self.selector
-        if selector not in router.SELECTORS:
-            raise ChainloraError(f"selector: unknown {selector!r} (use {' or '.join(router.SELECTORS)})")
-        if selector in ("classifier", "encoder", "sft"):
-            with self.lock:
-                rankings = self.selectors.rank(selector, texts)
-            return self._decide_all(texts, rankings, top_k, selector)
-        if not self.lib.router and len(self.tasks) == 1:  # a single adapter (chainlora finetune)
+        entry = kinds.SELECTORS[_check_selector(selector)].entry
+        if kinds.ENTRIES[entry].lora and not self.lib.manifest.get(entry) and len(self.tasks) == 1:
             return [Route(self.tasks[0], 1.0, [(self.tasks[0], 1.0)], False, self.tasks[0], "single")
-                    for _ in texts]
-        if not self.lib.router:
-            raise ChainloraError(f"{self.lib.root}: library has no task-selection adapter (router)")
-        rank = {"score": router.rank_by_score, "generate": router.rank_by_generation}[selector]
-        r = self.lib.router
+                    for _ in texts]  # a single adapter (chainlora finetune): nothing to choose
+        with self.lock:
+            rankings = kinds.resolve(kinds.SELECTORS[selector].rank)(self, texts)
+        return self._decide_all(texts, rankings, top_k, selector)
+
+    def rank_with_adapter(self, name: str, rank: Any, texts: Sequence[str]) -> list[router.Ranking]:
+        """Rank with a selector LoRA of the library (`router`): `rank` is router.rank_by_score or
+        rank_by_generation, run in chunks over the adapter's labels. Called under the lock."""
+        r = self.lib.manifest.get(name)
+        if not r:
+            raise ChainloraError(f"{self.lib.root}: library has no task-selection adapter ({name})")
         tasks = list(r["labels"])
         labels = [r["labels"][t] for t in tasks]
-        rankings = []
-        with self.lock:
-            model = self.cache.acquire(["router"])
-            for i in range(0, len(texts), ROUTE_CHUNK):  # bounds the label-expanded KV cache
-                rankings += rank(model, self.tok, texts[i:i + ROUTE_CHUNK], tasks, labels,
-                                 template=r["task_prompt"], system=self.system,
-                                 adapter=self.cache.slot("router"))
-        return self._decide_all(texts, rankings, top_k, selector)
+        model, rankings = self.cache.acquire([name]), []
+        for i in range(0, len(texts), ROUTE_CHUNK):  # bounds the label-expanded KV cache
+            rankings += rank(model, self.tok, texts[i:i + ROUTE_CHUNK], tasks, labels,
+                             template=r["task_prompt"], system=self.system, adapter=self.cache.slot(name))
+        return rankings
 
     def similarity(self, texts: Sequence[str]) -> list[float] | None:
         """The out-of-library detector's similarity per instruction (None: the library has none,
@@ -370,6 +342,24 @@ class Engine:
         return [self._answer(row[:limit], route, int(mask.sum()), stop)
                 for row, route, mask, limit in zip(new, routes, enc["attention_mask"], limits)]
 
+    def answer_with(self, model: Any, texts: Sequence[str], route: Route, max_new_tokens: int) -> list[Answer]:
+        """Greedy answers of another model carrying this base (e.g. PEFT's Arrow router in eval),
+        prompted, tokenised, stopped and decoded exactly as `generate` does."""
+        import torch
+
+        with self.lock:
+            enc = self._inputs(self.render(texts))
+        with torch.no_grad():
+            out = model.generate(**enc, **self._gen_kwargs(max_new_tokens, 0.0, 1.0, None))
+        new = out[:, enc["input_ids"].shape[1]:]
+        return [self._answer(row, route, int(mask.sum()), None) for row, mask in zip(new, enc["attention_mask"])]
+
+    def close(self) -> None:
+        """Take every adapter off the base model and hand it back as it was (for the next job in a
+        training process: selection, gate)."""
+        if self.cache.model is not None:
+            self.base.model = self.cache.model.unload()
+
     def _answer(self, ids: Any, route: Route, prompt_tokens: int, stop: Sequence[str] | None) -> Answer:
         ids = ids.tolist()
         ends = end_ids(self.tok)
@@ -406,6 +396,13 @@ class Engine:
 
         threading.Thread(target=work, daemon=True).start()
         return route, _pieces(streamer, tuple(stop or ()), failed)
+
+
+def _check_selector(name: str) -> str:
+    """`name` if it is a registered selector (chainlora.library.kinds), else a one-line error."""
+    if name not in kinds.SELECTORS:
+        raise ChainloraError(f"selector: unknown {name!r} (use {' or '.join(kinds.SELECTORS)})")
+    return name
 
 
 def _pieces(streamer: Iterator[str], stops: tuple[str, ...], failed: list[BaseException]) -> Iterator[str]:

@@ -1,6 +1,6 @@
 """The library's selectors at inference time: which ones it can run, which one is its default,
 and the models behind those that are not the task-selection LoRA (`score` / `generate` run on
-the router adapter, chainlora.inference.router).
+the router adapter, chainlora.inference.label_ranking).
 
 - `classifier`: a frozen encoder and a linear head (chainlora.inference.classifier);
 - `encoder`: all-MiniLM-L6-v2 fine-tuned end to end (chainlora.inference.encoder);
@@ -13,30 +13,74 @@ selector's model (or the frozen MiniLM's, with the classifier) rather than loadi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from chainlora.errors import ChainloraError
-from chainlora.inference import router
+from chainlora.inference import label_ranking as router
+from chainlora.library import kinds
 from chainlora.library.store import Library, read_verified
 
 
 def available(lib: Library) -> list[str]:
-    """Score and generate over the task-selection LoRA, then every other selector it has."""
-    return (["score", "generate"] if lib.router else []) + [k for k, _ in lib.selector_entries()]
+    """The selectors whose model the library holds (chainlora.library.kinds), in table order."""
+    return kinds.available(lib.manifest)
 
 
 def default(lib: Library) -> str:
-    """The library's recorded winner, else the classifier where there is one (97.5% against the
-    score selector's 89.4% on the demo, bench/RESULTS.md), else `score`."""
-    winner = (lib.selection or {}).get("winner")
-    if winner:
-        return winner
-    return "classifier" if lib.classifier else "encoder" if lib.encoder else "score"
+    """The library's recorded winner, else the most preferred selector it can run (the classifier
+    where there is one: 97.5% against the score selector's 89.4% on the demo, bench/RESULTS.md),
+    else `score`."""
+    return kinds.default_for(lib.manifest) or "score"
 
 
 def recorded_threshold(lib: Library, selector: str) -> float:
     """The confidence threshold train time calibrated for `selector` (0: none recorded)."""
     return float((((lib.selection or {}).get("selectors") or {}).get(selector) or {}).get("threshold", 0.0))
+
+
+# --------------------------------------------------------------------------- the built-in rankers
+# Each is named in chainlora.library.kinds and called as rank(engine, texts) under the engine's lock.
+
+
+def rank_score(engine: Any, texts: Sequence[str]) -> list[router.Ranking]:
+    """Every label's log-likelihood under the task-selection LoRA (chainlora.inference.label_ranking)."""
+    return engine.rank_with_adapter("router", router.rank_by_score, texts)
+
+
+def rank_generate(engine: Any, texts: Sequence[str]) -> list[router.Ranking]:
+    """Labels found in the task-selection LoRA's beam-searched text (Qiu et al. 2024)."""
+    return engine.rank_with_adapter("router", router.rank_by_generation, texts)
+
+
+def rank_classifier(engine: Any, texts: Sequence[str]) -> list[router.Ranking]:
+    """A linear head over frozen sentence features."""
+    from chainlora.inference import classifier
+
+    head, info = engine.selectors.model("classifier", classifier.load)
+    return classifier.rank(engine.selectors.frozen(info["encoder"]), head, texts, info["tasks"])
+
+
+def rank_encoder(engine: Any, texts: Sequence[str]) -> list[router.Ranking]:
+    """The fine-tuned all-MiniLM-L6-v2 (its embeddings are reused by the out-of-library detector)."""
+    from chainlora.inference import encoder
+
+    model, _, info = engine.selectors.model("encoder", encoder.load)
+    return encoder.rank(model, info, engine.selectors.embed("encoder", texts))
+
+
+def rank_sft(engine: Any, texts: Sequence[str]) -> list[router.Ranking]:
+    """Its own fine-tuned copy of the base model scores every label, as `score` does with the LoRA."""
+    loaded = engine.selectors
+    model = loaded.model("sft", loaded.load_full_model)
+    entry = loaded.lib.manifest["sft"]
+    tasks = list(entry["labels"])
+    labels = [entry["labels"][t] for t in tasks]
+    out = []
+    for i in range(0, len(texts), router.ROUTE_CHUNK):  # bounds the label-expanded KV cache
+        out += router.rank_by_score(model, engine.tok, texts[i:i + router.ROUTE_CHUNK], tasks, labels,
+                                    template=entry["task_prompt"], system=loaded.system, adapter=None)
+    return out
 
 
 class Loaded:
@@ -68,77 +112,42 @@ class Loaded:
         if space == "encoder":
             texts = list(texts)
             if self._last_embedded[0] != texts:  # the encoder selector just embedded them: reuse
-                model, tokenizer, info = self._encoder_selector()
+                model, tokenizer, info = self.model("encoder", encoder.load)
                 self._last_embedded = (texts, encoder.embed(model, tokenizer, texts, info.get("max_length", 64)))
             return self._last_embedded[1]
-        return self._encoder(space).embed(texts)
+        return self.frozen(space).embed(texts)
 
-    def _encoder(self, kind: str) -> Any:
+    def frozen(self, kind: str) -> Any:
+        """A frozen sentence encoder: `minilm` (loaded once) or `base` (the live base model)."""
         from chainlora.inference import classifier
 
         if kind == "minilm":
             if self._minilm is None:
-                self._minilm = classifier.Encoder("minilm")
+                self._minilm = classifier.FrozenEncoder("minilm")
             return self._minilm
-        return classifier.Encoder.wrap("base", self.live_model(), self.base.tokenizer)
+        return classifier.FrozenEncoder.wrap("base", self.live_model(), self.base.tokenizer)
 
-    def _entry(self, kind: str, hint: str) -> dict:
+    def model(self, kind: str, load: Callable[[Path], Any]) -> Any:
+        """The model of the library's `kind` entry: read hash-checked and `load`ed on first use,
+        then kept until a reload changes its files (forget)."""
         entry = self.lib.manifest.get(kind)
         if not entry:
-            raise ChainloraError(f"{self.lib.root}: library has no {kind} selector (train with {hint})")
-        return entry
-
-    def rank(self, kind: str, texts: Sequence[str]) -> list[router.Ranking]:
-        """Every task ranked for every text by the `classifier`, `encoder` or `sft` selector."""
-        return {"classifier": self._classify, "encoder": self._encode, "sft": self._sft}[kind](texts)
-
-    def _classify(self, texts: Sequence[str]) -> list[router.Ranking]:
-        from chainlora.inference import classifier
-
-        entry = self._entry("classifier", "classifier.enabled: true")
-        if "classifier" not in self._models:
+            sections = sorted({s.section for s in kinds.SELECTORS.values() if s.entry == kind}) or [kind]
+            raise ChainloraError(f"{self.lib.root}: library has no {kind} selector (train with "
+                                 f"{sections[0]}.enabled: true)")
+        if kind not in self._models:
             directory = self.lib.path(entry)
-            read_verified(directory, entry, classifier.FILES, "classifier")
-            self._models["classifier"] = classifier.load(directory)
-        head, info = self._models["classifier"]
-        return classifier.rank(self._encoder(info["encoder"]), head, texts, info["tasks"])
+            read_verified(directory, entry, kinds.files_of(kind), kind)
+            self._models[kind] = load(directory)
+        return self._models[kind]
 
-    def _encoder_selector(self) -> tuple[Any, Any, dict]:
-        from chainlora.inference import encoder
-
-        entry = self._entry("encoder", "encoder.enabled: true")
-        if "encoder" not in self._models:
-            directory = self.lib.path(entry)
-            read_verified(directory, entry, encoder.FILES, "encoder")
-            self._models["encoder"] = encoder.load(directory)
-        return self._models["encoder"]
-
-    def _encode(self, texts: Sequence[str]) -> list[router.Ranking]:
-        from chainlora.inference import encoder
-
-        model, _, info = self._encoder_selector()
-        return encoder.rank(model, info, self.embed("encoder", texts))
-
-    def _sft(self, texts: Sequence[str]) -> list[router.Ranking]:
-        """Its own fine-tuned copy of the base model scores every label, as `score` does with the LoRA."""
+    def load_full_model(self, directory: Path) -> Any:
+        """A whole fine-tuned copy of the base model (the `sft` selector), on the base's device and dtype."""
         from transformers import AutoModelForCausalLM
 
-        from chainlora.library.store import SFT_FILES
-
-        entry = self._entry("sft", "sft.enabled: true")
-        if "sft" not in self._models:
-            directory = self.lib.path(entry)
-            read_verified(directory, entry, SFT_FILES, "sft selector")
-            model = self.base.model
-            self._models["sft"] = AutoModelForCausalLM.from_pretrained(
-                directory, dtype=next(model.parameters()).dtype, use_safetensors=True).to(model.device).eval()
-        tasks = list(entry["labels"])
-        labels = [entry["labels"][t] for t in tasks]
-        out = []
-        for i in range(0, len(texts), router.ROUTE_CHUNK):  # bounds the label-expanded KV cache
-            out += router.rank_by_score(self._models["sft"], self.base.tokenizer, texts[i:i + router.ROUTE_CHUNK],
-                                        tasks, labels, template=entry["task_prompt"], system=self.system, adapter=None)
-        return out
+        model = self.base.model
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=next(model.parameters()).dtype,
+                                                    use_safetensors=True).to(model.device).eval()
 
     def similarity(self, texts: Sequence[str]) -> tuple[list[float], float] | None:
         """(similarity per text, the threshold under which it is out of library), or None when

@@ -1,11 +1,13 @@
 """Stage `library`: the adapter library on disk and what can be made from it.
 
+    kinds.py      the registry: every entry kind a library holds (files, LoRA or not, how it is
+                  planned and trained) and every selector (its entry, how it ranks)
     store.py      the library directory: plain PEFT adapters + manifest (chainlora.json), hashes,
-                  atomic saves; the file names of every adapter kind (CLASSIFIER_FILES included)
+                  atomic saves
     export.py     `chainlora export`: plain PEFT (optionally SVD-compressed), merged model, vLLM
     lora_math.py  LoRA factor math (SVD truncation of B·A) shared by export and COLA training
 
-May import: core (chainlora.errors, chainlora.atomic, chainlora.models) and data.
+May import: core (chainlora.errors, chainlora.atomic, chainlora.base_model) and data.
 The `export` function lives in chainlora.library.export (not re-exported: the name is the module's).
 """
 

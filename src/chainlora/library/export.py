@@ -3,7 +3,7 @@
     peft     plain PEFT adapter directories (optionally SVD-compressed to a lower rank)
     merged   a full model with one adapter merged in: no adapter, no PEFT, at inference
     vllm     the task + mixed adapters and the `vllm serve ... --enable-lora` command for them
-    gguf     the base GGUF and every adapter as a llama.cpp LoRA GGUF, Ollama Modelfiles (llamacpp.py)
+    gguf     the base GGUF and every adapter as a llama.cpp LoRA GGUF, Ollama Modelfiles (gguf.py)
 
 Compression works on any LoRA adapter (a COLA chain exports at rank Σ r_j, which this brings
 back down): ΔW = s·B A per module is truncated to its best rank-r approximation and the
@@ -30,6 +30,7 @@ from typing import Any
 from chainlora import atomic
 from chainlora.data import prompts
 from chainlora.errors import ChainloraError
+from chainlora.library import kinds
 from chainlora.library.store import ADAPTER_FILES, NOVELTY_FILES, Library, files_of
 
 FORMATS = ("peft", "merged", "vllm", "gguf")
@@ -67,7 +68,7 @@ def prompt_facts(tokenizer: object, system_prompt: str | None) -> dict[str, Any]
 def library_prompt(lib: Library, tokenizer: object | None = None) -> dict[str, Any]:
     """prompt_facts for the library (its base's tokenizer loaded when none is given); a base whose
     tokenizer cannot be loaded here (a hub id offline) is said so rather than failing the export."""
-    from chainlora.models import load_tokenizer
+    from chainlora.base_model import load_tokenizer
 
     system = lib.manifest.get("system_prompt")
     try:
@@ -78,7 +79,7 @@ def library_prompt(lib: Library, tokenizer: object | None = None) -> dict[str, A
 
 def base_record(lib: Library, local_path: str | None) -> dict[str, Any]:
     """The manifest's base model plus its portable name and the local path it was loaded from."""
-    from chainlora.models import portable_name
+    from chainlora.base_model import portable_name
 
     base = lib.manifest["base_model"]
     return {**base, "portable_name": portable_name(base["name"]), "local_path": local_path}
@@ -95,13 +96,8 @@ def make_portable(adapter_dir: Path, portable: str) -> str | None:
 
 
 def default_selector(lib: Library) -> str | None:
-    """The selector a library routes with: chainlora.inference.selectors.default's rule (that
-    module sits a stage above this one), None when the library has none to choose."""
-    winner = (lib.selection or {}).get("winner")
-    kinds = (["score", "generate"] if lib.router else []) + [k for k, _ in lib.selector_entries()]
-    if winner or not kinds:
-        return winner
-    return "classifier" if lib.classifier else "encoder" if lib.encoder else "score"
+    """The selector a library routes with (chainlora.library.kinds.default_for), None when it has none."""
+    return kinds.default_for(lib.manifest)
 
 
 def export_selectors(lib: Library, tmp: Path) -> dict[str, Any]:
@@ -110,11 +106,12 @@ def export_selectors(lib: Library, tmp: Path) -> dict[str, Any]:
     to selectors/<kind>/."""
     selection = lib.selection or {}
     measured = selection.get("selectors") or {}
-    kinds: dict[str, Any] = {}
-    if lib.router:
-        facts = {k: v for k, v in lib.router.items() if k not in ("path", "sha256", "name", "selector")}
-        for kind in ("score", "generate"):
-            kinds[kind] = {**facts, "adapter": lib.router["name"], "path": lib.router["name"]}
+    found: dict[str, Any] = {}
+    for s in kinds.SELECTORS.values():  # those on a LoRA (score, generate) read the exported adapter
+        entry = lib.manifest.get(s.entry)
+        if entry and kinds.ENTRIES[s.entry].lora:
+            facts = {k: v for k, v in entry.items() if k not in ("path", "sha256", "name", "selector")}
+            found[s.name] = {**facts, "adapter": entry["name"], "path": entry["name"]}
     novelty = selection.get("novelty")
     copies = lib.selector_entries() + ([("novelty", novelty)] if isinstance(novelty, dict) else [])
     for kind, entry in copies:
@@ -122,11 +119,11 @@ def export_selectors(lib: Library, tmp: Path) -> dict[str, Any]:
         (tmp / "selectors" / kind).mkdir(parents=True)
         for f in files:
             shutil.copy2(lib.path(entry) / f, tmp / "selectors" / kind / f)
-        kinds[kind] = {**entry, "path": f"selectors/{kind}", "files": list(files)}
-    for kind, info in kinds.items():
+        found[kind] = {**entry, "path": f"selectors/{kind}", "files": list(files)}
+    for kind, info in found.items():
         if "threshold" in (measured.get(kind) or {}):
             info["threshold"] = measured[kind]["threshold"]
-    return {"default": default_selector(lib), "chosen_by": selection.get("chosen_by"), "kinds": kinds}
+    return {"default": default_selector(lib), "chosen_by": selection.get("chosen_by"), "kinds": found}
 
 
 def _adapters(lib: Library, name: str | None) -> list[dict]:
@@ -179,7 +176,7 @@ def compress_adapter(src: Path, dst: Path, rank: int) -> dict:
 def export_peft(lib: Library, out: Path, adapter: str | None = None, compress_rank: int | None = None) -> dict:
     """Every (or one) adapter as OUT/<name>/ in plain PEFT format, with the selectors when the
     whole library is exported; facts in OUT/export.json (module docstring)."""
-    from chainlora.models import portable_name
+    from chainlora.base_model import portable_name
 
     portable, local = portable_name(lib.manifest["base_model"]["name"]), None
     report: dict[str, Any] = {"format": "peft", "library": str(lib.root), "base_model": None, "adapters": {}}
@@ -208,7 +205,7 @@ def export_merged(lib: Library, out: Path, adapter: str | None = None) -> dict:
     """The base model with one adapter merged into its weights, saved as a plain HF model."""
     from peft import PeftModel
 
-    from chainlora.models import load_base
+    from chainlora.base_model import load_base
 
     if adapter is None:
         if len(lib.entries()) != 1:
@@ -234,7 +231,7 @@ def export_vllm(lib: Library, out: Path, max_loras: int | None = None) -> dict:
     `chainlora serve --backend openai`), checked against vLLM's LoRA limits, plus the command."""
     import shlex
 
-    from chainlora.models import converted_dir, portable_name, resolve
+    from chainlora.base_model import converted_dir, portable_name, resolve
 
     entries = lib.tasks + ([lib.mixed] if lib.mixed else [])
     ranks = {}
@@ -298,7 +295,7 @@ def export(library: str | Path, out: str | Path, fmt: str, adapter: str | None =
     if fmt == "vllm":
         return export_vllm(lib, out, max_loras)
     if fmt == "gguf":
-        from chainlora.library.llamacpp import export_gguf
+        from chainlora.library.gguf import export_gguf
 
         return export_gguf(lib, out, adapter_dtype, base_dtype)
     return export_peft(lib, out, adapter, compress_rank) if fmt == "peft" else export_merged(lib, out, adapter)

@@ -25,21 +25,17 @@ from typing import Any
 from chainlora import __version__, atomic
 from chainlora.data.records import check_task_name
 from chainlora.errors import ChainloraError
+from chainlora.library import kinds
 
 FORMAT_VERSION = 1
 MANIFEST = "chainlora.json"
 SEEN = "seen.json"  # digests of the training split's prompts (what `chainlora eval` leaves out)
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-CLASSIFIER_FILES = ("classifier.json", "head.safetensors")  # the classifier selector's head
-ENCODER_FILES = ("encoder.json", "model.safetensors")  # the fine-tuned encoder selector
+ADAPTER_FILES = kinds.ADAPTER_FILES
+CLASSIFIER_FILES = kinds.files_of("classifier")  # the classifier selector's head
+ENCODER_FILES = kinds.files_of("encoder")  # the fine-tuned encoder selector
+SFT_FILES = kinds.files_of("sft")  # the fully fine-tuned selector (a whole model)
 NOVELTY_FILES = ("novelty.json", "embeddings.safetensors")  # the out-of-library detector
-SFT_FILES = ("config.json", "model.safetensors")  # the fully fine-tuned selector (a whole model)
-SELECTOR_FILES = {"classifier": CLASSIFIER_FILES, "encoder": ENCODER_FILES, "sft": SFT_FILES}  # not LoRAs
-
-
-def files_of(kind: str) -> tuple[str, ...]:
-    """The files that make up an entry of `kind` (a LoRA adapter unless a selector of its own)."""
-    return SELECTOR_FILES.get(kind, ADAPTER_FILES)
+files_of = kinds.files_of  # the files that make up an entry of a kind (chainlora.library.kinds)
 
 
 def files_sha256(named: list[tuple[str, bytes]]) -> str:
@@ -122,11 +118,7 @@ def new_manifest(base_name: str, base_fingerprint: str, config: dict, config_sha
         "base_model": {"name": base_name, "fingerprint": base_fingerprint},
         "system_prompt": system_prompt,
         "tasks": [],
-        "router": None,
-        "classifier": None,
-        "encoder": None,
-        "sft": None,
-        "mixed": None,
+        **{k: None for k in kinds.single_entries() if k != "trunk"},  # router, mixed and every selector
         "training": config,
         "config_sha256": config_sha256,
     }
@@ -221,12 +213,13 @@ class Library:
         return self.manifest.get("selection")
 
     def selector_entries(self) -> list[tuple[str, dict]]:
-        """(kind, entry) of the selectors that are not LoRA adapters."""
-        return [(k, self.manifest[k]) for k in SELECTOR_FILES if self.manifest.get(k)]
+        """(kind, entry) of the selectors that are models of their own, not LoRA adapters."""
+        return [(k, self.manifest[k]) for k in kinds.model_selectors() if self.manifest.get(k)]
 
     def entries(self) -> list[dict]:
-        """Every adapter entry: tasks, then trunk, router and mixed when present."""
-        return self.tasks + [e for e in (self.trunk, self.router, self.mixed) if e]
+        """Every LoRA adapter entry: tasks, then trunk, router and mixed when present."""
+        return self.tasks + [self.manifest[k] for k in kinds.single_entries()
+                             if kinds.ENTRIES[k].lora and self.manifest.get(k)]
 
     def task(self, name: str) -> dict:
         for t in self.tasks:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from chainlora.errors import ChainloraError
-from chainlora.library import store
+from chainlora.library import kinds, store
 from chainlora.train.config import Config
 from chainlora.train.plan import Job
 
@@ -69,7 +69,7 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
             del e["swap_content"]
         parts["encoder settings"] = _digest([e, job.info.get("tasks")])
     else:
-        if job.kind != "sft":  # the sft selector trains every weight, no LoRA
+        if kinds.ENTRIES[job.kind].lora:  # the sft selector trains every weight, no LoRA
             parts["LoRA settings"] = _digest(cfg.lora.model_dump())
         parts["system prompt"] = _digest(cfg.system_prompt)
     if job.start is not None:
@@ -83,7 +83,7 @@ class Change:
     """One line of the plan."""
 
     action: str  # keep | train | retrain | remove
-    kind: str  # task | trunk | router | classifier | encoder | sft | mixed
+    kind: str  # an entry kind of chainlora.library.kinds
     name: str
     path: str
     reason: str
@@ -102,7 +102,7 @@ def entries(manifest: dict | None) -> list[tuple[str, dict]]:
     if not manifest:
         return []
     found = [("task", e) for e in manifest.get("tasks") or []]
-    return found + [(k, manifest[k]) for k in ("trunk", "router", "classifier", "encoder", "sft", "mixed") if manifest.get(k)]
+    return found + [(k, manifest[k]) for k in kinds.single_entries() if manifest.get(k)]
 
 
 def find_entry(manifest: dict | None, job: Job) -> dict | None:

@@ -20,7 +20,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 
 from chainlora.data.prompts import DEFAULT_TASK_PROMPT, check_task_prompt
 from chainlora.errors import ChainloraError
-from chainlora.models import DEFAULT_MODEL
+from chainlora.library import kinds
+from chainlora.base_model import DEFAULT_MODEL
 from chainlora.train.config_check import ConfigError, fail, validate
 
 
@@ -180,10 +181,10 @@ class SelectionSettings(_Section):
     # the detector's sentence space: auto = the fine-tuned `encoder` selector's where the library
     # trains one (it has learnt the tasks' varied wording), else frozen; frozen = all-MiniLM-L6-v2
     novelty_space: Literal["auto", "frozen"] = "auto"
-    default: Literal["auto", "score", "generate", "classifier", "encoder", "sft"] = "auto"  # auto: measured best
+    default: str = "auto"  # auto: measured best; else a selector of chainlora.library.kinds (checked below)
     # which trained selectors to measure (all, or a list): `generate` beam-searches every
     # validation instruction, the slowest part of the measurement on a CPU
-    selectors: Union[Literal["all"], list[Literal["score", "generate", "classifier", "encoder", "sft"]]] = "all"
+    selectors: Union[Literal["all"], list[str]] = "all"  # selectors of chainlora.library.kinds (checked below)
     # extra phrasings a task that only the selectors and the out-of-library detector learn from:
     # a JSONL file of {"task", "instruction"} ("demo": the bundled one); a {word} slot is filled
     # `instructions_per_template` times with words of every task's records (data/selector_instructions.py)
@@ -280,8 +281,14 @@ class Config(_Section):
 
     def training_for(self, section: str) -> TrainingSettings:
         """`training` with the router's or mixed adapter's overrides applied (already checked)."""
-        overrides = getattr(self, section).training if section in ("router", "mixed", "sft") else {}
+        overrides = getattr(self, section).training if section in override_sections() else {}
         return self.training.model_copy(update=overrides)
+
+
+def override_sections() -> list[str]:
+    """The config sections with `training` overrides of their own (router, mixed, sft)."""
+    return [name for name, f in Config.model_fields.items() if isinstance(f.annotation, type)
+            and issubclass(f.annotation, BaseModel) and "training" in f.annotation.model_fields]
 
 
 # --------------------------------------------------------------------------- checking
@@ -316,18 +323,30 @@ def _check_cola(c: ColaSettings, key: str, source: str) -> None:
             raise fail(source, f"{key}.rank_schedule", f"{len(c.rank_schedule)} ranks for {n} links")
 
 
+def _check_selectors(s: SelectionSettings, source: str) -> None:
+    """Selector names come from the registry (chainlora.library.kinds), which a plug-in may extend."""
+    names = kinds.selector_names()
+    known = " or ".join(repr(n) for n in ("auto", *names))
+    if s.default not in ("auto", *names):
+        raise fail(source, "selection.default", f"expected {known}, got {s.default!r}")
+    for i, name in enumerate(s.selectors if isinstance(s.selectors, list) else []):
+        if name not in names:
+            raise fail(source, f"selection.selectors[{i}]", f"expected {' or '.join(map(repr, names))}, got {name!r}")
+
+
 def from_dict(data: Any, source: str = "<dict>") -> Config:
     """Check a parsed config mapping and return a Config."""
     cfg = validate(Config, data, source)
     cfg.source = source
-    for section in ("router", "mixed", "sft"):
+    for section in override_sections():
         part = getattr(cfg, section)
         part.training = _check_overrides(section, part.training, cfg.training, source)
-    for name in ("training", "router.training", "mixed.training", "sft.training"):
+    for name in ["training", *(f"{section}.training" for section in override_sections())]:
         t = cfg.training_for(name.split(".")[0])
         if t.max_steps is None and t.epochs is None:
             raise fail(source, f"{name}.max_steps", "set max_steps or epochs")
         _check_cola(t.cola, f"{name}.cola", source)
+    _check_selectors(cfg.selection, source)
     try:
         check_task_prompt(cfg.router.task_prompt)
     except ChainloraError as e:

@@ -62,8 +62,7 @@ def measure(root: Path, manifest: dict, base: Any, cfg: Config, records: dict[st
             per_task[t] = {"n": len(records[t]), "own": round(own, 4), "mixed": round(mixed, 4),
                            "serve": decide(own, mixed)}
     finally:
-        if engine.cache.model is not None:
-            base.model = engine.cache.model.unload()
+        engine.close()
     return {"fingerprint": fp, "per_task": cfg.chain.gate_per_task, "tasks": per_task,
             "gated": [t for t, v in per_task.items() if v["serve"] == "mixed"]}
 

@@ -9,29 +9,34 @@ labels, COLA knots against step counts) fails here, before any model is loaded.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 from chainlora.data import selector_instructions
-from chainlora.data.examples import Pair, answer_pairs, selector_pairs
+from chainlora.data.examples import Pair, answer_pairs
 from chainlora.data.records import Record, TaskData, check_min_records, demo_path, load_tasks, read_records, split_of
 from chainlora.errors import ChainloraError
-from chainlora.library import store
+from chainlora.library import kinds, store
 from chainlora.train import cola
 from chainlora.train.config import Config, TrainingSettings
 
 FINETUNE = "finetune"  # the adapter's name in a `chainlora finetune` library
 TRUNK = "trunk"  # the shared trunk's name and path in a library
-RESERVED = ("chain", "router", "mixed", "classifier", "encoder", "sft", "selection", TRUNK)  # adapter / model names of their own
+
+
+def reserved() -> tuple[str, ...]:
+    """Names a task cannot take: every entry kind's (the registry's) and the served names of their own."""
+    return ("chain", "selection", TRUNK, *kinds.single_entries())
 
 
 @dataclass
 class Job:
     """One adapter to train."""
 
-    kind: str  # "task", "trunk", "router", "classifier", "encoder", "sft" or "mixed"
+    kind: str  # an entry kind of chainlora.library.kinds: task, trunk, router, classifier, ..., mixed
     name: str  # the task's name, or the kind
     path: str  # where it goes, relative to the library
     train: list[Pair]
@@ -131,10 +136,8 @@ def selector_split(cfg: Config, train: dict[str, list[Record]]) -> SelectorSplit
 def _check_default_selector(cfg: Config) -> None:
     """`selection.default` must name a selector this config trains (fails before any training)."""
     d = cfg.selection.default
-    trained = {"score": cfg.router.enabled, "generate": cfg.router.enabled,
-               "classifier": cfg.classifier.enabled, "encoder": cfg.encoder.enabled, "sft": cfg.sft.enabled}
-    if d != "auto" and not trained[d]:
-        section = "router" if d in ("score", "generate") else d
+    section = kinds.SELECTORS[d].section if d != "auto" else None
+    if section and not getattr(cfg, section).enabled:
         raise ChainloraError(f"{cfg.source}: selection.default: {d!r} is not trained ({section}.enabled is false)")
 
 
@@ -152,7 +155,7 @@ def _task_parts(cfg: Config, data: dict[str, TaskData]) -> tuple[list[str], dict
     for name in names:
         if name not in data:
             raise ChainloraError(f"{cfg.source}: tasks: unknown task {name!r} (data has: {', '.join(data)})")
-        if name in RESERVED:
+        if name in reserved():
             raise ChainloraError(f"{cfg.source}: tasks: {name!r} is a reserved name; rename that task")
     _check_train_split(cfg, data, names)
     parts = {}
@@ -221,7 +224,7 @@ def labels_for(cfg: Config, tasks: list[str]) -> dict[str, str]:
 def _plan_links(cfg: Config, job: Job) -> None:
     """Knots and ranks of a `method: cola` job, checked against its step count before any model
     is loaded (a bad knot fails in a second, not after the first adapters have trained)."""
-    if job.settings.method != "cola" or job.kind in ("classifier", "encoder", "sft"):  # no LoRA there
+    if job.settings.method != "cola" or not kinds.ENTRIES[job.kind].lora:  # no LoRA there
         return
     section = job.section if job.section != "training" and "cola" in getattr(
         cfg, job.section.split(".")[0]).training else "training"
@@ -281,94 +284,120 @@ def _replay(cfg: Config, tasks: list[Job], train: dict[str, list[Record]]) -> No
         job.info["branch"]["replay"] = share
 
 
+@dataclass
+class PlanContext:
+    """What every selector's job builder reads (chainlora.library.kinds `plan` functions)."""
+
+    cfg: Config
+    names: list[str]  # the tasks, in order
+    test: dict[str, list[Record]]
+    split: SelectorSplit  # the selectors' training pool and the validation none of them sees
+    world_size: int = 1
+
+    @functools.cached_property
+    def labels(self) -> dict[str, str]:
+        """The router's labels (checked on first use: only the selectors that name labels ask)."""
+        return labels_for(self.cfg, self.names)
+
+    def training(self, limit: int | None) -> list[Record]:
+        """Every task's selector training records, at most `limit` a task (plus the extra phrasings)."""
+        return [r for t in self.names for r in self.split.training(t, limit, self.cfg.training.seed)]
+
+    def test_records(self) -> list[Record]:
+        return [r for t in self.names for r in self.test[t]]
+
+
+@dataclass
+class Plan:
+    """A run's jobs and the data splits behind them, computed once."""
+
+    jobs: list[Job]
+    names: list[str]  # the trained tasks
+    train: dict[str, list[Record]]  # per task: what the adapters train on
+    test: dict[str, list[Record]]
+    split: SelectorSplit | None  # the selectors' split (None: `chainlora finetune`)
+    gate: dict[str, list[Record]]  # per task: `chain.gate`'s held-out records (empty lists: off)
+    validation: dict[str, list[Record]]  # per task: early stopping's held-out records
+
+    def of_kind(self, *kinds_: str) -> list[Job]:
+        return [j for j in self.jobs if j.kind in kinds_]
+
+
 def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
-               trunk_tasks: list[str] | None = None) -> list[Job]:
+               trunk_tasks: list[str] | None = None) -> Plan:
     """`chainlora train`: the trunk (chain.branch warm / residual), task adapters in task order,
-    then the router, the classifier selector, the mixed baseline. `trunk_tasks`: train the trunk
-    on these tasks only (an existing trunk the new tasks branch from; default: all)."""
-    names, train, test = task_splits(cfg, data)
+    then the selectors (in chainlora.library.kinds' order), the mixed baseline. `trunk_tasks`:
+    train the trunk on these tasks only (an existing trunk the new tasks branch from; default: all)."""
+    names, parts = _task_parts(cfg, data)
+    train = {t: p[0] for t, p in parts.items()}
+    test = {t: _sample(data[t].test, cfg.data.max_test_per_task, cfg.training.seed) for t in names}
     _check_default_selector(cfg)
-    seed = cfg.training.seed
-    split = selector_split(cfg, train)  # the selectors never see the validation records
-    jobs = []
-    for t in names:
-        job = Job("task", t, store.task_path(t), answer_pairs(train[t]), answer_pairs(test[t]),
-                  cfg.training, info={"name": t, "label": t})
-        job.steps = steps_for(job.settings, len(job.train), world_size)
-        jobs.append(job)
+    jobs = [_task_job(cfg, t, train[t], test[t], world_size) for t in names]
     task_steps = [j.steps for j in jobs]
     trunk = None
     if cfg.chain.branch != "none":
         trunk = _plan_trunk(cfg, jobs, train, test, [t for t in names if t in (trunk_tasks or ())] or names)
         if cfg.chain.replay:
             _replay(cfg, jobs, train)
-        jobs.insert(0, trunk)
-    labels = labels_for(cfg, names) if cfg.router.enabled or cfg.sft.enabled else {}
-    template = cfg.router.task_prompt
+    ctx = PlanContext(cfg, names, test, selector_split(cfg, train), world_size)  # selectors never see validation
     if cfg.router.enabled:
         for job in jobs:
-            if job.kind == "task":
-                job.info["label"] = labels[job.name]
-        rtrain = [r for t in names for r in split.training(t, cfg.router.max_train_per_task, seed)]
-        router = Job("router", "router", "router", selector_pairs(rtrain, labels, template),
-                     selector_pairs([r for t in names for r in test[t]], labels, template),
-                     cfg.training_for("router"), section="router.training",
-                     info={"name": "router", "kind": "lora", "selector": "score",
-                           "task_prompt": template, "labels": labels})
-        router.steps = steps_for(router.settings, len(router.train), world_size)
-        jobs.append(router)
-    if cfg.classifier.enabled:
-        c = cfg.classifier
-        ctrain = [r for t in names for r in split.training(t, c.max_train_per_task, seed)]
-        clf = Job("classifier", "classifier", "classifier", [Pair(r.text, r.task) for r in ctrain],
-                  [Pair(r.text, r.task) for t in names for r in test[t]], cfg.training, steps=c.epochs,
-                  info={"name": "classifier", "encoder": c.encoder, "tasks": names})
-        jobs.append(clf)
-    if cfg.sft.enabled:
-        strain = [r for t in names for r in split.training(t, cfg.sft.max_train_per_task, seed)]
-        sft = Job("sft", "sft", "sft", selector_pairs(strain, labels, template),
-                  selector_pairs([r for t in names for r in test[t]], labels, template),
-                  cfg.training_for("sft"), section="sft.training",
-                  info={"name": "sft", "kind": "full", "task_prompt": template, "labels": labels})
-        sft.steps = steps_for(sft.settings, len(sft.train), world_size)
-        jobs.append(sft)
-    if cfg.encoder.enabled:
-        e = cfg.encoder
-        etrain = [r for t in names for r in split.training(t, e.max_train_per_task, seed)]
-        enc = Job("encoder", "encoder", "encoder", [Pair(r.text, r.task) for r in etrain],
-                  [Pair(r.text, r.task) for t in names for r in test[t]], cfg.training,
-                  steps=steps_for(TrainingSettings(max_steps=None, epochs=e.epochs, batch_size=e.batch_size),
-                                  len(etrain), world_size),
-                  info={"name": "encoder", "encoder": "minilm", "tasks": names})
-        jobs.append(enc)
+            job.info["label"] = ctx.labels[job.name]
+    jobs = ([trunk] if trunk else []) + jobs + _selector_jobs(ctx)
     if cfg.mixed.enabled:
-        mixed = Job("mixed", "mixed", "mixed", answer_pairs([r for t in names for r in train[t]]),
-                    answer_pairs([r for t in names for r in test[t]]), cfg.training_for("mixed"),
-                    section="mixed.training", info={"name": "mixed", "budget": cfg.mixed.budget})
-        budget = cfg.mixed.budget
-        mixed.steps = (sum(task_steps) if budget == "matched" else max(task_steps) if budget == "same"
-                       else budget)
-        if trunk is not None:  # the trunk continued on all tasks: trunk + branches' steps in all
-            if isinstance(budget, int):
-                if budget <= trunk.steps:
-                    raise ChainloraError(f"{cfg.source}: mixed.budget: {budget} steps do not go past the "
-                                         f"trunk's {trunk.steps} (the mixed adapter continues the trunk)")
-                mixed.steps = budget - trunk.steps
-            _branch(cfg, mixed, "warm", trunk)
-        jobs.append(mixed)
-    _attach_validation(cfg, data, jobs, names)
+        jobs.append(_plan_mixed(cfg, names, train, test, task_steps, trunk))
+    plan = Plan(jobs, names, train, test, ctx.split, {t: p[1] for t, p in parts.items()},
+                {t: p[2] for t, p in parts.items()})
+    _attach_validation(cfg, plan)
     for job in jobs:
         _plan_links(cfg, job)
+    return plan
+
+
+def _task_job(cfg: Config, task: str, train: list[Record], test: list[Record], world_size: int) -> Job:
+    """M_t: one LoRA on its own task's records."""
+    job = Job("task", task, store.task_path(task), answer_pairs(train), answer_pairs(test), cfg.training,
+              info={"name": task, "label": task})
+    job.steps = steps_for(job.settings, len(job.train), world_size)
+    return job
+
+
+def _selector_jobs(ctx: PlanContext) -> list[Job]:
+    """Every registered selector model the config enables, built by its kind's `plan` function."""
+    jobs = []
+    for kind in kinds.ENTRIES.values():
+        if kind.plan:
+            job = kinds.resolve(kind.plan)(ctx.cfg, ctx)
+            if job is not None:
+                jobs.append(job)
     return jobs
 
 
-def _attach_validation(cfg: Config, data: dict[str, TaskData], jobs: list[Job], names: list[str]) -> None:
+def _plan_mixed(cfg: Config, names: list[str], train: dict[str, list[Record]], test: dict[str, list[Record]],
+                task_steps: list[int], trunk: Job | None) -> Job:
+    """M_mix on every task's records, with `mixed.budget` steps (after the trunk, when it continues one)."""
+    mixed = Job("mixed", "mixed", "mixed", answer_pairs([r for t in names for r in train[t]]),
+                answer_pairs([r for t in names for r in test[t]]), cfg.training_for("mixed"),
+                section="mixed.training", info={"name": "mixed", "budget": cfg.mixed.budget})
+    budget = cfg.mixed.budget
+    mixed.steps = sum(task_steps) if budget == "matched" else max(task_steps) if budget == "same" else budget
+    if trunk is not None:  # the trunk continued on all tasks: trunk + branches' steps in all
+        if isinstance(budget, int):
+            if budget <= trunk.steps:
+                raise ChainloraError(f"{cfg.source}: mixed.budget: {budget} steps do not go past the "
+                                     f"trunk's {trunk.steps} (the mixed adapter continues the trunk)")
+            mixed.steps = budget - trunk.steps
+        _branch(cfg, mixed, "warm", trunk)
+    return mixed
+
+
+def _attach_validation(cfg: Config, plan: Plan) -> None:
     """Early stopping: each task adapter is chosen on its task's validation records; the trunk and
     the mixed adapter on all of them (the same data the chain's adapters are chosen on)."""
     if not cfg.training.early_stopping.enabled:
         return
-    held = validation_records(cfg, data)
-    for job in jobs:
+    held, names = plan.validation, plan.names
+    for job in plan.jobs:
         if not job.settings.early_stopping.enabled:
             continue
         if job.kind == "task":
@@ -377,7 +406,7 @@ def _attach_validation(cfg: Config, data: dict[str, TaskData], jobs: list[Job], 
             job.validation = answer_pairs([r for t in (job.info.get("tasks") or names) for r in held[t]])
 
 
-def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> list[Job]:
+def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -> Plan:
     """`chainlora finetune`: ONE adapter on every selected task's records together, named after
     `data.task` (else "finetune") — a plain single-adapter fine-tune, e.g. with method: cola."""
     names = list(data) if cfg.tasks in ("all", "auto") else cfg.tasks
@@ -388,15 +417,16 @@ def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -
     seed, d = cfg.training.seed, cfg.data
     # with early stopping, the same validation records `chainlora train` holds out of this config's tasks
     splits = {t: _early_split(cfg, t, _sample(data[t].train, d.max_train_per_task, seed)) for t in names}
-    train = [r for t in names for r in splits[t][0]]
-    test = [r for t in names for r in _sample(data[t].test, d.max_test_per_task, seed)]
+    tests = {t: _sample(data[t].test, d.max_test_per_task, seed) for t in names}
     name = d.task or FINETUNE
-    if name in RESERVED:
+    if name in reserved():
         raise ChainloraError(f"{cfg.source}: data.task: {name!r} is a reserved name")
-    job = Job("task", name, store.task_path(name), answer_pairs(train), answer_pairs(test), cfg.training,
+    job = Job("task", name, store.task_path(name), answer_pairs([r for t in names for r in splits[t][0]]),
+              answer_pairs([r for t in names for r in tests[t]]), cfg.training,
               info={"name": name, "label": name, "tasks": names})
     job.steps = steps_for(job.settings, len(job.train), world_size)
     if cfg.training.early_stopping.enabled:
         job.validation = answer_pairs([r for t in names for r in splits[t][1]])
     _plan_links(cfg, job)
-    return [job]
+    return Plan([job], names, {t: splits[t][0] for t in names}, tests, None, {t: [] for t in names},
+                {t: splits[t][1] for t in names})

@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from chainlora.console import bar, console, progress_mode
+from chainlora.library import kinds
 from rich.table import Table
 
 
 def trainer_steps(job: Any) -> int:
     """Optimizer steps the Trainer will run for `job` (the classifier's head is not a Trainer job
     and takes seconds, so it does not weigh on the ETA)."""
-    return 0 if job.kind in ("classifier", "encoder") else job.steps  # sft: a Trainer job like the LoRAs
+    return job.steps if kinds.ENTRIES[job.kind].trainer else 0  # sft: a Trainer job like the LoRAs
 
 
 class RunProgress:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
 from pathlib import Path
 from typing import Any
 
 from chainlora.inference import calibration
+from chainlora.inference.accuracy import route_labelled
 from chainlora.library import store
 from chainlora.train.config import Config
 from chainlora.train.plan import SelectorSplit
@@ -57,20 +57,13 @@ def fingerprint(cfg: Config, split: SelectorSplit, selector_prints: dict[str, st
 
 
 def _measure(engine: Any, kind: str, split: SelectorSplit, precision: float) -> dict:
-    records = split.validation
-    texts = [r.text for r in records]
-    engine._route(texts[:1], 3, kind)  # untimed: loading and warm-up
-    t0 = time.perf_counter()
-    routes = engine._route(texts, 3, kind)
-    ms = 1000 * (time.perf_counter() - t0) / len(texts)
-    correct = [rt.task == r.task for rt, r in zip(routes, records)]
-    top3 = [any(t == r.task for t, _ in rt.top_k[:3]) for rt, r in zip(routes, records)]
-    conf = [rt.probability for rt in routes]
-    held = [i for i, r in enumerate(records) if r.meta.get("template") in split.heldout.get(r.task, ())]
+    """One selector on the validation records: accuracy, latency and its calibrated threshold."""
+    r = route_labelled(engine, split.validation, kind, split.heldout)
+    correct, conf = r.hit1, r.confidence
     threshold = calibration.confidence_threshold(conf, correct, precision)
     mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
-    return {"n": len(records), "top1": mean(correct), "top3": mean(top3), "heldout_n": len(held),
-            "heldout_top1": mean([correct[i] for i in held]), "ms_per_instruction": round(ms, 2),
+    return {"n": len(correct), "top1": mean(correct), "top3": mean(r.hit3), "heldout_n": len(r.held),
+            "heldout_top1": mean([correct[i] for i in r.held]), "ms_per_instruction": round(r.ms_per_instruction, 2),
             "threshold": round(threshold, 6),
             **{k: None if v is None else round(v, 4)
                for k, v in calibration.accepted(conf, correct, threshold).items()}}
@@ -150,6 +143,5 @@ def measure(root: Path, manifest: dict, base: Any, cfg: Config, split: SelectorS
         if s.novelty:
             out["novelty"] = _novelty(engine, cfg, split, root)
     finally:
-        if engine.cache.model is not None:
-            base.model = engine.cache.model.unload()
+        engine.close()
     return out

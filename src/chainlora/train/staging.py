@@ -19,7 +19,7 @@ from pathlib import Path
 
 from chainlora import atomic
 from chainlora.errors import ChainloraError
-from chainlora.library import store
+from chainlora.library import kinds, store
 from chainlora.train.changes import Change, entries
 
 WORK = ".work"  # Trainer checkpoints, inside the partial library
@@ -67,6 +67,77 @@ def check_partial(partial: Path, manifest: dict | None, resume: bool, force: boo
         return False
     raise ChainloraError(f"{partial}: an unfinished run is here; --resume to continue it, "
                          "--force to start over")
+
+
+class Build:
+    """One run's build of the library at `root`: what is there now (`manifest`), the partial
+    library beside it (`partial`, its `earlier` manifest when an interrupted run is continued),
+    the manifest being written (`new`). Owns every write: the partial directory, the manifest
+    after each adapter, the final swap. Its writing methods run on the main process only."""
+
+    def __init__(self, root: Path, resume: bool, force: bool):
+        self.root, self.partial = root, partial_dir(root)
+        self.manifest = store.read_manifest(root) if root.is_dir() else None
+        found = store.read_manifest(self.partial) if self.partial.is_dir() else None
+        self.continuing = check_partial(self.partial, found, resume, force)
+        self.earlier = found if self.continuing else None
+        self.new: dict = {}
+
+    def start(self, new: dict, plan: list[Change]) -> None:
+        """The partial library with the kept adapters linked in, `new` recording them."""
+        self.new = new
+        for c in plan:
+            if c.action == "keep":
+                record(new, c.job.kind, c.job.path, {**c.entry, **c.job.info, "path": c.path})
+        prepare(self.partial, new, plan, not self.continuing, self.earlier)
+
+    def add(self, kind: str, path: str, entry: dict) -> None:
+        """A finished adapter: recorded and the partial manifest rewritten (a kill loses no more)."""
+        record(self.new, kind, path, entry)
+        store.write_manifest(self.partial, self.new)
+
+    def refresh(self, digest: str, config: dict, plan: list[Change], seen: list[str]) -> None:
+        """Nothing to train: record a config that changed only in keys that decide no adapter
+        (labels, logging, ...), atomically; say which it was; drop a leftover partial library."""
+        m = self.manifest
+        if m.get("config_sha256") == digest:
+            print(f"{self.root}: already trained with this config (use --force to retrain)")
+        else:
+            for c in plan:
+                record(m, c.job.kind, c.job.path, {**c.entry, **c.job.info})
+            m.update(training=config, config_sha256=digest)
+            store.write_manifest(self.root, m)
+            print(f"{self.root}: every adapter is up to date; the manifest now records the new config")
+        write_seen(self.root, seen)
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+
+    def finish(self, order: list[str], plan: list[Change], seen: list[str]) -> list[str]:
+        """Mark the partial library complete (tasks in plan order), swap it in, print and return
+        where removed adapters went."""
+        write_seen(self.partial, seen)
+        self.new["tasks"].sort(key=lambda e: order.index(e["path"]))
+        self.new["complete"] = True
+        self.new.pop("forced", None)
+        store.write_manifest(self.partial, self.new)
+        notes = finish(self.partial, self.root, plan)
+        for note in notes:
+            print(note)
+        return notes
+
+
+def record(manifest: dict, kind: str, path: str, entry: dict) -> None:
+    """Put an adapter's entry into a manifest: a task into the list, any other kind under its name."""
+    if kinds.ENTRIES[kind].listed:
+        manifest["tasks"] = [e for e in manifest["tasks"] if e["path"] != path] + [entry]
+    else:
+        manifest[kind] = entry
+
+
+def write_seen(root: Path, digests: list[str]) -> None:
+    """LIB/seen.json: a digest of every prompt in the training split (whatever adapter or selector
+    used it), so `chainlora eval` can leave training records out of a file it is given."""
+    atomic.write_json(root / store.SEEN, {"key": "sha256(instruction + NUL + input)[:16]", "digests": digests})
 
 
 def prepare(partial: Path, manifest: dict, changes: list[Change], restart: bool,
