@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -m "not e2e and not slow"
 
 # the server's fuzz tests with 20x the examples `make test` runs (about 10 min on 2 cores)
 fuzz: $(STAMP)

@@ -37,6 +37,7 @@ def fill(sheet: str, out, annotator: str, rate) -> None:
             w.writerow({**row, "rating": rate(row["item_id"], i), "annotator": annotator})
 
 
+@pytest.mark.slow
 def test_annotate_round_trip(random_lib, tmp_path, cli):
     out = tmp_path / "sheets"
     r = cli("annotate", "export", str(random_lib), "--data", "demo", "--per-task", "2", "--out", str(out),

@@ -155,6 +155,7 @@ def test_a_new_task_branches_from_the_kept_trunk(warm_lib, tiny_model_dir, tmp_p
     assert opened.trunk["tasks"] == TASKS and opened.task("hypernym")["branch"]["from"] == "trunk"
 
 
+@pytest.mark.slow
 def test_a_new_task_keeps_a_trunk_sized_by_trunk_fraction(data, tiny_model_dir, tmp_path, capsys):
     """With chain.trunk_fraction (the demo's way) the trunk's steps follow the branches: adding a
     task must not resize, and so retrain, the trunk and every branch (found by bench/growth.py)."""

@@ -118,6 +118,7 @@ def test_config_keys_per_adapter_and_errors(tmp_path):
             config.load(bad)
 
 
+@pytest.mark.slow
 def test_bad_knot_fails_before_training(tiny_model_dir, tmp_path, cli):
     r = cli("train", str(TINY), "--out", str(tmp_path / "lib"), "--set", f"base_model={tiny_model_dir}",
             "--set", "mixed.training={method: cola, cola: {knots: [500]}}")

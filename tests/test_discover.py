@@ -93,6 +93,7 @@ def discovered(tmp_path_factory):
     return root, labels, found, adjusted_rand_score(labels, found)
 
 
+@pytest.mark.slow
 def test_discover_recovers_the_demo_tasks(discovered):
     _, labels, found, ari = discovered
     assert len(found) == len(labels) == 1500
@@ -129,6 +130,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_tasks_auto_discovers_inside_train_and_fingerprints_the_clustering(tmp_path):
     from chainlora.train import config
     from chainlora.train.plan import load_with_discovery

@@ -86,6 +86,7 @@ def test_evaluate_tables_are_consistent(engine, records):
     assert len(result["answers"]["chain"]["rhyme"]) == 3
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_nan_free_json(random_lib, tmp_path, cli):
     lib = tmp_path / "lib"
     shutil.copytree(random_lib, lib)

@@ -133,6 +133,7 @@ def tokenizer_of(lib: Path):
 
 # -- finding 10: gguf ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("system", [None, "Answer in one word."])
 @pytest.mark.parametrize("which", ["random_lib", "default_system_lib"])
 def test_gguf_modelfiles_prompt_exactly_as_training(which, system, request, tmp_path, cli):
@@ -231,6 +232,7 @@ def _selector_library(random_lib: Path, dst: Path) -> Path:
     return lib
 
 
+@pytest.mark.slow
 def test_peft_export_is_portable_and_complete(random_lib, tmp_path, cli):
     from chainlora.inference import selectors
 

@@ -289,6 +289,7 @@ def test_7_one_error_prefix_and_a_file_named_as_a_file(user, capsys):
 # --------------------------------------------------------------------------- 8-9. logs
 
 
+@pytest.mark.slow
 def test_8_tables_in_a_log_keep_every_name_whole(tiny_model_dir, tmp_path, cli):
     import yaml
 
@@ -320,6 +321,7 @@ def test_8_demo_tables_piped_show_every_task_name_and_header_whole(capsys, monke
     assert "…" not in out and "(zero-shot)" in out
 
 
+@pytest.mark.slow
 def test_8_progress_in_a_log_is_whole_lines(user, tmp_path, cli):
     root, _, config_file, _ = user
     r = cli("train", str(config_file), "--out", str(tmp_path / "lib"), "--set", "router.enabled=false",
@@ -334,6 +336,7 @@ def test_8_progress_in_a_log_is_whole_lines(user, tmp_path, cli):
     assert r.returncode == 0 and not [x for x in r.stderr.splitlines() if "%" in x and "step" in x]
 
 
+@pytest.mark.slow
 def test_9_no_transformers_deprecation_in_route_output(random_lib, cli):
     r = cli("route", str(random_lib), "Give the antonym of hot.", "--device", "cpu")
     assert r.returncode == 0 and "deprecated" not in r.stdout + r.stderr, r.stderr

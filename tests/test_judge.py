@@ -52,6 +52,7 @@ def fake_judge() -> tuple[FastAPI, dict]:
     return app, seen
 
 
+@pytest.mark.slow
 def test_judge_round_trip_with_retries_missing_and_cache(random_lib, tmp_path, live_app, cli, monkeypatch):
     lib = tmp_path / "lib"
     shutil.copytree(random_lib, lib)
@@ -89,6 +90,7 @@ def test_judge_round_trip_with_retries_missing_and_cache(random_lib, tmp_path, l
     assert json.loads(r.stdout)["calls"] == 0
 
 
+@pytest.mark.slow
 def test_judge_gives_up_with_one_clear_line(random_lib, tmp_path, live_app, cli):
     app = FastAPI()
 

@@ -131,6 +131,7 @@ def test_a_config_key_that_decides_no_adapter_only_updates_the_manifest(base_lib
     assert Library.open(lib).manifest["training"]["training"]["logging_steps"] == 1
 
 
+@pytest.mark.slow
 def test_force_retrains_all_beside_the_old_library(base_lib, tiny_model_dir, tmp_path, capsys):
     lib = tmp_path / "lib"
     shutil.copytree(base_lib, lib)
@@ -191,6 +192,7 @@ def _kill_when(cmd: list[str], ready) -> None:
     assert proc.returncode == -9, "the run ended before it could be killed"
 
 
+@pytest.mark.slow
 def test_killed_force_run_leaves_the_old_library_serving(base_lib, tiny_model_dir, tmp_path):
     """SIGKILL a --force retrain mid-run: the old library still opens, verifies and routes; the
     interrupted run is refused without --resume and continued, still forced, with it."""
@@ -222,6 +224,7 @@ def test_killed_force_run_leaves_the_old_library_serving(base_lib, tiny_model_di
     assert "forced" not in opened.manifest and not partial.exists()
 
 
+@pytest.mark.slow
 def test_no_training_records_fails_before_any_model(tiny_model_dir, tmp_path):
     """A task whose records are all in the test file: exit 2, one line, naming task and counts."""
     data = write_data(tmp_path, TASKS)

@@ -395,3 +395,26 @@ def test_chain_is_served_whatever_selector_kind_the_library_measured_best(random
         bare.close()
     finally:
         srv.close()
+
+
+def test_serve_defaults_and_choices_come_from_the_settings(monkeypatch):
+    """`chainlora serve` with no flags is ServeSettings() (issue 39: the defaults were written three
+    times); --backend / --adapters are argparse choices, and a Python caller's bad backend fails
+    with the same one line before anything loads."""
+    from chainlora.cli import build_parser
+    from chainlora.cli.serve import settings
+    from chainlora.errors import ChainloraError
+    from chainlora.serve import ServeSettings
+    from chainlora.serve.settings import DEFAULTS
+
+    for name in ("CHAINLORA_API_KEY", "CHAINLORA_BACKEND_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert settings(build_parser().parse_args(["serve", "LIB"])) == DEFAULTS == ServeSettings()
+    with pytest.raises(ChainloraError, match="invalid choice: 'nope'"):
+        build_parser().parse_args(["serve", "LIB", "--backend", "nope"])
+    args = build_parser().parse_args(["serve", "LIB", "--backend", "openai"])  # a choice; the URL is missing
+    with pytest.raises(ChainloraError, match="needs --backend-url"):
+        settings(args)
+    with pytest.raises(ChainloraError, match="--backend: unknown 'nope'"):
+        ServeSettings.of(backend="nope")
+    assert ServeSettings.of(DEFAULTS, max_batch=4).max_batch == 4 and DEFAULTS.max_batch == 16

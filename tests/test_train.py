@@ -124,6 +124,7 @@ def test_refuses_foreign_directory_even_with_force(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.parent.iterdir() if tmp_path.name in p.name) == [tmp_path.name]
 
 
+@pytest.mark.slow
 def test_force_on_the_current_directory_is_one_line_and_touches_nothing(tiny_model_dir, tmp_path):
     """`chainlora train CONFIG --out . --force` in a folder of the user's: exit 2, one line."""
     (tmp_path / "thesis.tex").write_text("years of work")
@@ -176,6 +177,7 @@ def _kill_when(cmd: list[str], ready) -> None:
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     """SIGKILL mid-task and again mid-router; --resume twice; adapters equal a clean run."""
     clean = tmp_path / "clean"
@@ -221,6 +223,7 @@ def _launch_two(*args: str) -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", *args]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tiny_lib, tiny_model_dir, tmp_path):
     """`accelerate launch` with 2 processes (CPU, gloo) writes one valid library."""
     out = tmp_path / "lib"
@@ -243,6 +246,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_lib, tiny_model_dir, tmp_path)
     assert Library.open(out).task_names == ["antonym", "sentiment", "rhyme", "hypernym"]
 
 
+@pytest.mark.slow
 def test_two_processes_bad_config_fails_on_every_rank(tiny_model_dir, tmp_path):
     """Bad input under 2 processes: both ranks stop with the one-line error, nobody waits."""
     (tmp_path / "mine.txt").write_text("x")
@@ -254,6 +258,7 @@ def test_two_processes_bad_config_fails_on_every_rank(tiny_model_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
 
+@pytest.mark.slow
 def test_an_error_on_the_main_process_reaches_every_rank(tmp_path):
     """on_main: every rank gets the main process's result; when the main process fails alone (a
     full disk, say), the other rank raises the same

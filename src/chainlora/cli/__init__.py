@@ -27,6 +27,7 @@ from chainlora.cli.discover import add_discover_parser
 from chainlora.cli.serve import add_serve_parser
 from chainlora.console import PROGRESS_MODES, set_progress
 from chainlora.errors import ChainloraError
+from chainlora.library.export import FORMATS  # names only: no model code is imported
 from chainlora.library.kinds import selector_names  # the registry: no model code is imported
 
 
@@ -280,7 +281,7 @@ def _training_parsers(sub: argparse._SubParsersAction) -> None:
                                          "merged (one adapter merged into the model), vllm (adapters + serve command), "
                                          "gguf (llama.cpp / Ollama)")
     d.add_argument("library", help="adapter library directory")
-    d.add_argument("--format", required=True, help="peft, merged, vllm or gguf (llama.cpp / Ollama)")
+    d.add_argument("--format", required=True, choices=FORMATS, help="peft, merged, vllm or gguf (llama.cpp / Ollama)")
     d.add_argument("--out", required=True, help="output directory (created; replaced if an earlier export)")
     d.add_argument("--adapter", help="one adapter by name (default: all for peft; required for merged "
                                      "unless the library has one)")

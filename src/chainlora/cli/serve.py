@@ -1,4 +1,5 @@
-"""`chainlora serve`: its options and how the API key is read."""
+"""`chainlora serve`: its options (defaults and choices from chainlora.serve.settings) and how the
+API key is read."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 from chainlora.errors import ChainloraError
+from chainlora.serve.limits import Limits
+from chainlora.serve.settings import ADAPTER_TIERS, BACKENDS, DEFAULTS as D, ServeSettings
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -30,62 +33,77 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return os.environ.get("CHAINLORA_API_KEY") or None
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from chainlora.serve.app import serve
-    from chainlora.serve.limits import Limits
-
-    key = _api_key(args)
+def _limits(args: argparse.Namespace) -> Limits:
+    """The `limits` flag group as serve's Limits (a value <= 0 is a user error naming its flag)."""
     try:
-        limits = Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_json_values=args.max_json_values,
-                        max_messages=args.max_messages,
-                        max_prompt_chars=args.max_prompt_chars, max_stops=args.max_stops,
-                        max_stop_chars=args.max_stop_chars, header_timeout_s=args.header_timeout,
-                        body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive,
-                        max_connections=args.max_connections)
+        return Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_json_values=args.max_json_values,
+                      max_messages=args.max_messages, max_prompt_chars=args.max_prompt_chars,
+                      max_stops=args.max_stops, max_stop_chars=args.max_stop_chars,
+                      header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                      keep_alive_s=args.keep_alive, max_connections=args.max_connections)
     except ValueError as e:
         raise ChainloraError(str(e))
-    serve(args.library, host=args.host, port=args.port, api_key=key, device=args.device, dtype=args.dtype,
-          selector=args.selector, threshold=args.threshold, novelty=not args.no_novelty, gate=not args.no_gate, max_batch=args.max_batch, window_ms=args.window_ms,
-          max_queue=args.max_queue, timeout_s=args.timeout, max_adapters=args.max_adapters,
-          cpu_cache_mb=args.cpu_cache_mb, backend=args.backend, backend_url=args.backend_url,
-          backend_key=args.backend_key or os.environ.get("CHAINLORA_BACKEND_KEY"),
-          backend_base_model=args.backend_base_model, adapters=args.adapters, limits=limits)
+
+
+def settings(args: argparse.Namespace) -> ServeSettings:
+    """The parsed flags as ServeSettings (whose defaults the flags show)."""
+    return ServeSettings(
+        host=args.host, port=args.port, api_key=_api_key(args), device=args.device, dtype=args.dtype,
+        selector=args.selector, threshold=args.threshold, novelty=not args.no_novelty, gate=not args.no_gate,
+        max_batch=args.max_batch, window_ms=args.window_ms, max_queue=args.max_queue, timeout_s=args.timeout,
+        max_adapters=args.max_adapters, cpu_cache_mb=args.cpu_cache_mb, adapters=args.adapters,
+        backend=args.backend, backend_url=args.backend_url,
+        backend_key=args.backend_key or os.environ.get("CHAINLORA_BACKEND_KEY"),
+        backend_base_model=args.backend_base_model, limits=_limits(args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from chainlora.serve.app import serve
+
+    serve(args.library, settings(args))
     return 0
 
 
 def add_serve_parser(sub: argparse._SubParsersAction, selector_args: Callable) -> None:
     d = sub.add_parser("serve", help="an OpenAI-compatible server that routes each request to its adapter")
     d.add_argument("library", help="adapter library directory")
-    d.add_argument("--host", default="127.0.0.1")
-    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--host", default=D.host)
+    d.add_argument("--port", type=int, default=D.port)
     d.add_argument("--api-key-file", help="require `Authorization: Bearer KEY`, the key read from this file")
     d.add_argument("--api-key", help="the key itself (shows in `ps`: prefer --api-key-file or $CHAINLORA_API_KEY)")
     selector_args(d)
     d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
-    d.add_argument("--dtype", default="float32")
-    d.add_argument("--max-batch", type=int, default=16, help="requests per generate call")
-    d.add_argument("--window-ms", type=float, default=10.0, help="how long a batch waits for company")
-    d.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
-    d.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    d.add_argument("--dtype", default=D.dtype)
+    d.add_argument("--max-batch", type=int, default=D.max_batch, help="requests per generate call")
+    d.add_argument("--window-ms", type=float, default=D.window_ms, help="how long a batch waits for company")
+    d.add_argument("--max-queue", type=int, default=D.max_queue, help="waiting requests before 429")
+    d.add_argument("--timeout", type=float, default=D.timeout_s, help="seconds a request may take")
     d.add_argument("--max-adapters", type=int, help="task adapters resident at once (LRU beyond)")
-    d.add_argument("--cpu-cache-mb", type=float, default=1024, help="host-memory tier for evicted adapters")
-    d.add_argument("--adapters", default="pool", choices=["pool", "peft"],
+    d.add_argument("--cpu-cache-mb", type=float, default=D.cpu_cache_mb, help="host-memory tier for evicted adapters")
+    d.add_argument("--adapters", default=D.adapters, choices=ADAPTER_TIERS,
                    help="device tier that answers: pool (slot tensors, one batched matmul a layer) or peft")
-    d.add_argument("--backend", default="local",
+    d.add_argument("--backend", default=D.backend, choices=BACKENDS,
                    help="local (default), openai (vLLM) or llamacpp (llama-server): route here, answer at --backend-url")
     d.add_argument("--backend-url", help="OpenAI-compatible server with the adapters, e.g. vLLM's http://host:8000/v1")
     d.add_argument("--backend-key", help="API key for the backend (default: $CHAINLORA_BACKEND_KEY)")
     d.add_argument("--backend-base-model", help="the backend's name for the bare base model (fallback rows)")
-    lim = d.add_argument_group("limits (each refusal is a 400/408/413/503 naming its option; docs/serving.md: Security)")
-    lim.add_argument("--max-body-mb", type=float, default=1.0, help="request body size (default: %(default)s)")
-    lim.add_argument("--max-json-values", type=int, default=20_000,
-                     help="JSON values (objects, arrays, strings, numbers) in a body (default: %(default)s)")
-    lim.add_argument("--max-messages", type=int, default=256, help="messages per chat request (default: %(default)s)")
-    lim.add_argument("--max-prompt-chars", type=int, default=100_000, help="prompt characters, checked before tokenizing (default: %(default)s)")
-    lim.add_argument("--max-stops", type=int, default=4, help="stop sequences per request (default: %(default)s)")
-    lim.add_argument("--max-stop-chars", type=int, default=64, help="characters per stop sequence (default: %(default)s)")
-    lim.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers (default: %(default)s)")
-    lim.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's whole body (default: %(default)s)")
-    lim.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle connection stays open (default: %(default)s)")
-    lim.add_argument("--max-connections", type=int, default=128, help="open connections at once (503 beyond) (default: %(default)s)")
+    _limit_args(d)
     d.set_defaults(func=cmd_serve)
+
+
+def _limit_args(d: argparse.ArgumentParser) -> None:
+    """The `limits` flag group, its defaults Limits' own."""
+    L = D.limits
+    lim = d.add_argument_group("limits (each refusal is a 400/408/413/503 naming its option; docs/serving.md: Security)")
+    lim.add_argument("--max-body-mb", type=float, default=L.max_body_bytes / (1 << 20),
+                     help="request body size (default: %(default)s)")
+    lim.add_argument("--max-json-values", type=int, default=L.max_json_values,
+                     help="JSON values (objects, arrays, strings, numbers) in a body (default: %(default)s)")
+    lim.add_argument("--max-messages", type=int, default=L.max_messages, help="messages per chat request (default: %(default)s)")
+    lim.add_argument("--max-prompt-chars", type=int, default=L.max_prompt_chars, help="prompt characters, checked before tokenizing (default: %(default)s)")
+    lim.add_argument("--max-stops", type=int, default=L.max_stops, help="stop sequences per request (default: %(default)s)")
+    lim.add_argument("--max-stop-chars", type=int, default=L.max_stop_chars, help="characters per stop sequence (default: %(default)s)")
+    lim.add_argument("--header-timeout", type=float, default=L.header_timeout_s, help="seconds for a request's headers (default: %(default)s)")
+    lim.add_argument("--body-timeout", type=float, default=L.body_timeout_s, help="seconds for a request's whole body (default: %(default)s)")
+    lim.add_argument("--keep-alive", type=float, default=L.keep_alive_s, help="seconds an idle connection stays open (default: %(default)s)")
+    lim.add_argument("--max-connections", type=int, default=L.max_connections, help="open connections at once (503 beyond) (default: %(default)s)")

@@ -24,7 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from chainlora.errors import ChainloraError
 from chainlora.serve.limits import Limits
-from chainlora.serve.schema import ApiError
+from chainlora.serve.errors import ApiError
 
 
 class Quiet:

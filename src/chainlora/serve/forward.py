@@ -8,17 +8,29 @@ The backend must answer the prompt the adapters were trained on, so nothing is l
 render: the chat template and the library's system prompt are applied here, exactly as on the
 local path (`prompts.ids`), and every request goes to `/v1/completions` as token ids. Its text
 completion comes back in the shape the client asked for (chat or completion, streaming or not)
-with the routing decision added in the `chainlora` field; a stream always ends with [DONE].
+with the routing decision added in the `chainlora` field (responses.py shapes it); a stream
+always ends with [DONE]. `answer` is the route's side: it runs the selector here, then the
+`Forwarder` (the HTTP client) asks the backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from chainlora.errors import ChainloraError
+from chainlora.errors import ChainloraError, NotFound
 from chainlora.inference.engine import BASE, Route
+from chainlora.serve import responses
+from chainlora.serve.errors import ApiError
+from chainlora.serve.responses import backend_error
+from chainlora.serve.scheduler import Request
+from chainlora.serve.schema import Sampling
+from chainlora.serve.settings import DEFAULTS
+
+if TYPE_CHECKING:
+    from chainlora.serve.server import Server
 
 PATH = "/completions"
 # validated sampling fields (schema.py) the backend reads as OpenAI/vLLM do; nothing else is sent
@@ -26,7 +38,7 @@ PASSED = ("seed", "presence_penalty", "frequency_penalty", "logit_bias", "user",
           "repetition_penalty")
 
 
-def completion_body(body: Any, req: Any, model: str, ids: list[int]) -> dict:
+def completion_body(body: Sampling, req: Request, model: str, ids: list[int]) -> dict:
     """The backend's request: a completion of the rendered prompt's token ids, with every
     sampling parameter explicit (so the backend's own defaults never decide them)."""
     out = {"model": model, "prompt": ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
@@ -39,48 +51,11 @@ def completion_body(body: Any, req: Any, model: str, ids: list[int]) -> dict:
     return out
 
 
-def reply(data: Any, kind: str, model: str, route_field: dict | None) -> Any:
-    """The backend's text completion as the client asked for it (`kind` chat or text)."""
-    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-        return data
-    data = {**data, "model": model, "chainlora": route_field}
-    if kind == "chat":
-        data["id"] = "chatcmpl-" + str(data.get("id", "")).removeprefix("cmpl-")
-        data["object"] = "chat.completion"
-        data["choices"] = [{"index": c.get("index", 0), "finish_reason": c.get("finish_reason"), "logprobs": None,
-                            "message": {"role": "assistant", "content": c.get("text") or ""}}
-                           for c in data["choices"] if isinstance(c, dict)]
-    return data
-
-
-def chunks(data: dict, kind: str, model: str, route_field: dict | None, started: set) -> list[dict]:
-    """One backend stream chunk as the client's chunks; a chat stream's first chunk of each
-    choice carries the assistant role, as OpenAI's does (`started`: the choices that had it)."""
-    data = {**data, "model": model, "chainlora": route_field}
-    if kind != "chat":
-        return [data]
-    data["id"] = "chatcmpl-" + str(data.get("id", "")).removeprefix("cmpl-")
-    data["object"] = "chat.completion.chunk"
-    out, choices = [], []
-    for c in data.get("choices") or []:
-        i = c.get("index", 0)
-        if i not in started:
-            started.add(i)
-            out.append({**data, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None, "logprobs": None}]})
-        text = c.get("text") or ""
-        choices.append({"index": i, "delta": {"content": text} if text else {},
-                        "finish_reason": c.get("finish_reason"), "logprobs": None})
-    if choices or not out:  # a usage-only chunk (choices: []) goes on as it is
-        out.append({**data, "choices": choices})
-    return out
-
-
 class Forwarder:
     """The HTTP side of forwarding: one pooled async client for the backend."""
 
     def __init__(self, url: str, *, api_key: str | None = None, base_model: str | None = None,
-                 timeout_s: float = 300.0):
+                 timeout_s: float = DEFAULTS.timeout_s):
         import httpx
 
         self.url = url.rstrip("/")
@@ -105,18 +80,18 @@ class Forwarder:
         try:
             r = await self.client.post(f"{self.url}{PATH}", json=body)
         except httpx.HTTPError as e:
-            return 502, _error(f"backend {self.url} unreachable: {e.__class__.__name__}")
+            return 502, backend_error(f"backend {self.url} unreachable: {e.__class__.__name__}")
         try:
             return r.status_code, r.json()
         except json.JSONDecodeError:
-            return 502, _error(f"backend answered {r.status_code} with a body that is not JSON")
+            return 502, backend_error(f"backend answered {r.status_code} with a body that is not JSON")
 
     async def stream(self, body: dict, kind: str, model: str, route_field: dict | None) -> AsyncIterator[str]:
         """The backend's server-sent events as the client's chunks; [DONE] comes last whatever
         happens (a backend error, a dropped connection, a backend that forgets it)."""
         async for event in self._events(body, kind, model, route_field):
             yield event
-        yield "data: [DONE]\n\n"
+        yield responses.DONE
 
     async def _events(self, body: dict, kind: str, model: str, route_field: dict | None) -> AsyncIterator[str]:
         import httpx
@@ -129,7 +104,7 @@ class Forwarder:
                     try:
                         json.loads(text)
                     except json.JSONDecodeError:
-                        text = json.dumps(_error(f"backend answered {r.status_code}: {text[:200]}"))
+                        text = json.dumps(backend_error(f"backend answered {r.status_code}: {text[:200]}"))
                     yield f"data: {text}\n\n"
                     return
                 async for line in r.aiter_lines():
@@ -143,12 +118,12 @@ class Forwarder:
                     except json.JSONDecodeError:
                         continue
                     if not isinstance(chunk, dict) or "error" in chunk:
-                        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                        yield responses.sse(chunk)
                         continue
-                    for out in chunks(chunk, kind, model, route_field, started):
-                        yield f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
+                    for out in responses.chunks(chunk, kind, model, route_field, started):
+                        yield responses.sse(out)
         except httpx.HTTPError as e:
-            yield f"data: {json.dumps(_error(f'backend {self.url}: {e.__class__.__name__}'))}\n\n"
+            yield responses.sse(backend_error(f"backend {self.url}: {e.__class__.__name__}"))
         except asyncio.CancelledError:  # our client left: closing the stream frees the backend's row
             raise
 
@@ -156,5 +131,29 @@ class Forwarder:
         await self.client.aclose()
 
 
-def _error(message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "server_error", "param": None, "code": "backend_error"}}
+# --------------------------------------------------------------------------- the route
+
+
+async def _route(server: Server, req: Request) -> tuple[Route, str]:
+    """Route here (the selector runs off the event loop); the backend's model for the route."""
+    try:
+        (route,) = await asyncio.to_thread(server.engine.routes_for, [req.text], [req.task])
+        return route, server.forwarder.model_for(route)
+    except NotFound as e:
+        raise ApiError(404, str(e), param="model", code="model_not_found")
+    except ChainloraError as e:
+        raise ApiError(500, str(e), type="server_error")
+
+
+async def answer(server: Server, req: Request, body: Sampling, kind: str, t0: float) -> Any:
+    """Route here, answer on the backend: its completion of the token ids prepared here, in the
+    shape the client asked for (a stream or one JSON body)."""
+    route, model = await _route(server, req)
+    payload = completion_body(body, req, model, list(req.rendered))  # token ids (prepare.py)
+    rf = responses.route_field(route)
+    server.metrics.routed.labels(route.adapter, str(route.fallback).lower()).inc()
+    if body.stream:
+        return responses.event_stream(server.forwarder.stream(payload, kind, body.model, rf))
+    status, data = await server.forwarder.complete(payload)
+    server.metrics.answered(kind, status, time.monotonic() - t0)
+    return responses.forwarded(status, data, kind, body.model, rf)

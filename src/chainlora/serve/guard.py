@@ -21,9 +21,10 @@ import time
 from typing import Any, Callable
 
 from chainlora.serve.limits import Limits
-from chainlora.serve.schema import ApiError
+from chainlora.serve.errors import ApiError
 
 PUBLIC = frozenset({"/health"})  # answers without a key, with its status only
+LOOPBACK = ("127.0.0.1", "::1", "localhost")  # without a key: where reload may come from; no warning
 
 
 def bearer(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chainlora.serve.schema import ApiError
+from chainlora.serve.errors import ApiError
 
 
 OPTIONS = {"max_body_bytes": "--max-body-mb", "max_json_values": "--max-json-values", "max_messages": "--max-messages", "max_prompt_chars": "--max-prompt-chars",

@@ -27,7 +27,9 @@ from typing import Any, AsyncIterator, Sequence
 
 from chainlora.errors import ChainloraError
 from chainlora.inference.engine import BASE, Route
-from chainlora.serve.forward import Forwarder, _error
+from chainlora.serve import responses
+from chainlora.serve.forward import Forwarder
+from chainlora.serve.responses import backend_error
 
 
 class LlamaCppForwarder(Forwarder):
@@ -79,15 +81,15 @@ class LlamaCppForwarder(Forwarder):
         try:
             body = await self.with_lora(body)
         except ChainloraError as e:
-            return 502, _error(str(e))
+            return 502, backend_error(str(e))
         return await super().complete(body)
 
     async def stream(self, body: dict, kind: str, model: str, route_field: dict | None) -> AsyncIterator[str]:
         try:
             body = await self.with_lora(body)
         except ChainloraError as e:
-            yield f"data: {json.dumps(_error(str(e)))}\n\n"
-            yield "data: [DONE]\n\n"
+            yield responses.sse(backend_error(str(e)))
+            yield responses.DONE
             return
         async for event in super().stream(body, kind, model, route_field):
             yield event

@@ -8,7 +8,8 @@ generators read this schema.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any
 
 from chainlora.serve.errors import CODES
 from chainlora.serve.schema import BACKEND_ONLY, NEUTRAL, ChatBody, CompletionBody, ErrorBody, Message
@@ -33,28 +34,37 @@ class _Documented:
 documented = _Documented()
 
 
-def install_openapi(app: Any, models: Callable[[], list[str]], forwarding: bool = False) -> None:
-    """Add the request-body models (and their sub-models) to the app's components; `model`
-    lists the served models (any other name is a documented 404), and a field chainlora does
-    not implement is documented as what it accepts: its neutral values (schema.NEUTRAL)."""
+def openapi_schema(app: Any) -> dict:
+    """The app's OpenAPI schema with the request-body models (and their sub-models) added; `model`
+    lists the served models (any other name is a documented 404), and a field chainlora does not
+    implement is documented as what it accepts: its neutral values (schema.NEUTRAL). Built per
+    call: a reload changes the models."""
     from fastapi.openapi.utils import get_openapi
 
-    def openapi() -> dict:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in MODELS:
-            js = model.model_json_schema(ref_template=REF)
-            components.update(js.pop("$defs", {}))
-            for name, values in NEUTRAL.items():
-                if name in js.get("properties", {}) and not (forwarding and name in BACKEND_ONLY):
-                    js["properties"][name] = {"anyOf": [{"enum": list(values)}, {"type": "null"}],
-                                              "description": "not supported: only these values"}
-            if "model" in js.get("properties", {}):
-                js["properties"]["model"] = {"anyOf": [{"enum": models()}, js["properties"]["model"]],
-                                             "title": "Model", "description": "chain, mixed or a task adapter"}
-            components[model.__name__] = js
-        components["ContentPart"]["properties"].update(type={"enum": ["text"]}, text={"type": "string"})
-        components["ContentPart"]["required"] = ["type", "text"]  # what is answered (others: a 400)
-        return schema  # built per call: a reload changes the models
+    server = app.state.server
+    out = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = out.setdefault("components", {}).setdefault("schemas", {})
+    for model in MODELS:
+        components.update(_component(model, components, server.models(), server.forwarder is not None))
+    components["ContentPart"]["properties"].update(type={"enum": ["text"]}, text={"type": "string"})
+    components["ContentPart"]["required"] = ["type", "text"]  # what is answered (others: a 400)
+    return out
 
-    app.openapi = openapi
+
+def _component(model: type, components: dict, models: list[str], forwarding: bool) -> dict:
+    """{name: JSON schema} for `model`, its sub-models put in `components`."""
+    js = model.model_json_schema(ref_template=REF)
+    components.update(js.pop("$defs", {}))
+    for name, values in NEUTRAL.items():
+        if name in js.get("properties", {}) and not (forwarding and name in BACKEND_ONLY):
+            js["properties"][name] = {"anyOf": [{"enum": list(values)}, {"type": "null"}],
+                                      "description": "not supported: only these values"}
+    if "model" in js.get("properties", {}):
+        js["properties"]["model"] = {"anyOf": [{"enum": models}, js["properties"]["model"]],
+                                     "title": "Model", "description": "chain, mixed or a task adapter"}
+    return {model.__name__: js}
+
+
+def install_openapi(app: Any) -> None:
+    """Serve `openapi_schema(app)` at /openapi.json (FastAPI's documented way: replace `app.openapi`)."""
+    app.openapi = functools.partial(openapi_schema, app)

@@ -23,11 +23,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from chainlora.data import prompts
+from chainlora.inference.engine import Engine
+from chainlora.serve import catalog
+from chainlora.serve.errors import ApiError
 from chainlora.serve.limits import Limits
 from chainlora.serve.scheduler import Request
-from chainlora.serve.schema import ApiError, ChatBody, CompletionBody, Sampling, refuse_unsupported
-
-CHAIN, MIXED = "chain", "mixed"
+from chainlora.serve.schema import ChatBody, CompletionBody, Sampling, refuse_unsupported
+from chainlora.serve.settings import ServeSettings
 
 
 def _no_constant(name: str) -> Any:
@@ -58,16 +60,20 @@ def parse(raw: bytes, model: type[BaseModel], limits: Limits) -> Any:
 
 
 class Preparer:
-    """Turns bodies into scheduler Requests for a server; see the module docstring."""
+    """Turns bodies into scheduler Requests for one engine; see the module docstring.
 
-    def __init__(self, server: Any):
-        self.server, self.engine, self.limits = server, server.engine, server.limits
+    `settings` gives the limits, the default max_tokens and the deadline; `forwarding` (a
+    backend answers) lets the fields only a backend implements through."""
+
+    def __init__(self, engine: Engine, settings: ServeSettings, *, forwarding: bool = False):
+        self.engine, self.settings, self.limits, self.forwarding = engine, settings, settings.limits, forwarding
         # the scheduler's thread tokenizes with padding, and a fast tokenizer's padding state is
         # not thread-safe: this thread has its own copy
-        self.tok = copy.deepcopy(server.engine.tok)
+        self.tok = copy.deepcopy(engine.tok)
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chainlora-prepare")
 
     async def submit(self, kind: str, raw: bytes) -> tuple[Sampling, Request]:
+        """The body and its Request, prepared on this preparer's own thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, self.prepare, kind, raw)
 
@@ -76,7 +82,7 @@ class Preparer:
 
     def prepare(self, kind: str, raw: bytes) -> tuple[Sampling, Request]:
         body = parse(raw, ChatBody if kind == "chat" else CompletionBody, self.limits)
-        refuse_unsupported(body, forwarding=self.server.forwarder is not None)
+        refuse_unsupported(body, forwarding=self.forwarding)
         return body, (self.chat(body) if kind == "chat" else self.completion(body))
 
     # ------------------------------------------------------------------ per kind
@@ -119,9 +125,10 @@ class Preparer:
         forwarding here rendered it already), so it names its adapter: routing reads text."""
         if not ids:
             raise ApiError(400, "prompt: empty", param="prompt")
-        if body.model == CHAIN:
+        if body.model == catalog.CHAIN:
             raise ApiError(400, "prompt: token ids are an already rendered prompt; pin a model "
-                                f"({', '.join(self.server.models()[1:])}) or send text to route it", param="prompt")
+                                f"({', '.join(catalog.names(self.engine)[1:])}) or send text to route it",
+                           param="prompt")
         vocab = len(self.tok)
         if any(not 0 <= t < vocab for t in ids):
             raise ApiError(400, f"prompt: token ids must lie in [0, {vocab})", param="prompt")
@@ -132,17 +139,16 @@ class Preparer:
     # ------------------------------------------------------------------ shared
 
     def max_tokens(self, body: Sampling) -> int:
-        return getattr(body, "max_completion_tokens", None) or body.max_tokens or self.server.default_max_tokens
+        return getattr(body, "max_completion_tokens", None) or body.max_tokens or self.settings.default_max_tokens
 
     def fits(self, n: int, body: Sampling, field: str) -> None:
-        max_tokens = self.max_tokens(body)
-        if n + max_tokens > self.engine.context:
-            raise ApiError(400, f"{field}: {n} prompt tokens + {max_tokens} new tokens exceed the model's "
-                                f"context of {self.engine.context}; shorten it or lower max_tokens",
-                           param=field, code="context_length_exceeded")
+        """A 400 for a prompt of `n` tokens that leaves no room for its max_tokens (the engine's check)."""
+        if why := self.engine.overflow(n, self.max_tokens(body)):
+            raise ApiError(400, f"{field}: {why}; shorten it or lower max_tokens", param=field,
+                           code="context_length_exceeded")
 
     def request(self, body: Sampling, text: str, rendered: str | list[int], field: str) -> Request:
-        task = self.server.pin(body.model)  # an unknown model is a 404 whatever else is wrong
+        task = catalog.pin(self.engine, body.model)  # an unknown model is a 404 whatever else is wrong
         if body.n != 1:
             raise ApiError(400, "n: only n=1 is supported", param="n")
         self.limits.stops(body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else [])
@@ -151,4 +157,4 @@ class Preparer:
             self.fits(len(rendered), body, field)
         return Request(text=text, rendered=rendered, task=task, max_tokens=self.max_tokens(body),
                        temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
-                       deadline=time.monotonic() + self.server.timeout)
+                       deadline=time.monotonic() + self.settings.timeout_s)

@@ -153,7 +153,7 @@ class SchedulerStats:
 class Scheduler:
     """The bounded queue and the one worker thread that runs the engine."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 16, window_ms: float = 10.0, max_queue: int = 256,
+    def __init__(self, engine: Engine, *, max_batch: int, window_ms: float, max_queue: int,  # settings.py
                  on_batch: Callable[[list[Request], list[Answer], float], None] | None = None):
         self.engine, self.max_batch, self.window = engine, max_batch, window_ms / 1000
         self.queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)

@@ -1,5 +1,5 @@
-"""The OpenAI wire format as chainlora's server speaks it: request bodies (checked by pydantic),
-the error shape, and response pieces.
+"""The OpenAI wire format as chainlora's server reads it: request bodies (checked by pydantic) and
+the error shape (responses.py builds what it answers).
 
 Every field OpenAI's chat and completions APIs define is known here. A field chainlora does
 not implement is accepted only at its neutral value (`tools: []`, `logprobs: false`, `echo:
@@ -15,20 +15,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from chainlora.inference.engine import Answer, Route
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+from chainlora.serve.errors import ApiError  # also importable from here, as before
 
 
 class ErrorDetail(BaseModel):
@@ -169,16 +156,3 @@ def refuse_unsupported(body: Sampling, *, forwarding: bool) -> None:
                 param = f"messages[{i}].content[{j}]"
                 raise ApiError(400, f"{param}: only text parts ({{'type': 'text', 'text': '...'}}) are "
                                     f"supported, not {part.type!r}", param=param, code="unsupported_parameter")
-
-
-def route_field(route: Route | None) -> dict | None:
-    return None if route is None else route.as_dict()
-
-
-def usage(a: Answer) -> dict:
-    return {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
-            "total_tokens": a.prompt_tokens + a.completion_tokens}
-
-
-def finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
