@@ -52,11 +52,11 @@ def train_keyword(job, base, cfg, root, progress=None) -> dict:
             "train_loss": 0.0, "seconds": 0.0, "sha256": sha}
 
 
-def rank_keyword(engine, texts):
-    """Each task's summed log word frequency, softmaxed."""
+def rank_keyword(loaded, texts):
+    """Each task's summed log word frequency, softmaxed (`loaded`: inference.selectors.Loaded)."""
     from chainlora.inference.label_ranking import Ranking
 
-    counts = engine.selectors.model("keyword", lambda d: json.loads((d / FILES[0]).read_text()))
+    counts = loaded.model("keyword", lambda d: json.loads((d / FILES[0]).read_text()))
     out = []
     for text in texts:
         score = {t: sum(math.log1p(c.get(w, 0)) for w in _words(text)) for t, c in counts.items()}

@@ -66,7 +66,7 @@ class Engine:
                                   max_adapters=max_adapters)
         self.pool = AdapterPool(base.model, self.cache.stage, slots=max_adapters or 8) if adapters == "pool" else None
         self.lock = threading.Lock()  # one generate at a time on the shared model
-        self.selectors = selectors.Loaded(lib, base, self.system, self._live_model)
+        self.selectors = selectors.Loaded(lib, base, self.system, self.cache)
         if lib.router:
             self.cache.acquire(["router"])
 
@@ -98,10 +98,6 @@ class Engine:
         return changes
 
     # ------------------------------------------------------------------ checks
-
-    def _live_model(self) -> Any:
-        """The model that holds the base weights now: the PeftModel once an adapter is in."""
-        return self.cache.model if self.cache.model is not None else self.base.model
 
     @property
     def tasks(self) -> list[str]:
@@ -170,22 +166,8 @@ class Engine:
             return [Route(self.tasks[0], 1.0, [(self.tasks[0], 1.0)], False, self.tasks[0], "single")
                     for _ in texts]  # a single adapter (chainlora finetune): nothing to choose
         with self.lock:
-            rankings = kinds.resolve(kinds.SELECTORS[selector].rank)(self, texts)
+            rankings = kinds.resolve(kinds.SELECTORS[selector].rank)(self.selectors, texts)
         return self._decide_all(texts, rankings, top_k, selector)
-
-    def rank_with_adapter(self, name: str, rank: Any, texts: Sequence[str]) -> list[router.Ranking]:
-        """Rank with a selector LoRA of the library (`router`): `rank` is router.rank_by_score or
-        rank_by_generation, run in chunks over the adapter's labels. Called under the lock."""
-        r = self.lib.manifest.get(name)
-        if not r:
-            raise ChainloraError(f"{self.lib.root}: library has no task-selection adapter ({name})")
-        tasks = list(r["labels"])
-        labels = [r["labels"][t] for t in tasks]
-        model, rankings = self.cache.acquire([name]), []
-        for i in range(0, len(texts), ROUTE_CHUNK):  # bounds the label-expanded KV cache
-            rankings += rank(model, self.tok, texts[i:i + ROUTE_CHUNK], tasks, labels,
-                             template=r["task_prompt"], system=self.system, adapter=self.cache.slot(name))
-        return rankings
 
     def similarity(self, texts: Sequence[str]) -> list[float] | None:
         """The out-of-library detector's similarity per instruction (None: the library has none,
@@ -289,7 +271,7 @@ class Engine:
         if self.pool is not None:
             slots = dict(zip(real, self.pool.acquire(real))) if real else {}
             self.pool.set_rows([slots.get(n, ZERO) for n in names])
-            return self._live_model(), {}
+            return self.selectors.live_model(), {}
         model = self.cache.acquire(real) if real else self.cache.model
         if model is None:  # no adapter loaded at all: plain base model
             return self.base.model, {}

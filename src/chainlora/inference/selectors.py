@@ -43,53 +43,45 @@ def recorded_threshold(lib: Library, selector: str) -> float:
 # Each is named in chainlora.library.kinds and called as rank(engine, texts) under the engine's lock.
 
 
-def rank_score(engine: Any, texts: Sequence[str]) -> list[router.Ranking]:
+def rank_score(loaded: "Loaded", texts: Sequence[str]) -> list[router.Ranking]:
     """Every label's log-likelihood under the task-selection LoRA (chainlora.inference.label_ranking)."""
-    return engine.rank_with_adapter("router", router.rank_by_score, texts)
+    return loaded.with_adapter("router", router.rank_by_score, texts)
 
 
-def rank_generate(engine: Any, texts: Sequence[str]) -> list[router.Ranking]:
+def rank_generate(loaded: "Loaded", texts: Sequence[str]) -> list[router.Ranking]:
     """Labels found in the task-selection LoRA's beam-searched text (Qiu et al. 2024)."""
-    return engine.rank_with_adapter("router", router.rank_by_generation, texts)
+    return loaded.with_adapter("router", router.rank_by_generation, texts)
 
 
-def rank_classifier(engine: Any, texts: Sequence[str]) -> list[router.Ranking]:
+def rank_classifier(loaded: "Loaded", texts: Sequence[str]) -> list[router.Ranking]:
     """A linear head over frozen sentence features."""
     from chainlora.inference import classifier
 
-    head, info = engine.selectors.model("classifier", classifier.load)
-    return classifier.rank(engine.selectors.frozen(info["encoder"]), head, texts, info["tasks"])
+    head, info = loaded.model("classifier", classifier.load)
+    return classifier.rank(loaded.frozen(info["encoder"]), head, texts, info["tasks"])
 
 
-def rank_encoder(engine: Any, texts: Sequence[str]) -> list[router.Ranking]:
+def rank_encoder(loaded: "Loaded", texts: Sequence[str]) -> list[router.Ranking]:
     """The fine-tuned all-MiniLM-L6-v2 (its embeddings are reused by the out-of-library detector)."""
     from chainlora.inference import encoder
 
-    model, _, info = engine.selectors.model("encoder", encoder.load)
-    return encoder.rank(model, info, engine.selectors.embed("encoder", texts))
+    model, _, info = loaded.model("encoder", encoder.load)
+    return encoder.rank(model, info, loaded.embed("encoder", texts))
 
 
-def rank_sft(engine: Any, texts: Sequence[str]) -> list[router.Ranking]:
+def rank_sft(loaded: "Loaded", texts: Sequence[str]) -> list[router.Ranking]:
     """Its own fine-tuned copy of the base model scores every label, as `score` does with the LoRA."""
-    loaded = engine.selectors
     model = loaded.model("sft", loaded.load_full_model)
-    entry = loaded.lib.manifest["sft"]
-    tasks = list(entry["labels"])
-    labels = [entry["labels"][t] for t in tasks]
-    out = []
-    for i in range(0, len(texts), router.ROUTE_CHUNK):  # bounds the label-expanded KV cache
-        out += router.rank_by_score(model, engine.tok, texts[i:i + router.ROUTE_CHUNK], tasks, labels,
-                                    template=entry["task_prompt"], system=loaded.system, adapter=None)
-    return out
+    return loaded.by_labels("sft", router.rank_by_score, model, None, texts)
 
 
 class Loaded:
-    """One library's selector models, loaded on first use. Not thread-safe: the engine calls it
-    under its lock. `live_model()` is the model holding the base weights now (the PeftModel
-    once adapters are in, used with adapters off by `base`-encoder selectors)."""
+    """One library's selectors, what every rank function of chainlora.library.kinds receives: the
+    selector models loaded on first use, and the engine's adapter cache for the LoRA selectors.
+    Not thread-safe: the engine calls it under its lock."""
 
-    def __init__(self, lib: Library, base: Any, system: str | None, live_model: Callable[[], Any]):
-        self.lib, self.base, self.system, self.live_model = lib, base, system, live_model
+    def __init__(self, lib: Library, base: Any, system: str | None, cache: Any):
+        self.lib, self.base, self.system, self.cache = lib, base, system, cache
         self._models: dict[str, Any] = {}
         self._minilm: Any = None
         self._last_embedded: tuple[list[str] | None, Any] = (None, None)  # the encoder's last batch
@@ -116,6 +108,30 @@ class Loaded:
                 self._last_embedded = (texts, encoder.embed(model, tokenizer, texts, info.get("max_length", 64)))
             return self._last_embedded[1]
         return self.frozen(space).embed(texts)
+
+    def live_model(self) -> Any:
+        """The model holding the base weights now: the PeftModel once adapters are in (used with
+        adapters off by the `base`-encoder selectors)."""
+        return self.cache.model if self.cache.model is not None else self.base.model
+
+    def with_adapter(self, name: str, rank: Callable, texts: Sequence[str]) -> list[router.Ranking]:
+        """Rank with a selector LoRA of the library (`router`), loaded through the adapter cache."""
+        if not self.lib.manifest.get(name):
+            raise ChainloraError(f"{self.lib.root}: library has no task-selection adapter ({name})")
+        return self.by_labels(name, rank, self.cache.acquire([name]), self.cache.slot(name), texts)
+
+    def by_labels(self, entry: str, rank: Callable, model: Any, adapter: str | None,
+                  texts: Sequence[str]) -> list[router.Ranking]:
+        """`rank` (label_ranking.rank_by_score / rank_by_generation) over the labels and task prompt
+        of the library's `entry`, in chunks that bound the label-expanded KV cache."""
+        e = self.lib.manifest[entry]
+        tasks = list(e["labels"])
+        labels = [e["labels"][t] for t in tasks]
+        out = []
+        for i in range(0, len(texts), router.ROUTE_CHUNK):
+            out += rank(model, self.base.tokenizer, texts[i:i + router.ROUTE_CHUNK], tasks, labels,
+                        template=e["task_prompt"], system=self.system, adapter=adapter)
+        return out
 
     def frozen(self, kind: str) -> Any:
         """A frozen sentence encoder: `minilm` (loaded once) or `base` (the live base model)."""

@@ -9,19 +9,19 @@ labels, COLA knots against step counts) fails here, before any model is loaded.
 
 from __future__ import annotations
 
-import functools
-import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from chainlora.data import selector_instructions
-from chainlora.data.examples import Pair, answer_pairs
+from chainlora.data.examples import answer_pairs
 from chainlora.data.records import Record, TaskData, check_min_records, demo_path, load_tasks, read_records, split_of
 from chainlora.errors import ChainloraError
 from chainlora.library import kinds, store
 from chainlora.train import cola
-from chainlora.train.config import Config, TrainingSettings
+from chainlora.train.config import Config
+from chainlora.train.jobs import (Job, PlanContext, SelectorSplit, labels_for, sample,  # noqa: F401  (the API)
+                                  steps_for)
 
 FINETUNE = "finetune"  # the adapter's name in a `chainlora finetune` library
 TRUNK = "trunk"  # the shared trunk's name and path in a library
@@ -30,25 +30,6 @@ TRUNK = "trunk"  # the shared trunk's name and path in a library
 def reserved() -> tuple[str, ...]:
     """Names a task cannot take: every entry kind's (the registry's) and the served names of their own."""
     return ("chain", "selection", TRUNK, *kinds.single_entries())
-
-
-@dataclass
-class Job:
-    """One adapter to train."""
-
-    kind: str  # an entry kind of chainlora.library.kinds: task, trunk, router, classifier, ..., mixed
-    name: str  # the task's name, or the kind
-    path: str  # where it goes, relative to the library
-    train: list[Pair]
-    test: list[Pair]
-    settings: TrainingSettings
-    steps: int = 0
-    info: dict[str, Any] = field(default_factory=dict)  # extra manifest fields (label, ...)
-    section: str = "training"  # the config section its settings come from (for messages)
-    validation: list[Pair] = field(default_factory=list)  # early stopping: what picks the best checkpoint
-    link_plan: Any = None  # cola.LinkPlan: knots and ranks, when trained as a residual chain (method: cola)
-    start: str | None = None  # path of the adapter it continues (the trunk), None: from zero
-    branch: str = "none"  # how it continues `start`: warm (its LoRA) or residual (merged, a fresh LoRA)
 
 
 def load_data(cfg: Config) -> dict[str, TaskData]:
@@ -82,29 +63,6 @@ def load_with_discovery(cfg: Config) -> tuple[dict[str, TaskData], dict | None]:
     return dict(sorted(tasks.items())), found.summary
 
 
-def _sample(records: list[Record], limit: int | None, seed: int) -> list[Record]:
-    """At most `limit` records, a seeded sample (data files are often sorted)."""
-    if limit is None or len(records) <= limit:
-        return list(records)
-    return random.Random(seed).sample(records, limit)
-
-
-@dataclass
-class SelectorSplit:
-    """What the selectors may train on, and the validation data none of them sees: records held
-    out of the train split, and per task whole instruction templates (unseen wording)."""
-
-    pool: dict[str, list[Record]]  # per task: the selectors' training records
-    validation: list[Record]
-    heldout: dict[str, set]  # per task: the templates held out (empty where records carry none)
-    extra: dict[str, list[Record]] = field(default_factory=dict)  # per task: selection.instructions
-
-    def training(self, task: str, limit: int | None, seed: int) -> list[Record]:
-        """A selector's training records of `task`: up to `limit` of the pool, then every extra phrasing
-        (the extras are on top, so they never push the task's own records out)."""
-        return _sample(self.pool[task], limit, seed) + self.extra.get(task, [])
-
-
 def _template(r: Record) -> Any:
     return r.meta.get("template")
 
@@ -125,10 +83,10 @@ def selector_split(cfg: Config, train: dict[str, list[Record]]) -> SelectorSplit
         held = set(random.Random(f"{seed}:{t}").sample(templates, k)) if k else set()
         unseen = [r for r in records if _template(r) in held]
         seen = [r for r in records if _template(r) not in held]
-        val_seen = _sample(seen, min(s.validation_per_task, len(seen) // 4), seed)
+        val_seen = sample(seen, min(s.validation_per_task, len(seen) // 4), seed)
         picked = {id(r) for r in val_seen}
         pool[t] = [r for r in seen if id(r) not in picked]
-        validation += _sample(unseen, s.validation_per_task, seed) + val_seen
+        validation += sample(unseen, s.validation_per_task, seed) + val_seen
         heldout[t] = held
     return SelectorSplit(pool, validation, heldout, extra)
 
@@ -144,7 +102,7 @@ def _check_default_selector(cfg: Config) -> None:
 def task_splits(cfg: Config, data: dict[str, TaskData]) -> tuple[list[str], dict, dict]:
     """The tasks to train and their (sampled) train and test records, checked."""
     names, parts = _task_parts(cfg, data)
-    test = {t: _sample(data[t].test, cfg.data.max_test_per_task, cfg.training.seed) for t in names}
+    test = {t: sample(data[t].test, cfg.data.max_test_per_task, cfg.training.seed) for t in names}
     return names, {t: p[0] for t, p in parts.items()}, test
 
 
@@ -160,7 +118,7 @@ def _task_parts(cfg: Config, data: dict[str, TaskData]) -> tuple[list[str], dict
     _check_train_split(cfg, data, names)
     parts = {}
     for t in names:
-        kept, gate = _gate_split(cfg, t, _sample(data[t].train, cfg.data.max_train_per_task, cfg.training.seed))
+        kept, gate = _gate_split(cfg, t, sample(data[t].train, cfg.data.max_train_per_task, cfg.training.seed))
         train, validation = _early_split(cfg, t, kept)
         parts[t] = (train, gate, validation)
     return names, parts
@@ -195,30 +153,6 @@ def _gate_split(cfg: Config, task: str, records: list[Record]) -> tuple[list[Rec
 def gate_records(cfg: Config, data: dict[str, TaskData]) -> dict[str, list[Record]]:
     """Per task, the records `chain.gate` held out of training (empty where the gate is off)."""
     return {t: p[1] for t, p in _task_parts(cfg, data)[1].items()}
-
-
-def steps_for(settings: TrainingSettings, n_examples: int, world_size: int = 1) -> int:
-    """Optimizer steps for a job: max_steps, else epochs over the data."""
-    if settings.max_steps is not None:
-        return settings.max_steps
-    per_step = settings.batch_size * settings.gradient_accumulation_steps * world_size
-    return max(1, math.ceil(math.ceil(n_examples / per_step) * settings.epochs))
-
-
-def labels_for(cfg: Config, tasks: list[str]) -> dict[str, str]:
-    """Router labels: the configured ones, else the task names; unique and non-empty."""
-    for key in cfg.router.labels:
-        if key not in tasks:
-            raise ChainloraError(f"{cfg.source}: router.labels.{key}: not a trained task")
-    labels = {t: cfg.router.labels.get(t, t).strip() for t in tasks}
-    seen: dict[str, str] = {}
-    for task, label in labels.items():
-        if not label:
-            raise ChainloraError(f"{cfg.source}: router.labels.{task}: empty label")
-        if label in seen:
-            raise ChainloraError(f"{cfg.source}: router.labels.{task}: label {label!r} also names {seen[label]!r}")
-        seen[label] = task
-    return labels
 
 
 def _plan_links(cfg: Config, job: Job) -> None:
@@ -280,31 +214,8 @@ def _replay(cfg: Config, tasks: list[Job], train: dict[str, list[Record]]) -> No
     for job in tasks:
         others = [r for t, records in train.items() if t != job.name for r in records]
         n = round(len(job.train) * share / (1.0 - share))
-        job.train = job.train + answer_pairs(_sample(others, n, seed))
+        job.train = job.train + answer_pairs(sample(others, n, seed))
         job.info["branch"]["replay"] = share
-
-
-@dataclass
-class PlanContext:
-    """What every selector's job builder reads (chainlora.library.kinds `plan` functions)."""
-
-    cfg: Config
-    names: list[str]  # the tasks, in order
-    test: dict[str, list[Record]]
-    split: SelectorSplit  # the selectors' training pool and the validation none of them sees
-    world_size: int = 1
-
-    @functools.cached_property
-    def labels(self) -> dict[str, str]:
-        """The router's labels (checked on first use: only the selectors that name labels ask)."""
-        return labels_for(self.cfg, self.names)
-
-    def training(self, limit: int | None) -> list[Record]:
-        """Every task's selector training records, at most `limit` a task (plus the extra phrasings)."""
-        return [r for t in self.names for r in self.split.training(t, limit, self.cfg.training.seed)]
-
-    def test_records(self) -> list[Record]:
-        return [r for t in self.names for r in self.test[t]]
 
 
 @dataclass
@@ -330,7 +241,7 @@ def plan_train(cfg: Config, data: dict[str, TaskData], world_size: int = 1,
     train the trunk on these tasks only (an existing trunk the new tasks branch from; default: all)."""
     names, parts = _task_parts(cfg, data)
     train = {t: p[0] for t, p in parts.items()}
-    test = {t: _sample(data[t].test, cfg.data.max_test_per_task, cfg.training.seed) for t in names}
+    test = {t: sample(data[t].test, cfg.data.max_test_per_task, cfg.training.seed) for t in names}
     _check_default_selector(cfg)
     jobs = [_task_job(cfg, t, train[t], test[t], world_size) for t in names]
     task_steps = [j.steps for j in jobs]
@@ -416,8 +327,8 @@ def plan_finetune(cfg: Config, data: dict[str, TaskData], world_size: int = 1) -
     _check_train_split(cfg, data, names)
     seed, d = cfg.training.seed, cfg.data
     # with early stopping, the same validation records `chainlora train` holds out of this config's tasks
-    splits = {t: _early_split(cfg, t, _sample(data[t].train, d.max_train_per_task, seed)) for t in names}
-    tests = {t: _sample(data[t].test, d.max_test_per_task, seed) for t in names}
+    splits = {t: _early_split(cfg, t, sample(data[t].train, d.max_train_per_task, seed)) for t in names}
+    tests = {t: sample(data[t].test, d.max_test_per_task, seed) for t in names}
     name = d.task or FINETUNE
     if name in reserved():
         raise ChainloraError(f"{cfg.source}: data.task: {name!r} is a reserved name")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from chainlora.data.examples import Pair, selector_pairs
 from chainlora.train.config import Config, TrainingSettings
-from chainlora.train.plan import Job, PlanContext, steps_for
+from chainlora.train.jobs import Job, PlanContext, steps_for
 
 
 def plan_router(cfg: Config, ctx: PlanContext) -> Job | None:
