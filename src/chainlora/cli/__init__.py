@@ -58,7 +58,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from chainlora.train import config
-    from chainlora.train.run import train_library
+    from chainlora.train.recipe import train_library
 
     cfg = config.load(args.config, overrides=args.set)
     root = train_library(cfg, args.out, resume=args.resume, force=args.force, dry_run=args.dry_run)
@@ -73,7 +73,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from chainlora.train import config
-    from chainlora.train.run import train_library
+    from chainlora.train.recipe import train_library
 
     cfg = config.load(args.config, overrides=args.set)
     root = train_library(cfg, args.out, resume=args.resume, force=args.force, finetune=True,

@@ -27,7 +27,7 @@ from chainlora.eval.report import build as build_report
 from chainlora.inference.engine import Engine
 from chainlora.library.store import Library
 from chainlora.train import config
-from chainlora.train.run import train_library
+from chainlora.train.recipe import train_library
 
 QUICK = ["training.max_steps=2", "training.batch_size=4", "router.training.max_steps=16",
          "data.max_test_per_task=8"]

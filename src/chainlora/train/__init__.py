@@ -17,7 +17,7 @@ May import: core, data, library, inference, discover (tasks: auto).
 def __getattr__(name: str):
     """`from chainlora.train import train_library`, without loading transformers for `train.config`."""
     if name == "train_library":
-        from chainlora.train.run import train_library
+        from chainlora.train.recipe import train_library
 
         return train_library
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

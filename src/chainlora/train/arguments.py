@@ -1,6 +1,6 @@
 """What the Trainer is told for one adapter: device, precision, schedule, checkpoints and, with
 `training.early_stopping`, evaluation on the validation records and keeping the best checkpoint.
-Shared by the LoRA jobs (train/run.py) and the selectors trained by a Trainer (train/selector_models.py).
+Shared by the LoRA jobs (train/lora_job.py) and the selectors trained by a Trainer (train/selector_models.py).
 """
 
 from __future__ import annotations

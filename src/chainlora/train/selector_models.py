@@ -1,7 +1,7 @@
 """Training the selectors that are not LoRA adapters: the `classifier` (a frozen encoder and a
 linear head), the `encoder` (the same encoder fine-tuned end to end, Table III's BERT-SFT) and
 `sft` (a copy of the whole base model fine-tuned on task_prompt -> label, Table III's
-Bloomz-SFT). The task-selection LoRA trains like every other adapter (chainlora.train.run)."""
+Bloomz-SFT). The task-selection LoRA trains like every other adapter (chainlora.train.lora_job)."""
 
 from __future__ import annotations
 
