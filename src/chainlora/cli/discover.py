@@ -53,7 +53,7 @@ def config_yaml(cfg: dict, source: str, summary: dict) -> str:
 def cmd_discover(args: argparse.Namespace) -> int:
     from chainlora.data.records import read_records
     from chainlora.discover import discover, write_outputs
-    from chainlora.discover.run import UNLABELLED, check_out
+    from chainlora.discover.pipeline import UNLABELLED, check_out
     from chainlora.train import config
 
     out = Path(args.out)

@@ -47,7 +47,7 @@ def load_with_discovery(cfg: Config) -> tuple[dict[str, TaskData], dict | None]:
         return load_tasks(train, test_source=test, test_fraction=d.test_fraction, seed=cfg.training.seed,
                           min_records=d.min_records, fields=d.fields or None, task=d.task), None
     from chainlora.discover import discover
-    from chainlora.discover.run import UNLABELLED
+    from chainlora.discover.pipeline import UNLABELLED
 
     read = dict(fields=d.fields or None, task=UNLABELLED)
     train_records = list(read_records(train, **read))
