@@ -180,3 +180,20 @@ def test_the_function_and_kind_checks_catch_what_they_should():
            'C: Literal["auto", "score", "router"]\n'
            'D = ("score", "mixed")\n')
     assert [v.split(": ")[0] for v in kind_lists(src, "m.py", names)] == ["m.py:1", "m.py:2", "m.py:3"]
+
+
+MOVED = {"chainlora.models": "chainlora.base_model", "chainlora.library.llamacpp": "chainlora.library.gguf",
+         "chainlora.train.selectors": "chainlora.train.selector_models", "chainlora.train.run": "chainlora.train.recipe",
+         "chainlora.inference.router": "chainlora.inference.label_ranking",
+         "chainlora.discover.run": "chainlora.discover.pipeline"}
+
+
+def test_moved_modules_still_import_as_the_new_ones():
+    import importlib
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    from chainlora.inference.classifier import Encoder, FrozenEncoder
+    from chainlora.train.run import run_job, train_library  # noqa: F401  (the old entry points)
+
+    assert Encoder is FrozenEncoder
