@@ -12,17 +12,21 @@ from chainlora.train.config import Config, TrainingSettings
 from chainlora.train.jobs import Job, PlanContext, steps_for
 
 
+def _label_job(cfg: Config, ctx: PlanContext, kind: str, limit: int | None, info: dict) -> Job:
+    """A job on task_prompt(x) -> label, with `kind`'s own training overrides (`<kind>.training`)."""
+    template, labels = cfg.router.task_prompt, ctx.labels
+    job = Job(kind, kind, kind, selector_pairs(ctx.training(limit), labels, template),
+              selector_pairs(ctx.test_records(), labels, template), cfg.training_for(kind),
+              section=f"{kind}.training", info={"name": kind, **info, "task_prompt": template, "labels": labels})
+    job.steps = steps_for(job.settings, len(job.train), ctx.world_size)
+    return job
+
+
 def plan_router(cfg: Config, ctx: PlanContext) -> Job | None:
     """P, the task-selection LoRA: task_prompt(x) -> label (Qiu et al. 2024)."""
     if not cfg.router.enabled:
         return None
-    template, labels = cfg.router.task_prompt, ctx.labels
-    job = Job("router", "router", "router", selector_pairs(ctx.training(cfg.router.max_train_per_task), labels, template),
-              selector_pairs(ctx.test_records(), labels, template), cfg.training_for("router"),
-              section="router.training", info={"name": "router", "kind": "lora", "selector": "score",
-                                               "task_prompt": template, "labels": labels})
-    job.steps = steps_for(job.settings, len(job.train), ctx.world_size)
-    return job
+    return _label_job(cfg, ctx, "router", cfg.router.max_train_per_task, {"kind": "lora", "selector": "score"})
 
 
 def plan_classifier(cfg: Config, ctx: PlanContext) -> Job | None:
@@ -40,12 +44,7 @@ def plan_sft(cfg: Config, ctx: PlanContext) -> Job | None:
     """A fully fine-tuned copy of the base model on task_prompt(x) -> label (Table III's SFT)."""
     if not cfg.sft.enabled:
         return None
-    template, labels = cfg.router.task_prompt, ctx.labels
-    job = Job("sft", "sft", "sft", selector_pairs(ctx.training(cfg.sft.max_train_per_task), labels, template),
-              selector_pairs(ctx.test_records(), labels, template), cfg.training_for("sft"),
-              section="sft.training", info={"name": "sft", "kind": "full", "task_prompt": template, "labels": labels})
-    job.steps = steps_for(job.settings, len(job.train), ctx.world_size)
-    return job
+    return _label_job(cfg, ctx, "sft", cfg.sft.max_train_per_task, {"kind": "full"})
 
 
 def plan_encoder(cfg: Config, ctx: PlanContext) -> Job | None:
