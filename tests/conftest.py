@@ -7,9 +7,12 @@ ONCE per run into a session cache directory (set CHAINLORA_TEST_HOME to reuse on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +246,142 @@ def plan_lines(out: str) -> dict[str, tuple[str, str]]:
         if len(parts) >= 2 and parts[0] in ("keep", "train", "retrain", "remove"):
             rows[parts[1]] = (parts[0], parts[2] if len(parts) > 2 else "")
     return rows
+
+
+# --------------------------------------------------------------------------- serving
+
+import httpx  # noqa: E402  (below the environment set-up above)
+from fastapi import Request  # noqa: E402  module level: FastAPI resolves the fake backends' annotations here
+
+TEXTS = ["Give the antonym of hot.", "Is the word happy positive or negative?", "What rhymes with cat?"]
+
+
+class Live(LiveApp):
+    """A chainlora Server on loopback."""
+
+    def __init__(self, server: Any):
+        from chainlora.serve import create_app
+
+        self.server = server
+        super().__init__(create_app(server))
+
+    def close(self) -> None:
+        super().close()
+        self.server.scheduler.close()
+
+def error_of(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+def wait_until(cond, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+def post_in_background(url: str, body: dict, out: dict | None = None) -> threading.Thread:
+    """POST from a thread (its response lands in out["r"]); started."""
+    def go() -> None:
+        r = httpx.post(url, json=body, timeout=60)
+        if out is not None:
+            out["r"] = r
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t
+
+async def _load(url: str, n: int, concurrency: int, disconnect_every: int = 0, max_tokens: int = 8,
+                models: tuple[str, ...] = ("chain", "antonym", "sentiment", "mixed")) -> dict:
+    """n requests, `concurrency` at a time, over 4 models, chat/completions, streaming or not;
+    every `disconnect_every`-th streaming client hangs up after its first chunk. `failed`: the
+    model of every request that failed."""
+    from openai import AsyncOpenAI
+
+    c = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+    gate = asyncio.Semaphore(concurrency)
+    out = {"ok": 0, "errors": [], "disconnected": 0, "failed": []}
+
+    async def one(i: int) -> None:
+        async with gate:
+            model, stream = models[i % 4], i % 3 == 0
+            try:
+                if stream:
+                    s = await c.chat.completions.create(model=model, stream=True, max_tokens=max_tokens, temperature=0,
+                                                        messages=[{"role": "user", "content": TEXTS[i % 3]}])
+                    chunks = 0
+                    async for ch in s:
+                        assert ch.object == "chat.completion.chunk" and "chainlora" in ch.model_extra
+                        chunks += 1
+                        if disconnect_every and i % disconnect_every == 0:
+                            await s.close()
+                            out["disconnected"] += 1
+                            return
+                    assert chunks >= 2
+                else:
+                    r = await c.completions.create(model=model, prompt=TEXTS[i % 3], max_tokens=8, temperature=0)
+                    assert isinstance(r.choices[0].text, str) and r.model_extra["chainlora"]["adapter"]
+                    assert r.usage.completion_tokens <= 8
+                out["ok"] += 1
+            except Exception as e:  # counted, reported by the test
+                out["errors"].append(repr(e))
+                out["failed"].append(model)
+
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), timeout=300)
+    await c.close()
+    return out
+
+
+PIECES = ["Hel", "lo", " there"]
+
+
+class Recording:
+    """A fake OpenAI backend: records every request; answers a fixed text completion."""
+
+    def __init__(self, fail_stream: bool = False):
+        self.calls: list[tuple[str, dict]] = []
+        self.fail_stream = fail_stream
+
+    def app(self):
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        app = FastAPI()
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            body = await request.json()
+            self.calls.append(("/v1/completions", body))
+            if body.get("stream") and self.fail_stream:
+                return JSONResponse({"error": {"message": "boom", "type": "server_error", "param": None,
+                                               "code": None}}, status_code=500)
+            if body.get("stream"):
+                return StreamingResponse(self.events(body), media_type="text/event-stream")
+            return {"id": "cmpl-rec", "object": "text_completion", "created": 1, "model": body["model"],
+                    "choices": [{"index": 0, "text": "".join(PIECES), "finish_reason": "stop", "logprobs": None}],
+                    "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 3, "total_tokens": 0}}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):  # forwarding must never use it: the backend would render
+            self.calls.append(("/v1/chat/completions", await request.json()))
+            return JSONResponse({"error": {"message": "not here"}}, status_code=500)
+
+        return app
+
+    @staticmethod
+    async def events(body: dict):
+        for i, piece in enumerate(PIECES):
+            last = i == len(PIECES) - 1
+            chunk = {"id": "cmpl-rec", "object": "text_completion", "created": 1, "model": body["model"],
+                     "choices": [{"index": 0, "text": piece, "finish_reason": "stop" if last else None,
+                                  "logprobs": None}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": 3, "total_tokens": 0}
+            yield f"data: {json.dumps({'id': 'cmpl-rec', 'object': 'text_completion', 'created': 1, 'model': body['model'], 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def sse(r: httpx.Response) -> list:
+    lines = [line[5:].strip() for line in r.text.splitlines() if line.startswith("data:")]
+    return [x if x == "[DONE]" else json.loads(x) for x in lines]

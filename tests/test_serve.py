@@ -8,7 +8,6 @@ import asyncio
 import json
 import shutil
 import socket
-import threading
 import time
 
 import httpx
@@ -16,22 +15,8 @@ import pytest
 
 from chainlora import library
 from chainlora.inference.engine import Engine
-from chainlora.serve import Server, create_app
-from conftest import LiveApp
-
-TEXTS = ["Give the antonym of hot.", "Is the word happy positive or negative?", "What rhymes with cat?"]
-
-
-class Live(LiveApp):
-    """A chainlora Server on loopback."""
-
-    def __init__(self, server: Server):
-        self.server = server
-        super().__init__(create_app(server))
-
-    def close(self) -> None:
-        super().close()
-        self.server.scheduler.close()
+from chainlora.serve import Server
+from conftest import TEXTS, Live, _load, error_of, post_in_background, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +101,6 @@ def test_stop_strings_and_multi_turn_chat(live):
     assert reply.model_extra["chainlora"]["task"] is not None  # routed on the last user turn
 
 
-def error_of(r: httpx.Response) -> dict:
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
-
-
 def test_bad_requests_get_openai_errors(live):
     url = f"{live.url}/v1/chat/completions"
     ok = {"model": "chain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -158,25 +137,6 @@ def test_api_key_is_required_and_compared(random_lib):
         assert out.choices[0].message.content is not None
     finally:
         srv.close()
-
-
-def wait_until(cond, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
-def post_in_background(url: str, body: dict, out: dict | None = None) -> threading.Thread:
-    """POST from a thread (its response lands in out["r"]); started."""
-    def go() -> None:
-        r = httpx.post(url, json=body, timeout=60)
-        if out is not None:
-            out["r"] = r
-
-    t = threading.Thread(target=go)
-    t.start()
-    return t
 
 
 def test_full_queue_answers_429_with_retry_after(random_lib):
@@ -216,47 +176,6 @@ def test_request_past_its_timeout_gets_503(random_lib):
         assert late["r"].headers["retry-after"] == "1"
     finally:
         srv.close()
-
-
-async def _load(url: str, n: int, concurrency: int, disconnect_every: int = 0, max_tokens: int = 8,
-                models: tuple[str, ...] = ("chain", "antonym", "sentiment", "mixed")) -> dict:
-    """n requests, `concurrency` at a time, over 4 models, chat/completions, streaming or not;
-    every `disconnect_every`-th streaming client hangs up after its first chunk. `failed`: the
-    model of every request that failed."""
-    from openai import AsyncOpenAI
-
-    c = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-    gate = asyncio.Semaphore(concurrency)
-    out = {"ok": 0, "errors": [], "disconnected": 0, "failed": []}
-
-    async def one(i: int) -> None:
-        async with gate:
-            model, stream = models[i % 4], i % 3 == 0
-            try:
-                if stream:
-                    s = await c.chat.completions.create(model=model, stream=True, max_tokens=max_tokens, temperature=0,
-                                                        messages=[{"role": "user", "content": TEXTS[i % 3]}])
-                    chunks = 0
-                    async for ch in s:
-                        assert ch.object == "chat.completion.chunk" and "chainlora" in ch.model_extra
-                        chunks += 1
-                        if disconnect_every and i % disconnect_every == 0:
-                            await s.close()
-                            out["disconnected"] += 1
-                            return
-                    assert chunks >= 2
-                else:
-                    r = await c.completions.create(model=model, prompt=TEXTS[i % 3], max_tokens=8, temperature=0)
-                    assert isinstance(r.choices[0].text, str) and r.model_extra["chainlora"]["adapter"]
-                    assert r.usage.completion_tokens <= 8
-                out["ok"] += 1
-            except Exception as e:  # counted, reported by the test
-                out["errors"].append(repr(e))
-                out["failed"].append(model)
-
-    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), timeout=300)
-    await c.close()
-    return out
 
 
 def test_load_200_requests_32_concurrent_batches_without_errors(live):

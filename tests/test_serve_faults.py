@@ -15,7 +15,7 @@ import pytest
 from chainlora import library
 from chainlora.inference.engine import Engine
 from chainlora.serve import Server
-from test_serve import Live, _load, error_of, post_in_background, wait_until
+from conftest import Live, _load, error_of, post_in_background, wait_until
 
 MSG = [{"role": "user", "content": "Give the antonym of hot."}]
 

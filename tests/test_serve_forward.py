@@ -9,62 +9,14 @@ import shutil
 
 import httpx
 import pytest
-from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 
 from chainlora import library
 from chainlora.inference.engine import Engine
 from chainlora.serve import Server, create_app
 from chainlora.serve.forward import Forwarder
+from conftest import PIECES, Recording, sse
 
 SYSTEM = "You are a terse lexicographer."
-PIECES = ["Hel", "lo", " there"]
-
-
-class Recording:
-    """A fake OpenAI backend: records every request; answers a fixed text completion."""
-
-    def __init__(self, fail_stream: bool = False):
-        self.calls: list[tuple[str, dict]] = []
-        self.fail_stream = fail_stream
-
-    def app(self):
-        from fastapi import FastAPI
-        from fastapi.responses import JSONResponse, StreamingResponse
-
-        app = FastAPI()
-
-        @app.post("/v1/completions")
-        async def completions(request: Request):
-            body = await request.json()
-            self.calls.append(("/v1/completions", body))
-            if body.get("stream") and self.fail_stream:
-                return JSONResponse({"error": {"message": "boom", "type": "server_error", "param": None,
-                                               "code": None}}, status_code=500)
-            if body.get("stream"):
-                return StreamingResponse(self.events(body), media_type="text/event-stream")
-            return {"id": "cmpl-rec", "object": "text_completion", "created": 1, "model": body["model"],
-                    "choices": [{"index": 0, "text": "".join(PIECES), "finish_reason": "stop", "logprobs": None}],
-                    "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 3, "total_tokens": 0}}
-
-        @app.post("/v1/chat/completions")
-        async def chat(request: Request):  # forwarding must never use it: the backend would render
-            self.calls.append(("/v1/chat/completions", await request.json()))
-            return JSONResponse({"error": {"message": "not here"}}, status_code=500)
-
-        return app
-
-    @staticmethod
-    async def events(body: dict):
-        for i, piece in enumerate(PIECES):
-            last = i == len(PIECES) - 1
-            chunk = {"id": "cmpl-rec", "object": "text_completion", "created": 1, "model": body["model"],
-                     "choices": [{"index": 0, "text": piece, "finish_reason": "stop" if last else None,
-                                  "logprobs": None}]}
-            yield f"data: {json.dumps(chunk)}\n\n"
-        if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": 3, "total_tokens": 0}
-            yield f"data: {json.dumps({'id': 'cmpl-rec', 'object': 'text_completion', 'created': 1, 'model': body['model'], 'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +54,6 @@ def servers(sys_lib):
         a.close()
     local.scheduler.close()
     front.scheduler.close()
-
-
-def sse(r: httpx.Response) -> list:
-    lines = [line[5:].strip() for line in r.text.splitlines() if line.startswith("data:")]
-    return [x if x == "[DONE]" else json.loads(x) for x in lines]
 
 
 CHAT = {"messages": [{"role": "user", "content": "Give the antonym of hot."}]}

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 
-from test_serve_forward import PIECES, Recording, sse
+from conftest import PIECES, Recording, sse
 
 from chainlora.inference.engine import Engine
 from chainlora.serve import Server, create_app

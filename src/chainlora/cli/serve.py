@@ -40,7 +40,10 @@ def _limits(args: argparse.Namespace) -> Limits:
                       max_messages=args.max_messages, max_prompt_chars=args.max_prompt_chars,
                       max_stops=args.max_stops, max_stop_chars=args.max_stop_chars,
                       header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-                      keep_alive_s=args.keep_alive, max_connections=args.max_connections)
+                      keep_alive_s=args.keep_alive, max_connections=args.max_connections,
+                      max_connections_per_client=args.max_connections_per_client,
+                      max_unauthenticated_connections=args.max_unauthenticated_connections,
+                      write_timeout_s=args.write_timeout)
     except ValueError as e:
         raise ChainloraError(str(e))
 
@@ -54,7 +57,7 @@ def settings(args: argparse.Namespace) -> ServeSettings:
         max_adapters=args.max_adapters, cpu_cache_mb=args.cpu_cache_mb, adapters=args.adapters,
         backend=args.backend, backend_url=args.backend_url,
         backend_key=args.backend_key or os.environ.get("CHAINLORA_BACKEND_KEY"),
-        backend_base_model=args.backend_base_model, limits=_limits(args))
+        backend_base_model=args.backend_base_model, limits=_limits(args), **_budgets(args), **_browser(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -88,7 +91,53 @@ def add_serve_parser(sub: argparse._SubParsersAction, selector_args: Callable) -
     d.add_argument("--backend-key", help="API key for the backend (default: $CHAINLORA_BACKEND_KEY)")
     d.add_argument("--backend-base-model", help="the backend's name for the bare base model (fallback rows)")
     _limit_args(d)
+    _budget_args(d)
+    _browser_args(d)
     d.set_defaults(func=cmd_serve)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated list of names (hosts, origins) as a tuple, blanks dropped."""
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _browser(args: argparse.Namespace) -> dict:
+    """The `browsers` flag group as ServeSettings keywords."""
+    return {"allowed_hosts": _names(args.allowed_hosts), "cors_origins": _names(args.cors_origins)}
+
+
+def _browser_args(d: argparse.ArgumentParser) -> None:
+    """The `browsers` flag group (serve/browser.py), defaults ServeSettings'."""
+    b = d.add_argument_group("browsers (what a web page may do; docs/serving.md: Security)")
+    b.add_argument("--allowed-hosts", default=",".join(D.allowed_hosts),
+                   help="Host names answered besides IP addresses and localhost, comma-separated (.example.com: "
+                        "its subdomains too; *: any). Default: none without a key, any with one")
+    b.add_argument("--cors-origins", default=",".join(D.cors_origins),
+                   help="web origins whose pages may call the server (https://app.example.com), comma-separated "
+                        "(*: any). Default: none, only pages this server serves")
+
+
+def _budgets(args: argparse.Namespace) -> dict:
+    """The `token budgets` flag group as ServeSettings keywords."""
+    return {"max_tokens": args.max_tokens, "max_prompt_tokens": args.max_prompt_tokens,
+            "max_batch_tokens": args.max_batch_tokens, "prefill_chunk": args.prefill_chunk,
+            "max_prepare_queue": args.max_prepare_queue}
+
+
+def _budget_args(d: argparse.ArgumentParser) -> None:
+    """The `token budgets` flag group (vLLM's max_model_len / max_num_batched_tokens), defaults ServeSettings'."""
+    b = d.add_argument_group("token budgets (a refusal is a 400/503 naming its option; docs/serving.md: Security)")
+    b.add_argument("--max-tokens", type=int, default=D.max_tokens,
+                   help="the most max_tokens a request may ask for (default: %(default)s)")
+    b.add_argument("--max-prompt-tokens", type=int, default=D.max_prompt_tokens,
+                   help="a prompt's tokens after the chat template (default: the model's context)")
+    b.add_argument("--max-batch-tokens", type=int, default=D.max_batch_tokens,
+                   help="prompt tokens in one batch, rows x longest prompt; also caps one prompt (default: %(default)s)")
+    b.add_argument("--prefill-chunk", type=int, default=D.prefill_chunk,
+                   help="prompt positions per prefill step; deadlines and disconnects are checked between "
+                        "steps (default: %(default)s)")
+    b.add_argument("--max-prepare-queue", type=int, default=D.max_prepare_queue,
+                   help="bodies waiting to be parsed and tokenized before a 503 (default: %(default)s)")
 
 
 def _limit_args(d: argparse.ArgumentParser) -> None:
@@ -107,3 +156,12 @@ def _limit_args(d: argparse.ArgumentParser) -> None:
     lim.add_argument("--body-timeout", type=float, default=L.body_timeout_s, help="seconds for a request's whole body (default: %(default)s)")
     lim.add_argument("--keep-alive", type=float, default=L.keep_alive_s, help="seconds an idle connection stays open (default: %(default)s)")
     lim.add_argument("--max-connections", type=int, default=L.max_connections, help="open connections at once (503 beyond) (default: %(default)s)")
+    lim.add_argument("--max-connections-per-client", type=int, default=L.max_connections_per_client,
+                     help="open connections from one remote address; behind a proxy, raise it to --max-connections "
+                          "(default: %(default)s)")
+    lim.add_argument("--max-unauthenticated-connections", type=int, default=L.max_unauthenticated_connections,
+                     help="open connections without a valid key (or not through their headers yet); past it the "
+                          "oldest idle one is closed (default: %(default)s)")
+    lim.add_argument("--write-timeout", type=float, default=L.write_timeout_s,
+                     help="seconds a client may read nothing of its response before it is cut off "
+                          "(default: %(default)s)")

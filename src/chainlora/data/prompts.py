@@ -8,6 +8,9 @@ configurable and recorded in a library's manifest so inference uses exactly what
 
 from __future__ import annotations
 
+import re
+import secrets
+
 from chainlora.errors import ChainloraError
 
 PLAIN_TEMPLATE = "### Instruction:\n{text}\n\n### Response:\n"
@@ -47,6 +50,51 @@ def ids(tokenizer: object, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     return [int(t) for t in prompt]
+
+
+def special_strings(tokenizer: object) -> list[str]:
+    """The text of the tokenizer's special tokens (`<|im_start|>`, `<|eot_id|>`, ...), longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return sorted({t.content for t in added.values() if getattr(t, "special", False) and t.content},
+                  key=len, reverse=True)
+
+
+class UserText:
+    """Text from users kept as text: a special token's string in it (`<|im_start|>system`) is
+    tokenized as the plain characters it is, never as the control token, so user text cannot
+    forge a chat turn. The chat template's own tokens stay real.
+
+    `plain(text)` marks each special string in `text` with a placeholder (private-use characters
+    and a random nonce: no template touches them) before the template renders it; `plain.ids(rendered)`
+    tokenizes the rendered prompt as `ids` does, each placeholder as its string with
+    `split_special_tokens`. Text without special strings is untouched, so its ids are exactly
+    those training used (data/examples.py)."""
+
+    def __init__(self, tokenizer: object):
+        self.tok, self.specials = tokenizer, special_strings(tokenizer)
+        self.find = re.compile("|".join(map(re.escape, self.specials))) if self.specials else None
+        nonce = secrets.token_hex(8)
+        self.mark = f"\ue000{nonce}"
+        self.marks = re.compile(f"\ue000{nonce}(\\d+)\ue001")
+
+    def __call__(self, text: str) -> str:
+        if self.find is None:
+            return text
+        return self.find.sub(lambda m: f"{self.mark}{self.specials.index(m.group(0))}\ue001", text)
+
+    def ids(self, rendered: str) -> list[int]:
+        """The rendered prompt's token ids, marked special strings as plain text."""
+        if self.mark not in rendered:
+            return ids(self.tok, rendered)
+        pieces = self.marks.split(rendered)  # text, index, text, index, ..., text
+        out: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                out += self.tok(self.specials[int(piece)], add_special_tokens=False,
+                                split_special_tokens=True)["input_ids"]
+            elif piece:
+                out += ids(self.tok, piece)
+        return out
 
 
 def end_of_answer(tokenizer: object) -> str:

@@ -221,6 +221,11 @@ class AdapterPool:
         self.batch = (torch.tensor(list(slots), dtype=torch.long, device=device),
                       next(iter(distinct)) if len(distinct) == 1 else None)
 
+    def select_rows(self, keep: Sequence[int]) -> None:
+        """Only these rows of the batch (indices into it) go on: a chunked prefill dropped the others."""
+        if self.batch is not None:
+            self.set_rows(self.batch[0][list(keep)].tolist())
+
     def clear_rows(self) -> None:
         self.batch, self.batch_slots = None, set()
 

@@ -27,6 +27,7 @@ from chainlora.inference import selectors
 from chainlora.inference.adapter_cache import AdapterCache
 from chainlora.inference.adapter_pool import ZERO, AdapterPool, unsupported
 from chainlora.inference.answers import BASE, Answer, Route  # noqa: F401  (the API: chainlora.inference.engine.Route)
+from chainlora.inference.prefill import Keep, Prefill
 from chainlora.inference.stops import StopMatcher, cut_at_stop, end_ids, streamable
 from chainlora.library import kinds
 from chainlora.library.store import Library
@@ -296,7 +297,8 @@ class Engine:
                  max_new_tokens: int | Sequence[int] = 64, temperature: float = 0.0, top_p: float = 1.0,
                  stop: Sequence[str] | None = None, min_new_tokens: int = 0,
                  rendered: Sequence[str | list[int]] | None = None, streamer: Any = None,
-                 stopping: Any = None, routes: Sequence[Route] | None = None) -> list[Answer]:
+                 stopping: Any = None, routes: Sequence[Route] | None = None, prefill_chunk: int | None = None,
+                 keep: Keep | None = None) -> list[Answer | None]:
         """Answer a batch: route (unless `task` pins it), then ONE mixed-adapter generate call.
 
         max_new_tokens may differ per row (the batch runs to the largest, each row is cut at its
@@ -304,6 +306,9 @@ class Engine:
         `streamer` (a transformers BaseStreamer seeing the whole batch) and `stopping`
         (StoppingCriteria, per-row done flags) are the server's hooks; `routes` skips routing.
         min_new_tokens forces answers to a length (benchmarks compare equal work with it).
+        prefill_chunk: prompts longer than this many positions are prefilled chunk by chunk, and
+        `keep` (given the rows still running, it returns those still wanted) is asked between
+        chunks; a row it drops leaves the batch and its answer is None (see prefill.py).
         """
         import torch
 
@@ -319,10 +324,11 @@ class Engine:
         if streamer is not None:
             kw["streamer"] = streamer
         with self.lock, self.running(names) as (model, extra), torch.no_grad():
-            out = model.generate(**enc, **extra, **kw)
-        new = out[:, enc["input_ids"].shape[1]:]
-        return [self._answer(row[:limit], route, int(mask.sum()), stop)
-                for row, route, mask, limit in zip(new, routes, enc["attention_mask"], limits)]
+            run = Prefill(model, enc, extra, self.pool).run(prefill_chunk, keep)
+            out = model.generate(**run.generate_inputs(), **kw) if run.rows else None
+        at, width = {row: i for i, row in enumerate(run.rows)}, enc["input_ids"].shape[1]
+        return [self._answer(out[at[i], width:width + limits[i]], routes[i], int(enc["attention_mask"][i].sum()), stop)
+                if i in at else None for i in range(len(texts))]
 
     def answer_with(self, model: Any, texts: Sequence[str], route: Route, max_new_tokens: int) -> list[Answer]:
         """Greedy answers of another model carrying this base (e.g. PEFT's Arrow router in eval),

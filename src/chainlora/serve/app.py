@@ -25,6 +25,7 @@ from fastapi import FastAPI
 
 from chainlora.inference.engine import Engine
 from chainlora.serve import routes
+from chainlora.serve.browser import Browser
 from chainlora.serve.errors import install_handlers
 from chainlora.serve.guard import LOOPBACK, Guard
 from chainlora.serve.openapi import install_openapi
@@ -50,8 +51,10 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="chainlora", version=__import__("chainlora").__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.server = server
-    app.add_middleware(Guard, api_key=server.api_key, limits=server.settings.limits,
-                       on_refused=server.metrics.status)
+    s = server.settings
+    app.add_middleware(Guard, api_key=server.api_key, limits=s.limits, on_refused=server.metrics.status,
+                       browser=Browser(allowed_hosts=s.allowed_hosts, cors_origins=s.cors_origins,
+                                       keyed=server.api_key is not None))
     install_handlers(app)
     install_openapi(app)
     app.include_router(routes.router)
@@ -91,7 +94,8 @@ def serve(library: str, settings: ServeSettings | None = None, **options: Any) -
     sock = bind(s.host, s.port)  # before the model loads: a taken port fails at once
     if not s.api_key and s.host not in LOOPBACK:
         print(f"chainlora: warning: serving on {s.host} without an API key: anyone who reaches the port can use "
-              "it (set --api-key-file or CHAINLORA_API_KEY)", file=sys.stderr)
+              "it (set --api-key-file or CHAINLORA_API_KEY); without a key, clients must name it by IP address "
+              "or a name in --allowed-hosts", file=sys.stderr)
     engine = load_engine(library, s)
     server = Server(engine, s, forwarder=forwarder_for(s, engine))
     port = sock.getsockname()[1]  # --port 0: the one the system chose

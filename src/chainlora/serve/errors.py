@@ -12,6 +12,7 @@ settings.py) raises `ApiError` without loading the web stack.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 log = logging.getLogger("chainlora.serve")
@@ -34,6 +35,42 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class Quiet:
+    """At most one log line per `every` seconds, with how many it stood for: a flood of bad
+    connections or requests must not become a flood of log lines (or a full disk)."""
+
+    def __init__(self, every: float = 10.0, prefix: str = "closing a connection: "):
+        self.every, self.prefix, self.last, self.skipped = every, prefix, float("-inf"), 0
+
+    def warn(self, logger: Any, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.skipped += 1
+            return
+        more = f" (and {self.skipped} more like it since the last line)" if self.skipped else ""
+        logger.warning("%s%s%s", self.prefix, message, more)
+        self.last, self.skipped = now, 0
+
+
+BUGS = Quiet(prefix="")
+_TRACED: set[tuple] = set()  # the bugs whose traceback was logged once (bounded below)
+
+
+def log_bug(path: str, e: BaseException) -> None:
+    """An unexpected exception on `path`: its traceback once per kind (class, where it was
+    raised), then one rate-limited line: a request that trips a bug again and again must not
+    write a traceback each time (4 clients once wrote 22 MB of log in 10 s)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    kind = (type(e).__name__, tb.tb_frame.f_code.co_filename if tb else "", tb.tb_lineno if tb else 0)
+    if kind not in _TRACED and len(_TRACED) < 256:
+        _TRACED.add(kind)
+        log.error("unhandled error on %s (its traceback is logged once)", path[:200], exc_info=e)
+    else:
+        BUGS.warn(log, f"unhandled error on {path[:200]}: {type(e).__name__} (traceback logged before)")
+
+
 def _counted(request: Any, status: int) -> None:
     """Count a refusal on the app's server (see metrics.Metrics.status)."""
     request.app.state.server.metrics.status(request.url.path, status)
@@ -51,10 +88,11 @@ async def http_error(request: Any, e: Any) -> Any:
     """Starlette's HTTPException: 404 unknown path, 405 wrong method, ..."""
     kind = "invalid_request_error" if e.status_code < 500 else "server_error"
     message = e.detail if isinstance(e.detail, str) else "request refused"
+    method = request.scope.get("chainlora.method", request.method)  # HEAD, routed as GET (guard.py)
     if e.status_code == 404:
-        message = f"no such route: {request.method} {request.url.path[:200]}"
+        message = f"no such route: {method} {request.url.path[:200]}"
     elif e.status_code == 405:
-        message = f"method {request.method} is not allowed on {request.url.path[:200]}"
+        message = f"method {method} is not allowed on {request.url.path[:200]}"
     return await api_error(request, ApiError(e.status_code, message, type=kind, code=CODES.get(e.status_code),
                                              headers=dict(e.headers or {})))
 
@@ -76,8 +114,9 @@ async def gone(request: Any, e: Exception) -> Any:
 
 
 async def bug(request: Any, e: Exception) -> Any:
-    """Anything else: logged with its traceback; the client still gets JSON."""
-    log.exception("unhandled error on %s", request.url.path)
+    """Anything else: logged (log_bug); the client still gets JSON. The Guard answers a route's
+    bugs itself (guard.py), so this sees only what happens outside it."""
+    log_bug(request.url.path, e)
     return await api_error(request, ApiError(500, f"internal error: {e.__class__.__name__}", type="server_error"))
 
 

@@ -1,15 +1,25 @@
 """The server's door: authentication and the body's size and pace, before any work is done.
 
 An ASGI middleware around the FastAPI app. It sees a request when its headers have arrived
-and before a byte of its body is read, so:
+and before a byte of its body is read, so, in this order:
+- `Content-Length` with `Transfer-Encoding` is a 400 that closes the connection (RFC 9112
+  6.3: the framing is ambiguous, a request could be smuggled behind it);
+- the browser rules (browser.py): `Host` must name this server, a foreign page's request is a
+  403 unless `--cors-origins` allows its origin, whose CORS preflights are answered here;
 - with an API key set, every route but `/health` needs `Authorization: Bearer KEY` (the
   scheme case-insensitive, the key compared in constant time): no key, no body read, 401;
 - a `Content-Length` over the limit is a 413 at once; a chunked body is counted as it comes
   and refused at the limit; the whole body must arrive within the body timeout (408);
+- a POST must say `Content-Type: application/json` (415): a web page cannot send that to
+  another origin without a preflight;
 - the error responses close the connection, so an unread body cannot be replayed as the
   next request.
-Slow or piled-up connections (headers that never end, too many sockets) are handled one
-level down, in connections.py.
+`HEAD` is answered wherever `GET` is (routed as GET; uvicorn sends no body). A route's
+unexpected exception is answered here with a 500 in OpenAI's shape and logged once with its
+traceback, then as one rate-limited line (errors.log_bug), never re-raised to uvicorn (which
+would log it again and drop the kept-alive connection).
+Slow or piled-up connections (headers that never end, too many sockets, clients that stop
+reading) are handled one level down, in connections.py.
 """
 
 from __future__ import annotations
@@ -20,8 +30,9 @@ import json
 import time
 from typing import Any, Callable
 
+from chainlora.serve.browser import Browser, header
+from chainlora.serve.errors import ApiError, log_bug
 from chainlora.serve.limits import Limits
-from chainlora.serve.errors import ApiError
 
 PUBLIC = frozenset({"/health"})  # answers without a key, with its status only
 LOOPBACK = ("127.0.0.1", "::1", "localhost")  # without a key: where reload may come from; no warning
@@ -53,28 +64,77 @@ async def respond(send: Callable, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def no_content(send: Callable, headers: list[tuple[bytes, bytes]]) -> None:
+    """A 204 with these headers (a CORS preflight's answer)."""
+    await send({"type": "http.response.start", "status": 204, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
 UNAUTHORIZED = ApiError(401, "Incorrect or missing API key (send Authorization: Bearer KEY)",
                         type="authentication_error", code="invalid_api_key",
                         headers={"WWW-Authenticate": "Bearer"})
+AMBIGUOUS = ApiError(400, "Transfer-Encoding: sent with Content-Length, the body's framing is ambiguous "
+                          "(RFC 9112 6.3); the connection is closed", param="Transfer-Encoding", code="bad_http")
+NOT_JSON = ApiError(415, "Content-Type: send application/json", param="Content-Type", code="unsupported_media_type")
+
+
+def framing(scope: dict) -> ApiError | None:
+    """A 400 for a request with both Content-Length and Transfer-Encoding (respond closes it)."""
+    names = {k.lower() for k, _ in scope["headers"]}
+    return AMBIGUOUS if b"content-length" in names and b"transfer-encoding" in names else None
+
+
+def media_type(scope: dict) -> ApiError | None:
+    """A 415 for a POST whose body is not declared JSON: a web page can send text/plain or a
+    form to another origin without asking, but not application/json."""
+    ctype = header(scope["headers"], b"content-type") or ""
+    return NOT_JSON if scope["method"] == "POST" and ctype.split(";")[0].strip().lower() != "application/json" else None
 
 
 class Guard:
-    """ASGI middleware: key first, then a bounded, timed body (see the module docstring)."""
+    """ASGI middleware: framing, browser rules, key, declared length, content type, then a
+    bounded, timed body (see the module docstring)."""
 
-    def __init__(self, app: Any, *, api_key: str | None, limits: Limits, on_refused: Callable | None = None):
+    def __init__(self, app: Any, *, api_key: str | None, limits: Limits, on_refused: Callable | None = None,
+                 browser: Browser | None = None):
         self.app, self.api_key, self.limits = app, api_key, limits
         self.on_refused = on_refused or (lambda path, status: None)
+        self.browser = browser or Browser(keyed=api_key is not None)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        error = self.check(scope)
+        send = self.browser.decorate(scope, send)
+        error = framing(scope) or self.browser.check(scope)
+        if error is None and (cors := self.browser.preflight(scope)) is not None:
+            return await no_content(send, cors)  # a preflight carries no key: answered before the key check
+        error = error or self.check(scope)
         if error is not None:
             self.on_refused(scope["path"], error.status)
             return await respond(send, error)
-        await self.app(scope, self.bounded(receive), send)
+        if scope["method"] == "HEAD":  # as GET; uvicorn, which keeps the original scope, sends no body
+            scope = {**scope, "method": "GET", "chainlora.method": "HEAD"}
+        await self.run(scope, self.bounded(receive), send)
+
+    async def run(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """The app, its unexpected exceptions answered here (see the module docstring)."""
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            log_bug(scope["path"], e)
+            self.on_refused(scope["path"], 500)
+            if not started:
+                await respond(send, ApiError(500, f"internal error: {e.__class__.__name__}", type="server_error"))
 
     def check(self, scope: dict) -> ApiError | None:
+        """The key (401), the declared length (400/413) and the content type (415)."""
         if scope["path"] not in PUBLIC and not authorized(self.api_key, scope["headers"]):
             return UNAUTHORIZED
         length = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
@@ -83,7 +143,7 @@ class Guard:
                 return ApiError(400, "Content-Length: not a number of bytes", param="Content-Length")
             if int(length) > self.limits.max_body_bytes:
                 return self.too_large()
-        return None
+        return media_type(scope)
 
     def too_large(self) -> ApiError:
         mb = self.limits.max_body_bytes / (1 << 20)

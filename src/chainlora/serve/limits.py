@@ -16,7 +16,9 @@ from chainlora.serve.errors import ApiError
 
 OPTIONS = {"max_body_bytes": "--max-body-mb", "max_json_values": "--max-json-values", "max_messages": "--max-messages", "max_prompt_chars": "--max-prompt-chars",
            "max_stops": "--max-stops", "max_stop_chars": "--max-stop-chars", "header_timeout_s": "--header-timeout",
-           "body_timeout_s": "--body-timeout", "keep_alive_s": "--keep-alive", "max_connections": "--max-connections"}
+           "body_timeout_s": "--body-timeout", "keep_alive_s": "--keep-alive", "max_connections": "--max-connections",
+           "max_connections_per_client": "--max-connections-per-client",
+           "max_unauthenticated_connections": "--max-unauthenticated-connections", "write_timeout_s": "--write-timeout"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,11 @@ class Limits:
     body_timeout_s: float = 30.0  # --body-timeout: its whole body within it after the headers
     keep_alive_s: float = 5.0  # --keep-alive: an idle connection is closed after it
     max_connections: int = 128  # --max-connections: open connections at once
+    max_connections_per_client: int = 64  # --max-connections-per-client: one remote address's share of them
+    # --max-unauthenticated-connections: connections without a valid key (or not yet through their
+    # headers) at once; past it the oldest idle one is closed (connections.py)
+    max_unauthenticated_connections: int = 32
+    write_timeout_s: float = 30.0  # --write-timeout: a client that reads nothing of its response for this long
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

@@ -2,9 +2,10 @@
 its Answer (or, streaming, its routing decision and text as they come) comes back to the event
 loop. The scheduler's outcomes become OpenAI errors here; responses.py shapes the answers.
 
-A client that leaves cancels its row (it stops at the next token), and no request waits past
-its deadline plus a backstop: the worker resolves every request by its deadline, so the
-backstop only fires on a bug, and then with a 503 rather than a request held forever.
+A client that leaves cancels its row (it stops at the next prefill chunk or token), and no
+request waits past its deadline plus a backstop: the worker resolves every request by its
+deadline, so the backstop only fires on a bug, and then with a 503 rather than a request held
+forever.
 """
 
 from __future__ import annotations

@@ -35,6 +35,31 @@ class _CacheCollector:
                                 value=len(cache.resident))
 
 
+class _StageCollector:
+    """Requests answered early by stage, from the scheduler's and the preparer's own counts: a
+    client that left (cancelled) or a deadline passed (timed out) while waiting to be prepared,
+    in the queue, in prefill or in decode; and bodies refused because the preparer's queue was full."""
+
+    def __init__(self, stats: Any, preparer: Any):
+        self.stats, self.preparer = stats, preparer
+
+    def collect(self):
+        cancelled = CounterMetricFamily("chainlora_cancelled", "requests stopped because their client left, by stage",
+                                        labels=["stage"])
+        cancelled.add_metric(["prepare"], self.preparer.cancelled)
+        for stage, n in sorted(dict(self.stats.cancelled_at).items()):  # a copy: the worker adds stages
+            cancelled.add_metric([stage], n)
+        yield cancelled
+        timed_out = CounterMetricFamily("chainlora_timed_out", "requests stopped at their deadline (--timeout), "
+                                        "by stage", labels=["stage"])
+        for stage, n in sorted(dict(self.stats.timed_out_at).items()):
+            timed_out.add_metric([stage], n)
+        yield timed_out
+        yield CounterMetricFamily("chainlora_prepare_shed", "bodies refused with a 503: the preparer's queue was full "
+                                  "(--max-prepare-queue)", value=self.preparer.shed)
+        yield GaugeMetricFamily("chainlora_prepare_waiting", "bodies waiting to be prepared", value=self.preparer.pending)
+
+
 PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adapters/reload", "/health",
                    "/metrics", "/openapi.json"})
 
@@ -56,6 +81,10 @@ class Metrics:
                               registry=r)
         self.rejected = Counter("chainlora_rejected", "requests refused because the queue was full", registry=r)
         r.register(_CacheCollector(engine))
+
+    def watch(self, stats: Any, preparer: Any) -> None:
+        """Export the scheduler's and the preparer's early answers (see _StageCollector)."""
+        self.registry.register(_StageCollector(stats, preparer))
 
     def batch(self, requests: list, answers: list, seconds: float) -> None:
         """Called by the scheduler's worker after each generate call."""

@@ -18,18 +18,22 @@ import concurrent.futures
 import copy
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from chainlora.data import prompts
 from chainlora.inference.engine import Engine
-from chainlora.serve import catalog
+from chainlora.serve import budgets, catalog
 from chainlora.serve.errors import ApiError
 from chainlora.serve.limits import Limits
 from chainlora.serve.scheduler import Request
 from chainlora.serve.schema import ChatBody, CompletionBody, Sampling, refuse_unsupported
 from chainlora.serve.settings import ServeSettings
+from chainlora.serve.text import check_unicode
+
+POLL_S = 0.05  # how often a waiting body's handler checks that its client is still there
 
 
 def _no_constant(name: str) -> Any:
@@ -49,6 +53,7 @@ def parse(raw: bytes, model: type[BaseModel], limits: Limits) -> Any:
     if isinstance(data.get("messages"), list):
         limits.messages(len(data["messages"]))
     limits.json_values(data)
+    check_unicode(raw, data)  # a lone surrogate anywhere: a 400 naming its field, before anything reads it
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -70,12 +75,40 @@ class Preparer:
         # the scheduler's thread tokenizes with padding, and a fast tokenizer's padding state is
         # not thread-safe: this thread has its own copy
         self.tok = copy.deepcopy(engine.tok)
+        self.plain = prompts.UserText(self.tok)  # special-token strings in user text stay text
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chainlora-prepare")
+        self.pending = 0  # bodies submitted and not yet prepared (the event loop's count)
+        self.cancelled = 0  # dropped because their client left while they waited
+        self.shed = 0  # refused with a 503: the queue was full
 
-    async def submit(self, kind: str, raw: bytes) -> tuple[Sampling, Request]:
-        """The body and its Request, prepared on this preparer's own thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self.prepare, kind, raw)
+    async def submit(self, kind: str, raw: bytes,
+                     gone: Callable[[], Awaitable[bool]] | None = None) -> tuple[Sampling, Request]:
+        """The body and its Request, prepared on this preparer's own thread. At most
+        `--max-prepare-queue` bodies wait for it (a 503 beyond), and a body whose client has
+        gone (`gone()`) is dropped unprepared: abandoned bodies cannot build a backlog."""
+        if self.pending >= self.settings.max_prepare_queue:
+            self.shed += 1
+            raise ApiError(503, f"server busy: {self.pending} requests are waiting to be prepared (chainlora serve "
+                                "--max-prepare-queue); retry shortly", type="server_error", code="prepare_queue_full",
+                           headers={"Retry-After": "1"})
+        self.pending += 1
+        job = self.pool.submit(self.prepare, kind, raw)
+        try:
+            return await self._wait(job, gone)
+        finally:
+            self.pending -= 1
+            job.cancel()  # a no-op once it ran; drops it from the queue when the handler itself was cancelled
+
+    async def _wait(self, job: concurrent.futures.Future, gone: Callable[[], Awaitable[bool]] | None) -> Any:
+        """The job's result, checking every POLL_S whether the client is still there."""
+        future = asyncio.wrap_future(job)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, so never logged as lost
+        while not future.done():
+            await asyncio.wait({future}, timeout=POLL_S)
+            if not future.done() and gone is not None and await gone():
+                self.cancelled += 1  # still queued: never prepared; running: its result is dropped
+                raise ApiError(499, "client disconnected", code="cancelled")
+        return future.result()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -93,12 +126,13 @@ class Preparer:
         users = [m["content"] for m in msgs if m["role"] == "user"]
         if not users or not users[-1].strip():
             raise ApiError(400, "messages: needs a non-empty user message", param="messages")
+        plain = [{**m, "content": self.plain(m["content"])} for m in msgs]  # rendered, never read
         try:
             if len(msgs) == 1 or (len(msgs) == 2 and msgs[0]["role"] == "system"):
-                sys_text = msgs[0]["content"] if len(msgs) == 2 else self.engine.system
-                rendered = prompts.render(self.tok, users[-1], sys_text)  # exactly as in training
+                sys_text = plain[0]["content"] if len(msgs) == 2 else self.engine.system
+                rendered = prompts.render(self.tok, plain[-1]["content"], sys_text)  # exactly as in training
             else:
-                rendered = prompts.render_chat(self.tok, msgs, self.engine.system)
+                rendered = prompts.render_chat(self.tok, plain, self.engine.system)
         except Exception as e:  # the model's chat template refuses this conversation (jinja raises)
             raise ApiError(400, f"messages: the model's chat template refuses them: {str(e)[:200]}", param="messages")
         return self.request(body, users[-1], rendered, "messages")
@@ -115,7 +149,7 @@ class Preparer:
         if not prompt.strip():
             raise ApiError(400, "prompt: empty", param="prompt")
         try:
-            rendered = prompts.render(self.tok, prompt, self.engine.system)
+            rendered = prompts.render(self.tok, self.plain(prompt), self.engine.system)
         except Exception as e:
             raise ApiError(400, f"prompt: the model's chat template refuses it: {str(e)[:200]}", param="prompt")
         return self.request(body, prompt, rendered, "prompt")
@@ -139,10 +173,15 @@ class Preparer:
     # ------------------------------------------------------------------ shared
 
     def max_tokens(self, body: Sampling) -> int:
-        return getattr(body, "max_completion_tokens", None) or body.max_tokens or self.settings.default_max_tokens
+        """What the body asks for (a 400 over `--max-tokens`), or the server's default."""
+        asked = getattr(body, "max_completion_tokens", None)
+        return budgets.max_tokens(asked or body.max_tokens, "max_completion_tokens" if asked else "max_tokens",
+                                  self.settings)
 
     def fits(self, n: int, body: Sampling, field: str) -> None:
-        """A 400 for a prompt of `n` tokens that leaves no room for its max_tokens (the engine's check)."""
+        """A 400 for a prompt of `n` tokens over the token budget (budgets.py), or that leaves no
+        room for its max_tokens (the engine's check)."""
+        budgets.check_prompt(n, self.settings, self.engine.context, field)
         if why := self.engine.overflow(n, self.max_tokens(body)):
             raise ApiError(400, f"{field}: {why}; shorten it or lower max_tokens", param=field,
                            code="context_length_exceeded")
@@ -152,8 +191,9 @@ class Preparer:
         if body.n != 1:
             raise ApiError(400, "n: only n=1 is supported", param="n")
         self.limits.stops(body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else [])
+        self.max_tokens(body)  # over the ceiling: refused before tokenizing
         if not isinstance(rendered, list):  # tokenized here once: the worker and a backend get ids
-            rendered = prompts.ids(self.tok, rendered)
+            rendered = self.plain.ids(rendered)  # user text's special-token strings as plain text
             self.fits(len(rendered), body, field)
         return Request(text=text, rendered=rendered, task=task, max_tokens=self.max_tokens(body),
                        temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,

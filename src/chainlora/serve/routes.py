@@ -12,7 +12,9 @@ is why their request body is documented by hand (`documented.body`, openapi.py).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -28,7 +30,7 @@ from chainlora.serve.schema import ChatBody, CompletionBody
 from chainlora.serve.server import Server
 
 router = APIRouter()
-COMPLETION_ERRORS = (400, 401, 404, 408, 413, 429, 500, 503)
+COMPLETION_ERRORS = (400, 401, 403, 404, 408, 413, 415, 429, 500, 503)
 PROMETHEUS = {200: {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
@@ -69,6 +71,14 @@ def _local_json(request: HttpRequest) -> None:
         raise ApiError(415, "reload: send Content-Type: application/json", code="unsupported_media_type")
 
 
+def relative(message: str, root: Path) -> str:
+    """`message` with the library's location taken out: paths in it named relative to the library
+    (a client learns nothing of the server's disk)."""
+    for where in sorted({str(root.resolve()), str(root.absolute()), str(root)}, key=len, reverse=True):
+        message = message.replace(where + os.sep, "").replace(where, "the library")
+    return message
+
+
 @router.post("/v1/adapters/reload", responses=documented(400, 401, 403, 415), response_model=None)
 async def reload(request: HttpRequest) -> dict:
     """Rescan the library. With a key set it needs the key (the Guard); without one, see `_local_json`."""
@@ -78,14 +88,14 @@ async def reload(request: HttpRequest) -> dict:
     try:
         changes = await asyncio.to_thread(server.engine.reload)
     except ChainloraError as e:
-        raise ApiError(400, str(e), code="reload_failed")
+        raise ApiError(400, relative(str(e), server.engine.lib.root), code="reload_failed")
     return {"object": "reload", **changes, "models": server.models()}
 
 
 async def answer(request: HttpRequest, kind: str) -> Any:
     """A completion of `kind` ("chat" or "text"): prepared here, answered here or forwarded."""
     server = server_of(request)
-    body, req = await server.preparer.submit(kind, await request.body())
+    body, req = await server.preparer.submit(kind, await request.body(), request.is_disconnected)
     t0 = time.monotonic()
     if server.forwarder is not None:
         return await forward.answer(server, req, body, kind, t0)

@@ -13,6 +13,13 @@ would need our own decode loop and KV-cache slot manager — that is what vLLM i
 max_tokens, end of answer, client gone, deadline passed) is marked finished by a stopping
 criterion, and the call ends when every row is — a disconnected client never holds a batch.
 Streaming rows get their text through `BatchStreamer`, which sees the whole batch each step.
+
+Work is bounded by tokens (budgets.py): a batch holds at most `max_batch_tokens` padded prompt
+tokens (the request that would pass it waits, first in line), and prompts are prefilled
+`prefill_chunk` positions at a time (inference/prefill.py). A request whose client left or
+whose deadline passed is answered at once wherever it is — waiting in the queue, between two
+prefill chunks (it leaves the batch, its cache rows freed) or in decode (its row is finished) —
+and the rest of its batch goes on; `SchedulerStats` counts each by stage.
 """
 
 from __future__ import annotations
@@ -82,11 +89,18 @@ def deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> Callable
 
 class RowStopper:
     """StoppingCriteria: a row is finished at its own max_tokens, or when its client left or
-    its deadline passed; generate stops when every row is finished."""
+    its deadline passed — and then `cut` answers it at once (cancelled, or a 503 timeout), not
+    when the whole batch ends; generate stops when every row is finished. `rows`: the batch's
+    rows (indices into `requests`) still in the call, after a chunked prefill dropped some."""
 
-    def __init__(self, requests: list[Request]):
-        self.requests = requests
+    def __init__(self, requests: list[Request], cut: Callable[[Request, str], bool], ends: set[int]):
+        self.requests, self.cut_row, self.ends = requests, cut, ends
+        self.rows = list(range(len(requests)))
+        self.cut: set[int] = set()  # rows answered here (indices into `requests`)
         self.start: int | None = None  # padded prompt length, seen at the first check
+
+    def select(self, rows: list[int]) -> None:
+        self.rows = list(rows)
 
     def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
         import torch
@@ -94,9 +108,20 @@ class RowStopper:
         if self.start is None:
             self.start = input_ids.shape[1] - 1  # checked after each new token
         made = input_ids.shape[1] - self.start
-        now = time.monotonic()
-        flags = [made >= r.max_tokens or r.cancelled.is_set() or now > r.deadline for r in self.requests]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+        last = input_ids[:, -1].tolist()
+        return torch.tensor([self._done(i, made, last[j]) for j, i in enumerate(self.rows)], dtype=torch.bool,
+                            device=input_ids.device)
+
+    def _done(self, i: int, made: int, last: int) -> bool:
+        """Whether row i is finished; a row that ended on its own (its last token an end token)
+        is never cut: its answer is whole."""
+        r = self.requests[i]
+        if i in self.cut or made >= r.max_tokens or last in self.ends:
+            return True
+        if self.cut_row(r, "decode"):
+            self.cut.add(i)
+            return True
+        return False
 
 
 class BatchStreamer:
@@ -111,12 +136,16 @@ class BatchStreamer:
         self.closed = [r.on_text is None for r in requests]
         self.prompt_seen = False
         self.ends = end_ids(tokenizer)
+        self.rows = list(range(len(requests)))  # the rows still in the call (a chunked prefill drops some)
+
+    def select(self, rows: list[int]) -> None:
+        self.rows = list(rows)
 
     def put(self, value: Any) -> None:
         if not self.prompt_seen:  # generate hands over the prompt first
             self.prompt_seen = True
             return
-        for i, token in enumerate(value.reshape(len(self.requests), -1)[:, -1].tolist()):
+        for i, token in zip(self.rows, value.reshape(len(self.rows), -1)[:, -1].tolist()):
             if self.closed[i]:
                 continue
             if token in self.ends or len(self.ids[i]) >= self.requests[i].max_tokens:
@@ -148,14 +177,24 @@ class SchedulerStats:
     completion_tokens: int = 0
     busy_seconds: float = 0.0
     cancelled: int = 0  # rows whose client left (or handler was cancelled) mid-generation
+    cancelled_at: dict[str, int] = field(default_factory=dict)  # by stage: queue, prefill, decode
+    timed_out_at: dict[str, int] = field(default_factory=dict)  # the same, for deadlines passed
+
+    def count(self, what: dict[str, int], stage: str) -> None:
+        what[stage] = what.get(stage, 0) + 1
 
 
 class Scheduler:
     """The bounded queue and the one worker thread that runs the engine."""
 
     def __init__(self, engine: Engine, *, max_batch: int, window_ms: float, max_queue: int,  # settings.py
-                 on_batch: Callable[[list[Request], list[Answer], float], None] | None = None):
+                 on_batch: Callable[[list[Request], list[Answer], float], None] | None = None,
+                 max_batch_tokens: int | None = None, prefill_chunk: int | None = None):
+        """max_batch_tokens: the padded prompt tokens (rows x longest prompt) one batch may hold
+        (None: no limit); prefill_chunk: prompt positions per prefill step (None: one step)."""
         self.engine, self.max_batch, self.window = engine, max_batch, window_ms / 1000
+        self.max_batch_tokens, self.prefill_chunk = max_batch_tokens, prefill_chunk
+        self.held: Request | None = None  # taken from the queue but over a batch's budget: first in the next
         self.queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
         self.on_batch = on_batch
         self.stats = SchedulerStats()
@@ -173,6 +212,9 @@ class Scheduler:
     def close(self) -> None:
         """Stop the worker; requests still waiting get an error instead of silence."""
         self.running = False
+        held, self.held = self.held, None
+        if held is not None and held.done:
+            held.done(None, TimedOut("the server is shutting down"))
         while True:
             try:
                 r = self.queue.get_nowait()
@@ -188,15 +230,18 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return self.queue.qsize()
+        return self.queue.qsize() + (self.held is not None)
 
     # ------------------------------------------------------------------ the worker
 
     def _collect(self) -> list[Request]:
-        first = self.queue.get()
+        """The next batch: the first waiting request and what joins it within the window, up to
+        max_batch rows and max_batch_tokens padded prompt tokens (the one that would pass the
+        budget waits, first in line for the next batch)."""
+        first, self.held = self.held or self.queue.get(), None
         if first is None:
             return []
-        batch, until = [first], time.monotonic() + self.window
+        batch, until, width = [first], time.monotonic() + self.window, _tokens(first)
         while len(batch) < self.max_batch:
             left = until - time.monotonic()
             try:
@@ -206,7 +251,11 @@ class Scheduler:
             if item is None:
                 self.running = False
                 break
+            if self.max_batch_tokens and (len(batch) + 1) * max(width, _tokens(item)) > self.max_batch_tokens:
+                self.held = item
+                break
             batch.append(item)
+            width = max(width, _tokens(item))
         return batch
 
     def _work(self) -> None:
@@ -218,15 +267,7 @@ class Scheduler:
 
     def _once(self) -> None:
         if self.running:
-            batch = self._collect()
-            live = []
-            for r in batch:
-                if r.cancelled.is_set():
-                    r.done and r.done(None, asyncio.CancelledError())
-                elif time.monotonic() > r.deadline:
-                    r.done and r.done(None, TimedOut("the request waited past its timeout"))
-                else:
-                    live.append(r)
+            live = [r for r in self._collect() if not self.cut(r, "queue")]
             groups: dict[tuple, list[Request]] = {}
             for r in live:
                 groups.setdefault(r.key(), []).append(r)
@@ -265,19 +306,35 @@ class Scheduler:
         seconds = time.monotonic() - t0
         self.stats.batches += 1
         self.stats.requests += len(group)
-        self.stats.completion_tokens += sum(a.completion_tokens for a in answers)
         self.stats.busy_seconds += seconds
-        for i, (r, a) in enumerate(zip(group, answers)):
-            if r.cancelled.is_set():
+        answered = [(i, r, a) for i, (r, a) in enumerate(zip(group, answers)) if a is not None]  # None: cut
+        self.stats.completion_tokens += sum(a.completion_tokens for _, _, a in answered)
+        for i, r, a in answered:
+            if r.cancelled.is_set():  # after the last check: nobody reads it
                 a.finish_reason = "cancelled"
                 self.stats.cancelled += 1
-            elif a.finish_reason == "stop" and time.monotonic() > r.deadline and a.completion_tokens < r.max_tokens:
-                a.finish_reason = "length"  # cut by the deadline, not by the model
             if streamer is not None:
                 streamer.finish(i, a)
             r.done and r.done(a, None)
-        if self.on_batch is not None:
-            self.on_batch(group, answers, seconds)
+        if self.on_batch is not None and answered:
+            self.on_batch([r for _, r, _ in answered], [a for _, _, a in answered], seconds)
+
+    def cut(self, r: Request, stage: str) -> bool:
+        """Answer a request no longer wanted now — its client left (cancelled) or its deadline
+        passed (a 503 timeout) — wherever it is: waiting in the queue, in prefill or in decode.
+        True when it was; counted by stage."""
+        if r.cancelled.is_set():
+            self.stats.count(self.stats.cancelled_at, stage)
+            self.stats.cancelled += stage != "queue"
+            error: BaseException = asyncio.CancelledError()
+        elif time.monotonic() > r.deadline:
+            self.stats.count(self.stats.timed_out_at, stage)
+            error = TimedOut("the request waited past its timeout" if stage == "queue"
+                             else f"the request passed its timeout during {stage}")
+        else:
+            return False
+        _fail(r, error)
+        return True
 
     # ------------------------------------------------------------------ per-row faults
 
@@ -318,8 +375,17 @@ class Scheduler:
         except ChainloraError as e:
             return _fail(r, e)
 
-    def _generate(self, group: list[Request], routes: list[Route]) -> tuple[list[Answer], BatchStreamer | None]:
+    def _generate(self, group: list[Request], routes: list[Route]) -> tuple[list[Answer | None], BatchStreamer | None]:
+        """One generate call for the group; a row cut on the way (prefill or decode) is None."""
         streamer = BatchStreamer(self.engine.tok, group) if any(r.on_text for r in group) else None
+        stopper = RowStopper(group, self.cut, end_ids(self.engine.tok))
+
+        def keep(rows: list[int]) -> list[int]:  # asked between prefill chunks
+            kept = [i for i in rows if not self.cut(group[i], "prefill")]
+            for view in (stopper, streamer):
+                view is not None and view.select(kept)
+            return kept
+
         first = group[0]
         if first.seed is not None and first.temperature > 0:  # best effort, as OpenAI's: the same
             import torch  # request in the same company samples the same answer
@@ -328,8 +394,14 @@ class Scheduler:
         answers = self.engine.generate(
             [r.text for r in group], routes=routes, rendered=[r.rendered for r in group],
             max_new_tokens=[r.max_tokens for r in group], temperature=first.temperature,
-            top_p=first.top_p, stop=list(first.stop) or None, streamer=streamer, stopping=RowStopper(group))
-        return answers, streamer
+            top_p=first.top_p, stop=list(first.stop) or None, streamer=streamer, stopping=stopper,
+            prefill_chunk=self.prefill_chunk, keep=keep)
+        return [None if i in stopper.cut else a for i, a in enumerate(answers)], streamer
+
+
+def _tokens(r: Request) -> int:
+    """A request's prompt tokens (a prompt still in text counts its characters, never fewer)."""
+    return len(r.rendered)
 
 
 def _fail(r: Request, error: BaseException) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chainlora.serve.errors import ApiError  # also importable from here, as before
 
@@ -38,11 +38,20 @@ Text = Field(default=None, max_length=256)
 
 
 class ContentPart(BaseModel):
-    """A chat content part; only `text` parts are answered (image/audio parts are a 400)."""
+    """A chat content part; only `text` parts are answered (image/audio parts are a 400). Keys
+    OpenAI defines for other part types are known (and refused by type below); any other key
+    is a 400 naming it (`Message.known_part_keys`), as unknown fields are everywhere."""
 
-    model_config = ConfigDict(extra="allow")  # image_url, input_audio, ...: refused by type below
-    type: str
+    model_config = STRICT
+    type: str = Field(max_length=64)
     text: str | None = None
+    image_url: Any = None  # OpenAI's other part types: refused by type in refuse_unsupported
+    input_audio: Any = None
+    file: Any = None
+    refusal: Any = None
+
+
+PART_KEYS = frozenset(ContentPart.model_fields)
 
 
 class Message(BaseModel):
@@ -57,6 +66,18 @@ class Message(BaseModel):
     function_call: dict[str, Any] | None = None  # only null
     audio: dict[str, Any] | None = None  # only null
     annotations: list[dict[str, Any]] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def known_part_keys(cls, content: Any) -> Any:
+        """Name an unknown key of a content part (a union's own error would only say that the
+        content is neither a string nor a list of parts)."""
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            unknown = sorted(k for k in part if k not in PART_KEYS) if isinstance(part, dict) else []
+            if unknown:
+                raise ValueError(f"content[{j}]: unknown key {str(unknown[0])[:64]!r} (a content part has "
+                                 f"{', '.join(sorted(PART_KEYS))})")
+        return content
 
     def text(self) -> str:
         if isinstance(self.content, list):

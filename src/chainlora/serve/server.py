@@ -31,7 +31,9 @@ class Server:
         self.preparer = Preparer(engine, s, forwarding=forwarder is not None)  # bodies -> Requests, own thread
         self.metrics = Metrics(engine)
         self.scheduler = Scheduler(engine, max_batch=s.max_batch, window_ms=s.window_ms, max_queue=s.max_queue,
-                                   on_batch=self.metrics.batch)
+                                   on_batch=self.metrics.batch, max_batch_tokens=s.max_batch_tokens,
+                                   prefill_chunk=s.prefill_chunk)
+        self.metrics.watch(self.scheduler.stats, self.preparer)  # cancels, timeouts, shed load: read when scraped
         self.created = int(time.time())
 
     @property
