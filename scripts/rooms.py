@@ -87,10 +87,10 @@ def main() -> None:
     app = create_app(Server(Engine.load(work / "lib", device="cpu")))
     body = {"model": "chain", "messages": [{"role": "user", "content": "Give the antonym of hot."}],
             "max_tokens": 4}
-    with TestClient(app) as client:
-        client.post("/v1/chat/completions", json=body)  # first use: loading, warm-up (not counted)
+    with TestClient(app, base_url="http://127.0.0.1") as client:  # a loopback Host, as a local client sends
+        client.post("/v1/chat/completions", json=body).raise_for_status()  # first use: loading, warm-up
         rooms.reset()
-        client.post("/v1/chat/completions", json=body)
+        client.post("/v1/chat/completions", json=body).raise_for_status()
         request = rooms.summary()
     sys.setprofile(None)
     threading.setprofile(None)
