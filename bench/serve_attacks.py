@@ -57,15 +57,7 @@ def chat(content: str | list = "Give the antonym of hot.", **extra) -> dict:
 
 def raw(port: int, data: bytes, wait: float = 30.0) -> bytes:
     """Send raw bytes, read the reply until the server closes or `wait` passes."""
-    out = b""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
-            s.sendall(data)
-            while chunk := s.recv(65536):
-                out += chunk
-    except OSError:
-        pass
-    return out
+    return raw_reply(port, data, wait)[0]
 
 
 def post(url: str, body: bytes, headers: dict) -> str:

@@ -35,7 +35,6 @@ from chainlora.base_model import Base, load_base
 
 ADAPTER_TIERS = ("peft", "pool")
 SAMPLING_EPS = 1e-5  # a temperature below this samples greedily (logits / t would overflow)
-ROUTE_CHUNK = router.ROUTE_CHUNK  # instructions per LoRA-selector pass (bounds the label-expanded KV cache)
 
 
 class Engine:
