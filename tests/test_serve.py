@@ -34,7 +34,7 @@ def client(live: Live, key: str = "none"):
 
 def test_models_list_chain_mixed_and_tasks(live):
     ids = [m.id for m in client(live).models.list().data]
-    assert ids == ["chain", "mixed", "antonym", "sentiment", "rhyme", "hypernym", "definition"]
+    assert ids == ["chain", "mixed", "antonym", "sentiment", "rhyme", "hypernym", "definition", "base"]
 
 
 @pytest.mark.parametrize("model", ["chain", "sentiment"])

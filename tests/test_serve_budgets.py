@@ -251,10 +251,11 @@ def test_a_row_past_its_deadline_fails_alone_and_its_batch_goes_on(engine):
         prepare = srv.server.preparer.prepare
 
         def short_deadline(kind, raw):
-            body, req = prepare(kind, raw)
-            if req.max_tokens in deadlines:
-                req.deadline = time.monotonic() + deadlines[req.max_tokens]
-            return body, req
+            body, reqs = prepare(kind, raw)
+            for req in reqs:
+                if req.max_tokens in deadlines:
+                    req.deadline = time.monotonic() + deadlines[req.max_tokens]
+            return body, reqs
 
         srv.server.preparer.prepare = short_deadline
         a = in_background(timed_post, f"{srv.url}{DONE}", completion(ids(120), max_tokens=3))

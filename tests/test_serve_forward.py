@@ -49,6 +49,7 @@ def servers(sys_lib):
     local = Server(local_engine)
     front = Server(Engine.load(sys_lib, device="cpu"), forwarder=Forwarder(backend.url))
     apps = [LiveApp(create_app(local)), LiveApp(create_app(front))]
+    apps[0].server = local
     yield apps[0], seen, apps[1], rec
     for a in [*apps, backend]:
         a.close()
@@ -139,16 +140,22 @@ def test_a_backend_error_mid_stream_still_ends_with_done(sys_lib, live_app):
         server.scheduler.close()
 
 
-def test_token_prompts_are_answered_verbatim_and_need_a_pinned_model(servers):
-    """What a chainlora front sends a chainlora backend: pre-rendered token ids."""
+def test_token_prompts_are_answered_verbatim_and_routed_by_their_text(servers):
+    """What a chainlora front sends a chainlora backend (pre-rendered token ids) and what
+    lm-evaluation-harness sends: the ids are the model's input as they are; `chain` routes them
+    by their decoded text."""
     local, seen, _, _ = servers
+    engine = local.server.engine
     ids = [5, 17, 42, 99]
     seen.clear()
     r = httpx.post(f"{local.url}/v1/completions", json={"model": "antonym", "prompt": ids, "max_tokens": 2},
                    timeout=60)
     assert r.status_code == 200 and seen[-1] == [ids], r.text
-    r = httpx.post(f"{local.url}/v1/completions", json={"model": "chain", "prompt": ids}, timeout=60)
-    assert r.status_code == 400 and "pin a model" in r.json()["error"]["message"]
+    text = "Give the antonym of hot."
+    ids = engine.tok(text, add_special_tokens=False)["input_ids"]
+    r = httpx.post(f"{local.url}/v1/completions", json={"model": "chain", "prompt": ids, "max_tokens": 2}, timeout=60)
+    (route,) = engine.route([text])
+    assert r.status_code == 200 and seen[-1] == [ids] and r.json()["chainlora"] == route.as_dict(), r.text
     r = httpx.post(f"{local.url}/v1/completions", json={"model": "antonym", "prompt": [10**9]}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 

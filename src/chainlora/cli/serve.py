@@ -37,7 +37,8 @@ def _limits(args: argparse.Namespace) -> Limits:
     """The `limits` flag group as serve's Limits (a value <= 0 is a user error naming its flag)."""
     try:
         return Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_json_values=args.max_json_values,
-                      max_messages=args.max_messages, max_prompt_chars=args.max_prompt_chars,
+                      max_messages=args.max_messages, max_prompts=args.max_prompts,
+                      max_prompt_chars=args.max_prompt_chars,
                       max_stops=args.max_stops, max_stop_chars=args.max_stop_chars,
                       header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                       keep_alive_s=args.keep_alive, max_connections=args.max_connections,
@@ -149,6 +150,8 @@ def _limit_args(d: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-json-values", type=int, default=L.max_json_values,
                      help="JSON values (objects, arrays, strings, numbers) in a body (default: %(default)s)")
     lim.add_argument("--max-messages", type=int, default=L.max_messages, help="messages per chat request (default: %(default)s)")
+    lim.add_argument("--max-prompts", type=int, default=L.max_prompts,
+                     help="prompts in one /v1/completions request, each its own choice (default: %(default)s)")
     lim.add_argument("--max-prompt-chars", type=int, default=L.max_prompt_chars, help="prompt characters, checked before tokenizing (default: %(default)s)")
     lim.add_argument("--max-stops", type=int, default=L.max_stops, help="stop sequences per request (default: %(default)s)")
     lim.add_argument("--max-stop-chars", type=int, default=L.max_stop_chars, help="characters per stop sequence (default: %(default)s)")

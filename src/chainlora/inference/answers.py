@@ -4,6 +4,10 @@ and its Answer. Plain data, shared by the engine, eval, the CLI and the server."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chainlora.inference.logprobs import TokenLogprob
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch
 
@@ -39,3 +43,10 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of answer or a stop string) or "length"
+    # the generated tokens the answer is made of: through the end token or the token that
+    # completed a stop string (both were generated and have a log-probability)
+    token_ids: list[int] = field(default_factory=list)
+    ended: bool = False  # token_ids ends with an end-of-answer token (not part of the text)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids, when asked (logprobs.Recorder)
+    prompt_ids: list[int] | None = None  # the model's input, when its scores were asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt_ids; the first None

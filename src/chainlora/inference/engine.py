@@ -27,8 +27,9 @@ from chainlora.inference import selectors
 from chainlora.inference.adapter_cache import AdapterCache
 from chainlora.inference.adapter_pool import ZERO, AdapterPool, unsupported
 from chainlora.inference.answers import BASE, Answer, Route  # noqa: F401  (the API: chainlora.inference.engine.Route)
+from chainlora.inference.logprobs import PromptScores, Recorder
 from chainlora.inference.prefill import Keep, Prefill
-from chainlora.inference.stops import StopMatcher, cut_at_stop, end_ids, streamable
+from chainlora.inference.stops import StopMatcher, cut_at_stop, end_ids, stop_tokens, streamable
 from chainlora.library import kinds
 from chainlora.library.store import Library
 from chainlora.base_model import Base, load_base
@@ -213,13 +214,17 @@ class Engine:
         return {"input_ids": ids.to(self.base.model.device), "attention_mask": mask.to(self.base.model.device)}
 
     def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, stop: Sequence[str] | None,
-                    min_new_tokens: int = 0, stopping: Any = None) -> dict:
+                    min_new_tokens: int = 0, stopping: Any = None, recorder: Recorder | None = None) -> dict:
         """generate's keywords; stop strings end rows through StopMatcher (bounded memory, see
-        chainlora.inference.stops), `stopping` adds the caller's own criterion."""
-        from transformers import StoppingCriteriaList
+        chainlora.inference.stops), `stopping` adds the caller's own criterion, `recorder` sees
+        the logits before sampling and each chosen token."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        criteria = [c for c in (StopMatcher(self.tok, stop) if stop else None, stopping) if c is not None]
+        criteria = [c for c in (StopMatcher(self.tok, stop) if stop else None, stopping,
+                                recorder.stopping() if recorder is not None else None) if c is not None]
         kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
+        if recorder is not None:
+            kw["logits_processor"] = LogitsProcessorList([recorder])
         if criteria:
             kw["stopping_criteria"] = StoppingCriteriaList(criteria)
         if min_new_tokens:
@@ -240,8 +245,7 @@ class Engine:
             raise ChainloraError(f"task: {len(pinned)} tasks for {len(texts)} instructions")
         free = [i for i, t in enumerate(pinned) if t is None]
         routed = iter(self._route([texts[i] for i in free]) if free else [])
-        return [next(routed) if t is None else Route(self.check_task(t), 1.0, [(t, 1.0)], False, t, "pinned")
-                for t in pinned]
+        return [next(routed) if t is None else _pinned(self.check_task(t)) for t in pinned]
 
     def stage(self, names: Sequence[str]) -> dict[str, ChainloraError]:
         """Read every adapter a batch needs that is not resident into the CPU tier, one at a
@@ -297,7 +301,8 @@ class Engine:
                  stop: Sequence[str] | None = None, min_new_tokens: int = 0,
                  rendered: Sequence[str | list[int]] | None = None, streamer: Any = None,
                  stopping: Any = None, routes: Sequence[Route] | None = None, prefill_chunk: int | None = None,
-                 keep: Keep | None = None) -> list[Answer | None]:
+                 keep: Keep | None = None, recorder: Recorder | None = None,
+                 prompt_logprobs: Sequence[int | None] | None = None) -> list[Answer | None]:
         """Answer a batch: route (unless `task` pins it), then ONE mixed-adapter generate call.
 
         max_new_tokens may differ per row (the batch runs to the largest, each row is cut at its
@@ -308,6 +313,9 @@ class Engine:
         prefill_chunk: prompts longer than this many positions are prefilled chunk by chunk, and
         `keep` (given the rows still running, it returns those still wanted) is asked between
         chunks; a row it drops leaves the batch and its answer is None (see prefill.py).
+        recorder (logprobs.Recorder) records the generated tokens' log-probabilities of the rows it
+        wants; prompt_logprobs (top-k per row, None: not that row) scores the prompts' tokens in
+        the prefill. Both come back in each Answer (`logprobs`, `prompt_logprobs`).
         """
         import torch
 
@@ -319,15 +327,32 @@ class Engine:
         self._check_fit([int(n) for n in enc["attention_mask"].sum(1)], limits)
         routes = list(routes) if routes is not None else self.routes_for(texts, task)
         names = [r.adapter for r in routes]
-        kw = self._gen_kwargs(max(limits), temperature, top_p, stop, min_new_tokens, stopping)
+        kw = self._gen_kwargs(max(max(limits), 1), temperature, top_p, stop, min_new_tokens, stopping, recorder)
         if streamer is not None:
             kw["streamer"] = streamer
+        want = {i: k for i, k in enumerate(prompt_logprobs or ()) if k is not None}
+        scores = PromptScores(want, enc["input_ids"], enc["attention_mask"]) if want else None
         with self.lock, self.running(names) as (model, extra), torch.no_grad():
-            run = Prefill(model, enc, extra, self.pool).run(prefill_chunk, keep)
+            run = Prefill(model, enc, extra, self.pool, scores).run(prefill_chunk, keep)
+            if recorder is not None:
+                recorder.select(run.rows)
             out = model.generate(**run.generate_inputs(), **kw) if run.rows else None
         at, width = {row: i for i, row in enumerate(run.rows)}, enc["input_ids"].shape[1]
-        return [self._answer(out[at[i], width:width + limits[i]], routes[i], int(enc["attention_mask"][i].sum()), stop)
-                if i in at else None for i in range(len(texts))]
+        answers = [self._answer(out[at[i], width:width + limits[i]], routes[i], int(enc["attention_mask"][i].sum()),
+                                stop) if i in at else None for i in range(len(texts))]
+        for i, a in enumerate(answers):
+            if a is not None:
+                self._attach(a, i, enc, recorder, scores)
+        return answers
+
+    @staticmethod
+    def _attach(a: Answer, i: int, enc: dict, recorder: Recorder | None, scores: PromptScores | None) -> None:
+        """Row i's log-probabilities, where asked, onto its Answer."""
+        if recorder is not None and i in recorder.want:
+            a.logprobs = recorder.found[i][:len(a.token_ids)]
+        if scores is not None and i in scores.want:
+            a.prompt_ids = enc["input_ids"][i, scores.starts[i]:].tolist()
+            a.prompt_logprobs = scores.of(i)
 
     def answer_with(self, model: Any, texts: Sequence[str], route: Route, max_new_tokens: int) -> list[Answer]:
         """Greedy answers of another model carrying this base (e.g. PEFT's Arrow router in eval),
@@ -352,7 +377,9 @@ class Engine:
         ends = end_ids(self.tok)
         n = next((i for i, t in enumerate(ids) if t in ends), len(ids))
         text, stopped = cut_at_stop(self.tok.decode(ids[:n], skip_special_tokens=True), stop or ())
-        return Answer(text.strip(), route, prompt_tokens, n, "stop" if stopped or n < len(ids) else "length")
+        kept = stop_tokens(self.tok, ids[:n], stop or ()) if stopped else min(n + 1, len(ids))
+        return Answer(text.strip(), route, prompt_tokens, n, "stop" if stopped or n < len(ids) else "length",
+                      token_ids=ids[:kept], ended=not stopped and n < len(ids))
 
     def stream(self, text: str, *, task: str | None = None, max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0,
@@ -383,6 +410,12 @@ class Engine:
 
         threading.Thread(target=work, daemon=True).start()
         return route, _pieces(streamer, tuple(stop or ()), failed)
+
+
+def _pinned(adapter: str) -> Route:
+    """The route of a request that names its adapter (the base model: no task)."""
+    task = None if adapter == BASE else adapter
+    return Route(task, 1.0, [(task, 1.0)] if task else [], False, adapter, "pinned")
 
 
 def _check_selector(name: str) -> str:

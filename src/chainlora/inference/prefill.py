@@ -10,6 +10,11 @@ the rows still wanted, and the others leave the batch (their rows of the cache, 
 the adapter rows are dropped, so their memory goes back). `generate` then continues from the
 filled cache and computes only the last position: the tokens are the ones an unchunked call
 makes (tests/test_serve_budgets.py checks it, for the adapter pool and PEFT's mixed batches).
+
+Rows that ask for their prompt's log-probabilities (`scores`, OpenAI's `echo` with `logprobs`)
+are always prefilled here, every position's logits kept for them (in chunks small enough that
+those logits stay bounded: logprobs.score_chunk), so the prompt is scored by the same forward
+pass, with the same adapter, that answers it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from typing import Any
+
+from chainlora.inference.logprobs import PromptScores, score_chunk
 
 Keep = Callable[[list[int]], list[int]]  # the rows (indices into the original batch) still wanted
 
@@ -31,23 +38,28 @@ class Prefill:
     """One batch's prefill: `run` it, then `generate(**prefill.generate_inputs(), ...)` for the
     rows left (`rows`, indices into the original batch; empty: every row left)."""
 
-    def __init__(self, model: Any, inputs: dict, extra: dict, pool: Any = None):
+    def __init__(self, model: Any, inputs: dict, extra: dict, pool: Any = None, scores: PromptScores | None = None):
         """inputs: left-padded input_ids and attention_mask; extra: generate's adapter keywords
-        (PEFT's adapter_names); pool: the adapter pool whose rows are set for this batch."""
-        self.model, self.inputs, self.extra, self.pool = model, dict(inputs), dict(extra), pool
+        (PEFT's adapter_names); pool: the adapter pool whose rows are set for this batch;
+        scores: where the prompt log-probabilities of the rows that ask go."""
+        self.model, self.inputs, self.extra, self.pool, self.scores = model, dict(inputs), dict(extra), pool, scores
         self.rows = list(range(inputs["input_ids"].shape[0]))
         self.cache: Any = None
         self.positions: Any = None
         params = _forward_params(model)
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
-        self.logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in params and scores is None else {}
 
     def run(self, chunk: int | None, keep: Keep | None = None) -> Prefill:
         """Fill the cache chunk by chunk when the prompts are longer than one chunk (else leave
         the whole prefill to generate); `keep` is asked before every step and after the last."""
         self._select(keep(list(self.rows)) if keep is not None else self.rows)
         width = self.inputs["input_ids"].shape[1]
-        if chunk is None or width - 1 <= chunk or not self.rows:
+        if self.scores is not None:
+            chunk = score_chunk(len(self.rows), int(self.model.config.vocab_size), chunk)
+        elif chunk is None or width - 1 <= chunk:
+            return self
+        if width < 2 or not self.rows:
             return self
         mask = self.inputs["attention_mask"]
         self.positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate computes them
@@ -59,13 +71,16 @@ class Prefill:
         return self
 
     def _step(self, start: int, end: int) -> None:
-        """Positions [start, end) of every row into the cache; only the last position's logits are made."""
+        """Positions [start, end) of every row into the cache; only the last position's logits are
+        made, unless rows keep their prompt's scores (then every position's)."""
         ids, mask = self.inputs["input_ids"], self.inputs["attention_mask"]
         cache = {self.cache_kw: self.cache} if self.cache is not None else {}
         out = self.model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
                          position_ids=self.positions[:, start:end], use_cache=True, **cache, **self.logits_kw,
                          **self.extra)
         self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        if self.scores is not None:
+            self.scores.add(self.rows, start, out.logits)
 
     def _select(self, wanted: list[int]) -> None:
         """Only the `wanted` rows go on: the others' inputs, cache rows and adapter rows are dropped."""

@@ -28,6 +28,19 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(found)], True) if found else (text, False)
 
 
+def stop_tokens(tokenizer: Any, ids: Sequence[int], stops: Sequence[str]) -> int:
+    """How many of `ids` it took for their text to hold a stop string: the answer's tokens (a
+    binary search, as the text only grows with the tokens)."""
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cut_at_stop(tokenizer.decode(list(ids[:mid]), skip_special_tokens=True), stops)[1]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
 def streamable(text: str, stops: Sequence[str]) -> str:
     """The part of a growing answer that is safe to send: up to a complete stop string, less a
     tail that might still become one, less half a multi-byte character, less trailing space

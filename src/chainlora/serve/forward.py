@@ -45,6 +45,10 @@ def completion_body(body: Sampling, req: Request, model: str, ids: list[int]) ->
            "top_p": req.top_p, "stream": bool(body.stream)}
     if req.stop:
         out["stop"] = list(req.stop)
+    if req.logprobs is not None:  # chat's top_logprobs too: the backend answers a completion
+        out["logprobs"] = req.logprobs
+    if req.echo is not None:
+        out["echo"] = True
     if body.stream and body.stream_options:
         out["stream_options"] = {"include_usage": body.stream_options.include_usage}
     out.update({k: getattr(body, k) for k in PASSED if k in body.model_fields_set and getattr(body, k) is not None})
@@ -65,6 +69,7 @@ class Forwarder:
         self.client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=10.0),
                                         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
         self.base_model = base_model  # what the backend calls the bare base model (fallback rows)
+        self.echoes = True  # the backend answers `echo` (vLLM, another chainlora server)
 
     def model_for(self, route: Route) -> str:
         if route.adapter == BASE:
@@ -134,6 +139,14 @@ class Forwarder:
 # --------------------------------------------------------------------------- the route
 
 
+def one(reqs: list[Request]) -> Request:
+    """The one prompt a forwarded request may carry (several: a 400)."""
+    if len(reqs) != 1:
+        raise ApiError(400, "prompt: send one prompt per request to a server that forwards (--backend)",
+                       param="prompt")
+    return reqs[0]
+
+
 async def _route(server: Server, req: Request) -> tuple[Route, str]:
     """Route here (the selector runs off the event loop); the backend's model for the route."""
     try:
@@ -148,6 +161,9 @@ async def _route(server: Server, req: Request) -> tuple[Route, str]:
 async def answer(server: Server, req: Request, body: Sampling, kind: str, t0: float) -> Any:
     """Route here, answer on the backend: its completion of the token ids prepared here, in the
     shape the client asked for (a stream or one JSON body)."""
+    if req.echo is not None and not server.forwarder.echoes:
+        raise ApiError(400, "echo: this backend does not return the prompt's tokens (llama-server refuses echo); "
+                            "serve without --backend to score prompts", param="echo", code="unsupported_parameter")
     route, model = await _route(server, req)
     payload = completion_body(body, req, model, list(req.rendered))  # token ids (prepare.py)
     rf = responses.route_field(route)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from chainlora.serve.errors import ApiError
 
 
-OPTIONS = {"max_body_bytes": "--max-body-mb", "max_json_values": "--max-json-values", "max_messages": "--max-messages", "max_prompt_chars": "--max-prompt-chars",
+OPTIONS = {"max_body_bytes": "--max-body-mb", "max_json_values": "--max-json-values", "max_messages": "--max-messages",
+           "max_prompts": "--max-prompts", "max_prompt_chars": "--max-prompt-chars",
            "max_stops": "--max-stops", "max_stop_chars": "--max-stop-chars", "header_timeout_s": "--header-timeout",
            "body_timeout_s": "--body-timeout", "keep_alive_s": "--keep-alive", "max_connections": "--max-connections",
            "max_connections_per_client": "--max-connections-per-client",
@@ -26,6 +27,7 @@ class Limits:
     max_body_bytes: int = 1 << 20  # --max-body-mb 1: JSON parsing holds the GIL, so it stalls the loop
     max_json_values: int = 20_000  # --max-json-values: objects, arrays, strings and numbers in a body
     max_messages: int = 256  # --max-messages
+    max_prompts: int = 64  # --max-prompts: prompts in one /v1/completions request (each its own choice)
     max_prompt_chars: int = 100_000  # --max-prompt-chars, all messages' text together
     max_stops: int = 4  # --max-stops (OpenAI's own limit)
     max_stop_chars: int = 64  # --max-stop-chars, each stop string
@@ -65,6 +67,11 @@ class Limits:
         if n > self.max_messages:
             raise ApiError(400, f"messages: {n} messages exceed the server's limit of {self.max_messages} "
                                 "(chainlora serve --max-messages)", param="messages", code="too_many_messages")
+
+    def prompts(self, n: int) -> None:
+        if n > self.max_prompts:
+            raise ApiError(400, f"prompt: {n} prompts exceed the server's limit of {self.max_prompts} "
+                                "(chainlora serve --max-prompts)", param="prompt", code="too_many_prompts")
 
     def prompt(self, chars: int, field: str) -> None:
         if chars > self.max_prompt_chars:

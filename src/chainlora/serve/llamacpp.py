@@ -40,6 +40,7 @@ class LlamaCppForwarder(Forwarder):
         self.root = self.url.removesuffix("/v1")
         self.adapters = list(adapters)  # the library's task adapters and the mixed one
         self.ids: dict[str, int] | None = None
+        self.echoes = False  # llama-server refuses echo (lm-evaluation-harness issue 4158)
         self._lock = asyncio.Lock()
 
     def model_for(self, route: Route) -> str:

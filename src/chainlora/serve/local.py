@@ -78,13 +78,28 @@ async def run(server: Server, req: Request, is_disconnected: Callable[[], Awaita
     return result(future)
 
 
-async def answer(server: Server, request: Any, req: Request, body: Sampling, kind: str, t0: float) -> Any:
-    """The whole completion as one JSON body, or a stream of chunks when the body asks for one."""
+async def run_all(server: Server, reqs: list[Request], is_disconnected: Callable[[], Awaitable[bool]]) -> list[Answer]:
+    """Queue every prompt's request at once (they batch across adapters) and wait for all; the
+    first failure fails the response and cancels the rest."""
+    tasks = [asyncio.ensure_future(run(server, r, is_disconnected)) for r in reqs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for r, t in zip(reqs, tasks):
+            if not t.done():
+                r.cancelled.set()
+                t.cancel()
+
+
+async def answer(server: Server, request: Any, reqs: list[Request], body: Sampling, kind: str, t0: float) -> Any:
+    """The whole completion as one JSON body (a choice per prompt), or a stream of chunks when
+    the body asks for one (one prompt)."""
     if body.stream:
-        return stream(server, req, body, kind, t0)
-    a = await run(server, req, request.is_disconnected)
-    server.metrics.done(kind, a, time.monotonic() - t0)
-    return responses.completion(kind, body.model, a)
+        return stream(server, reqs[0], body, kind, t0)
+    answers = await run_all(server, reqs, request.is_disconnected)
+    for a in answers:
+        server.metrics.done(kind, a, time.monotonic() - t0)
+    return responses.completion(kind, body.model, answers, reqs, server.vocab)
 
 
 # --------------------------------------------------------------------------- streaming
@@ -97,7 +112,7 @@ def stream(server: Server, req: Request, body: Sampling, kind: str, t0: float) -
     events: asyncio.Queue = asyncio.Queue()
     future: asyncio.Future = loop.create_future()
     req.on_route = lambda r: loop.call_soon_threadsafe(events.put_nowait, ("route", r))
-    req.on_text = lambda t: loop.call_soon_threadsafe(events.put_nowait, ("text", t))
+    req.on_text = lambda t, lp: loop.call_soon_threadsafe(events.put_nowait, ("text", (t, lp)))
     req.done = deliver(loop, future)
     future.add_done_callback(lambda f: events.put_nowait(("done", None)))
     submit(server, req)
@@ -122,7 +137,7 @@ async def _worker_events(req: Request, events: asyncio.Queue) -> AsyncIterator[t
 async def _chunks(server: Server, req: Request, events: asyncio.Queue, future: asyncio.Future,
                   body: Sampling, kind: str, t0: float) -> AsyncIterator[str]:
     """The stream's chunks; an error becomes one error event, and [DONE] always comes last."""
-    out = responses.Chunks(kind, body.model, responses.completion_id(kind))
+    out = responses.Chunks(kind, body.model, responses.completion_id(kind), server.vocab, req.logprobs)
     route = None
     try:
         try:
@@ -132,7 +147,7 @@ async def _chunks(server: Server, req: Request, events: asyncio.Queue, future: a
                     if kind == "chat":
                         yield out.role(route)
                 else:
-                    yield out.text(route, value)
+                    yield out.text(route, *value)
             a = result(future)
         except ApiError as e:  # an error event, then the end of the stream as always
             yield responses.error_event(e)

@@ -113,10 +113,11 @@ class Preparer:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def prepare(self, kind: str, raw: bytes) -> tuple[Sampling, Request]:
+    def prepare(self, kind: str, raw: bytes) -> tuple[Sampling, list[Request]]:
+        """The body and its Requests: one for a chat, one per prompt for a completion."""
         body = parse(raw, ChatBody if kind == "chat" else CompletionBody, self.limits)
         refuse_unsupported(body, forwarding=self.forwarding)
-        return body, (self.chat(body) if kind == "chat" else self.completion(body))
+        return body, ([self.chat(body)] if kind == "chat" else self.completions(body))
 
     # ------------------------------------------------------------------ per kind
 
@@ -137,38 +138,48 @@ class Preparer:
             raise ApiError(400, f"messages: the model's chat template refuses them: {str(e)[:200]}", param="messages")
         return self.request(body, users[-1], rendered, "messages")
 
-    def completion(self, body: CompletionBody) -> Request:
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise ApiError(400, "prompt: send one prompt per request", param="prompt")
-            prompt = prompt[0]
+    def completions(self, body: CompletionBody) -> list[Request]:
+        """One Request per prompt (OpenAI's four prompt shapes), each its own choice."""
+        p = body.prompt
+        several = isinstance(p, list) and bool(p) and not isinstance(p[0], int)
+        prompts_: list = list(p) if several else [p]
+        self.limits.prompts(len(prompts_))
+        if several and body.stream:
+            raise ApiError(400, "stream: send one prompt per streamed request", param="stream")
+        if body.echo and body.stream:
+            raise ApiError(400, "echo: not with stream (send stream: false to have the prompt scored)", param="echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens: 0 only with echo (to score the prompt)", param="max_tokens")
+        self.limits.prompt(sum(len(x) for x in prompts_ if isinstance(x, str)), "prompt")
+        return [self.completion(body, x, f"prompt[{i}]" if several else "prompt") for i, x in enumerate(prompts_)]
+
+    def completion(self, body: CompletionBody, prompt: str | list[int], field: str) -> Request:
+        """A text prompt is answered in the chat template, as the adapters were trained, unless it
+        is echoed: then it is the model's input as written (what echo returns and scores)."""
         if isinstance(prompt, list):
-            return self.token_prompt(body, prompt)
-        self.limits.prompt(len(prompt), "prompt")
+            return self.token_prompt(body, prompt, field)
         if not prompt.strip():
-            raise ApiError(400, "prompt: empty", param="prompt")
+            raise ApiError(400, f"{field}: empty", param=field)
+        if body.echo:
+            return self.request(body, prompt, prompts.ids(self.tok, prompt), field, echo=prompt)
         try:
             rendered = prompts.render(self.tok, self.plain(prompt), self.engine.system)
         except Exception as e:
-            raise ApiError(400, f"prompt: the model's chat template refuses it: {str(e)[:200]}", param="prompt")
-        return self.request(body, prompt, rendered, "prompt")
+            raise ApiError(400, f"{field}: the model's chat template refuses it: {str(e)[:200]}", param=field)
+        return self.request(body, prompt, rendered, field)
 
-    def token_prompt(self, body: CompletionBody, ids: list[int]) -> Request:
-        """A prompt sent as token ids is the model's input verbatim (a chainlora front
-        forwarding here rendered it already), so it names its adapter: routing reads text."""
+    def token_prompt(self, body: CompletionBody, ids: list[int], field: str) -> Request:
+        """A prompt sent as token ids is the model's input verbatim (no BOS added, no template):
+        what lm-evaluation-harness sends, and what a chainlora front forwarding here rendered.
+        `chain` routes it by its decoded text."""
         if not ids:
-            raise ApiError(400, "prompt: empty", param="prompt")
-        if body.model == catalog.CHAIN:
-            raise ApiError(400, "prompt: token ids are an already rendered prompt; pin a model "
-                                f"({', '.join(catalog.names(self.engine)[1:])}) or send text to route it",
-                           param="prompt")
+            raise ApiError(400, f"{field}: empty", param=field)
         vocab = len(self.tok)
         if any(not 0 <= t < vocab for t in ids):
-            raise ApiError(400, f"prompt: token ids must lie in [0, {vocab})", param="prompt")
-        self.fits(len(ids), body, "prompt")
+            raise ApiError(400, f"{field}: token ids must lie in [0, {vocab})", param=field)
         text = self.tok.decode(ids, skip_special_tokens=True).strip() or "(token prompt)"
-        return self.request(body, text, list(ids), "prompt")
+        echo = self.tok.decode(ids) if body.echo else None
+        return self.request(body, text, list(ids), field, echo=echo)
 
     # ------------------------------------------------------------------ shared
 
@@ -186,15 +197,30 @@ class Preparer:
             raise ApiError(400, f"{field}: {why}; shorten it or lower max_tokens", param=field,
                            code="context_length_exceeded")
 
-    def request(self, body: Sampling, text: str, rendered: str | list[int], field: str) -> Request:
+    def request(self, body: Sampling, text: str, rendered: str | list[int], field: str,
+                echo: str | None = None) -> Request:
         task = catalog.pin(self.engine, body.model)  # an unknown model is a 404 whatever else is wrong
         if body.n != 1:
             raise ApiError(400, "n: only n=1 is supported", param="n")
         self.limits.stops(body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else [])
         self.max_tokens(body)  # over the ceiling: refused before tokenizing
+        top, scored = logprobs_asked(body)
         if not isinstance(rendered, list):  # tokenized here once: the worker and a backend get ids
             rendered = self.plain.ids(rendered)  # user text's special-token strings as plain text
-            self.fits(len(rendered), body, field)
+        self.fits(len(rendered), body, field)
         return Request(text=text, rendered=rendered, task=task, max_tokens=self.max_tokens(body),
                        temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
-                       deadline=time.monotonic() + self.settings.timeout_s)
+                       deadline=time.monotonic() + self.settings.timeout_s, logprobs=top,
+                       prompt_logprobs=top if scored else None, echo=echo)
+
+
+def logprobs_asked(body: Sampling) -> tuple[int | None, bool]:
+    """(top-k of each generated token's logprobs, None: not asked; whether the prompt is scored
+    too). Chat: `logprobs: true` with `top_logprobs` (which needs it); completions: `logprobs`
+    0-5, the prompt scored when it is echoed."""
+    if isinstance(body, ChatBody):
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs", code="unsupported_parameter")
+        return (body.top_logprobs or 0) if body.logprobs else None, False
+    k = getattr(body, "logprobs", None)
+    return k, k is not None and bool(getattr(body, "echo", False))

@@ -95,11 +95,11 @@ async def reload(request: HttpRequest) -> dict:
 async def answer(request: HttpRequest, kind: str) -> Any:
     """A completion of `kind` ("chat" or "text"): prepared here, answered here or forwarded."""
     server = server_of(request)
-    body, req = await server.preparer.submit(kind, await request.body(), request.is_disconnected)
+    body, reqs = await server.preparer.submit(kind, await request.body(), request.is_disconnected)
     t0 = time.monotonic()
     if server.forwarder is not None:
-        return await forward.answer(server, req, body, kind, t0)
-    return await local.answer(server, request, req, body, kind, t0)
+        return await forward.answer(server, forward.one(reqs), body, kind, t0)
+    return await local.answer(server, request, reqs, body, kind, t0)
 
 
 @router.post("/v1/chat/completions", openapi_extra=documented.body(ChatBody),

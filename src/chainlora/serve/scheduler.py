@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from chainlora.errors import ChainloraError
 from chainlora.inference.engine import Answer, Engine, Route
+from chainlora.inference.logprobs import Recorder
 from chainlora.inference.stops import end_ids, streamable
 
 log = logging.getLogger("chainlora.serve")
@@ -60,8 +61,11 @@ class Request:
     stop: tuple[str, ...] = ()
     seed: int | None = None  # sampling seed: rows share one generate call only with the same seed
     deadline: float = float("inf")  # time.monotonic() by which it must be done
+    logprobs: int | None = None  # each generated token's logprob and this many alternatives (None: not asked)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI's echo)
+    echo: str | None = None  # the prompt's text, when the response repeats it (completions' echo)
     on_route: Callable[[Route], None] | None = None  # called (worker thread) once routed
-    on_text: Callable[[str], None] | None = None  # streaming: called (worker thread) per delta
+    on_text: Callable[[str, list], None] | None = None  # streaming: (worker thread) per delta, with its logprob entries
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: Callable[[Answer | None, BaseException | None], None] | None = None
     enqueued: float = field(default_factory=time.monotonic)
@@ -127,12 +131,16 @@ class RowStopper:
 class BatchStreamer:
     """A transformers streamer for a whole batch: decodes each row as it grows and hands its
     new text to the row's request. Text that might still turn into a stop string, or trailing
-    whitespace, is held back until it is safe; the answer's final text settles the rest."""
+    whitespace, is held back until it is safe; the answer's final text settles the rest. With
+    a `recorder` (logprobs asked), each piece of text comes with the entries of the tokens it
+    completes (`on_text(text, entries)`), so a client that joins them gets the answer's own."""
 
-    def __init__(self, tokenizer: Any, requests: list[Request]):
-        self.tok, self.requests = tokenizer, requests
+    def __init__(self, tokenizer: Any, requests: list[Request], recorder: Recorder | None = None):
+        self.tok, self.requests, self.recorder = tokenizer, requests, recorder
         self.ids: list[list[int]] = [[] for _ in requests]
+        self.lengths: list[list[int]] = [[] for _ in requests]  # decoded length after each token
         self.sent = ["" for _ in requests]
+        self.given = [0 for _ in requests]  # logprob entries sent
         self.closed = [r.on_text is None for r in requests]
         self.prompt_seen = False
         self.ends = end_ids(tokenizer)
@@ -145,7 +153,10 @@ class BatchStreamer:
         if not self.prompt_seen:  # generate hands over the prompt first
             self.prompt_seen = True
             return
-        for i, token in zip(self.rows, value.reshape(len(self.rows), -1)[:, -1].tolist()):
+        tokens = value.reshape(len(self.rows), -1)[:, -1]
+        if self.recorder is not None:
+            self.recorder.commit(tokens)  # before the text goes out, so its entries go with it
+        for i, token in zip(self.rows, tokens.tolist()):
             if self.closed[i]:
                 continue
             if token in self.ends or len(self.ids[i]) >= self.requests[i].max_tokens:
@@ -155,16 +166,34 @@ class BatchStreamer:
             self._emit(i)
 
     def _emit(self, i: int) -> None:
-        text = streamable(self.tok.decode(self.ids[i], skip_special_tokens=True), self.requests[i].stop)
+        decoded = self.tok.decode(self.ids[i], skip_special_tokens=True)
+        self.lengths[i].append(len(decoded))
+        text = streamable(decoded, self.requests[i].stop)
         if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
-            self.requests[i].on_text(text[len(self.sent[i]):])
+            lead = len(decoded) - len(decoded.lstrip())  # the answer is stripped
+            done = sum(1 for n in self.lengths[i] if n <= lead + len(text))  # tokens wholly sent
+            self.requests[i].on_text(text[len(self.sent[i]):], self._entries(i, done))
             self.sent[i] = text
 
+    def _entries(self, i: int, upto: int | None) -> list:
+        """Row i's logprob entries not yet sent, up to token `upto` (None: all)."""
+        if self.recorder is None or i not in self.recorder.want:
+            return []
+        found = self.recorder.found[i]
+        upto = len(found) if upto is None else min(upto, len(found))
+        out, self.given[i] = found[self.given[i]:upto], max(self.given[i], upto)
+        return out
+
     def finish(self, i: int, answer: Answer) -> None:
-        """Send what the answer adds to what was streamed (its text is the authority)."""
+        """Send what the answer adds to what was streamed (its text is the authority), with the
+        rest of its logprob entries."""
         req = self.requests[i]
-        if req.on_text is not None and answer.text.startswith(self.sent[i]) and len(answer.text) > len(self.sent[i]):
-            req.on_text(answer.text[len(self.sent[i]):])
+        if req.on_text is None:
+            return
+        rest = answer.text[len(self.sent[i]):] if answer.text.startswith(self.sent[i]) else ""
+        entries = (answer.logprobs or [])[self.given[i]:]
+        if rest or entries:
+            req.on_text(rest, entries)
 
     def end(self) -> None:
         pass
@@ -377,7 +406,9 @@ class Scheduler:
 
     def _generate(self, group: list[Request], routes: list[Route]) -> tuple[list[Answer | None], BatchStreamer | None]:
         """One generate call for the group; a row cut on the way (prefill or decode) is None."""
-        streamer = BatchStreamer(self.engine.tok, group) if any(r.on_text for r in group) else None
+        asked = {i: r.logprobs for i, r in enumerate(group) if r.logprobs is not None}
+        recorder = Recorder(asked, len(group)) if asked else None
+        streamer = BatchStreamer(self.engine.tok, group, recorder) if any(r.on_text for r in group) else None
         stopper = RowStopper(group, self.cut, end_ids(self.engine.tok))
 
         def keep(rows: list[int]) -> list[int]:  # asked between prefill chunks
@@ -395,7 +426,8 @@ class Scheduler:
             [r.text for r in group], routes=routes, rendered=[r.rendered for r in group],
             max_new_tokens=[r.max_tokens for r in group], temperature=first.temperature,
             top_p=first.top_p, stop=list(first.stop) or None, streamer=streamer, stopping=stopper,
-            prefill_chunk=self.prefill_chunk, keep=keep)
+            prefill_chunk=self.prefill_chunk, keep=keep, recorder=recorder,
+            prompt_logprobs=[r.prompt_logprobs for r in group])
         return [None if i in stopper.cut else a for i, a in enumerate(answers)], streamer
 
 

@@ -2,9 +2,10 @@
 the error shape (responses.py builds what it answers).
 
 Every field OpenAI's chat and completions APIs define is known here. A field chainlora does
-not implement is accepted only at its neutral value (`tools: []`, `logprobs: false`, `echo:
-false`, ...); any other value is a 400 naming the field, never a 200 that silently ignored
-it. Fields nobody defined are a 400 too (`extra="forbid"`), so a typo cannot pass unseen.
+not implement is accepted only at its neutral value (`tools: []`, `best_of: 1`, `suffix: ""`,
+...); any other value is a 400 naming the field, never a 200 that silently ignored it.
+`logprobs` (both APIs), `top_logprobs` (chat) and `echo` (completions) are answered
+(logprob_fields.py shapes them). Fields nobody defined are a 400 too (`extra="forbid"`), so a typo cannot pass unseen.
 Sampling fields only an OpenAI-compatible backend implements (penalties, logit_bias, vLLM's
 top_k / min_p / repetition_penalty) are validated here and sent on by `--backend openai`.
 """
@@ -139,8 +140,9 @@ class ChatBody(Sampling):
 
 
 class CompletionBody(Sampling):
-    # OpenAI's four shapes: text, [text], token ids, [token ids] (one prompt per request here)
+    # OpenAI's four shapes: text, [text], token ids, [token ids]; each prompt is its own choice
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(default=None, ge=0, le=1_000_000)  # 0: only with echo (score the prompt)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool | None = None
     best_of: int | None = Field(default=None, ge=1, le=20)
@@ -149,9 +151,9 @@ class CompletionBody(Sampling):
 
 # A field is at its neutral value when it is absent, null, or one of these (it changes nothing).
 NEUTRAL: dict[str, tuple] = {
-    "logprobs": (False, 0), "top_logprobs": (0,), "tools": ([],), "functions": ([],),
+    "tools": ([],), "functions": ([],),
     "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "parallel_tool_calls": (True, False),
-    "response_format": ({"type": "text"},), "modalities": (["text"],), "echo": (False,), "best_of": (1,),
+    "response_format": ({"type": "text"},), "modalities": (["text"],), "best_of": (1,),
     "suffix": ("",), "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "logit_bias": ({},),
     "top_k": (-1, 0), "min_p": (0.0,), "repetition_penalty": (1.0,), "tool_calls": ([],),
 }

@@ -5,11 +5,13 @@ settings, the scheduler the engine and its sizes, the metrics the engine.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
 from chainlora.inference.engine import Engine
 from chainlora.serve import catalog
+from chainlora.serve.logprob_fields import Vocab
 from chainlora.serve.metrics import Metrics
 from chainlora.serve.prepare import Preparer
 from chainlora.serve.scheduler import Scheduler
@@ -35,6 +37,7 @@ class Server:
                                    prefill_chunk=s.prefill_chunk)
         self.metrics.watch(self.scheduler.stats, self.preparer)  # cancels, timeouts, shed load: read when scraped
         self.created = int(time.time())
+        self.vocab = Vocab(copy.deepcopy(engine.tok))  # token texts for logprobs, on the event loop's own copy
 
     @property
     def api_key(self) -> str | None:

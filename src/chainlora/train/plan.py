@@ -29,7 +29,7 @@ TRUNK = "trunk"  # the shared trunk's name and path in a library
 
 def reserved() -> tuple[str, ...]:
     """Names a task cannot take: every entry kind's (the registry's) and the served names of their own."""
-    return ("chain", "selection", *kinds.single_entries())  # trunk, router, mixed, every selector
+    return ("chain", "base", "selection", *kinds.single_entries())  # trunk, router, mixed, every selector
 
 
 def load_data(cfg: Config) -> dict[str, TaskData]:
