@@ -20,10 +20,17 @@ def record_nll(engine, records: Sequence[Record], adapter: str, batch_size: int 
                model: Any = None) -> list[tuple[float, int]]:
     """(summed NLL in nats, tokens scored) of each record's answer (+ end-of-answer token) under
     `adapter` (a task, "mixed" or engine.BASE) — or under `model` (e.g. Arrow's), same tokens."""
+    rows = [tokenize(engine.tok, p, EVAL_MAX_LENGTH, engine.system) for p in answer_pairs(records)]
+    return rows_nll(engine, rows, adapter, batch_size, model)
+
+
+def rows_nll(engine, rows: Sequence[dict], adapter: str, batch_size: int = 16,
+             model: Any = None) -> list[tuple[float, int]]:
+    """`record_nll` for rows already tokenized (input_ids, attention_mask, labels: -100 where
+    not scored): e.g. bench/lm_eval.py scores exactly the tokens lm-evaluation-harness scores."""
     import torch
     import torch.nn.functional as F
 
-    rows = [tokenize(engine.tok, p, EVAL_MAX_LENGTH, engine.system) for p in answer_pairs(records)]
     pad = collator(engine.tok)
     out: list[tuple[float, int]] = []
     for i in range(0, len(rows), batch_size):

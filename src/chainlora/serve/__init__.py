@@ -7,13 +7,15 @@ A completion request passes, in order:
     local.py      answered here: queue it, wait or stream, map the outcome to OpenAI errors
     forward.py    `--backend openai`: route here, answer on another OpenAI-compatible server
     responses.py  every OpenAI response body and stream chunk, local or forwarded
+    logprob_fields.py  OpenAI's logprobs fields (completions' and chat's) from the engine's entries
 
 and around them:
     app.py        create_app (assembles the app) and serve (loads the engine, runs uvicorn)
     settings.py   ServeSettings: every serve option and its default (CLI, Server, serve)
     server.py     Server: the engine, settings, preparer, scheduler, metrics, forwarder
-    catalog.py    the model names a client may send (chain, mixed, tasks) and what each pins
+    catalog.py    the model names a client may send (chain, mixed, tasks, base) and what each pins
     scheduler.py  window batching: concurrent requests become ONE mixed-adapter generate call
+    streamer.py   a batch's streamed text (and logprobs), row by row, as generate makes it
     connections.py  uvicorn's h11 protocol plus a header deadline and a connection cap
     limits.py     what one request may cost (each limit a `serve` option)
     schema.py     the OpenAI wire format: request bodies and the error shape
