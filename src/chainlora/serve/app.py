@@ -5,6 +5,7 @@
     POST /v1/completions            OpenAI completions (the prompt is the instruction)
     POST /v1/adapters/reload        rescan the library (the key; without one: loopback + JSON)
     GET  /health, GET /metrics      liveness; Prometheus text
+    GET  /, /playground             the playground page (playground.py), /v1/library for it
 
 `model: "chain"` routes with the library's selector, `"<task>"` pins an adapter, `"mixed"` uses
 the mixed one. Every response carries the routing decision in an extra `chainlora` field.
@@ -24,7 +25,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from chainlora.inference.engine import Engine
-from chainlora.serve import routes
+from chainlora.serve import playground, routes
 from chainlora.serve.browser import Browser
 from chainlora.serve.errors import install_handlers
 from chainlora.serve.guard import LOOPBACK, Guard
@@ -58,6 +59,7 @@ def create_app(server: Server) -> FastAPI:
     install_handlers(app)
     install_openapi(app)
     app.include_router(routes.router)
+    app.include_router(playground.router)
     return app
 
 
@@ -99,7 +101,8 @@ def serve(library: str, settings: ServeSettings | None = None, **options: Any) -
     engine = load_engine(library, s)
     server = Server(engine, s, forwarder=forwarder_for(s, engine))
     port = sock.getsockname()[1]  # --port 0: the one the system chose
-    print(f"chainlora: serving {library} on http://{s.host}:{port}/v1 (models: {', '.join(server.models())})",
-          flush=True)
+    where = f"[{s.host}]" if ":" in s.host else s.host
+    print(f"chainlora: serving {library} on http://{where}:{port}/v1 (models: {', '.join(server.models())})\n"
+          f"chainlora: playground at http://{where}:{port}/", flush=True)
     uvicorn.Server(uvicorn_config(create_app(server), s.limits, host=s.host, port=port,
                                   log_level="warning")).run(sockets=[sock])

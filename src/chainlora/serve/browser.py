@@ -145,3 +145,28 @@ class Browser:
             await send(message)
 
         return wrapped
+
+
+# ------------------------------------------------------------------ the playground's own documents
+
+# The playground page (playground.py) runs only its own files: no inline script or style, no
+# other origin, no framing, and Trusted Types with no policy, so that assigning a string to an
+# HTML sink (innerHTML and the like) throws in the browser instead of parsing user or model text.
+PAGE_POLICY = "; ".join((
+    "default-src 'self'", "script-src 'self'", "style-src 'self'", "img-src 'self'", "connect-src 'self'",
+    "font-src 'none'", "object-src 'none'", "media-src 'none'", "frame-src 'none'", "worker-src 'none'",
+    "manifest-src 'none'", "base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'",
+    "require-trusted-types-for 'script'", "trusted-types 'none'"))
+# `chainlora report`'s HTML, served read-only: its inline style and embedded PNGs, nothing else
+# (sandboxed: no script, no form, an opaque origin that cannot read the server's API).
+REPORT_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
+                 "form-action 'none'; frame-ancestors 'none'; sandbox")
+
+
+def document_headers(policy: str = PAGE_POLICY) -> dict[str, str]:
+    """The headers of a document the server serves (the page, its files, the report): `policy`
+    as the Content-Security-Policy, no MIME sniffing, no referrer, no framing, no sharing."""
+    return {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+            "X-Frame-Options": "DENY", "Cross-Origin-Opener-Policy": "same-origin",
+            "Cross-Origin-Resource-Policy": "same-origin", "Cache-Control": "no-cache",
+            "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=(), usb=()"}

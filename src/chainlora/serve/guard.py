@@ -6,8 +6,12 @@ and before a byte of its body is read, so, in this order:
   6.3: the framing is ambiguous, a request could be smuggled behind it);
 - the browser rules (browser.py): `Host` must name this server, a foreign page's request is a
   403 unless `--cors-origins` allows its origin, whose CORS preflights are answered here;
-- with an API key set, every route but `/health` needs `Authorization: Bearer KEY` (the
-  scheme case-insensitive, the key compared in constant time): no key, no body read, 401;
+- with an API key set, every route but `/health` and the playground's page and static files
+  (`/`, `/playground`, `/static/NAME`: they hold no data) needs `Authorization: Bearer KEY` (the
+  scheme case-insensitive, the key compared in constant time): no key, no body read, 401. The one
+  exception is the library's report, which a browser opens as a link and a link cannot carry a
+  header: `?ticket=` from `report_ticket` (an expiring HMAC of the key, handed out by the keyed
+  `/v1/library`) opens that one document;
 - a `Content-Length` over the limit is a 413 at once; a chunked body is counted as it comes
   and refused at the limit; the whole body must arrive within the body timeout (408);
 - a POST must say `Content-Type: application/json` (415): a web page cannot send that to
@@ -25,16 +29,22 @@ reading) are handled one level down, in connections.py.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import time
 from typing import Any, Callable
+from urllib.parse import parse_qs
 
 from chainlora.serve.browser import Browser, header
 from chainlora.serve.errors import ApiError, log_bug
 from chainlora.serve.limits import Limits
 
 PUBLIC = frozenset({"/health"})  # answers without a key, with its status only
+PAGES = frozenset({"/", "/playground"})  # the playground (playground.py): a page with no data in it
+STATIC = "/static/"  # its script, style and icon: /static/NAME, one level, no data either
+REPORT = "/v1/library/report.html"  # the library's report: the key, or a ticket (a link cannot send a header)
+TICKET_S = 3600  # how long a report ticket opens the report
 LOOPBACK = ("127.0.0.1", "::1", "localhost")  # without a key: where reload may come from; no warning
 
 
@@ -45,6 +55,33 @@ def bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
             return token.strip() if scheme.lower() == "bearer" and token.strip() else None
     return None
+
+
+def public(path: str) -> bool:
+    """A path answered without the key: /health, the playground's page and its static files."""
+    return path in PUBLIC or path in PAGES or (path.startswith(STATIC) and "/" not in path[len(STATIC):])
+
+
+def _signature(api_key: str, expires: int) -> str:
+    return hmac.new(api_key.encode(), f"chainlora report {expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def report_ticket(api_key: str, now: float | None = None) -> str:
+    """`EXPIRES.HMAC`: opens the report (only) until EXPIRES, without the key itself in the URL."""
+    expires = int((time.time() if now is None else now) + TICKET_S)
+    return f"{expires}.{_signature(api_key, expires)}"
+
+
+def ticketed(api_key: str | None, scope: dict) -> bool:
+    """A GET of the report with a valid, unexpired ticket from `report_ticket`."""
+    if api_key is None or scope["path"] != REPORT or scope["method"] not in ("GET", "HEAD"):
+        return False
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    expires, _, mac = (query.get("ticket") or [""])[0].partition(".")
+    now = time.time()
+    if not (expires.isascii() and expires.isdigit() and len(expires) <= 12 and now < int(expires) <= now + TICKET_S):
+        return False
+    return hmac.compare_digest(mac.encode(), _signature(api_key, int(expires)).encode())
 
 
 def authorized(api_key: str | None, headers: list[tuple[bytes, bytes]]) -> bool:
@@ -135,7 +172,7 @@ class Guard:
 
     def check(self, scope: dict) -> ApiError | None:
         """The key (401), the declared length (400/413) and the content type (415)."""
-        if scope["path"] not in PUBLIC and not authorized(self.api_key, scope["headers"]):
+        if not (public(scope["path"]) or authorized(self.api_key, scope["headers"]) or ticketed(self.api_key, scope)):
             return UNAUTHORIZED
         length = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
         if length is not None:
