@@ -11,8 +11,9 @@ Three kinds of lm-eval task are built from the demo test split (never its traini
   is printed beside it.
 - `cl_sentiment` (multiple choice, acc) and `cl_antonym` (generate_until, exact match).
 Each runs for `model=chain`, `mixed` and `base` through one server process; for `chain` the
-server routes each prompt by its decoded text (context and continuation), and chainlora's side
-routes the same text with the same selector.
+server routes each prompt by its last user message when it is in the chat template (the
+perplexity tasks), else by its decoded text (context and continuation), and chainlora's side
+routes the same text with the same selector (`prompts.token_prompt_text`).
 
     .venv/bin/python bench/lm_eval.py [--library runs/demo/library] [--per-task 10]
 """
@@ -20,12 +21,13 @@ routes the same text with the same selector.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -130,13 +132,14 @@ def harness_rows(engine, context: str, target: str) -> tuple[dict, dict]:
 def chainlora_side(engine, samples: list[dict], model: str) -> tuple[list, list, list[str]]:
     """Per record: (-NLL, tokens) over the harness's tokens and over Table I's, and the adapter
     (for chain: routed by the decoded text, as the server routes it)."""
+    from chainlora.data import prompts
     from chainlora.inference.answers import BASE
     from chainlora.inference.scoring import rows_nll
 
     pairs = [harness_rows(engine, s["arguments"]["gen_args_0"]["arg_0"], s["arguments"]["gen_args_0"]["arg_1"])
              for s in samples]
     if model == "chain":
-        texts = [engine.tok.decode(h["input_ids"], skip_special_tokens=True).strip() for h, _ in pairs]
+        texts = [prompts.token_prompt_text(engine.tok, h["input_ids"], engine.system) for h, _ in pairs]
         adapters = [r.adapter for r in engine.route(texts)]
     else:
         adapters = [BASE if model == "base" else model] * len(pairs)
@@ -154,6 +157,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--library", default="runs/demo/library")
     ap.add_argument("--per-task", type=int, default=10)
+    ap.add_argument("--work", default="runs/bench-lm-eval", help="task files and the harness's outputs (replaced)")
     args = ap.parse_args()
     import math
 
@@ -163,16 +167,16 @@ def main() -> None:
     engine = Engine.load(args.library, device="cpu")
     demo = load_demo()
     tokenizer = engine.base.path
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        records = write_tasks(engine, demo, args.per_task, root)
-        tasks = list(records)
-        proc, url = serve(args.library)
-        try:
-            runs = {m: lm_eval(url, m, tokenizer, tasks, root) for m in ("chain", "mixed", "base")}
-        finally:
-            proc.terminate()
-    print(f"lm-eval {__import__('lm_eval').__version__} against chainlora serve {args.library}, "
+    root = Path(args.work)
+    shutil.rmtree(root, ignore_errors=True)
+    records = write_tasks(engine, demo, args.per_task, root)
+    tasks = list(records)
+    proc, url = serve(args.library)
+    try:
+        runs = {m: lm_eval(url, m, tokenizer, tasks, root) for m in ("chain", "mixed", "base")}
+    finally:
+        proc.terminate()
+    print(f"lm-eval {importlib.metadata.version('lm-eval')} against chainlora serve {args.library}, "
           f"{args.per_task} test records a task\n")
     print("| model | harness s | max abs diff, loglikelihood per record | PPL, harness tokens (harness / chainlora) "
           "| PPL, Table I tokens (chainlora) | sentiment acc | antonym EM | routed like `chainlora eval` |")

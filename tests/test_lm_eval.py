@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from chainlora.data import load_demo
+from chainlora.data import load_demo, prompts
 from chainlora.inference.engine import Engine
 from test_logprobs import Reference
 
@@ -118,8 +118,7 @@ def test_the_harness_reports_what_chainlora_computes(served, random_lib, tiny_mo
     def adapter(ids: list[int]) -> str:
         if model != "chain":
             return model
-        text = engine.tok.decode(ids, skip_special_tokens=True).strip()
-        return engine.route([text])[0].adapter
+        return engine.route([prompts.token_prompt_text(engine.tok, ids, engine.system)])[0].adapter
 
     right = []
     for s in out["samples"]["cl_sentiment"]:
@@ -136,7 +135,7 @@ def test_the_harness_reports_what_chainlora_computes(served, random_lib, tiny_mo
     for s in out["samples"]["cl_antonym"]:
         context = s["arguments"]["gen_args_0"]["arg_0"]
         ids = engine.tok(context, add_special_tokens=False)["input_ids"]
-        text = engine.tok.decode(ids, skip_special_tokens=True).strip()  # what the server routes on
+        text = prompts.token_prompt_text(engine.tok, ids, engine.system)  # what the server routes on
         (a,) = engine.generate([text], rendered=[ids], task=None if model == "chain" else model,
                                max_new_tokens=6, stop=["\n", engine.tok.eos_token])
         assert s["resps"][0][0] == a.text

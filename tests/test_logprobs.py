@@ -15,7 +15,7 @@ from chainlora.inference.engine import Engine
 from chainlora.inference.logprobs import Recorder
 from chainlora.serve import Server, create_app
 from chainlora.serve.forward import Forwarder
-from conftest import TEXTS, Live, LiveApp, error_of, sse
+from conftest import TEXTS, Live, LiveApp, error_of, make_tiny_model, sse
 
 TOL = 1e-4
 
@@ -203,3 +203,25 @@ def test_forwarded_logprobs_are_the_backends(live):
     finally:
         app.close()
         llama.scheduler.close()
+
+
+def test_a_token_prompt_in_the_chat_template_is_routed_by_its_user_message(live, tiny_model_dir):
+    """What lm-eval sends for a rendered prompt (context + continuation as ids): routed by the
+    user message inside it, as the same chat request is; other ids by their decoded text."""
+    from chainlora.data import prompts
+
+    engine = live.server.engine
+    for text in TEXTS:
+        ids = ids_of(engine, engine.render([text])[0] + "cold")
+        r = httpx.post(f"{live.url}/v1/completions", json={"model": "chain", "prompt": ids, "max_tokens": 1,
+                                                              "echo": True, "logprobs": 0}, timeout=60)
+        assert r.json()["choices"][0]["chainlora"] == engine.route([text])[0].as_dict()
+        assert prompts.token_prompt_text(engine.tok, ids, engine.system) == text
+    raw = ids_of(engine, "Word: hot\nAntonym:")
+    assert prompts.token_prompt_text(engine.tok, raw, engine.system) == "Word: hot\nAntonym:"
+    plain = make_tiny_model(tiny_model_dir.parent / "plain-model", chat_template=False)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(plain)
+    ids = tok(prompts.render(tok, TEXTS[0], "Be brief.") + "cold", add_special_tokens=False)["input_ids"]
+    assert prompts.token_prompt_text(tok, ids, "Be brief.") == TEXTS[0]

@@ -134,3 +134,41 @@ def render_chat(tokenizer: object, messages: list[dict], system: str | None = No
     if system is not None and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system}] + list(messages)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class UserTurn:
+    """Finds the last user message in a prompt rendered in the model's own chat template, so a
+    prompt sent as token ids (lm-evaluation-harness, a client that renders for itself) is routed
+    by what the user asked, as a chat request is, not by the template's words around it.
+
+    The user turn's opening is what the template writes before a user message, back to the
+    special token that starts it (`<|im_start|>user\\n`, `<|start_header_id|>user<|end_header_id|>\\n\\n`);
+    its close is everything the template writes after it (up to the assistant's turn)."""
+
+    MARK = "\ue000chainlora-user\ue001"
+
+    def __init__(self, tokenizer: object, system: str | None = None):
+        rendered = render(tokenizer, self.MARK, system)
+        at = rendered.index(self.MARK)
+        self.close = rendered[at + len(self.MARK):]
+        specials = [m.start() for s in special_strings(tokenizer) for m in re.finditer(re.escape(s), rendered[:at])]
+        self.open = rendered[:at].split("\n\n")[-1] if not has_chat_template(tokenizer) else ""
+        for start in sorted(specials, reverse=True):  # back over special tokens until a word is in it
+            self.open = rendered[start:at]
+            if re.search(r"[A-Za-z]", re.sub("|".join(map(re.escape, special_strings(tokenizer))), "", self.open)):
+                break
+
+    def last(self, text: str) -> str | None:
+        """The last user message in `text` (a decoded prompt, special tokens kept), or None."""
+        if not self.open or not self.close.strip():
+            return None
+        i = text.rfind(self.open)
+        j = text.find(self.close.strip(), i + len(self.open)) if i >= 0 else -1
+        return text[i + len(self.open):j].strip() or None if j >= 0 else None
+
+
+def token_prompt_text(tokenizer: object, ids: list[int], system: str | None = None) -> str:
+    """What a prompt sent as token ids is routed by: its last user message when it is in the
+    model's chat template, else its decoded text (special tokens left out)."""
+    found = UserTurn(tokenizer, system).last(tokenizer.decode(ids))
+    return found or tokenizer.decode(ids, skip_special_tokens=True).strip() or "(token prompt)"

@@ -171,13 +171,14 @@ class Preparer:
     def token_prompt(self, body: CompletionBody, ids: list[int], field: str) -> Request:
         """A prompt sent as token ids is the model's input verbatim (no BOS added, no template):
         what lm-evaluation-harness sends, and what a chainlora front forwarding here rendered.
-        `chain` routes it by its decoded text."""
+        `chain` routes it by its last user message when it is in the chat template, else by its
+        decoded text (prompts.token_prompt_text)."""
         if not ids:
             raise ApiError(400, f"{field}: empty", param=field)
         vocab = len(self.tok)
         if any(not 0 <= t < vocab for t in ids):
             raise ApiError(400, f"{field}: token ids must lie in [0, {vocab})", param=field)
-        text = self.tok.decode(ids, skip_special_tokens=True).strip() or "(token prompt)"
+        text = prompts.token_prompt_text(self.tok, ids, self.engine.system)
         echo = self.tok.decode(ids) if body.echo else None
         return self.request(body, text, list(ids), field, echo=echo)
 
