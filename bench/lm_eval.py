@@ -77,8 +77,11 @@ def write_tasks(engine, demo: dict, per_task: int, root: Path) -> dict[str, list
         _write(root, f"cl_ppl_{task}", PPL.replace("{task}", task), rows)
     for name, template, task in (("cl_sentiment", MC, "sentiment"), ("cl_antonym", GEN, "antonym")):
         recs = demo[task].test[:per_task]
-        out[name] = recs
-        _write(root, name, template, [{"text": r.text, "output": r.output} for r in recs])
+        out[name] = out[f"{name}_chat"] = recs
+        rows = [{"text": r.text, "output": r.output} for r in recs]
+        _write(root, name, template, rows)
+        chat = template.replace('"{{{{text}}}}\\nAnswer:"', '"{{{{text}}}}"\ntarget_delimiter: ""')  # the user message alone
+        _write(root, f"{name}_chat", chat.replace(f"task: {name}", f"task: {name}_chat"), rows)
     return out
 
 
@@ -97,9 +100,11 @@ def serve(library: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("chainlora serve did not start")
 
 
-def lm_eval(url: str, model: str, tokenizer: str, tasks: list[str], root: Path) -> tuple[dict, dict, float]:
-    """(results, samples by task, seconds) of one harness run."""
-    out = root / f"out-{model}"
+def lm_eval(url: str, model: str, tokenizer: str, tasks: list[str], root: Path,
+            chat: bool = False) -> tuple[dict, dict, float]:
+    """(results, samples by task, seconds) of one harness run; `chat`: the harness renders each
+    prompt in the tokenizer's chat template (`--apply_chat_template`)."""
+    out = root / f"out-{model}{'-chat' if chat else ''}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(root / "hf"),
            "OPENAI_API_KEY": "none"}
     args = (f"model={model},base_url={url}/v1/completions,tokenizer={tokenizer},tokenizer_backend=huggingface,"
@@ -107,7 +112,8 @@ def lm_eval(url: str, model: str, tokenizer: str, tasks: list[str], root: Path) 
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--tasks", ",".join(tasks),
                            "--include_path", str(root / "tasks"), "--model_args", args, "--batch_size", "16",
-                           "--output_path", str(out), "--log_samples"], env=env, capture_output=True, text=True)
+                           "--output_path", str(out), "--log_samples", *(["--apply_chat_template"] if chat else [])],
+                          env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
@@ -170,16 +176,19 @@ def main() -> None:
     root = Path(args.work)
     shutil.rmtree(root, ignore_errors=True)
     records = write_tasks(engine, demo, args.per_task, root)
-    tasks = list(records)
+    tasks = [t for t in records if not t.endswith("_chat")]
     proc, url = serve(args.library)
     try:
         runs = {m: lm_eval(url, m, tokenizer, tasks, root) for m in ("chain", "mixed", "base")}
+        chats = {m: lm_eval(url, m, tokenizer, ["cl_sentiment_chat", "cl_antonym_chat"], root, chat=True)
+                 for m in runs}
     finally:
         proc.terminate()
     print(f"lm-eval {importlib.metadata.version('lm-eval')} against chainlora serve {args.library}, "
           f"{args.per_task} test records a task\n")
     print("| model | harness s | max abs diff, loglikelihood per record | PPL, harness tokens (harness / chainlora) "
-          "| PPL, Table I tokens (chainlora) | sentiment acc | antonym EM | routed like `chainlora eval` |")
+          "| PPL, Table I tokens (chainlora) | sentiment acc (raw / chat) | antonym EM (raw / chat) "
+          "| routed like `chainlora eval` |")
     print("|---|---|---|---|---|---|---|---|")
     for model, (results, samples, seconds) in runs.items():
         diffs, hl, cl, hn, tl, tn, same = [], 0.0, 0.0, 0, 0.0, 0, []
@@ -194,8 +203,9 @@ def main() -> None:
                 same += [r.adapter == a for r, a in zip(routes, adapters)]
         routed = f"{sum(same)}/{len(same)}" if same else "-"
         print(f"| {model} | {seconds:.0f} | {max(diffs):.2e} | {math.exp(-hl / hn):.3f} / {math.exp(-cl / hn):.3f} "
-              f"| {math.exp(-tl / tn):.3f} | {results['cl_sentiment']['acc,none']:.2f} "
-              f"| {results['cl_antonym']['exact_match,none']:.2f} | {routed} |")
+              f"| {math.exp(-tl / tn):.3f} | {results['cl_sentiment']['acc,none']:.2f} / "
+              f"{chats[model][0]['cl_sentiment_chat']['acc,none']:.2f} | {results['cl_antonym']['exact_match,none']:.2f}"
+              f" / {chats[model][0]['cl_antonym_chat']['exact_match,none']:.2f} | {routed} |")
 
 
 if __name__ == "__main__":
