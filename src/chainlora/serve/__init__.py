@@ -23,6 +23,7 @@ and around them:
     openapi.py    /openapi.json with the real request bodies and error responses
     llamacpp.py   `--backend llamacpp`: forward.py's client for llama-server's per-request LoRA
     metrics.py    the Prometheus metrics at GET /metrics
+    playground.py the playground page at / (static/), GET /v1/library and the read-only report
 
 A new serving backend goes here, beside forward.py (named in settings.BACKENDS, built in
 app.forwarder_for). No part holds the Server: each gets the engine and settings it needs.
