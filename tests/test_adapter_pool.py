@@ -99,3 +99,65 @@ def test_adapters_the_pool_cannot_hold_are_refused_by_name(tiny_model_dir, tmp_p
     assert pool.generate(TEXTS[:1], task="antonym", max_new_tokens=2)[0].completion_tokens >= 1
     with pytest.raises(ChainloraError, match="adapters: unknown 'vllm'"):
         Engine.load(lib, device="cpu", adapters="vllm")
+
+
+def test_a_cold_reload_skips_the_hash_of_an_unchanged_file_and_never_of_a_changed_one(lib, tmp_path, monkeypatch):
+    """store.read_verified's memo: an adapter hashed once is read again without its hash while
+    its file is unchanged; a write (even of the same size) is hashed again and refused, and a
+    file written just before it was hashed is not remembered (coarse file times)."""
+    import os
+    import shutil
+    import time
+
+    from chainlora.library import store
+
+    root = tmp_path / "lib"
+    shutil.copytree(lib, root)
+    weights = root / "tasks" / "antonym" / "adapter_model.safetensors"
+    hashed = []
+    real = store.files_sha256
+    monkeypatch.setattr(store, "files_sha256", lambda named: hashed.append(1) or real(named))
+    engine = Engine.load(root, device="cpu", adapters="pool")
+
+    def cold() -> int:
+        """Hashes one cold load of the adapter made."""
+        engine.pool.drop({"antonym"})
+        engine.cache.cpu.pop("antonym", None)
+        before = len(hashed)
+        engine.pool.acquire(["antonym"])
+        return len(hashed) - before
+
+    os.utime(weights)  # written just now
+    assert [cold(), cold()] == [1, 1]  # too fresh to remember
+    old = time.time() - 60
+    for f in weights.parent.iterdir():
+        os.utime(f, (old, old))
+    assert [cold(), cold(), cold()] == [1, 0, 0]  # hashed once more, then remembered
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, new content
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ChainloraError, match="corrupt"):
+        cold()
+
+
+def test_tensor_views_read_what_safetensors_wrote():
+    """The cold load's zero-copy parse: every tensor equal to safetensors' own load, or None
+    (the caller then uses safetensors) where it does not apply."""
+    from safetensors.torch import load, save
+
+    from chainlora.inference.adapter_cache import tensor_views
+
+    cases = [{"x.lora_A.weight": torch.randn(8, 16), "x.lora_B.weight": torch.randn(16, 8), "empty": torch.zeros(0, 4),
+              "scalar": torch.tensor(2.0)},
+             {"a": torch.randn(3), "b": torch.randn(4).half(), "c": torch.randn(2, 2).bfloat16()},
+             {"ids": torch.arange(3)}]
+    for state in cases:
+        data = save(state, metadata={"format": "pt"})
+        views = tensor_views(data)
+        if views is None:
+            assert any(t.dtype not in (torch.float32,) for t in state.values())
+            continue
+        ref = load(data)
+        assert set(views) == set(ref) and all(torch.equal(views[k], ref[k]) and views[k].dtype == ref[k].dtype
+                                              for k in ref)
+    assert tensor_views(save(cases[0])) is not None and tensor_views(save(cases[2])) is None

@@ -9,7 +9,8 @@ each targeted Linear gets
 
 with ranks zero-padded to r_max and slot 0 all zeros (rows without an adapter). A forward hook
 on the base Linear adds, per row i with slot s_i,  scale[s_i] * B[s_i] @ A[s_i] @ x_i : one
-gather and two batched matmuls (the BGMV idea), whatever the number of adapters. A cold load
+gather and two batched matmuls (the BGMV idea), whatever the number of adapters. The batch's
+rows and its largest rank are worked out once a batch (`set_rows`), not in every Linear. A cold load
 copies the file's tensors straight into a free slot through a key -> (target, A|B) map that is
 computed once per key. PEFT stays the training path and the reference the tests compare with.
 
@@ -85,9 +86,9 @@ class _Target:
                 return None
             delta = (x @ self.A[single, :r].T) @ self.B[single, :, :r].T * self.scale[single]
             return output + delta.to(output.dtype)
-        r = max(self.rank[s] for s in self.pool.batch_slots)
-        if r == 0:
+        if self not in self.pool.batch_targets:  # no adapter of the batch targets this Linear
             return None
+        r = self.pool.batch_rank  # the batch's largest rank, computed once a batch
         A, B = self.A[rows, :r], self.B[rows, :, :r]  # the gather: [b, r, in], [b, out, r]
         delta = x.reshape(x.shape[0], -1, x.shape[-1]).bmm(A.transpose(1, 2)).bmm(B.transpose(1, 2))
         delta = delta * self.scale[rows].view(-1, 1, 1)
@@ -108,6 +109,8 @@ class AdapterPool:
         self.stats = CacheStats()
         self.batch: tuple[Any, int | None] | None = None  # (row slots tensor, the one slot or None)
         self.batch_slots: set[int] = set()
+        self.batch_rank = 0  # the largest rank any target holds in the batch's slots
+        self.batch_targets: set[_Target] = set()  # the targets some adapter of the batch writes
 
     # ------------------------------------------------------------------ loading
 
@@ -218,6 +221,8 @@ class AdapterPool:
         distinct = set(slots)
         device = next(iter(self.targets.values())).A.device if self.targets else "cpu"
         self.batch_slots = distinct
+        self.batch_targets = {t for t in self.targets.values() if any(t.rank[s] for s in distinct)}
+        self.batch_rank = max((t.rank[s] for t in self.batch_targets for s in distinct), default=0)
         self.batch = (torch.tensor(list(slots), dtype=torch.long, device=device),
                       next(iter(distinct)) if len(distinct) == 1 else None)
 
@@ -227,7 +232,7 @@ class AdapterPool:
             self.set_rows(self.batch[0][list(keep)].tolist())
 
     def clear_rows(self) -> None:
-        self.batch, self.batch_slots = None, set()
+        self.batch, self.batch_slots, self.batch_rank, self.batch_targets = None, set(), 0, set()
 
     def remove(self) -> None:
         """Take the hooks off the base model (the pool is gone)."""

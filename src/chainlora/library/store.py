@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,19 +60,37 @@ def adapter_sha256(directory: Path, files: tuple[str, ...] = ADAPTER_FILES) -> s
     return files_sha256(named)
 
 
+RACY_S = 2.0  # seconds a file must be older than its hash for read_verified to remember it
+
+
 def read_verified(directory: Path, entry: dict, files: tuple[str, ...] = ADAPTER_FILES,
-                  what: str = "adapter") -> list[bytes]:
+                  what: str = "adapter", memo: dict | None = None) -> list[bytes]:
     """The files' bytes, read once and checked against the manifest entry's sha256: the bytes a
-    caller then parses are the bytes that were hashed. One clear error for missing or corrupt."""
-    named = []
+    caller then parses are the bytes that were hashed. One clear error for missing or corrupt.
+
+    `memo` (a dict the caller keeps) skips the hash for files whose identity (device, inode,
+    size, modification time in ns, read from the open file) is the one they had when they last
+    hashed to this sha256: a cold reload of an unchanged adapter costs its read, not its hash.
+    A write to the file changes its time, so it is hashed (and refused) again; a file written
+    less than RACY_S before it was hashed is not remembered (file times are coarse: a second
+    write in the same tick would keep them, git's "racily clean" case)."""
+    named, ids = [], []
     for name in files:
         try:
-            named.append((name, (directory / name).read_bytes()))
+            with open(directory / name, "rb") as f:
+                st = os.fstat(f.fileno())
+                named.append((name, f.read()))
         except OSError as e:
             raise ChainloraError(f"{directory / name}: {what} is missing or unreadable ({e.strerror})")
+        ids.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    key, seen = str(directory), (entry.get("sha256"), tuple(ids))
+    if memo is not None and memo.get(key) == seen and all(len(d) == i[2] for (_, d), i in zip(named, ids)):
+        return [data for _, data in named]
     if files_sha256(named) != entry.get("sha256"):
         raise ChainloraError(f"{directory / files[-1]}: {what} is corrupt (sha256 does not match the manifest; "
                              "retrain it or restore the file)")
+    if memo is not None and time.time_ns() - max(i[3] for i in ids) > RACY_S * 1e9:
+        memo[key] = seen
     return [data for _, data in named]
 
 
