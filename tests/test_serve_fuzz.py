@@ -106,7 +106,23 @@ def valid_requests():
         "max_tokens": st.integers(1, 6), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
         "stream": st.booleans()},
         optional={"stop": st.lists(st.text(max_size=64), max_size=4), "seed": st.integers(0, 2**32),
-                  "stream_options": st.just({"include_usage": True})})
+                  "stream_options": st.just({"include_usage": True}), "top_logprobs": st.integers(0, 20)}
+    ).map(lambda b: {**b, "logprobs": True} if "top_logprobs" in b else b)  # top_logprobs needs logprobs
+
+
+def valid_scoring():
+    """What lm-evaluation-harness and other logprob clients send to /v1/completions: prompts as
+    text or (lists of) token ids, echo, logprobs 0-5, max_tokens 0 (with echo) or more."""
+    from hypothesis import strategies as st
+
+    ids = st.lists(st.integers(0, 250), min_size=1, max_size=12)
+    text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=30).filter(str.strip)
+    return st.fixed_dictionaries({
+        "model": st.sampled_from(["chain", "mixed", "antonym", "base"]),
+        "prompt": st.one_of(text, ids, st.lists(ids, min_size=1, max_size=4), st.lists(text, min_size=1, max_size=3)),
+        "echo": st.booleans(), "logprobs": st.integers(0, 5), "temperature": st.just(0)},
+        optional={"seed": st.integers(0, 2**32)}).flatmap(
+        lambda b: st.integers(0 if b["echo"] else 1, 3).map(lambda n: {**b, "max_tokens": n}))
 
 
 def test_fuzz_valid_requests_reach_the_model(fuzz_server):
@@ -134,3 +150,35 @@ def test_fuzz_valid_requests_reach_the_model(fuzz_server):
     run()
     print("valid requests:", dict(statuses))
     assert statuses[200] >= EXAMPLES // 4 and fuzz_server.scheduler.thread.is_alive()
+
+
+def test_fuzz_valid_scoring_requests_are_answered_with_a_logprob_per_token(fuzz_server):
+    from hypothesis import given
+    from starlette.testclient import TestClient
+
+    client = TestClient(without_lifespan(create_app(fuzz_server)), headers=AUTH)
+    statuses = collections.Counter()
+
+    @given(body=valid_scoring())
+    @settings(max_examples=EXAMPLES // 2, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def run(body) -> None:
+        r = client.post("/v1/completions", json=body)
+        statuses[r.status_code] += 1
+        assert r.status_code in (200, 400), r.text
+        if r.status_code == 400:
+            assert r.json()["error"]["code"] == "context_length_exceeded", r.text
+            return
+        several = isinstance(body["prompt"], list) and not isinstance(body["prompt"][0], int)
+        choices = r.json()["choices"]
+        assert [c["index"] for c in choices] == list(range(len(body["prompt"]) if several else 1))
+        for c in choices:
+            lp = c["logprobs"]
+            assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+            assert all(isinstance(x, float) for x in lp["token_logprobs"][1 if body["echo"] else 0:])
+            assert not body["echo"] or lp["token_logprobs"][0] is None
+
+    run()
+    print("scoring requests:", dict(statuses))
+    assert statuses[200] >= EXAMPLES // 4 and fuzz_server.scheduler.thread.is_alive()
+
