@@ -53,31 +53,70 @@ def chainlora_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
-def make_tiny_model(directory: Path, *, chat_template: bool = True, pad_token: bool = False) -> Path:
-    """Save a tiny random Llama plus a trained byte-level BPE tokenizer to `directory`."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+# A template without a system role, as Gemma 2's: it raises on one (chainlora folds it into the user turn).
+NO_SYSTEM_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<|im_start|>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>model\n{% endif %}"
+)
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+def make_tiny_model(directory: Path, *, chat_template: bool | str = True, pad_token: bool = False,
+                    family: str = "llama") -> Path:
+    """Save a tiny random model plus a trained byte-level BPE tokenizer to `directory`.
+
+    family: "llama" (the default everywhere), "gemma3" (sliding-window layers with a window of 8
+    tokens so prompts cross it, q/k norms, scaled embeddings; a tokenizer that adds BOS itself, as
+    Gemma's does) or "qwen2" (q/k/v biases). chat_template: True (ChatML), False, or a template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos = family == "gemma3"
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (["<bos>"] if bos else [])
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(TOKENIZER_TEXT, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+    if bos:
+        bpe.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bpe.token_to_id("<bos>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<bos>" if bos else None,
                                   pad_token="<|endoftext|>" if pad_token else None)
     if chat_template:
-        tok.chat_template = CHAT_TEMPLATE
+        tok.chat_template = CHAT_TEMPLATE if chat_template is True else chat_template
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, eos_token_id=tok.eos_token_id,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    model = _tiny_model_class(family)(tiny_family_config(family, len(tok), tok.eos_token_id, tok.bos_token_id))
+    model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+def tiny_family_config(family: str, vocab: int, eos: int, bos: int | None):
+    """A two-layer config of `family`, small enough for a test, every feature of the family on."""
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=eos, tie_word_embeddings=True)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    if family == "gemma3":
+        return Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
+                                layer_types=["sliding_attention", "full_attention"], bos_token_id=bos,
+                                pad_token_id=None)
+    raise ValueError(f"unknown tiny family {family!r}")
+
+
+def _tiny_model_class(family: str):
+    from transformers import Gemma3ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM
+
+    return {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gemma3": Gemma3ForCausalLM}[family]
 
 
 @pytest.fixture(scope="session")

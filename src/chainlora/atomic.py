@@ -22,13 +22,21 @@ from chainlora.errors import ChainloraError
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` atomically (temp file + fsync + rename)."""
+    with open_binary(path) as f:
+        f.write(text.encode("utf-8"))
+    return Path(path)
+
+
+@contextlib.contextmanager
+def open_binary(path: str | os.PathLike) -> Iterator[Any]:
+    """A binary file that becomes `path` (fsynced, renamed) only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a library is read by servers too
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,7 +44,6 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
 
 
 def _umask() -> int:

