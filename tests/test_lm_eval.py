@@ -46,7 +46,7 @@ output_type: generate_until
 doc_to_text: "{{{{instruction}}}}\\n{{{{input}}}}\\nAnswer:"
 doc_to_target: "{{{{output}}}}"
 generation_kwargs:
-  until: ["\\n"]
+  until: ["\\n\\n\\n"]
   max_gen_toks: 6
   do_sample: false
   temperature: 0.0
@@ -137,7 +137,9 @@ def test_the_harness_reports_what_chainlora_computes(served, random_lib, tiny_mo
         ids = engine.tok(context, add_special_tokens=False)["input_ids"]
         text = prompts.token_prompt_text(engine.tok, ids, engine.system)  # what the server routes on
         (a,) = engine.generate([text], rendered=[ids], task=None if model == "chain" else model,
-                               max_new_tokens=6, stop=["\n", engine.tok.eos_token])
+                               max_new_tokens=6, stop=["\n\n\n", engine.tok.eos_token])
         assert s["resps"][0][0] == a.text
         matches.append(float(a.text.strip() == s["target"]))
     assert out["results"]["cl_antonym"]["exact_match,none"] == pytest.approx(sum(matches) / len(matches))
+    # a stop the random adapters rarely write, so the answers compared are real text, not all empty
+    assert sum(bool(s["resps"][0][0].strip()) for s in out["samples"]["cl_antonym"]) >= len(matches) // 2

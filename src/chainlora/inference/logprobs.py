@@ -101,7 +101,7 @@ class Recorder:
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        self.commit(input_ids[:, -1]) if self.pending is not None else None
+        self.commit(input_ids[:, -1])  # the previous step's token, if no one committed it yet
         at = [j for j, i in enumerate(self.rows) if i in self.want]
         if at:
             self.pending = (at, torch.log_softmax(scores[at].float(), dim=-1))
