@@ -16,7 +16,7 @@ import pytest
 from chainlora import library
 from chainlora.inference.engine import Engine
 from chainlora.serve import Server
-from conftest import TEXTS, Live, _load, error_of, post_in_background, wait_until
+from conftest import TEXTS, Live, _load, error_of, post_in_background, sse, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +192,36 @@ def test_load_200_requests_32_concurrent_batches_without_errors(live):
     for name in ("chainlora_requests_total", "chainlora_batch_size_bucket", "chainlora_adapter_cache_hits_total",
                  "chainlora_routed_total", "chainlora_request_seconds_bucket", "chainlora_completion_tokens_total"):
         assert name in metrics
+
+
+def _samples(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels
+            or set(s.labels) == {"le"} and s.labels["le"] == "+Inf"}
+
+
+def test_metrics_time_first_tokens_and_the_gaps_between_tokens(live):
+    """Every answered request adds one time-to-first-token sample, within its latency, and one
+    inter-token sample per token after its first (streamed or not)."""
+    before = _samples(live.url)
+    tokens, latency = [], 0.0
+    for i, stream in enumerate([False, True, False]):
+        body = {"model": "chain", "prompt": TEXTS[i], "max_tokens": 6 + i, "temperature": 0}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        t0 = time.monotonic()
+        r = httpx.post(f"{live.url}/v1/completions", json={**body, "stream": stream}, timeout=60)
+        latency += time.monotonic() - t0
+        usage = r.json()["usage"] if not stream else [c for c in sse(r) if c != "[DONE]" and c.get("usage")][-1]["usage"]
+        tokens.append(usage["completion_tokens"])
+    after = _samples(live.url)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta["chainlora_time_to_first_token_seconds_count"] == sum(n > 0 for n in tokens) == 3
+    assert delta["chainlora_inter_token_latency_seconds_count"] == sum(max(n - 1, 0) for n in tokens)
+    assert 0 < delta["chainlora_time_to_first_token_seconds_sum"] < latency
+    assert 0 < delta["chainlora_inter_token_latency_seconds_sum"] < latency
 
 
 def test_clients_that_hang_up_free_their_rows(live):

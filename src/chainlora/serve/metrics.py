@@ -1,7 +1,8 @@
 """The server's Prometheus metrics (text format at GET /metrics).
 
-Request counts by endpoint and status, latency, tokens, batch sizes and the last batch's
-tokens/s, routed-task counts, queue rejections, and the adapter cache's hits / misses / disk
+Request counts by endpoint and status, latency, time to first token and inter-token latency
+(the names and buckets follow vLLM's `time_to_first_token_seconds` / `inter_token_latency_seconds`,
+so a load tool's dashboards read both), tokens, batch sizes and the last batch's tokens/s, routed-task counts, queue rejections, and the adapter cache's hits / misses / disk
 loads / evictions / resident adapters (read from the engine at scrape time). Each server has
 its own registry, so several servers in one process (tests) do not collide.
 """
@@ -71,6 +72,12 @@ class Metrics:
         self.latency = Histogram("chainlora_request_seconds", "request latency (queue + generation)",
                                  ["endpoint"], registry=r,
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+        self.ttft = Histogram("chainlora_time_to_first_token_seconds", "from a request's arrival in the queue to "
+                              "its first generated token (engine-answered requests)", registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80))
+        self.itl = Histogram("chainlora_inter_token_latency_seconds", "between consecutive generated tokens "
+                             "of one request", registry=r,
+                             buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 10))
         self.prompt_tokens = Counter("chainlora_prompt_tokens", "prompt tokens of answered requests", registry=r)
         self.completion_tokens = Counter("chainlora_completion_tokens", "generated tokens", registry=r)
         self.batch_size = Histogram("chainlora_batch_size", "requests per generate call", registry=r,
@@ -86,13 +93,19 @@ class Metrics:
         """Export the scheduler's and the preparer's early answers (see _StageCollector)."""
         self.registry.register(_StageCollector(stats, preparer))
 
-    def batch(self, requests: list, answers: list, seconds: float) -> None:
-        """Called by the scheduler's worker after each generate call."""
+    def batch(self, requests: list, answers: list, seconds: float, steps: list[float] = ()) -> None:
+        """Called by the scheduler's worker after each generate call; `steps`: when each decoding
+        step's tokens were made (a row's k-th token at step k)."""
         self.batch_size.observe(len(requests))
         tokens = sum(a.completion_tokens for a in answers)
         self.tokens_per_s.set(tokens / seconds if seconds > 0 else 0.0)
-        for a in answers:
+        for r, a in zip(requests, answers):
             self.routed.labels(a.route.adapter, str(a.route.fallback).lower()).inc()
+            made = min(a.completion_tokens, len(steps))
+            if made:
+                self.ttft.observe(max(0.0, steps[0] - r.enqueued))
+                for k in range(1, made):
+                    self.itl.observe(steps[k] - steps[k - 1])
 
     def answered(self, kind: str, status: int, seconds: float) -> None:
         """One request of `kind` ("chat" / "text") answered with `status` after `seconds`."""

@@ -103,6 +103,7 @@ class RowStopper:
         self.rows = list(range(len(requests)))
         self.cut: set[int] = set()  # rows answered here (indices into `requests`)
         self.start: int | None = None  # padded prompt length, seen at the first check
+        self.steps: list[float] = []  # when each decoding step's tokens were made (time.monotonic)
 
     def select(self, rows: list[int]) -> None:
         self.rows = list(rows)
@@ -110,6 +111,7 @@ class RowStopper:
     def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
         import torch
 
+        self.steps.append(time.monotonic())
         if self.start is None:
             self.start = input_ids.shape[1] - 1  # checked after each new token
         made = input_ids.shape[1] - self.start
@@ -244,7 +246,7 @@ class Scheduler:
             if not group:
                 return
             try:
-                answers, streamer = self._generate(group, routes)
+                answers, streamer, steps = self._generate(group, routes)
             except ChainloraError:  # the library changed since staging (a reload): check each row again
                 kept, routes = self._readable(group, routes)
                 if len(kept) == len(group):
@@ -252,7 +254,7 @@ class Scheduler:
                 group = kept
                 if not group:
                     return
-                answers, streamer = self._generate(group, routes)
+                answers, streamer, steps = self._generate(group, routes)
         except ChainloraError as e:
             for r in group:
                 r.done and r.done(None, e)
@@ -276,7 +278,7 @@ class Scheduler:
                 streamer.finish(i, a)
             r.done and r.done(a, None)
         if self.on_batch is not None and answered:
-            self.on_batch([r for _, r, _ in answered], [a for _, _, a in answered], seconds)
+            self.on_batch([r for _, r, _ in answered], [a for _, _, a in answered], seconds, steps)
 
     def cut(self, r: Request, stage: str) -> bool:
         """Answer a request no longer wanted now — its client left (cancelled) or its deadline
@@ -334,8 +336,10 @@ class Scheduler:
         except ChainloraError as e:
             return _fail(r, e)
 
-    def _generate(self, group: list[Request], routes: list[Route]) -> tuple[list[Answer | None], BatchStreamer | None]:
-        """One generate call for the group; a row cut on the way (prefill or decode) is None."""
+    def _generate(self, group: list[Request], routes: list[Route]) -> tuple[list[Answer | None], BatchStreamer | None,
+                                                                            list[float]]:
+        """One generate call for the group; a row cut on the way (prefill or decode) is None.
+        Also when each decoding step's tokens were made (every row makes its k-th token at step k)."""
         asked = {i: r.logprobs for i, r in enumerate(group) if r.logprobs is not None}
         recorder = Recorder(asked, len(group)) if asked else None
         streamer = BatchStreamer(self.engine.tok, group, recorder) if any(r.on_text for r in group) else None
@@ -358,7 +362,7 @@ class Scheduler:
             top_p=first.top_p, stop=list(first.stop) or None, streamer=streamer, stopping=stopper,
             prefill_chunk=self.prefill_chunk, keep=keep, recorder=recorder,
             prompt_logprobs=[r.prompt_logprobs for r in group])
-        return [None if i in stopper.cut else a for i, a in enumerate(answers)], streamer
+        return [None if i in stopper.cut else a for i, a in enumerate(answers)], streamer, stopper.steps
 
 
 def _tokens(r: Request) -> int:
