@@ -135,3 +135,27 @@ def test_family_exports(family, tmp_path, cli):
     with torch.no_grad():
         assert (merged(ids).logits - ref(ids).logits).abs().max() <= 1e-5
     assert json.loads((tmp_path / "merged/config.json").read_text()).get("tie_word_embeddings", True)
+
+
+def test_target_modules_are_checked_against_the_models_own_layers(tmp_path, cli):
+    """A name the model lacks is refused in one line listing the names it has; all-linear adapts
+    every Linear but the output head, and the adapter says which."""
+    from conftest import TINY
+
+    model_dir = make_tiny_model(tmp_path / "q", family="qwen2", chat_template=False)
+    r = cli("train", str(TINY), "--out", str(tmp_path / "bad"), "--set", f"base_model={model_dir}",
+            "--set", "lora.target_modules=[c_attn]", "--progress", "none")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "lora.target_modules: 'c_attn' is not a layer of Qwen2ForCausalLM" in r.stderr
+    assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in r.stderr
+    lib = train_library(tiny_config(model_dir, "lora.target_modules=[all-linear]", "tasks=[antonym, rhyme]",
+                                    "classifier.enabled=false"), tmp_path / "lib")
+    adapted = json.loads((lib / "tasks/antonym/adapter_config.json").read_text())["target_modules"]
+    assert {m.rsplit(".", 1)[-1] for m in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"}
+    for tier in ("peft", "pool"):  # every Linear adapted: both tiers answer as plain PEFT
+        engine, reference = Engine.load(lib, device="cpu", adapters=tier), Reference(lib)
+        [a] = engine.generate([LONG], task="rhyme", max_new_tokens=4, recorder=Recorder({0: 1}, 1))
+        prompt = prompts.ids(engine.tok, engine.render([LONG])[0])
+        ref = reference("rhyme", prompt + a.token_ids)[-len(a.token_ids):]
+        assert torch.allclose(torch.tensor([e.logprob for e in a.logprobs]), ref, atol=TOL)

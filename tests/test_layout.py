@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "chainlora"
 STAGES = ("core", "data", "library", "inference", "discover", "train", "eval", "serve", "demo", "cli")
 RANK = {stage: i for i, stage in enumerate(STAGES)}
-CORE = ("errors", "atomic", "base_model", "models", "console")  # top-level modules every stage may use
+CORE = ("errors", "atomic", "base_model", "models", "console", "quantization")  # top-level modules every stage may use
 MAX_LINES = 450
 
 

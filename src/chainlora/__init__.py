@@ -11,3 +11,7 @@ __version__ = "0.1.0"
 from chainlora.errors import ChainloraError
 
 __all__ = ["ChainloraError", "__version__"]
+
+from chainlora.quantization import quiet_hub_kernel_notices  # noqa: E402  before anything imports peft
+
+quiet_hub_kernel_notices()

@@ -27,15 +27,46 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available() and not (mps and mps.is_available())
 
 
-def _precision(settings: TrainingSettings) -> dict[str, bool]:
+def resolved_precision(settings: TrainingSettings) -> str:
+    """fp32, bf16 or fp16: what `precision: auto` means on this machine (bf16 where the GPU has it)."""
     import torch
 
-    p = settings.precision
-    if p == "auto":
-        p = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if settings.precision != "auto":
+        return settings.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _precision(settings: TrainingSettings) -> dict[str, bool]:
+    """Mixed precision: autocast to bf16 / fp16, the LoRA weights and optimizer state stay float32
+    (so the adapters saved are float32 whatever the precision). bf16 runs on CPU too."""
+    import torch
+
+    p = resolved_precision(settings)
     if p == "fp16" and not torch.cuda.is_available():
         raise ChainloraError("training.precision: fp16 needs a CUDA GPU (use fp32 or bf16 on CPU)")
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
+
+
+def _checkpointing(settings: TrainingSettings) -> dict[str, Any]:
+    """`training.gradient_checkpointing`: the Trainer enables it on the model (non-reentrant, so a
+    frozen base with LoRA needs no input-grad hook; COLA's rebuilt LoRA modules are fine). Named
+    activation_checkpointing since transformers 5.x; gradient_checkpointing before."""
+    from transformers import TrainingArguments
+
+    if not settings.gradient_checkpointing:
+        return {}
+    name = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    return {f"{name}_checkpointing": True, f"{name}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+def end_checkpointing(model: Any) -> None:
+    """Switch gradient checkpointing (and the input-grad hook the Trainer adds with it) off again on
+    the shared base model, so the next job and inference see the model as loaded."""
+    new = hasattr(model, "activation_checkpointing_disable")  # transformers 5.x; the old names warn there
+    if getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False):
+        model.activation_checkpointing_disable() if new else model.gradient_checkpointing_disable()
+    if getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()
 
 
 def warmup_steps(settings: TrainingSettings, steps: int) -> int:
@@ -81,6 +112,7 @@ def training_args(job: Job, work: Path, logs: Path):
         prediction_loss_only=True,
         use_cpu=use_cpu(),  # evaluation needs the loss, not 49k-wide logits kept in RAM
         **_precision(s),
+        **_checkpointing(s),
     )
 
 

@@ -15,6 +15,10 @@ selectors, and the mixed baseline whose data grew); editing one task's records r
 adapter plus the same dependants; the other task adapters are kept byte for byte. Branches of
 a shared trunk (chain.branch) carry the trunk's fingerprint: a retrained trunk retrains them.
 Test examples do not enter the fingerprint: they do not change an adapter's weights.
+Memory features: `base_quantization` is part of the base model (a 4-bit base is other weights);
+mixed precision is a training setting (`precision: auto` as what it means on this machine);
+`gradient_checkpointing` is not in: it recomputes the same activations with the same dropout
+masks (the RNG state is replayed), so the weights are the same (tests/test_memory_features.py).
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from typing import Any
 
 from chainlora.errors import ChainloraError
 from chainlora.library import kinds, store
+from chainlora.train.arguments import resolved_precision
 from chainlora.train.config import Config
 from chainlora.train.plan import Job
 
 FINGERPRINT_VERSION = 1
 # Settings that change how a run is logged or checkpointed, never the weights it produces.
-NOT_IN_FINGERPRINT = ("save_steps", "logging_steps", "eval_batch_size")
+NOT_IN_FINGERPRINT = ("save_steps", "logging_steps", "eval_batch_size", "gradient_checkpointing")
 EARLIER_RUN = "finished by the interrupted run"
 
 
@@ -49,10 +54,13 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
     settings = {k: v for k, v in job.settings.model_dump().items() if k not in NOT_IN_FINGERPRINT}
     if not settings["early_stopping"]["enabled"]:  # added later: off, it trains as before (same fingerprint)
         del settings["early_stopping"]
+    if settings["precision"] == "auto" and resolved_precision(job.settings) != "fp32":  # auto on a CPU: as before
+        settings["precision"] = f"auto:{resolved_precision(job.settings)}"
     # A hub model whose revision is unknown is told apart by its name at least.
     name = cfg.base_model if base_fingerprint.startswith("revision:") else None
     parts = {
-        "base model": _digest([base_fingerprint, cfg.dtype, tokenizer, name]),
+        "base model": _digest([base_fingerprint, cfg.dtype, tokenizer, name]
+                              + ([cfg.base_quantization] if cfg.base_quantization else [])),  # null: as before
         # The processes' count is in: a step then holds world_size x batch_size examples.
         "training settings": _digest([settings, job.steps, world_size]),
         "training examples": _digest([[p.text, p.answer] for p in job.train]),

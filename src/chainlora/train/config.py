@@ -64,7 +64,9 @@ class LoraSettings(_Section):
     r: int = Field(8, ge=1, le=4096)
     alpha: Number = Field(16.0, ge=0.0)
     dropout: Number = Field(0.05, ge=0.0, le=0.99)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    # the model's own Linear names (q_proj, v_proj: llama, Gemma, Qwen, Mistral), or all-linear
+    target_modules: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"])
 
 
 class ColaSettings(_Section):
@@ -109,6 +111,7 @@ class TrainingSettings(_Section):
     max_length: int = Field(256, ge=8)  # tokens per example (prompt + answer)
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, same weights
     save_steps: int = Field(50, ge=1)  # checkpoint every N steps (resume granularity)
     logging_steps: int = Field(10, ge=1)
     eval_batch_size: int = Field(16, ge=1)
@@ -237,6 +240,7 @@ class DiscoverSettings(_Section):
 class Config(_Section):
     base_model: str = DEFAULT_MODEL
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    base_quantization: Literal["4bit", "8bit"] | None = None  # QLoRA by bitsandbytes (chainlora.quantization)
     # all: every task of the data; auto: tasks discovered from unlabelled data (`discover`)
     tasks: Union[Literal["all", "auto"], list[str]] = "all"
     # System message for every prompt; null keeps the chat template's own default. Recorded in
@@ -271,6 +275,9 @@ class Config(_Section):
         d = self.model_dump()
         if d["training"]["early_stopping"] == EarlyStoppingSettings().model_dump():
             del d["training"]["early_stopping"]
+        for part, key in ((d, "base_quantization"), (d["training"], "gradient_checkpointing")):
+            if not part[key]:
+                del part[key]
         return d
 
     def digest(self) -> str:
@@ -373,6 +380,13 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
     if cfg.chain.branch != "none" and "cola" in (cfg.training.method, cfg.training_for("mixed").method):
         raise fail(source, "chain.branch", f"{cfg.chain.branch!r} branches continue a plain LoRA trunk; "
                     "use training.method: lora (or chain.branch: none)")
+    cola = [name for name in ("training", "router.training", "mixed.training")
+            if cfg.training_for(name.split(".")[0]).method == "cola"]
+    why = (cola and f"{cola[0]}.method: cola merges each link into them" or cfg.chain.branch == "residual"
+           and "chain.branch: residual merges the trunk into them" or cfg.sft.enabled and "sft.enabled trains them")
+    if cfg.base_quantization and why:
+        raise fail(source, "base_quantization", f"{cfg.base_quantization} base weights cannot change ({why}); "
+                   "use base_quantization: null with it")
     return cfg
 
 

@@ -20,8 +20,9 @@ from typing import Any
 from chainlora.data.examples import build_dataset, collator
 from chainlora.errors import ChainloraError
 from chainlora.library import store
-from chainlora.train import cola, staging
-from chainlora.train.arguments import early_stopping, stopping_facts, training_args
+from chainlora.train import cola, staging, targets
+from chainlora.quantization import prepare_for_training
+from chainlora.train.arguments import early_stopping, end_checkpointing, stopping_facts, training_args
 from chainlora.train.config import Config
 from chainlora.train.distributed import on_main
 from chainlora.train.jobs import Job
@@ -92,9 +93,11 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
     set_seed(job.settings.seed)  # same LoRA init whether or not earlier jobs ran in this process
     c = job.settings.cola
     lora = LoraConfig(r=job.link_plan.ranks[0] if job.link_plan else cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                      lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
+                      lora_dropout=cfg.lora.dropout, target_modules=targets.peft_targets(cfg.lora.target_modules),
                       init_lora_weights=True if not job.link_plan or c.init == "kaiming" else "gaussian",
                       task_type="CAUSAL_LM")
+    prepare_for_training(base.model, cfg.base_quantization, f"{cfg.source}: base_quantization")
+    targets.check(base.model, cfg.lora.target_modules, str(cfg.source))
     try:
         model = get_peft_model(base.model, lora)
     except ValueError as e:
@@ -143,6 +146,7 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
                 entry["base_test_loss"] = round(trainer.evaluate(test_ds)["eval_loss"], 5)
     entry["sha256"] = on_main(state, lambda: store.save_adapter(model, root, job.path))
     base.model = model.unload()  # the LoRA layers go; base weights were never touched
+    end_checkpointing(base.model)  # the next job's Trainer turns it on again if it asks for it
     return entry
 
 

@@ -67,7 +67,7 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     if current:
         on_main(state, lambda: build.refresh(digest, cfg.to_dict(), todo, _seen(data)))
         return root
-    base = base or load_base(cfg.base_model, dtype=cfg.dtype)
+    base = base or load_base(cfg.base_model, dtype=cfg.dtype, quantization=cfg.base_quantization)
     new = store.new_manifest(cfg.base_model, base_fp, cfg.to_dict(), digest, cfg.system_prompt)
     new.update(discovery=discovery, forced=changes.forced(force, build.earlier))  # a resumed --force stays one
     on_main(state, lambda: build.start(new, todo))
@@ -84,7 +84,7 @@ def _fingerprints(cfg: Config, world_size: int) -> tuple[Any, str, Callable]:
 
     base, base_fp = None, base_fingerprint(cfg.base_model)
     if base_fp is None:  # a hub model: only loading it tells its revision
-        base = load_base(cfg.base_model, dtype=cfg.dtype)
+        base = load_base(cfg.base_model, dtype=cfg.dtype, quantization=cfg.base_quantization)
         base_fp = base.fingerprint
     return base, base_fp, _fingerprinter(cfg, base_fp, world_size, tokenizer_digest(cfg.base_model))
 
