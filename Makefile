@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.chainlora-installed
 
-.PHONY: install second-model browser demo test test-fast fuzz bench bench-cola llamacpp-check clean
+.PHONY: install second-model browser demo test test-fast fuzz bench bench-cola bench-memory llamacpp-check llamacpp-check-gemma3 gpu-check clean
 
 install: $(STAMP)
 
@@ -66,6 +66,19 @@ llamacpp-check: $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	test -f runs/demo/library/chainlora.json || $(VENV)/bin/chainlora demo
 	$(PY) scripts/llamacpp_check.py --library runs/demo/library
+
+# the same on the second family: a random library on Gemma 3 270M (every projection adapted)
+llamacpp-check-gemma3: $(STAMP) second-model
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(PY) scripts/llamacpp_check.py --random-library gemma3-270m --library runs/gemma3-random/library --per-task 4
+
+# peak memory and step time of the memory features (bench/RESULTS.md "Memory features")
+bench-memory: $(STAMP)
+	$(PY) bench/memory.py --write
+
+# on a machine with a CUDA GPU: bf16 + checkpointing + 4-bit training, the pool on cuda (< 10 min)
+gpu-check: $(STAMP) second-model
+	scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

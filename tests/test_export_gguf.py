@@ -10,6 +10,7 @@ import pytest
 
 from chainlora.errors import ChainloraError
 from chainlora.library import gguf as llamacpp
+from chainlora.library import gguf_arch
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -51,12 +52,12 @@ def test_every_exported_tensor_equals_peft_delta_weight(tmp_path, tiny_model_dir
     for layer_idx, layer in enumerate(model.base_model.model.model.layers):
         for proj in MODULES:
             module = getattr(layer.self_attn if proj in MODULES[:4] else layer.mlp, proj)
-            name = f"blk.{layer_idx}.{llamacpp.LLAMA_NAMES[proj]}.weight"
+            name = f"blk.{layer_idx}.{gguf_arch.TENSOR_NAMES[proj]}.weight"
             a, b = back[f"{name}.lora_a"], back[f"{name}.lora_b"]
             assert a.shape == (rank, module.in_features) and b.shape == (module.out_features, rank)
             delta = (fields["adapter.lora.alpha"] / b.shape[1]) * (b @ a)  # llama.cpp: alpha / rank of b
             if proj in ("q_proj", "k_proj"):
-                delta = llamacpp.unpermute(delta, 4 if proj == "q_proj" else 2)
+                delta = gguf_arch.unpermute(delta, 4 if proj == "q_proj" else 2)
             expected = module.get_delta_weight("default").detach().numpy()
             np.testing.assert_allclose(delta, expected, rtol=1e-5, atol=1e-6)
             seen += 1
@@ -65,8 +66,8 @@ def test_every_exported_tensor_equals_peft_delta_weight(tmp_path, tiny_model_dir
 
 def test_permute_and_unpermute_are_inverse_and_not_the_identity():
     w = np.arange(12 * 3, dtype=np.float32).reshape(12, 3)
-    assert not np.array_equal(llamacpp.permute(w, 3), w)
-    np.testing.assert_array_equal(llamacpp.unpermute(llamacpp.permute(w, 3), 3), w)
+    assert not np.array_equal(gguf_arch.permute(w, 3), w)
+    np.testing.assert_array_equal(gguf_arch.unpermute(gguf_arch.permute(w, 3), 3), w)
 
 
 @pytest.mark.parametrize("lora, message", [({"use_dora": True}, "DoRA"),
@@ -83,7 +84,9 @@ def test_modelfile_carries_system_prompt_and_the_training_template(tiny_model_di
 
     template = llamacpp.ollama_template(AutoTokenizer.from_pretrained(tiny_model_dir))
     text = llamacpp.modelfile("antonym", "Answer briefly.", template, "<|im_end|>")
-    assert text.splitlines()[:2] == ["FROM ../base.gguf", "ADAPTER ../adapters/antonym.gguf"]
+    assert text.splitlines()[2:4] == ["FROM ../base.gguf", "ADAPTER ../adapters/antonym.gguf"]
+    assert text.startswith("# Ollama 0.24 to 0.33 ") and "0.34.1 and later refuse ADAPTER" in text.splitlines()[1]
+    assert llamacpp.modelfile("antonym", None, None, None, "gemma3").startswith("# Ollama 0.30 to 0.33 ")
     assert 'SYSTEM """Answer briefly."""' in text and "<|im_start|>assistant\n{{ .Response }}" in text
     assert 'PARAMETER stop "<|im_end|>"' in text
     with pytest.raises(ChainloraError, match='system_prompt: contains """'):
@@ -104,7 +107,7 @@ def test_permutation_matches_the_default_models_own_gguf(default_base):
     for name, proj, heads in (("blk.0.attn_q.weight", attn.q_proj, 9), ("blk.0.attn_k.weight", attn.k_proj, 3)):
         t = stored[name]
         w = dequantize(t.data, t.tensor_type).reshape(proj.weight.shape)
-        np.testing.assert_allclose(w, llamacpp.permute(proj.weight.detach().numpy(), heads), atol=1e-6)
+        np.testing.assert_allclose(w, gguf_arch.permute(proj.weight.detach().numpy(), heads), atol=1e-6)
 
 
 def test_an_adapter_for_another_model_is_refused(tmp_path, tiny_model_dir):
@@ -167,10 +170,10 @@ def test_a_library_on_a_model_directory_exports_its_adapters(random_lib, tmp_pat
         fields, back = _read(tmp_path / "g" / report["adapters"][entry["name"]]["path"])
         for i, layer in enumerate(model.base_model.model.model.layers):
             for proj, heads in (("q_proj", 4), ("v_proj", None)):
-                a, b = back[f"blk.{i}.{llamacpp.LLAMA_NAMES[proj]}.weight.lora_a"], \
-                    back[f"blk.{i}.{llamacpp.LLAMA_NAMES[proj]}.weight.lora_b"]
+                a, b = back[f"blk.{i}.{gguf_arch.TENSOR_NAMES[proj]}.weight.lora_a"], \
+                    back[f"blk.{i}.{gguf_arch.TENSOR_NAMES[proj]}.weight.lora_b"]
                 delta = fields["adapter.lora.alpha"] / b.shape[1] * (b @ a)
-                delta = llamacpp.unpermute(delta, heads) if heads else delta
+                delta = gguf_arch.unpermute(delta, heads) if heads else delta
                 with torch.no_grad():
                     expected = getattr(layer.self_attn, proj).get_delta_weight("default").numpy()
                 np.testing.assert_allclose(delta, expected, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""`chainlora export --format gguf`: a library for llama.cpp and Ollama.
+"""`chainlora export --format gguf`: a library for llama.cpp, and Ollama up to 0.33.
 
     OUT/base.gguf              (a GGUF base only; a Hugging Face directory base is left to llama.cpp's
                                convert_hf_to_gguf.py, the adapters are written all the same)
@@ -11,31 +11,29 @@
     OUT/llama-server.sh        llama-server with every adapter loaded, none applied
 
 A llama.cpp LoRA GGUF (read llama.cpp's convert_lora_to_gguf.py and llama-adapter.cpp for the
-format): general.type = adapter, adapter.type = lora, adapter.lora.alpha, and per adapted
-weight `blk.N.<llama.cpp name>.weight.lora_a` (PEFT's A, r x in) and `.lora_b` (B, out x r).
-Written here with the `gguf` package alone. Three traps, each handled:
+format): general.type = adapter, adapter.type = lora, adapter.lora.alpha, general.architecture
+= the base's, and per adapted weight `blk.N.<llama.cpp name>.weight.lora_a` (PEFT's A, r x in)
+and `.lora_b` (B, out x r). Written here with the `gguf` package alone. The traps, each handled:
 
 - llama.cpp scales every tensor by alpha / rank, the rank read from that tensor. PEFT's
   scaling (alpha / r, alpha / sqrt(r) with rsLoRA, per-module rank_pattern / alpha_pattern, a
   COLA export of rank sum r_j) is folded into B, every tensor is zero-padded to one rank R
   (zero rows of A and columns of B add nothing), and alpha is written as R: scale 1 everywhere.
-- llama.cpp stores q_proj / k_proj rows permuted (its converter reorders each head's rotary
-  halves; transformers undoes it when it loads a GGUF), so B of q_proj / k_proj gets the same
-  permutation (q by the attention heads, k by the key-value heads).
-- What llama.cpp cannot load is refused with one line: LoRA on embeddings or lm_head,
-  `modules_to_save`, DoRA, LoRA biases, and any architecture but llama (the permutation is
-  llama's).
+- Per architecture (gguf_arch.py: llama, gemma3, qwen2): llama.cpp's name for it, and for llama
+  the q_proj / k_proj rows permuted as its converter stores them (B permuted the same way).
+- What llama.cpp cannot load is refused with one line: LoRA on embeddings, lm_head or a vision
+  tower, `modules_to_save`, DoRA, LoRA biases, an architecture without known rules.
 
 The Modelfile prompts as training did: SYSTEM is the system prompt the adapters were trained
 with (the chat template's own default when the library set none, e.g. SmolLM2's), and TEMPLATE
 is cut from chainlora's own renderings of the training tokenizer's template (ollama_template),
-so a turn renders byte for byte the prompt training built.
+so a turn renders byte for byte the prompt training built. Which Ollama releases take it: the
+notes above OLLAMA_CHECKED, and docs/export.md.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import shutil
 from pathlib import Path
@@ -48,24 +46,9 @@ from chainlora.data import prompts
 from chainlora.errors import ChainloraError
 from chainlora.library.export import (SYSTEM_MARK, USER_MARK, base_record, default_selector, library_prompt,
                                       template_default_system)
+from chainlora.library.gguf_arch import MODULE, RULES, TENSOR_NAMES, config_facts, gguf_facts, permute
 from chainlora.library.lora_math import peft_scale
 from chainlora.library.store import ADAPTER_FILES, Library
-
-LLAMA_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-MODULE = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
-
-
-def permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's row order of a q/k projection (or of its LoRA B): within each head, the
-    rotary pairs' halves side by side."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _refuse(where: Path, cfg: dict) -> None:
@@ -80,9 +63,11 @@ def _refuse(where: Path, cfg: dict) -> None:
         raise ChainloraError(f"{where}: LoRA biases (lora_bias) cannot be loaded by llama.cpp")
 
 
-def lora_tensors(adapter_dir: Path, n_head: int, n_head_kv: int) -> tuple[dict[str, np.ndarray], int]:
-    """({llama.cpp tensor name: float32 array}, R) for one PEFT LoRA directory: PEFT's scaling
-    folded into B, q/k B permuted, every tensor padded to rank R (module docstring)."""
+def lora_tensors(adapter_dir: Path, n_head: int, n_head_kv: int,
+                 arch: str = "llama") -> tuple[dict[str, np.ndarray], int]:
+    """({llama.cpp tensor name: float32 array}, R) for one PEFT LoRA directory on a base of
+    llama.cpp architecture `arch`: PEFT's scaling folded into B, q/k B permuted where that
+    architecture's converter permutes them, every tensor padded to rank R (module docstring)."""
     from safetensors.numpy import load_file
 
     where = adapter_dir / ADAPTER_FILES[0]
@@ -93,15 +78,15 @@ def lora_tensors(adapter_dir: Path, n_head: int, n_head_kv: int) -> tuple[dict[s
     for key in sorted(k for k in weights if k.endswith(".lora_A.weight")):
         module = key[: -len(".lora_A.weight")]
         m = MODULE.fullmatch(module)
-        if not m or m.group(2) not in LLAMA_NAMES:
-            raise ChainloraError(f"{where}: a LoRA on {module.split('.')[-1]!r} cannot be loaded by llama.cpp "
-                                 f"(it adapts {', '.join(LLAMA_NAMES)} of the transformer layers)")
+        if not m or m.group(2) not in TENSOR_NAMES:
+            raise ChainloraError(f"{where}: a LoRA on {module.removeprefix('base_model.model.')!r} cannot be loaded "
+                                 f"by llama.cpp (it adapts {', '.join(TENSOR_NAMES)} of the text model's layers)")
         layer, proj = int(m.group(1)), m.group(2)
         a = weights[key].astype(np.float32)
         b = weights[f"{module}.lora_B.weight"].astype(np.float32) * np.float32(peft_scale(cfg, module))
-        if proj in ("q_proj", "k_proj"):
+        if RULES[arch].permute_qk and proj in ("q_proj", "k_proj"):
             b = permute(b, n_head if proj == "q_proj" else n_head_kv)
-        pairs[f"blk.{layer}.{LLAMA_NAMES[proj]}.weight"] = (a, b)
+        pairs[f"blk.{layer}.{TENSOR_NAMES[proj]}.weight"] = (a, b)
     extra = [k for k in weights if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if extra:
         raise ChainloraError(f"{where}: weights llama.cpp cannot load: {extra[0]}")
@@ -169,22 +154,6 @@ def reencode_base(src: Path, dst: Path, dtype: str) -> None:
     writer.close()
 
 
-def base_facts(gguf_path: Path) -> dict[str, Any]:
-    """What the export needs from the base GGUF's metadata (no tensors are read)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(gguf_path))
-
-    def field(key: str) -> Any:
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else None
-
-    arch = field("general.architecture")
-    return {"arch": arch, "shapes": {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors},
-            "n_head": field(f"{arch}.attention.head_count"),
-            "n_head_kv": field(f"{arch}.attention.head_count_kv") or field(f"{arch}.attention.head_count")}
-
-
 def check_fits(tensors: dict[str, np.ndarray], shapes: dict[str, tuple], where: Path) -> None:
     """Every adapted weight exists in the base GGUF with the adapter's shape (llama.cpp refuses
     to start otherwise): one line naming the first that does not."""
@@ -197,15 +166,6 @@ def check_fits(tensors: dict[str, np.ndarray], shapes: dict[str, tuple], where: 
             got = "missing" if name not in shapes else f"shape {shapes[name]}"
             raise ChainloraError(f"{where}: {name} {want} does not fit the base model ({got}): "
                                  "the adapter was trained on another model")
-
-
-def dir_facts(model_dir: Path) -> dict[str, Any]:
-    """The same facts from a Hugging Face model directory's config.json (no base.gguf can be
-    written from it here: llama.cpp's convert_hf_to_gguf.py does that)."""
-    cfg = json.loads((model_dir / "config.json").read_text())
-    arch = "llama" if cfg.get("model_type") == "llama" else cfg.get("model_type")
-    heads = cfg.get("num_attention_heads")
-    return {"arch": arch, "shapes": None, "n_head": heads, "n_head_kv": cfg.get("num_key_value_heads") or heads}
 
 
 REPLY_MARK, NEXT_MARK = "@@chainlora-reply@@", "@@chainlora-next@@"
@@ -280,10 +240,31 @@ def ollama_template(tokenizer: object) -> str | None:
     return f"{{{{ if .System }}}}{a}{{{{ .System }}}}{b}{{{{ end }}}}{u}{{{{ .Prompt }}}}{t}{{{{ .Response }}}}{e}"
 
 
-def modelfile(name: str, system: str | None, template: str | None, stop: str | None) -> str:
+# What Ollama takes, read in its source (github.com/ollama/ollama; docs/export.md has the details):
+# `ollama create` turns a GGUF file whose general.type is "adapter" into an adapter layer
+# (server/create.go), and the runner applies it: in 0.24 (the release before 0.30) llama.cpp's C API
+# for llama / qwen2, while gemma3 ran on Ollama's own engine, which refuses LoRA ("loras are not yet
+# implemented");
+# from 0.30 every GGUF model runs on upstream llama-server with `--lora` (llm/llama_server.go).
+# 0.34.1 and later reportedly refuse ADAPTER in `ollama create` (ollama PR #14969, not read).
+OLLAMA_CHECKED = {"v0.24.0": "c28ddc0a7b273cd286b680a6db0bef0c17bc0ec0",
+                  "v0.33.0-rc2": "fb30760996871fa9460115c753afd2c60d4ab0f7"}
+OLLAMA_FIRST = {"gemma3": "0.30"}  # first release that loads an adapter on it (else: the oldest read, 0.24)
+OLLAMA_REFUSED = "0.34.1 and later refuse ADAPTER in ollama create (reported: ollama PR #14969)"
+
+
+def ollama_versions(arch: str) -> str:
+    """The Ollama releases whose source shows they load this export's Modelfile for `arch`."""
+    return f"{OLLAMA_FIRST.get(arch, '0.24')} to 0.33"
+
+
+def modelfile(name: str, system: str | None, template: str | None, stop: str | None, arch: str = "llama") -> str:
     """An Ollama Modelfile: the base, one adapter (Ollama applies one per model), the system
-    prompt the adapters were trained with and the training prompt's template (module docstring)."""
-    lines = ["FROM ../base.gguf", f"ADAPTER ../adapters/{name}.gguf"]
+    prompt the adapters were trained with and the training prompt's template (module docstring),
+    after comments saying which Ollama releases take it (OLLAMA_CHECKED) and what to use after."""
+    lines = [f"# Ollama {ollama_versions(arch)} (as read in its source): ollama create NAME -f Modelfiles/{name}",
+             f"# Ollama {OLLAMA_REFUSED}: use ../llama-server.sh instead",
+             "FROM ../base.gguf", f"ADAPTER ../adapters/{name}.gguf"]
     if system:
         if '"""' in system:
             raise ChainloraError('system_prompt: contains """, which an Ollama Modelfile cannot quote')
@@ -295,7 +276,7 @@ def modelfile(name: str, system: str | None, template: str | None, stop: str | N
     return "\n".join(lines) + "\n"
 
 
-def ollama_files(lib: Library, names: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
+def ollama_files(lib: Library, names: list[str], arch: str = "llama") -> tuple[dict[str, str], dict[str, Any]]:
     """({adapter: its Modelfile}, the prompt facts) from the training tokenizer: SYSTEM as trained,
     TEMPLATE cut from chainlora's own renderings."""
     from chainlora.base_model import load_tokenizer
@@ -305,65 +286,75 @@ def ollama_files(lib: Library, names: list[str]) -> tuple[dict[str, str], dict[s
     template = ollama_template(tokenizer)
     prompt["ollama_template"] = template is not None
     stop = prompts.end_of_answer(tokenizer)
-    return {n: modelfile(n, prompt["system_prompt_as_trained"], template, stop) for n in names}, prompt
+    return {n: modelfile(n, prompt["system_prompt_as_trained"], template, stop, arch) for n in names}, prompt
 
 
-def _check_request(kind: str, base: Path | str, facts: dict, dtype: str, base_dtype: str) -> None:
+def _check_request(kind: str, dtype: str, base_dtype: str) -> None:
     if kind != "gguf" and base_dtype != "source":
         raise ChainloraError(f"--base-dtype {base_dtype}: the base model is not a GGUF file, nothing to re-encode")
-    if facts["arch"] != "llama":
-        raise ChainloraError(f"{base}: architecture {facts['arch']!r}: the GGUF export knows llama's layout only")
     if dtype not in ("f32", "f16"):
         raise ChainloraError(f"--adapter-dtype: {dtype!r} (use f32 or f16)")
     if base_dtype not in BASE_DTYPES:
         raise ChainloraError(f"--base-dtype: {base_dtype!r} (use {', '.join(BASE_DTYPES)})")
 
 
+def _base_report(kind: str, base: Path, tmp: Path, base_dtype: str, arch: str) -> dict[str, Any]:
+    """export.json's `base`: the base.gguf written, or what to convert where there is none."""
+    from chainlora.base_model import sha256_file
+
+    if kind != "gguf":
+        return {"file": None, "arch": arch, "source": str(base),
+                "note": "convert the base with llama.cpp's convert_hf_to_gguf.py to base.gguf here"}
+    return {"file": "base.gguf", "source_sha256": sha256_file(base), "dtype": base_dtype,
+            "sha256": sha256_file(tmp / "base.gguf"), "arch": arch}
+
+
+def _write_scripts(tmp: Path, names: list[str]) -> list[str]:
+    """llama-server.sh (every adapter loaded, none applied); returns its command."""
+    command = ["llama-server", "-m", "base.gguf", "--lora", ",".join(f"adapters/{n}.gguf" for n in names),
+               "--lora-init-without-apply", "--port", "8080"]
+    atomic.write_text(tmp / "llama-server.sh", "#!/bin/sh\n# every adapter loaded, none applied: each request "
+                      "names its adapter (chainlora serve --backend llamacpp)\ncd \"$(dirname \"$0\")\"\nexec "
+                      + " ".join(shlex.quote(c) for c in command) + " \"$@\"\n")
+    (tmp / "llama-server.sh").chmod(0o755)
+    return command
+
+
 def export_gguf(lib: Library, out: Path, dtype: str = "f32", base_dtype: str = "source") -> dict:
     """The library for llama.cpp / Ollama (module docstring); facts in OUT/export.json."""
-    from chainlora.base_model import resolve, sha256_file
+    from chainlora.base_model import resolve
 
     kind, base = resolve(lib.manifest["base_model"]["name"])
     if kind == "hub":
         raise ChainloraError(f"{lib.root}: base model {base!r} is a hub id: export needs it as a local "
                              "directory or .gguf file (train on a local copy)")
-    facts = base_facts(Path(base)) if kind == "gguf" else dir_facts(Path(base))
-    _check_request(kind, base, facts, dtype, base_dtype)
-    entries = lib.tasks + ([lib.mixed] if lib.mixed else [])
-    converted = {e["name"]: lora_tensors(lib.path(e), facts["n_head"], facts["n_head_kv"]) for e in entries}
+    _check_request(kind, dtype, base_dtype)
+    facts = gguf_facts(Path(base)) if kind == "gguf" else config_facts(Path(base))
+    arch, entries = facts["arch"], lib.tasks + ([lib.mixed] if lib.mixed else [])
+    converted = {e["name"]: lora_tensors(lib.path(e), facts["n_head"], facts["n_head_kv"], arch) for e in entries}
     for e in entries:
         if facts["shapes"] is not None:
             check_fits(converted[e["name"]][0], facts["shapes"], lib.path(e))
-    modelfiles, prompt = ollama_files(lib, list(converted))
+    modelfiles, prompt = ollama_files(lib, list(converted), arch)
     with atomic.directory(out, replace=True) as tmp:
-        if kind != "gguf":
-            pass  # adapters only: base.gguf comes from llama.cpp's converter (the report says so)
-        elif base_dtype == "source":
+        if kind == "gguf" and base_dtype == "source":
             shutil.copy2(base, tmp / "base.gguf")
-        else:
+        elif kind == "gguf":
             reencode_base(Path(base), tmp / "base.gguf", base_dtype)
         (tmp / "adapters").mkdir()
         (tmp / "Modelfiles").mkdir()
         adapters = {}
         for name, (tensors, rank) in converted.items():
-            write_adapter(tmp / "adapters" / f"{name}.gguf", tensors, rank, facts["arch"], dtype, name)
+            write_adapter(tmp / "adapters" / f"{name}.gguf", tensors, rank, arch, dtype, name)
             atomic.write_text(tmp / "Modelfiles" / name, modelfiles[name])
             adapters[name] = {"path": f"adapters/{name}.gguf", "rank": rank, "alpha": rank,
                               "modelfile": f"Modelfiles/{name}"}
-        files = [f"adapters/{n}.gguf" for n in adapters]
-        command = ["llama-server", "-m", "base.gguf", "--lora", ",".join(files),
-                   "--lora-init-without-apply", "--port", "8080"]
         report = {"format": "gguf", "library": str(lib.root), "base_model": base_record(lib, str(base)),
-                  "base": ({"file": "base.gguf", "source_sha256": sha256_file(Path(base)), "dtype": base_dtype,
-                            "sha256": sha256_file(tmp / "base.gguf"), "arch": facts["arch"]} if kind == "gguf" else
-                           {"file": None, "arch": facts["arch"], "source": str(base),
-                            "note": "convert the base with llama.cpp's convert_hf_to_gguf.py to base.gguf here"}),
+                  "base": _base_report(kind, Path(base), tmp, base_dtype, arch),
                   "adapters": adapters, "tasks": [e["name"] for e in lib.tasks],
                   "mixed": lib.mixed["name"] if lib.mixed else None, "selector": default_selector(lib),
-                  "prompt": prompt, "adapter_dtype": dtype, "llama_server": command}
+                  "prompt": prompt, "adapter_dtype": dtype, "llama_server": _write_scripts(tmp, list(adapters)),
+                  "ollama": {"versions": ollama_versions(arch), "checked_in_source": OLLAMA_CHECKED,
+                             "not_supported": OLLAMA_REFUSED}}
         atomic.write_json(tmp / "export.json", report)
-        atomic.write_text(tmp / "llama-server.sh", "#!/bin/sh\n# every adapter loaded, none applied: each request "
-                          "names its adapter (chainlora serve --backend llamacpp)\ncd \"$(dirname \"$0\")\"\nexec "
-                          + " ".join(shlex.quote(c) for c in command) + " \"$@\"\n")
-        (tmp / "llama-server.sh").chmod(0o755)
     return report
