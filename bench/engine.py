@@ -148,7 +148,7 @@ def pool_cold(lib_path: Path, names: list[str], repeats: int) -> float:
     return statistics.median(cold(n) for n in names for _ in range(repeats))
 
 
-def p4(src: Path, texts: list[str], repeats: int, n_new: int) -> dict:
+def p4(src: Path, texts: list[str], repeats: int, n_new: int, sizes: tuple[int, ...] = (16, 64)) -> dict:
     """Tokens/s of pool, PEFT and the bare base model for N requests over K adapters."""
     import tempfile
 
@@ -162,7 +162,7 @@ def p4(src: Path, texts: list[str], repeats: int, n_new: int) -> dict:
     names = tiers["pool"].tasks
     kw = dict(max_new_tokens=n_new, min_new_tokens=n_new)
     out: dict = {}
-    for n in (16, 64):
+    for n in sizes:
         batch = [texts[i % len(texts)] for i in range(n)]
         for tier in tiers.values():  # warm: every adapter resident, every code path compiled
             tier.generate(batch, task=[names[i % 32] for i in range(n)], **kw)
@@ -183,6 +183,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--library", default="runs/demo/library")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--p4-requests", default="16,64", help="P4's batch sizes, e.g. 64")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--parts", default="P1,P2,P3,P4", help="which parts to run, e.g. P1")
     parser.add_argument("--p1-selectors", help="P1 for these only, e.g. default,encoder (default: all)")
@@ -213,7 +214,8 @@ def main() -> None:
         report_p3(p3(engine, Path(args.library), tasks[:4], args.repeats))
     if "P4" in parts:
         del engine
-        report_p4(p4(Path(args.library), [demo[t].test[i].text for t in tasks for i in range(7)], args.repeats, 16), 16)
+        report_p4(p4(Path(args.library), [demo[t].test[i].text for t in tasks for i in range(7)], args.repeats, 16,
+                      tuple(int(n) for n in args.p4_requests.split(","))), 16)
 
 
 def report_p1(r1: dict) -> None:

@@ -87,3 +87,39 @@ def test_a_server_without_the_librarys_adapters_is_one_clear_error(random_lib):
 
     status, body = asyncio.run(run())
     assert status == 502 and "no adapter 'antonym' loaded" in body["error"]["message"]
+
+
+def test_cache_prompt_only_when_asked_and_only_for_llamacpp(random_lib, cli):
+    """--backend-cache-prompt sends cache_prompt true (the export's llama-server.sh turns the
+    host-memory prompt cache off, which is what makes it safe); other backends refuse the flag."""
+    import asyncio
+
+    from chainlora.serve.settings import ServeSettings
+
+    forwarder = LlamaCppForwarder("http://127.0.0.1:9/v1", ["antonym"], cache_prompt=True)
+    forwarder.ids = {"antonym": 0}
+    sent = asyncio.run(forwarder.with_lora({"model": "antonym", "prompt": [1, 2]}))
+    assert sent["cache_prompt"] is True and sent["lora"] == [{"id": 0, "scale": 1.0}]
+    with pytest.raises(Exception, match="--backend-cache-prompt: only for --backend llamacpp"):
+        ServeSettings(backend="openai", backend_url="http://x/v1", backend_cache_prompt=True)
+    r = cli("serve", str(random_lib), "--backend-cache-prompt")
+    assert r.returncode == 2 and r.stderr.strip() == "chainlora: error: --backend-cache-prompt: only for --backend llamacpp"
+
+
+def test_the_exported_llama_server_script_turns_the_ram_prompt_cache_off(tmp_path):
+    import subprocess
+
+    from chainlora.library.gguf import _write_scripts
+
+    _write_scripts(tmp_path, ["antonym"])
+    fake = tmp_path / "bin" / "llama-server"  # prints its arguments; --help lists --cache-ram
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nif [ "$1" = --help ]; then echo "-cram, --cache-ram N"; exit 0; fi\necho "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin"}
+    out = subprocess.run([str(tmp_path / "llama-server.sh"), "--parallel", "4"], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["-m", "base.gguf", "--lora", "adapters/antonym.gguf", "--lora-init-without-apply",
+                                  "--port", "8080", "--cache-ram", "0", "--parallel", "4"]
+    fake.write_text('#!/bin/sh\n[ "$1" = --help ] && exit 0\necho "$@"\n')  # an older llama-server: no such flag
+    out = subprocess.run([str(tmp_path / "llama-server.sh")], capture_output=True, text=True, env=env)
+    assert "--cache-ram" not in out.stdout.split()

@@ -58,7 +58,7 @@ def settings(args: argparse.Namespace) -> ServeSettings:
         max_adapters=args.max_adapters, cpu_cache_mb=args.cpu_cache_mb, adapters=args.adapters,
         backend=args.backend, backend_url=args.backend_url,
         backend_key=args.backend_key or os.environ.get("CHAINLORA_BACKEND_KEY"),
-        backend_base_model=args.backend_base_model, limits=_limits(args), **_budgets(args), **_browser(args))
+        backend_base_model=args.backend_base_model, backend_cache_prompt=args.backend_cache_prompt, limits=_limits(args), **_budgets(args), **_browser(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -91,6 +91,9 @@ def add_serve_parser(sub: argparse._SubParsersAction, selector_args: Callable) -
     d.add_argument("--backend-url", help="OpenAI-compatible server with the adapters, e.g. vLLM's http://host:8000/v1")
     d.add_argument("--backend-key", help="API key for the backend (default: $CHAINLORA_BACKEND_KEY)")
     d.add_argument("--backend-base-model", help="the backend's name for the bare base model (fallback rows)")
+    d.add_argument("--backend-cache-prompt", action="store_true",
+                   help="llamacpp: let llama-server reuse each slot's cached prompt (safe only when it runs with "
+                        "--cache-ram 0, as the export's llama-server.sh does; see docs/export.md)")
     _limit_args(d)
     _budget_args(d)
     _browser_args(d)

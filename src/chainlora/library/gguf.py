@@ -310,12 +310,18 @@ def _base_report(kind: str, base: Path, tmp: Path, base_dtype: str, arch: str) -
 
 
 def _write_scripts(tmp: Path, names: list[str]) -> list[str]:
-    """llama-server.sh (every adapter loaded, none applied); returns its command."""
+    """llama-server.sh (every adapter loaded, none applied, no host-memory prompt cache where the
+    binary has one: it restores prompts computed under another adapter, serve/llamacpp.py);
+    returns its command."""
     command = ["llama-server", "-m", "base.gguf", "--lora", ",".join(f"adapters/{n}.gguf" for n in names),
                "--lora-init-without-apply", "--port", "8080"]
     atomic.write_text(tmp / "llama-server.sh", "#!/bin/sh\n# every adapter loaded, none applied: each request "
-                      "names its adapter (chainlora serve --backend llamacpp)\ncd \"$(dirname \"$0\")\"\nexec "
-                      + " ".join(shlex.quote(c) for c in command) + " \"$@\"\n")
+                      "names its adapter (chainlora serve --backend llamacpp [--backend-cache-prompt])\n"
+                      "cd \"$(dirname \"$0\")\"\n"
+                      "# no host-memory prompt cache (llama.cpp's --cache-ram, 8 GiB by default where it exists): it\n"
+                      "# restores a prompt computed under another adapter; each slot's own cache stays\n"
+                      "if llama-server --help 2>/dev/null | grep -q -e --cache-ram; then set -- --cache-ram 0 \"$@\"; fi\n"
+                      "exec " + " ".join(shlex.quote(c) for c in command) + " \"$@\"\n")
     (tmp / "llama-server.sh").chmod(0o755)
     return command
 

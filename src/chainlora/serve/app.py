@@ -74,7 +74,8 @@ def forwarder_for(settings: ServeSettings, engine: Engine) -> Any:
         from chainlora.serve.llamacpp import LlamaCppForwarder
 
         names = [e["name"] for e in engine.lib.tasks] + ([engine.lib.mixed["name"]] if engine.lib.mixed else [])
-        return LlamaCppForwarder(s.backend_url, names, api_key=s.backend_key, timeout_s=s.timeout_s)
+        return LlamaCppForwarder(s.backend_url, names, api_key=s.backend_key, timeout_s=s.timeout_s,
+                                 cache_prompt=s.backend_cache_prompt)
     return None
 
 

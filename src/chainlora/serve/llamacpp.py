@@ -7,10 +7,16 @@ loaded and none applied (`OUT/llama-server.sh`: `--lora a.gguf --lora b.gguf ...
 for the routed one, 0 for the rest; all 0 for a request that falls back to the base model),
 because llama.cpp versions differ in what an unlisted adapter does (scale 0, or the server's
 own scale). The ids come from llama-server's `GET /lora-adapters`, matched by file name
-(`adapters/<name>.gguf`), read once and checked against the library's adapters. Every request
-also sends `cache_prompt: false`: llama-server (llama.cpp as vendored by llama-cpp-python
-0.3.36) otherwise reuses a slot's cached prompt prefix that was computed under ANOTHER
-adapter, and answers change (measured: 2 of 40 demo prompts; 0 of 40 without the cache).
+(`adapters/<name>.gguf`), read once and checked against the library's adapters.
+
+The prompt cache. llama-server (llama.cpp as vendored by llama-cpp-python 0.3.36) clears a
+slot's cached prompt when the slot's adapter scales change (`launch_slot_with_task`), so a slot
+never reuses a prefix computed under another adapter; but its host-memory prompt cache
+(`--cache-ram`, 8 GiB by default) restores a saved prompt into a slot by token overlap alone
+(`server_prompt_cache::load`), whichever adapter computed it, and the slot then keeps it when
+its own adapter matches: answers changed (measured: 2 of 40 demo prompts). So requests send
+`cache_prompt: false` (every prompt recomputed), unless `--backend-cache-prompt` says the
+server runs with `--cache-ram 0`, as the export's llama-server.sh starts it: then `true`.
 
 Everything else is `forward.Forwarder`'s: the chat template and system prompt applied here and
 token ids sent to `/v1/completions`, the answer in the shape the client asked for with the
@@ -35,8 +41,9 @@ from chainlora.serve.responses import backend_error
 class LlamaCppForwarder(Forwarder):
     """A Forwarder whose requests carry llama-server's `lora` list instead of a model name."""
 
-    def __init__(self, url: str, adapters: Sequence[str], **kw: Any):
+    def __init__(self, url: str, adapters: Sequence[str], cache_prompt: bool = False, **kw: Any):
         super().__init__(url, **kw)
+        self.cache_prompt = cache_prompt  # only with llama-server --cache-ram 0 (module docstring)
         self.root = self.url.removesuffix("/v1")
         self.adapters = list(adapters)  # the library's task adapters and the mixed one
         self.ids: dict[str, int] | None = None
@@ -75,7 +82,7 @@ class LlamaCppForwarder(Forwarder):
         chosen = body["model"]
         if chosen != BASE and chosen not in ids:
             raise ChainloraError(f"llama-server has no adapter {chosen!r}")
-        return {**body, "model": "base" if chosen == BASE else chosen, "cache_prompt": False,
+        return {**body, "model": "base" if chosen == BASE else chosen, "cache_prompt": self.cache_prompt,
                 "lora": [{"id": i, "scale": 1.0 if name == chosen else 0.0} for name, i in sorted(ids.items())]}
 
     async def complete(self, body: dict) -> tuple[int, dict]:

@@ -55,6 +55,7 @@ class ServeSettings:
     backend_url: str | None = None  # --backend-url
     backend_key: str | None = None  # --backend-key / $CHAINLORA_BACKEND_KEY
     backend_base_model: str | None = None  # --backend-base-model
+    backend_cache_prompt: bool = False  # --backend-cache-prompt: llama-server keeps each slot's prompt cache
     limits: Limits = field(default_factory=Limits)  # --max-body-mb ... --max-connections (limits.py)
 
     def __post_init__(self) -> None:
@@ -66,6 +67,8 @@ class ServeSettings:
                                  f"{BACKENDS[-1]})")
         if self.backend in NEEDS_URL and not self.backend_url:
             raise ChainloraError(NEEDS_URL[self.backend])
+        if self.backend_cache_prompt and self.backend != "llamacpp":
+            raise ChainloraError("--backend-cache-prompt: only for --backend llamacpp")
         _check_budgets(self)
         for name in ("allowed_hosts", "cors_origins"):  # one name given as a string would be split into letters
             value = getattr(self, name)
