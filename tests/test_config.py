@@ -47,7 +47,7 @@ BAD = [
     ("training:\n  max_steps: five\n", "c.yaml: training.max_steps: expected an integer, got 'five'"),
     ("training:\n  batch_size: 0\n", "c.yaml: training.batch_size: must be >= 1, got 0"),
     ("lora:\n  dropout: 1.5\n", "c.yaml: lora.dropout: must be <= 0.99, got 1.5"),
-    ("lora:\n  target_modules: q_proj\n", "c.yaml: lora.target_modules: expected a list of text"),
+    ("lora:\n  target_modules: {q: 1}\n", "c.yaml: lora.target_modules: expected a list of text"),
     ("training:\n  precision: fp8\n", "c.yaml: training.precision: expected 'fp32' or 'bf16' or 'fp16' or 'auto'"),
     ("mixed:\n  budget: lots\n", "c.yaml: mixed.budget: expected 'matched' or 'same' or an integer"),
     ("router:\n  training:\n    max_step: 3\n", "c.yaml: router.training.max_step: unknown key (did you mean 'max_steps'?)"),
@@ -162,3 +162,8 @@ def test_digest_and_to_dict_are_those_of_existing_libraries(name):
     measured = (digest, hashlib.sha256(json.dumps(old).encode()).hexdigest(),
                 fingerprint(job, cfg, "sha256:abc", 1, "tok")["sha256"])
     assert measured == PINNED[name]
+
+
+def test_target_modules_may_be_one_name():
+    """`target_modules: all-linear` (PEFT's spelling, a string) reads as a list of one."""
+    assert config.from_dict({"lora": {"target_modules": "all-linear"}}).lora.target_modules == ["all-linear"]
