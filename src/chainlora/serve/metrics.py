@@ -3,8 +3,9 @@
 Request counts by endpoint and status, latency, time to first token and inter-token latency
 (the names and buckets follow vLLM's `time_to_first_token_seconds` / `inter_token_latency_seconds`,
 so a load tool's dashboards read both), tokens, batch sizes and the last batch's tokens/s,
-routed-task counts, queue rejections, and the adapter cache's hits / misses / disk loads / evictions / resident adapters (read from the engine at scrape time). Each server has
-its own registry, so several servers in one process (tests) do not collide.
+routed-task counts, queue rejections, and the adapter cache's hits / misses / disk loads /
+evictions / resident adapters (read from the engine at scrape time). Each server has its own
+registry, so several servers in one process (tests) do not collide.
 """
 
 from __future__ import annotations
