@@ -92,8 +92,8 @@ def add_serve_parser(sub: argparse._SubParsersAction, selector_args: Callable) -
     d.add_argument("--backend-key", help="API key for the backend (default: $CHAINLORA_BACKEND_KEY)")
     d.add_argument("--backend-base-model", help="the backend's name for the bare base model (fallback rows)")
     d.add_argument("--backend-cache-prompt", action="store_true",
-                   help="llamacpp: let llama-server reuse each slot's cached prompt (safe only when it runs with "
-                        "--cache-ram 0, as the export's llama-server.sh does; see docs/export.md)")
+                   help="llamacpp: let llama-server reuse each slot's cached prompt (safe only when its host-memory "
+                        "prompt cache is off, as the export's llama-server.sh starts it; see docs/export.md)")
     _limit_args(d)
     _budget_args(d)
     _browser_args(d)
