@@ -79,7 +79,7 @@ def test_unknown_alias_offline(capsys):
     assert main(["model", "no-such-model-alias"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "unknown model 'no-such-model-alias': not an alias (smollm2-135m)" in err
+    assert "unknown model 'no-such-model-alias': not an alias (smollm2-135m, gemma3-270m)" in err
 
 
 def test_missing_default_package_says_what_to_install(monkeypatch, capsys):
