@@ -2,7 +2,7 @@
 
 Answers use the tokenizer's chat template when it has one (instruct models were tuned on it),
 else an Alpaca-style plain template, opened with the BOS token when the tokenizer adds one itself
-(a base Gemma scores plain English at perplexity 15 with it and 525 without: prompts are
+(a base Gemma scores plain English at perplexity 12.0 with it and 245.8 without, bench/prompt_bos.py: prompts are
 tokenized without special tokens, so the template must write it, as chat templates do). The task-selection prompt task_prompt(x) (Qiu et al.
 2024) wraps the instruction in a question whose answer is the task label; its template is
 configurable and recorded in a library's manifest so inference uses exactly what training did.
