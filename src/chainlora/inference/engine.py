@@ -29,7 +29,7 @@ from chainlora.inference.adapter_pool import ZERO, AdapterPool, unsupported
 from chainlora.inference.answers import BASE, Answer, Route  # noqa: F401  (the API: chainlora.inference.engine.Route)
 from chainlora.inference.logprobs import PromptScores, Recorder
 from chainlora.inference.prefill import Keep, Prefill
-from chainlora.inference.stops import StopMatcher, cut_at_stop, end_ids, stop_tokens, streamable
+from chainlora.inference.stops import EndSuppressor, StopMatcher, cut_at_stop, end_ids, stop_tokens, streamable
 from chainlora.library import kinds
 from chainlora.library.store import Library
 from chainlora.base_model import Base, load_base
@@ -214,7 +214,8 @@ class Engine:
         return {"input_ids": ids.to(self.base.model.device), "attention_mask": mask.to(self.base.model.device)}
 
     def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, stop: Sequence[str] | None,
-                    min_new_tokens: int = 0, stopping: Any = None, recorder: Recorder | None = None) -> dict:
+                    min_new_tokens: int = 0, stopping: Any = None, recorder: Recorder | None = None,
+                    suppress: EndSuppressor | None = None) -> dict:
         """generate's keywords; stop strings end rows through StopMatcher (bounded memory, see
         chainlora.inference.stops), `stopping` adds the caller's own criterion, `recorder` sees
         the logits before sampling and each chosen token."""
@@ -223,8 +224,9 @@ class Engine:
         criteria = [c for c in (StopMatcher(self.tok, stop) if stop else None, stopping,
                                 recorder.stopping() if recorder is not None else None) if c is not None]
         kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
-        if recorder is not None:
-            kw["logits_processor"] = LogitsProcessorList([recorder])
+        processors = [p for p in (recorder, suppress) if p is not None]  # the recorder first: raw logits
+        if processors:
+            kw["logits_processor"] = LogitsProcessorList(processors)
         if criteria:
             kw["stopping_criteria"] = StoppingCriteriaList(criteria)
         if min_new_tokens:
@@ -302,7 +304,8 @@ class Engine:
                  rendered: Sequence[str | list[int]] | None = None, streamer: Any = None,
                  stopping: Any = None, routes: Sequence[Route] | None = None, prefill_chunk: int | None = None,
                  keep: Keep | None = None, recorder: Recorder | None = None,
-                 prompt_logprobs: Sequence[int | None] | None = None) -> list[Answer | None]:
+                 prompt_logprobs: Sequence[int | None] | None = None,
+                 ignore_eos: Sequence[bool] = ()) -> list[Answer | None]:
         """Answer a batch: route (unless `task` pins it), then ONE mixed-adapter generate call.
 
         max_new_tokens may differ per row (the batch runs to the largest, each row is cut at its
@@ -315,7 +318,8 @@ class Engine:
         chunks; a row it drops leaves the batch and its answer is None (see prefill.py).
         recorder (logprobs.Recorder) records the generated tokens' log-probabilities of the rows it
         wants; prompt_logprobs (top-k per row, None: not that row) scores the prompts' tokens in
-        the prefill. Both come back in each Answer (`logprobs`, `prompt_logprobs`).
+        the prefill. Both come back in each Answer (`logprobs`, `prompt_logprobs`). Rows flagged
+        in `ignore_eos` never choose an end token (stops.EndSuppressor).
         """
         import torch
 
@@ -327,15 +331,17 @@ class Engine:
         self._check_fit([int(n) for n in enc["attention_mask"].sum(1)], limits)
         routes = list(routes) if routes is not None else self.routes_for(texts, task)
         names = [r.adapter for r in routes]
-        kw = self._gen_kwargs(max(max(limits), 1), temperature, top_p, stop, min_new_tokens, stopping, recorder)
+        flagged = [i for i, f in enumerate(ignore_eos) if f]
+        suppress = EndSuppressor(flagged, end_ids(self.tok)) if flagged else None
+        kw = self._gen_kwargs(max(max(limits), 1), temperature, top_p, stop, min_new_tokens, stopping, recorder, suppress)
         if streamer is not None:
             kw["streamer"] = streamer
         want = {i: k for i, k in enumerate(prompt_logprobs or ()) if k is not None}
         scores = PromptScores(want, enc["input_ids"], enc["attention_mask"]) if want else None
         with self.lock, self.running(names) as (model, extra), torch.no_grad():
             run = Prefill(model, enc, extra, self.pool, scores).run(prefill_chunk, keep)
-            if recorder is not None:
-                recorder.select(run.rows)
+            for view in (recorder, suppress):
+                view is not None and view.select(run.rows)
             out = model.generate(**run.generate_inputs(), **kw) if run.rows else None
         at, width = {row: i for i, row in enumerate(run.rows)}, enc["input_ids"].shape[1]
         answers = [self._answer(out[at[i], width:width + limits[i]], routes[i], int(enc["attention_mask"][i].sum()),

@@ -73,3 +73,28 @@ class StopMatcher:
         texts = self.tok.batch_decode(tail, skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool,
                             device=input_ids.device)
+
+
+class EndSuppressor:
+    """A logits processor for the rows that asked `ignore_eos` (vLLM's and llama-server's request
+    field): their end tokens can never be chosen, so they run to their max_tokens, as a load
+    benchmark's fixed output lengths need. As llama-server does it (the end tokens' logits at
+    -inf); placed after the Recorder, so reported logprobs stay the model's own."""
+
+    def __init__(self, rows: Sequence[int], ends: set[int]):
+        self.want, self.ends = set(rows), sorted(ends)
+        self.rows: list[int] = []  # the batch rows in the call (set by select; a chunked prefill drops some)
+
+    def select(self, rows: Sequence[int]) -> None:
+        self.rows = list(rows)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        at = [j for j, i in enumerate(self.rows) if i in self.want]
+        if not at or not self.ends:
+            return scores
+        scores = scores.clone()
+        rows = torch.tensor(at, device=scores.device)[:, None]
+        scores[rows, torch.tensor(self.ends, device=scores.device)] = float("-inf")
+        return scores

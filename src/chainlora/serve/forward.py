@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 PATH = "/completions"
 # validated sampling fields (schema.py) the backend reads as OpenAI/vLLM do; nothing else is sent
 PASSED = ("seed", "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k", "min_p",
-          "repetition_penalty")
+          "repetition_penalty", "ignore_eos")
 
 
 def completion_body(body: Sampling, req: Request, model: str, ids: list[int]) -> dict:
@@ -51,6 +51,8 @@ def completion_body(body: Sampling, req: Request, model: str, ids: list[int]) ->
         out["echo"] = True
     if body.stream and body.stream_options:
         out["stream_options"] = {"include_usage": body.stream_options.include_usage}
+        if body.stream_options.continuous_usage_stats:  # vLLM's; sent only when asked
+            out["stream_options"]["continuous_usage_stats"] = True
     out.update({k: getattr(body, k) for k in PASSED if k in body.model_fields_set and getattr(body, k) is not None})
     return out
 

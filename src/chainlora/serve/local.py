@@ -112,7 +112,7 @@ def stream(server: Server, req: Request, body: Sampling, kind: str, t0: float) -
     events: asyncio.Queue = asyncio.Queue()
     future: asyncio.Future = loop.create_future()
     req.on_route = lambda r: loop.call_soon_threadsafe(events.put_nowait, ("route", r))
-    req.on_text = lambda t, lp: loop.call_soon_threadsafe(events.put_nowait, ("text", (t, lp)))
+    req.on_text = lambda t, lp, n: loop.call_soon_threadsafe(events.put_nowait, ("text", (t, lp, n)))
     req.done = deliver(loop, future)
     future.add_done_callback(lambda f: events.put_nowait(("done", None)))
     submit(server, req)
@@ -134,10 +134,16 @@ async def _worker_events(req: Request, events: asyncio.Queue) -> AsyncIterator[t
         yield what, value
 
 
+def continuous_usage(body: Sampling) -> bool:
+    """vLLM's `stream_options.continuous_usage_stats`: token counts in every chunk."""
+    return bool(body.stream_options and body.stream_options.continuous_usage_stats)
+
+
 async def _chunks(server: Server, req: Request, events: asyncio.Queue, future: asyncio.Future,
                   body: Sampling, kind: str, t0: float) -> AsyncIterator[str]:
     """The stream's chunks; an error becomes one error event, and [DONE] always comes last."""
-    out = responses.Chunks(kind, body.model, responses.completion_id(kind), server.vocab, req.logprobs)
+    out = responses.Chunks(kind, body.model, responses.completion_id(kind), server.vocab, req.logprobs,
+                           prompt_tokens=len(req.rendered) if continuous_usage(body) else None)
     route = None
     try:
         try:

@@ -212,7 +212,7 @@ class Preparer:
         return Request(text=text, rendered=rendered, task=task, max_tokens=self.max_tokens(body),
                        temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
                        deadline=time.monotonic() + self.settings.timeout_s, logprobs=top,
-                       prompt_logprobs=top if scored else None, echo=echo)
+                       prompt_logprobs=top if scored else None, echo=echo, ignore_eos=body.ignore_eos)
 
 
 def logprobs_asked(body: Sampling) -> tuple[int | None, bool]:

@@ -112,6 +112,8 @@ class Chunks:
     logprobs: int | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     offset: int = 0  # a completion stream's text_offset so far
+    prompt_tokens: int | None = None  # set: every chunk carries usage so far (vLLM's continuous_usage_stats)
+    made: int = 0  # completion tokens so far
 
     def head(self) -> dict:
         return {"id": self.id, "object": CHUNK_OBJECTS[self.kind], "created": self.created, "model": self.model}
@@ -119,13 +121,19 @@ class Chunks:
     def chunk(self, route: Route | None, delta: dict | str, reason: str | None = None, lp: dict | None = None) -> str:
         key = "delta" if self.kind == "chat" else "text"
         choice = {"index": 0, key: delta, "finish_reason": reason, "logprobs": lp}
-        return sse({**self.head(), "choices": [choice], "chainlora": route_field(route)})
+        extra = {} if self.prompt_tokens is None else {"usage": self._usage(self.prompt_tokens, self.made)}
+        return sse({**self.head(), "choices": [choice], **extra, "chainlora": route_field(route)})
+
+    @staticmethod
+    def _usage(prompt: int, made: int) -> dict:
+        return {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made}
 
     def role(self, route: Route | None) -> str:
         """A chat stream's first chunk, once routed: the assistant role, as OpenAI's is."""
         return self.chunk(route, {"role": "assistant", "content": ""})
 
-    def text(self, route: Route | None, text: str, entries: list[TokenLogprob] = ()) -> str:
+    def text(self, route: Route | None, text: str, entries: list[TokenLogprob] = (), made: int | None = None) -> str:
+        self.made = self.made if made is None else made
         return self.chunk(route, {"content": text} if self.kind == "chat" else text, lp=self._logprobs(entries))
 
     def _logprobs(self, entries: list[TokenLogprob]) -> dict | None:
@@ -140,6 +148,7 @@ class Chunks:
 
     def last(self, route: Route | None, a: Answer) -> str:
         """The chunk with the finish reason (and no text)."""
+        self.made = a.completion_tokens
         return self.chunk(route, {} if self.kind == "chat" else "", finish(a.finish_reason))
 
     def usage(self, route: Route | None, a: Answer) -> str:

@@ -65,8 +65,10 @@ class Request:
     logprobs: int | None = None  # each generated token's logprob and this many alternatives (None: not asked)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI's echo)
     echo: str | None = None  # the prompt's text, when the response repeats it (completions' echo)
+    ignore_eos: bool = False  # never choose an end token: the answer runs to max_tokens
     on_route: Callable[[Route], None] | None = None  # called (worker thread) once routed
-    on_text: Callable[[str, list], None] | None = None  # streaming: (worker thread) per delta, with its logprob entries
+    on_text: Callable[[str, list, int], None] | None = None  # streaming (worker thread): per delta, its logprob
+    # entries and the tokens made so far
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: Callable[[Answer | None, BaseException | None], None] | None = None
     enqueued: float = field(default_factory=time.monotonic)
@@ -361,7 +363,7 @@ class Scheduler:
             max_new_tokens=[r.max_tokens for r in group], temperature=first.temperature,
             top_p=first.top_p, stop=list(first.stop) or None, streamer=streamer, stopping=stopper,
             prefill_chunk=self.prefill_chunk, keep=keep, recorder=recorder,
-            prompt_logprobs=[r.prompt_logprobs for r in group])
+            prompt_logprobs=[r.prompt_logprobs for r in group], ignore_eos=[r.ignore_eos for r in group])
         return [None if i in stopper.cut else a for i, a in enumerate(answers)], streamer, stopper.steps
 
 

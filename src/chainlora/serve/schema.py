@@ -90,6 +90,7 @@ class StreamOptions(BaseModel):
     model_config = STRICT
     include_usage: bool = False
     include_obfuscation: bool | None = None  # OpenAI's; no obfuscation padding is ever sent
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the token counts so far
 
 
 class Sampling(BaseModel):
@@ -114,6 +115,7 @@ class Sampling(BaseModel):
     top_k: int | None = Field(default=None, ge=-1, le=1_000_000)  # vLLM's extension
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    ignore_eos: bool = False  # vLLM's and llama-server's: run to max_tokens (load benchmarks' fixed lengths)
 
     def stops(self) -> tuple[str, ...]:
         items = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

@@ -20,7 +20,7 @@ class BatchStreamer:
     new text to the row's request. Text that might still turn into a stop string, or trailing
     whitespace, is held back until it is safe; the answer's final text settles the rest. With
     a `recorder` (logprobs asked), each piece of text comes with the entries of the tokens it
-    completes (`on_text(text, entries)`), so a client that joins them gets the answer's own."""
+    completes (`on_text(text, entries, tokens so far)`), so a client that joins them gets the answer's own."""
 
     def __init__(self, tokenizer: Any, requests: list[Request], recorder: Recorder | None = None):
         self.tok, self.requests, self.recorder = tokenizer, requests, recorder
@@ -59,7 +59,7 @@ class BatchStreamer:
         if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
             lead = len(decoded) - len(decoded.lstrip())  # the answer is stripped
             done = sum(1 for n in self.lengths[i] if n <= lead + len(text))  # tokens wholly sent
-            self.requests[i].on_text(text[len(self.sent[i]):], self._entries(i, done))
+            self.requests[i].on_text(text[len(self.sent[i]):], self._entries(i, done), len(self.ids[i]))
             self.sent[i] = text
 
     def _entries(self, i: int, upto: int | None) -> list:
@@ -80,7 +80,7 @@ class BatchStreamer:
         rest = answer.text[len(self.sent[i]):] if answer.text.startswith(self.sent[i]) else ""
         entries = (answer.logprobs or [])[self.given[i]:]
         if rest or entries:
-            req.on_text(rest, entries)
+            req.on_text(rest, entries, answer.completion_tokens)
 
     def end(self) -> None:
         pass

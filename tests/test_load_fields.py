@@ -1,0 +1,106 @@
+"""The request fields load-testing tools send (GuideLLM, vLLM's benchmark, AIPerf): `ignore_eos`
+(fixed output lengths) and `stream_options.continuous_usage_stats` (token counts in every
+chunk). The tiny model is biased so that its end token is always the most likely one: without
+`ignore_eos` every answer is empty, with it each row runs to its own max_tokens, in one batch
+with rows that stop, and the logprobs reported are still the model's own (the end token on top)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from chainlora.inference.engine import Engine
+from chainlora.inference.logprobs import Recorder
+from chainlora.inference.stops import EndSuppressor, end_ids
+from chainlora.serve import Server, create_app
+from chainlora.serve.forward import Forwarder
+from conftest import TEXTS, Live, LiveApp, Recording, sse
+
+
+def end_always_wins(engine: Engine) -> None:
+    """Add +50 to the end tokens' logits: greedy decoding ends every answer at once."""
+    ends = sorted(end_ids(engine.tok))
+
+    def hook(module, inputs, out):
+        out = out.clone()
+        out[..., ends] += 50.0
+        return out
+
+    engine.base.model.get_output_embeddings().register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("tier", ["peft", "pool"])
+def test_ignore_eos_rows_run_to_their_length_beside_rows_that_stop(random_lib, tier):
+    engine = Engine.load(random_lib, device="cpu", adapters=tier)
+    end_always_wins(engine)
+    ends = end_ids(engine.tok)
+    recorder = Recorder({0: 2}, 3)
+    answers = engine.generate(TEXTS, task=["antonym", "sentiment", None], max_new_tokens=[5, 5, 3],
+                              ignore_eos=[True, False, True], recorder=recorder, prefill_chunk=4)
+    assert [a.completion_tokens for a in answers] == [5, 0, 3]
+    assert [a.finish_reason for a in answers] == ["length", "stop", "length"]
+    assert not any(t in ends for a in answers for t in a.token_ids if not a.ended)
+    for e in answers[0].logprobs:  # raw logits: the end token stays the most likely, never chosen
+        assert e.top[0][0] in ends and e.token not in ends and e.logprob < e.top[0][1] - 10
+
+
+def test_end_suppressor_masks_only_its_rows_after_a_prefill_dropped_some():
+    scores = torch.zeros(2, 6)
+    s = EndSuppressor([0, 2], {1, 4})
+    s.select([1, 2])  # row 0 left in the prefill: the call's rows are batch rows 1 and 2
+    out = s(None, scores)
+    assert out[0].eq(0).all() and out[1, [1, 4]].eq(float("-inf")).all() and out[1, [0, 2, 3, 5]].eq(0).all()
+    assert scores.eq(0).all()  # the caller's tensor is left as it was
+
+
+@pytest.fixture(scope="module")
+def biased(random_lib):
+    engine = Engine.load(random_lib, device="cpu")
+    end_always_wins(engine)
+    srv = Live(Server(engine, max_batch=8, window_ms=30))
+    yield srv
+    srv.close()
+
+
+def test_server_ignore_eos_and_continuous_usage(biased):
+    body = {"model": "antonym", "messages": [{"role": "user", "content": TEXTS[0]}], "temperature": 0}
+    plain = httpx.post(f"{biased.url}/v1/chat/completions", json={**body, "max_tokens": 6}, timeout=60).json()
+    assert plain["usage"]["completion_tokens"] == 0 and plain["choices"][0]["finish_reason"] == "stop"
+    whole = httpx.post(f"{biased.url}/v1/chat/completions", timeout=60,
+                       json={**body, "max_completion_tokens": 6, "ignore_eos": True, "stop": None}).json()
+    assert whole["usage"]["completion_tokens"] == 6 and whole["choices"][0]["finish_reason"] == "length"
+    r = httpx.post(f"{biased.url}/v1/chat/completions", timeout=60, json={
+        **body, "max_completion_tokens": 6, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    chunks = [c for c in sse(r) if c != "[DONE]"]
+    made = [c["usage"]["completion_tokens"] for c in chunks]
+    assert all(c["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"] for c in chunks)
+    assert made == sorted(made) and made[-1] == 6 and chunks[-1]["choices"] == []
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    bare = httpx.post(f"{biased.url}/v1/completions", timeout=60, json={
+        "model": "antonym", "prompt": TEXTS[0], "max_tokens": 3, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True}})
+    assert all("usage" not in c for c in sse(bare)[:-2] if c != "[DONE]")  # only when asked
+
+
+def test_forwarding_passes_both_fields(random_lib):
+    rec = Recording()
+    backend = LiveApp(rec.app())
+    front = Server(Engine.load(random_lib, device="cpu"), forwarder=Forwarder(backend.url))
+    app = LiveApp(create_app(front))
+    try:
+        r = httpx.post(f"{app.url}/v1/chat/completions", timeout=60, json={
+            "model": "antonym", "messages": [{"role": "user", "content": TEXTS[0]}], "max_tokens": 4,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+        assert r.status_code == 200
+        sent = rec.calls[-1][1]
+        assert sent["ignore_eos"] is True and sent["stream_options"] == {"include_usage": True,
+                                                                          "continuous_usage_stats": True}
+        httpx.post(f"{app.url}/v1/completions", timeout=60, json={"model": "antonym", "prompt": "x", "max_tokens": 2})
+        assert "ignore_eos" not in rec.calls[-1][1]  # unset: not sent
+    finally:
+        app.close()
+        backend.close()
+        front.scheduler.close()
