@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.chainlora-installed
 
-.PHONY: install second-model qlora browser demo test test-fast fuzz bench bench-cola bench-memory llamacpp-check llamacpp-check-gemma3 gpu-check clean
+.PHONY: install second-model qlora browser demo test test-fast fuzz bench bench-cola bench-memory llamacpp-check llamacpp-check-gemma3 gpu-check llama-server bench-load clean
 
 install: $(STAMP)
 
@@ -76,6 +76,23 @@ llamacpp-check: $(STAMP)
 llamacpp-check-gemma3: $(STAMP) second-model
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	$(PY) scripts/llamacpp_check.py --random-library gemma3-270m --library runs/gemma3-random/library --per-task 4
+
+# llama-server built from the llama.cpp that llama-cpp-python vendors (the source the GGUF check uses)
+LLAMA_SERVER := build/llama-server/bin/llama-server
+LLAMA_SRC := build/llama-src/llama_cpp_python-$(LLAMA_CPP_VERSION)
+$(LLAMA_SERVER): $(STAMP)
+	mkdir -p build/llama-src
+	test -d $(LLAMA_SRC) || ($(PIP) download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_VERSION)" \
+		-d build/llama-src && tar -xzf build/llama-src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C build/llama-src)
+	cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B build/llama-server -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF $(LLAMA_CMAKE_ARGS)
+	cmake --build build/llama-server --target llama-server -j 2
+llama-server: $(LLAMA_SERVER)
+
+# serving under load: GuideLLM's Poisson rate sweeps over chainlora and llama-server (about 50 min)
+bench-load: $(STAMP) $(LLAMA_SERVER)
+	$(PIP) install -q -e ".[load]"
+	test -f runs/demo/library/chainlora.json || $(VENV)/bin/chainlora demo
+	$(PY) bench/serve_load.py --llama-server $(LLAMA_SERVER)
 
 # peak memory and step time of the memory features (bench/RESULTS.md "Memory features")
 bench-memory: $(STAMP) qlora

@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> None:
 
     if shutil.which(args.llama_server) is None and not Path(args.llama_server).exists():
         raise SystemExit(f"error: --llama-server {args.llama_server}: not found (make llama-server builds it)")
-    work = Path(args.out)
+    work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     exports = {}
     for dtype in ("f32", "q8_0"):

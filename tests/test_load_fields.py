@@ -104,3 +104,51 @@ def test_forwarding_passes_both_fields(random_lib):
         app.close()
         backend.close()
         front.scheduler.close()
+
+
+# --------------------------------------------------------------------------- bench/serve_load.py's arithmetic
+
+
+def _bench():
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import serve_load
+    import serve_load_report
+
+    return serve_load, serve_load_report
+
+
+def _row(system: str, traffic: str, rate: float, p99: float, tok: float, errors: int = 0) -> dict:
+    pct = {"p50": p99 / 2, "p90": p99, "p99": p99}
+    return {"session": "s", "system": system, "traffic": traffic, "rate": rate, "errors": errors, "completed": 10,
+            "cut": 1, "completed_per_s": rate, "output_tokens_per_s": tok, "ttft_s": pct, "itl_s": pct, "e2e_s": pct}
+
+
+def test_sustainable_rate_is_the_last_rate_before_the_first_miss():
+    _, report = _bench()
+    rows = [_row("pool", "chain", r, p, 1.0) for r, p in ((1, 0.5), (2, 1.9), (3, 2.5), (4, 1.0))]
+    assert report.sustainable(rows, 2.0) == 2  # 4 req/s under 2 s after a miss at 3 does not count
+    assert report.sustainable([_row("pool", "chain", 1, 0.1, 1.0, errors=1)], 2.0) == 0
+    rows += [_row("pool", "pinned", r, 0.4, 10.0) for r in (1, 2, 3, 4)]
+    rows += [_row("llamacpp-f32", "chain", r, p, 5.0) for r, p in ((1, 1.0), (2, 3.0))]
+    text = report.summary(rows, 2.0)
+    assert "1: 0.100, 2: 0.100, 3: 0.100, 4: 0.100" in text and "2 / 1 = 2.00x" in text
+
+
+def test_rows_of_reads_guidellms_report():
+    load, _ = _bench()
+
+    def metric(p50, p90, p99, total=0.0):
+        return {"successful": {"percentiles": {"p50": p50, "p90": p90, "p99": p99}, "total_sum": total}}
+
+    bench = {"duration": 10.0, "config": {"strategy": {"rate": 2.0}}, "metrics": {
+        "request_totals": {"successful": 18, "incomplete": 2, "errored": 0},
+        "output_token_count": metric(16, 16, 16, total=288), "prompt_token_count": metric(29, 33, 36),
+        "time_to_first_token_ms": metric(100, 200, 400), "inter_token_latency_ms": metric(50, 60, 70),
+        "request_latency": metric(1.0, 1.5, 2.0)}}
+    (row,) = load.rows_of({"benchmarks": [bench]}, "pool", "chain", "s")
+    assert row["output_tokens_per_s"] == 28.8 and row["completed_per_s"] == 1.8 and row["rate"] == 2.0
+    assert row["ttft_s"] == {"p50": 0.1, "p90": 0.2, "p99": 0.4} and row["e2e_s"]["p99"] == 2.0
