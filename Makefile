@@ -43,7 +43,7 @@ qlora: $(STAMP)
 	$(PIP) install -q "bitsandbytes>=0.48"
 
 test: $(STAMP) browser second-model qlora
-	CHAINLORA_REQUIRE_SECOND_MODEL=1 CHAINLORA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
+	CHAINLORA_REQUIRE_SECOND_MODEL=1 CHAINLORA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q --durations=30
 
 test-fast: $(STAMP) browser qlora
 	CHAINLORA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q -m "not e2e and not slow"

@@ -18,6 +18,8 @@ swept and stopped in turn, in one invocation on one machine (2 threads each):
                     applied per request) behind chainlora serve --backend llamacpp (routing)
   llamacpp-q8       the same with a Q8_0 base
   llama-server-f32  llama-server alone with the pinned adapter applied to every request
+  llamacpp-f32-nocache  llamacpp-f32 without --backend-cache-prompt: what llama-server's prompt
+                    cache buys (the others keep it: cache_prompt on, RAM cache off, docs/serving.md)
 GuideLLM runs one worker process: 0.8.1's Poisson schedule is wrong with several (each process
 restarts the arrival clock, and every request goes out at once); one async worker holds any
 concurrency these rates need. Each (system, traffic, rate) becomes a row of bench/serve-load.jsonl
@@ -44,7 +46,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "serve-load.jsonl"
 PLOT = ROOT / "bench" / "serve_load.png"
-SYSTEMS = ("pool", "peft", "llamacpp-f32", "llamacpp-q8", "llama-server-f32")
+SYSTEMS = ("pool", "peft", "llamacpp-f32", "llamacpp-q8", "llama-server-f32", "llamacpp-f32-nocache")
 TTFT_GOAL_S = 2.0  # the issue's sustainable-rate bound on p99 TTFT
 
 
@@ -99,7 +101,7 @@ def system(name: str, library: str, exports: dict[str, Path], llama_server: str,
                      work / f"{name}.log", f"http://127.0.0.1:{port}/health", torch2):
             yield f"http://127.0.0.1:{port}"
         return
-    out = exports["q8_0" if name.endswith("q8") else "f32"]
+    out = exports["q8_0" if "q8" in name else "f32"]
     adapters = json.loads((out / "export.json").read_text())["adapters"]
     lport = free_port()
     if name == "llama-server-f32":  # alone: the pinned adapter on every request (scale 1 from the start)
@@ -112,8 +114,9 @@ def system(name: str, library: str, exports: dict[str, Path], llama_server: str,
         if name == "llama-server-f32":
             yield f"http://127.0.0.1:{lport}"
             return
+        cache = [] if name.endswith("nocache") else ["--backend-cache-prompt"]
         front = chainlora(library, "--port", str(port), "--backend", "llamacpp", "--backend-url",
-                          f"http://127.0.0.1:{lport}", "--backend-cache-prompt")
+                          f"http://127.0.0.1:{lport}", *cache)
         with process(front, work / f"{name}.log", f"http://127.0.0.1:{port}/health", {"OMP_NUM_THREADS": "1"}):
             yield f"http://127.0.0.1:{port}"
 
@@ -199,7 +202,7 @@ def run(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     exports = {}
     for dtype in ("f32", "q8_0"):
-        if any(s.startswith("llama") and (s.endswith("q8") == (dtype == "q8_0")) for s in args.systems):
+        if any(s.startswith("llama") and (("q8" in s) == (dtype == "q8_0")) for s in args.systems):
             exports[dtype] = Path(tempfile.mkdtemp(prefix=f"serve-load-{dtype}-"))
             export(args.library, exports[dtype], "gguf", base_dtype=dtype)
     data = work / "prompts.jsonl"

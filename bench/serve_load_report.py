@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ORDER = ("pool", "peft", "llamacpp-f32", "llamacpp-q8", "llama-server-f32")
+ORDER = ("pool", "peft", "llamacpp-f32", "llamacpp-q8", "llama-server-f32", "llamacpp-f32-nocache")
 
 
 def latest(path: Path) -> list[dict]:
@@ -75,15 +75,16 @@ def plot(rows: list[dict], path: Path, goal_s: float) -> None:
     by = {}
     for r in rows:
         by.setdefault((r["system"], r["traffic"]), []).append(r)
+    colours = dict(zip(ORDER, ("tab:blue", "tab:green", "tab:red", "tab:orange", "tab:purple", "tab:brown")))
     for (name, traffic), rs in sorted(by.items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1])):
         rs = sorted(rs, key=lambda r: r["rate"])
-        style = "-" if traffic == "chain" else "--"
-        label = f"{name} ({traffic})"
-        ax1.plot([r["rate"] for r in rs], [r["ttft_s"]["p99"] for r in rs], style, marker="o", label=label)
-        ax2.plot([r["rate"] for r in rs], [r["output_tokens_per_s"] for r in rs], style, marker="o", label=label)
+        kw = {"color": colours[name], "marker": "o" if traffic == "chain" else "s",
+              "linestyle": "-" if traffic == "chain" else "--", "label": f"{name} ({traffic})"}
+        ax1.plot([r["rate"] for r in rs], [r["ttft_s"]["p99"] for r in rs], **kw)
+        ax2.plot([r["rate"] for r in rs], [r["output_tokens_per_s"] for r in rs], **kw)
     ax1.axhline(goal_s, color="grey", lw=0.8)
     ax1.set(xlabel="offered rate (requests/s, Poisson)", ylabel="p99 time to first token (s)", yscale="log",
-            title="TTFT p99 (line: the 2 s goal)")
+            title="TTFT p99 (grey: the 2 s goal); solid: chain, dashed: pinned")
     ax2.set(xlabel="offered rate (requests/s, Poisson)", ylabel="output tokens/s (completed requests)",
             title="throughput")
     ax2.legend(fontsize=7)
