@@ -145,7 +145,7 @@ def test_tensor_views_read_what_safetensors_wrote():
     (the caller then uses safetensors) where it does not apply."""
     from safetensors.torch import load, save
 
-    from chainlora.inference.adapter_cache import tensor_views
+    from chainlora.inference.adapter_file import tensor_views
 
     cases = [{"x.lora_A.weight": torch.randn(8, 16), "x.lora_B.weight": torch.randn(16, 8), "empty": torch.zeros(0, 4),
               "scalar": torch.tensor(2.0)},
@@ -161,3 +161,42 @@ def test_tensor_views_read_what_safetensors_wrote():
         assert set(views) == set(ref) and all(torch.equal(views[k], ref[k]) and views[k].dtype == ref[k].dtype
                                               for k in ref)
     assert tensor_views(save(cases[0])) is not None and tensor_views(save(cases[2])) is None
+
+
+def test_a_verified_adapter_is_read_straight_into_its_slot(tiny_model_dir, tmp_path):
+    """A cold reload of an adapter hashed before and unchanged since reads its data section into
+    the slot tensors (no bytes in between) and gives PEFT's logits; a file replaced after it was
+    staged is refused by name at that read (its identity is checked on the open file), never
+    half-loaded."""
+    import os
+    import time
+
+    from chainlora.inference.adapter_file import FileTensors
+
+    root = make_random_library(tmp_path / "lib", tiny_model_dir, ["antonym", "definition"], r=8)  # = the slots' rank
+    peft = Engine.load(root, device="cpu")
+    old = time.time() - 60
+    for f in root.rglob("*"):
+        os.utime(f, (old, old))
+    engine = Engine.load(root, device="cpu", adapters="pool", max_adapters=2)
+    ids = torch.randint(3, 100, (4, 7), generator=torch.Generator().manual_seed(1))
+    names = ["antonym", "definition", "antonym", "definition"]
+    for _ in range(3):  # evicted and reloaded each time: the first read hashes, the others do not
+        for n in ("antonym", "definition"):
+            engine.pool.drop({n})
+            engine.cache.cpu.pop(n, None)
+        got = logits(engine, names, ids)
+        want = logits(peft, names, ids)
+        assert torch.allclose(want, got, atol=1e-5, rtol=1e-4)
+    staged = engine.cache.cpu["antonym"][1]
+    assert isinstance(staged, FileTensors) and staged.data is None  # never read into bytes
+    assert any(p is not None and p.views for p in engine.pool.plans.values())
+    engine.pool.drop({"antonym"})
+    weights = root / "tasks" / "antonym" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))  # after staging: the CPU tier still holds the old identity
+    free = list(engine.pool.free)
+    with pytest.raises(ChainloraError, match="changed since it was checked"):
+        engine.pool.acquire(["antonym"])
+    assert sorted(engine.pool.free) == sorted(free) and "antonym" not in engine.pool.resident

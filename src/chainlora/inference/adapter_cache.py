@@ -15,12 +15,15 @@ sha256; a missing or corrupt adapter is refused by name and the others keep work
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from chainlora.errors import ChainloraError, NotFound
+from chainlora.inference.adapter_file import FileTensors, reopen_verified, tensor_views
 from chainlora.library.store import ADAPTER_FILES, Library, read_verified
 
 
@@ -33,39 +36,9 @@ class CacheStats:
     hotswaps: int = 0  # loads that reused an evicted adapter's slot (weights copied in place)
 
 
-DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F64": ("float64", 8)}
-
-
-def tensor_views(data: bytes) -> dict | None:
-    """A safetensors file's tensors as read-only views into its (hashed) bytes: no copy, no
-    allocation per tensor (safetensors' `load` copies each; a cold load of a 120-tensor adapter
-    spent more time there than reading the file). None for a dtype it does not map: the caller
-    falls back to `safetensors.torch.load`. The views are only ever read (copied into a slot)."""
-    import warnings
-
-    import torch
-
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    header.pop("__metadata__", None)
-    if any(h.get("dtype") not in DTYPES for h in header.values()):
-        return None
-    out, base, whole = {}, 8 + n, {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "not writable": these views are only read
-        for key, h in header.items():
-            name, size = DTYPES[h["dtype"]]
-            start, end = h["data_offsets"]
-            if start % size or (len(data) - base) % size:
-                return None  # not aligned to its dtype: let safetensors copy it
-            if name not in whole:  # one view of the data section per dtype, sliced per tensor
-                whole[name] = torch.frombuffer(data, dtype=getattr(torch, name), offset=base)
-            out[key] = whole[name][start // size:end // size].view(h["shape"])
-    return out
-
-
-def state_bytes(state: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
+def state_bytes(state: Mapping) -> int:
+    nbytes = getattr(state, "nbytes", None)
+    return nbytes if nbytes is not None else sum(t.numel() * t.element_size() for t in state.values())
 
 
 class AdapterCache:
@@ -88,18 +61,25 @@ class AdapterCache:
         self.stats = CacheStats()
         self.entries = {e["name"]: e for e in lib.entries()}
         self.verified: dict = {}  # files hashed once and unchanged since (store.read_verified's memo)
+        self.dirs: dict[str, Any] = {}  # adapter name -> its checked folder (Library.path, once)
+        self.parsed: dict[str, tuple] = {}  # folder -> (config, safetensors header) of a verified read
 
     # ------------------------------------------------------------------ tiers
 
     def _read(self, name: str) -> tuple[Any, dict, int]:
-        """Disk -> CPU tier: one read of the weights, hashed and parsed from the same bytes."""
+        """Disk -> CPU tier: one read of the weights, hashed and parsed from the same bytes; an
+        adapter hashed before and unchanged since is not read here at all (adapter_file.py)."""
         from peft import PeftConfig
         from safetensors.torch import load as load_safetensors
 
         entry = self.entries.get(name)
         if entry is None:
             raise NotFound(f"{self.lib.root}: no adapter {name!r} (have: {', '.join(self.entries)})")
-        directory = self.lib.path(entry)
+        directory = self.dirs.get(name) or self.dirs.setdefault(name, self.lib.path(entry))
+        known = reopen_verified(directory, ADAPTER_FILES, entry.get("sha256"), self.verified, self.parsed)
+        if known is not None:  # hashed and parsed before, unchanged since: the pool reads its data into a slot
+            self.stats.disk_loads += 1
+            return known[0], known[1], known[1].nbytes
         config_bytes, weights = read_verified(directory, entry, ADAPTER_FILES, f"adapter {name!r}", self.verified)
         try:  # the bytes match the manifest, yet a hand-edited manifest can vouch for junk
             # parsed from the hashed bytes as PeftConfig.from_pretrained does from the file
@@ -112,6 +92,8 @@ class AdapterCache:
             raise ChainloraError(f"{directory}: adapter {name!r} does not parse ({e.__class__.__name__}: {e})")
         config.inference_mode = True
         self.stats.disk_loads += 1
+        if isinstance(state, FileTensors):
+            self.parsed[str(directory)] = (copy.copy(config), state.layout)
         return config, state, state_bytes(state)
 
     def stage(self, name: str) -> tuple[Any, dict, int]:
@@ -231,6 +213,8 @@ class AdapterCache:
                 else:
                     self.free.append(slot)
         self.lib, self.entries = lib, {e["name"]: e for e in lib.entries()}
+        self.dirs.clear()
+        self.parsed.clear()
 
     def slot(self, name: str) -> str:
         """The PeftModel adapter name holding `name` (resident adapters only)."""

@@ -11,8 +11,11 @@ with ranks zero-padded to r_max and slot 0 all zeros (rows without an adapter). 
 on the base Linear adds, per row i with slot s_i,  scale[s_i] * B[s_i] @ A[s_i] @ x_i : one
 gather and two batched matmuls (the BGMV idea), whatever the number of adapters. The batch's
 rows and its largest rank are worked out once a batch (`set_rows`), not in every Linear. A cold load
-copies the file's tensors straight into a free slot through a key -> (target, A|B) map that is
-computed once per key. PEFT stays the training path and the reference the tests compare with.
+follows its file layout's plan (`_Plan`, made once per layout: adapters of one shape share it):
+the data section is read straight into the slot tensors (one `preadv`, adapter_file.py) when the
+file was verified before, or copied from the hashed bytes in one `_foreach_copy_`; anything the
+plan does not cover (several dtypes, a new larger rank) goes tensor by tensor. PEFT stays the
+training path and the reference the tests compare with.
 
 The pool is the device tier for answering; the CPU tier (AdapterCache.stage) feeds it.
 """
@@ -26,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 from chainlora.errors import ChainloraError
 from chainlora.inference.adapter_cache import CacheStats
+from chainlora.inference.adapter_file import SIZES
 
 ZERO = 0  # the slot that is never written: rows answered by the bare base model
 
@@ -111,6 +115,7 @@ class AdapterPool:
         self.batch_slots: set[int] = set()
         self.batch_rank = 0  # the largest rank any target holds in the batch's slots
         self.batch_targets: set[_Target] = set()  # the targets some adapter of the batch writes
+        self.plans: dict[bytes, _Plan | None] = {}  # a file layout (its header) -> how it lands in a slot
 
     # ------------------------------------------------------------------ loading
 
@@ -135,8 +140,17 @@ class AdapterPool:
         self.keys[key] = (self.targets[path], which, path)
         return self.keys[key]
 
-    def _write(self, slot: int, config: Any, state: dict) -> None:
-        """Copy one adapter's tensors into `slot` of every target (zeroing what it lacks)."""
+    def _write(self, slot: int, config: Any, state: Any) -> None:
+        """Copy one adapter's tensors into `slot` of every target (zeroing what it lacks); by
+        its layout's plan when it has one (one batched copy), else tensor by tensor."""
+        layout = getattr(state, "layout", None)
+        if layout is not None:
+            if layout not in self.plans:
+                self.plans[layout] = _Plan.make(self, state)
+            plan = self.plans[layout]
+            if plan is not None and plan.fits(self):
+                plan.write(self, slot, config, state)
+                return
         placed = {}
         for key, tensor in state.items():
             target, which, path = self._target(key)
@@ -146,6 +160,7 @@ class AdapterPool:
             self.r_max = top
             for t in self.targets.values():
                 t.grow(self.capacity + 1, top)
+            self._grown()
         for path, t in self.targets.items():
             if path not in placed and t.rank[slot]:  # held by the slot's last adapter only
                 t.clear(slot)
@@ -165,12 +180,19 @@ class AdapterPool:
             target.scale[slot] = _scaling(config, path, r)
             target.rank[slot] = r
 
+    def _grown(self) -> None:
+        """The slot tensors were reallocated: plans' destination views are stale."""
+        for plan in self.plans.values():
+            if plan is not None:
+                plan.views.clear()
+
     def _grow_slots(self) -> None:
         new = self.capacity * 2
         for t in self.targets.values():
             t.grow(new + 1, self.r_max)
         self.free += list(range(self.capacity + 1, new + 1))
         self.capacity = new
+        self._grown()
 
     def acquire(self, names: Sequence[str]) -> list[int]:
         """Make every named adapter resident (LRU-touched), evicting others; their slots."""
@@ -240,6 +262,90 @@ class AdapterPool:
             t.handle.remove()
         self.targets.clear()
         self.keys.clear()
+        self.plans.clear()
+
+
+class _Plan:
+    """How one safetensors layout lands in a slot: its tensors in the file's order, each to its
+    target's A or B. With it a cold load is ONE `_foreach_copy_` from the file's data section
+    (split, not parsed per tensor) and one batched scale write, instead of a Python copy per
+    tensor; adapters of one shape share a layout, so the plan is made once."""
+
+    def __init__(self, parts: list[tuple[_Target, str, tuple]], dtype: str, sizes: list[int]):
+        self.parts, self.dtype, self.sizes = parts, dtype, sizes  # parts: (target, "A"|"B", shape)
+        self.ranks = {t: shape[0] for t, which, shape in parts if which == "A"}
+        self.paths = {t: path for path, t in parts[0][0].pool.targets.items() if t in self.ranks} if parts else {}
+        self.views: dict[int, tuple] = {}  # slot -> destinations (see _destinations)
+        self.values: dict[tuple, list] = {}  # a config's alpha settings -> the targets' scalings
+
+    @staticmethod
+    def make(pool: "AdapterPool", state: Any) -> "_Plan | None":
+        """A plan for this file's layout; None when it needs the general path (several dtypes,
+        not the slots' dtype, a lone A or B, a shape that does not fit: that path says why)."""
+        names = {name for name, _, _, _ in state.entries.values()}
+        parts, sizes = [], []
+        for key, (name, shape, start, end) in state.entries.items():  # the file's order
+            target, which, _ = pool._target(key)
+            parts.append((target, which, shape))
+            sizes.append((end - start) // SIZES[name])
+        if len(names) != 1 or not parts or str(parts[0][0].A.dtype) != f"torch.{next(iter(names))}":
+            return None
+        pairs: dict[_Target, dict] = {}
+        for target, which, shape in parts:
+            pairs.setdefault(target, {})[which] = shape
+        for target, ab in pairs.items():
+            if set(ab) != {"A", "B"} or len(ab["A"]) != 2 or ab["A"][1] != target.A.shape[2] or \
+                    tuple(ab["B"]) != (target.B.shape[1], ab["A"][0]):
+                return None
+        return _Plan(parts, next(iter(names)), sizes)
+
+    def fits(self, pool: "AdapterPool") -> bool:
+        return max(self.ranks.values()) <= pool.r_max
+
+    def _destinations(self, slot: int) -> tuple[list, bool, list, list | None]:
+        """(A/B destinations in the file's order, whether all are contiguous, scale cells, and
+        the destinations as writable byte buffers when the file can be read straight into them)."""
+        if slot not in self.views:
+            dst = [t.A[slot, :shape[0]] if which == "A" else t.B[slot, :, :shape[1]] for t, which, shape in self.parts]
+            flat = all(d.is_contiguous() for d in dst)
+            cpu = flat and all(d.device.type == "cpu" for d in dst)
+            self.views[slot] = ([d.view(-1) for d in dst] if flat else dst, flat,
+                                [t.scale[slot:slot + 1] for t in self.ranks],
+                                [memoryview(d.view(-1).numpy()).cast("B") for d in dst] if cpu else None)
+        return self.views[slot]
+
+    def _scales(self, config: Any) -> list:
+        """Each target's scaling under this config, as one-element tensors (cached per alpha)."""
+        import torch
+
+        key = (config.lora_alpha, bool(getattr(config, "use_rslora", False)),
+               tuple(sorted((getattr(config, "alpha_pattern", None) or {}).items())))
+        if key not in self.values:
+            dtype = self.parts[0][0].scale.dtype
+            self.values[key] = list(torch.tensor([_scaling(config, self.paths[t], r) for t, r in self.ranks.items()],
+                                                 dtype=dtype).split(1))
+        return self.values[key]
+
+    def write(self, pool: "AdapterPool", slot: int, config: Any, state: Any) -> None:
+        import torch
+
+        dst, flat, scale, buffers = self._destinations(slot)
+        if buffers is not None:  # one pass: the file's data section read (or copied) into the slot
+            state.read_into(buffers)
+        else:
+            src = state.section(self.dtype).split(self.sizes)
+            if not flat:  # a rank below r_max: B's columns are strided, copy shaped
+                src = [s.view(shape) for s, (_, _, shape) in zip(src, self.parts)]
+            torch._foreach_copy_(dst, list(src))
+        for t in pool.targets.values():
+            r = self.ranks.get(t, 0)
+            if t.rank[slot] > r:  # the slot's last adapter was larger here (or only it targeted t)
+                t.A[slot, r:].zero_()
+                t.B[slot, :, r:].zero_()
+                if not r:
+                    t.scale[slot] = 0
+            t.rank[slot] = r
+        torch._foreach_copy_(scale, self._scales(config))
 
 
 def _scaling(config: Any, path: str, rank: int) -> float:
