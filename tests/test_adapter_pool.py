@@ -200,3 +200,24 @@ def test_a_verified_adapter_is_read_straight_into_its_slot(tiny_model_dir, tmp_p
     with pytest.raises(ChainloraError, match="changed since it was checked"):
         engine.pool.acquire(["antonym"])
     assert sorted(engine.pool.free) == sorted(free) and "antonym" not in engine.pool.resident
+
+
+def test_a_header_that_lies_is_refused_not_loaded(tmp_path):
+    """A safetensors header whose shapes or offsets do not match its data is never viewed or
+    read into a slot: the file goes to safetensors' own parser, which refuses it."""
+    import json as json_
+
+    from safetensors.torch import save
+
+    from chainlora.inference.adapter_file import tensor_views
+
+    good = save({"a": torch.randn(4, 8), "b": torch.randn(8, 4)})
+    assert tensor_views(good) is not None
+    n = int.from_bytes(good[:8], "little")
+    header = json_.loads(good[8:8 + n])
+    for key, change in (("shape", [4, 4]), ("data_offsets", [0, 64])):
+        bad = dict(header, a={**header["a"], key: change})
+        text = json_.dumps(bad).encode()
+        text += b" " * (n - len(text))  # the header keeps its length (safetensors pads it with spaces)
+        assert len(text) == n
+        assert tensor_views(good[:8] + text + good[8 + n:]) is None, key

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -125,14 +126,14 @@ def _parse_layout(header_bytes: bytes, data_bytes: int) -> tuple[dict, int] | No
     header.pop("__metadata__", None)
     if any(h.get("dtype") not in DTYPES for h in header.values()):
         return None
-    entries = {}
+    entries, at = {}, 0
     for key, h in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # the file's order
         name, size = DTYPES[h["dtype"]]
         start, end = h["data_offsets"]
-        if start % size or data_bytes % size:
-            return None  # not aligned to its dtype: let safetensors copy it
-        entries[key] = (name, tuple(h["shape"]), start, end)
-    return entries, data_bytes
+        if start % size or data_bytes % size or start != at or math.prod(h["shape"]) * size != end - start:
+            return None  # not aligned, not packed end to end, or not its shape's size: safetensors judges it
+        entries[key], at = (name, tuple(h["shape"]), start, end), end
+    return (entries, data_bytes) if at == data_bytes else None
 
 
 def tensor_views(data: bytes) -> FileTensors | None:
