@@ -163,11 +163,12 @@ def test_tensor_views_read_what_safetensors_wrote():
     assert tensor_views(save(cases[0])) is not None and tensor_views(save(cases[2])) is None
 
 
-def test_a_verified_adapter_is_read_straight_into_its_slot(tiny_model_dir, tmp_path):
+def test_a_verified_adapter_is_read_straight_into_its_slot(tiny_model_dir, tmp_path, monkeypatch):
     """A cold reload of an adapter hashed before and unchanged since reads its data section into
-    the slot tensors (no bytes in between) and gives PEFT's logits; a file replaced after it was
-    staged is refused by name at that read (its identity is checked on the open file), never
-    half-loaded."""
+    the slot tensors (no bytes in between) and gives PEFT's logits. A file replaced after it was
+    staged is read and hashed again when taken from the CPU tier (here: refused as corrupt); one
+    replaced between that check and the read is refused by name at the read (its identity is
+    checked on the open file); never half-loaded."""
     import os
     import time
 
@@ -188,7 +189,8 @@ def test_a_verified_adapter_is_read_straight_into_its_slot(tiny_model_dir, tmp_p
         got = logits(engine, names, ids)
         want = logits(peft, names, ids)
         assert torch.allclose(want, got, atol=1e-5, rtol=1e-4)
-    staged = engine.cache.cpu["antonym"][1]
+    item = engine.cache.cpu["antonym"]
+    staged = item[1]
     assert isinstance(staged, FileTensors) and staged.data is None  # never read into bytes
     assert any(p is not None and p.views for p in engine.pool.plans.values())
     engine.pool.drop({"antonym"})
@@ -197,6 +199,10 @@ def test_a_verified_adapter_is_read_straight_into_its_slot(tiny_model_dir, tmp_p
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))  # after staging: the CPU tier still holds the old identity
     free = list(engine.pool.free)
+    with pytest.raises(ChainloraError, match="corrupt"):  # seen stale when taken from the CPU tier: hashed again
+        engine.pool.acquire(["antonym"])
+    engine.cache.cpu["antonym"] = item  # staged again, as before the write
+    monkeypatch.setattr(FileTensors, "stale", lambda self: False)  # changed between the check and the read
     with pytest.raises(ChainloraError, match="changed since it was checked"):
         engine.pool.acquire(["antonym"])
     assert sorted(engine.pool.free) == sorted(free) and "antonym" not in engine.pool.resident

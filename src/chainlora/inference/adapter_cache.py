@@ -99,8 +99,11 @@ class AdapterCache:
     def stage(self, name: str) -> tuple[Any, dict, int]:
         """The adapter's (config, weights, bytes) in the CPU tier, read from disk if need be."""
         if name in self.cpu:
-            self.cpu.move_to_end(name)
-            return self.cpu[name]
+            state = self.cpu[name][1]
+            if not (isinstance(state, FileTensors) and state.stale()):
+                self.cpu.move_to_end(name)
+                return self.cpu[name]
+            del self.cpu[name]  # staged but not read, and the file changed since: read (and hash) it again
         item = self._read(name)
         self.cpu[name] = item
         while sum(b for _, _, b in self.cpu.values()) > self.cpu_bytes and len(self.cpu) > 1:

@@ -58,6 +58,15 @@ class FileTensors(Mapping):
             raise ChainloraError(f"{self.path}: adapter changed since it was checked (reload the library)")
         return f
 
+    def stale(self) -> bool:
+        """Whether the file on disk is no longer the one staged (only a file not yet read can be)."""
+        if self.data is not None:
+            return False
+        try:
+            return identity(os.stat(self.path)) != self.ident
+        except OSError:
+            return True
+
     def read_into(self, buffers: list[memoryview]) -> None:
         """The data section, in the file's order, straight into these writable buffers."""
         if self.data is not None:
