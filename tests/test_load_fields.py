@@ -1,8 +1,9 @@
 """The request fields load-testing tools send (GuideLLM, vLLM's benchmark, AIPerf): `ignore_eos`
-(fixed output lengths) and `stream_options.continuous_usage_stats` (token counts in every
-chunk). The tiny model is biased so that its end token is always the most likely one: without
-`ignore_eos` every answer is empty, with it each row runs to its own max_tokens, in one batch
-with rows that stop, and the logprobs reported are still the model's own (the end token on top)."""
+(fixed output lengths), vLLM's `min_tokens`, and `stream_options.continuous_usage_stats` (token
+counts in every chunk). The tiny model is biased so that its end token is always the most likely
+one: without them every answer is empty; with `ignore_eos` each row runs to its own max_tokens,
+with `min_tokens` n it ends right after n tokens, in one batch with rows that stop, and the
+logprobs reported are still the model's own (the end token on top)."""
 
 from __future__ import annotations
 
@@ -31,15 +32,16 @@ def end_always_wins(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("tier", ["peft", "pool"])
-def test_ignore_eos_rows_run_to_their_length_beside_rows_that_stop(random_lib, tier):
+def test_minimum_lengths_per_row_beside_rows_that_stop(random_lib, tier):
     engine = Engine.load(random_lib, device="cpu", adapters=tier)
     end_always_wins(engine)
     ends = end_ids(engine.tok)
-    recorder = Recorder({0: 2}, 3)
-    answers = engine.generate(TEXTS, task=["antonym", "sentiment", None], max_new_tokens=[5, 5, 3],
-                              ignore_eos=[True, False, True], recorder=recorder, prefill_chunk=4)
-    assert [a.completion_tokens for a in answers] == [5, 0, 3]
-    assert [a.finish_reason for a in answers] == ["length", "stop", "length"]
+    recorder = Recorder({0: 2}, 4)
+    answers = engine.generate([*TEXTS, TEXTS[0]], task=["antonym", "sentiment", None, "mixed"],
+                              max_new_tokens=[5, 5, 3, 6], min_tokens=[5, 0, 3, 2], recorder=recorder,
+                              prefill_chunk=4)  # rows 0 and 2: ignore_eos (minimum = max); row 3: min_tokens 2
+    assert [a.completion_tokens for a in answers] == [5, 0, 3, 2]
+    assert [a.finish_reason for a in answers] == ["length", "stop", "length", "stop"]
     assert not any(t in ends for a in answers for t in a.token_ids if not a.ended)
     for e in answers[0].logprobs:  # raw logits: the end token stays the most likely, never chosen
         assert e.top[0][0] in ends and e.token not in ends and e.logprob < e.top[0][1] - 10
@@ -47,11 +49,13 @@ def test_ignore_eos_rows_run_to_their_length_beside_rows_that_stop(random_lib, t
 
 def test_end_suppressor_masks_only_its_rows_after_a_prefill_dropped_some():
     scores = torch.zeros(2, 6)
-    s = EndSuppressor([0, 2], {1, 4})
+    s = EndSuppressor({0: 9, 2: 2}, {1, 4})
     s.select([1, 2])  # row 0 left in the prefill: the call's rows are batch rows 1 and 2
-    out = s(None, scores)
+    out = s(torch.zeros(2, 7), scores)  # the first step: nothing made yet
     assert out[0].eq(0).all() and out[1, [1, 4]].eq(float("-inf")).all() and out[1, [0, 2, 3, 5]].eq(0).all()
     assert scores.eq(0).all()  # the caller's tensor is left as it was
+    assert s(torch.zeros(2, 8), scores)[1, [1, 4]].eq(float("-inf")).all()  # one token made: row 2 needs 2
+    assert s(torch.zeros(2, 9), scores).eq(0).all()  # two made: its end tokens are free again
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +74,10 @@ def test_server_ignore_eos_and_continuous_usage(biased):
     whole = httpx.post(f"{biased.url}/v1/chat/completions", timeout=60,
                        json={**body, "max_completion_tokens": 6, "ignore_eos": True, "stop": None}).json()
     assert whole["usage"]["completion_tokens"] == 6 and whole["choices"][0]["finish_reason"] == "length"
+    least = httpx.post(f"{biased.url}/v1/chat/completions", timeout=60, json={**body, "max_tokens": 6, "min_tokens": 3}).json()
+    assert least["usage"]["completion_tokens"] == 3 and least["choices"][0]["finish_reason"] == "stop"
+    r = httpx.post(f"{biased.url}/v1/chat/completions", timeout=60, json={**body, "max_tokens": 2, "min_tokens": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
     r = httpx.post(f"{biased.url}/v1/chat/completions", timeout=60, json={
         **body, "max_completion_tokens": 6, "ignore_eos": True, "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
@@ -93,10 +101,11 @@ def test_forwarding_passes_both_fields(random_lib):
     try:
         r = httpx.post(f"{app.url}/v1/chat/completions", timeout=60, json={
             "model": "antonym", "messages": [{"role": "user", "content": TEXTS[0]}], "max_tokens": 4,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+            "ignore_eos": True, "min_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
         assert r.status_code == 200
         sent = rec.calls[-1][1]
-        assert sent["ignore_eos"] is True and sent["stream_options"] == {"include_usage": True,
+        assert sent["ignore_eos"] is True and sent["min_tokens"] == 2 and sent["stream_options"] == {"include_usage": True,
                                                                           "continuous_usage_stats": True}
         httpx.post(f"{app.url}/v1/completions", timeout=60, json={"model": "antonym", "prompt": "x", "max_tokens": 2})
         assert "ignore_eos" not in rec.calls[-1][1]  # unset: not sent

@@ -305,7 +305,7 @@ class Engine:
                  stopping: Any = None, routes: Sequence[Route] | None = None, prefill_chunk: int | None = None,
                  keep: Keep | None = None, recorder: Recorder | None = None,
                  prompt_logprobs: Sequence[int | None] | None = None,
-                 ignore_eos: Sequence[bool] = ()) -> list[Answer | None]:
+                 min_tokens: Sequence[int] = ()) -> list[Answer | None]:
         """Answer a batch: route (unless `task` pins it), then ONE mixed-adapter generate call.
 
         max_new_tokens may differ per row (the batch runs to the largest, each row is cut at its
@@ -318,8 +318,8 @@ class Engine:
         chunks; a row it drops leaves the batch and its answer is None (see prefill.py).
         recorder (logprobs.Recorder) records the generated tokens' log-probabilities of the rows it
         wants; prompt_logprobs (top-k per row, None: not that row) scores the prompts' tokens in
-        the prefill. Both come back in each Answer (`logprobs`, `prompt_logprobs`). Rows flagged
-        in `ignore_eos` never choose an end token (stops.EndSuppressor).
+        the prefill. Both come back in each Answer (`logprobs`, `prompt_logprobs`). `min_tokens`
+        (per row) keeps a row from choosing an end token before it has made that many (EndSuppressor).
         """
         import torch
 
@@ -331,8 +331,8 @@ class Engine:
         self._check_fit([int(n) for n in enc["attention_mask"].sum(1)], limits)
         routes = list(routes) if routes is not None else self.routes_for(texts, task)
         names = [r.adapter for r in routes]
-        flagged = [i for i, f in enumerate(ignore_eos) if f]
-        suppress = EndSuppressor(flagged, end_ids(self.tok)) if flagged else None
+        minimum = {i: n for i, n in enumerate(min_tokens) if n > 0}
+        suppress = EndSuppressor(minimum, end_ids(self.tok)) if minimum else None
         kw = self._gen_kwargs(max(max(limits), 1), temperature, top_p, stop, min_new_tokens, stopping, recorder, suppress)
         if streamer is not None:
             kw["streamer"] = streamer

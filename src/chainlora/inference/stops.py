@@ -76,14 +76,16 @@ class StopMatcher:
 
 
 class EndSuppressor:
-    """A logits processor for the rows that asked `ignore_eos` (vLLM's and llama-server's request
-    field): their end tokens can never be chosen, so they run to their max_tokens, as a load
-    benchmark's fixed output lengths need. As llama-server does it (the end tokens' logits at
-    -inf); placed after the Recorder, so reported logprobs stay the model's own."""
+    """A logits processor for rows with a minimum length: vLLM's `min_tokens`, and `ignore_eos`
+    (vLLM's and llama-server's; its minimum is the row's max_tokens, so it runs to it, as a load
+    benchmark's fixed output lengths need). Until a row has made its minimum, its end tokens can
+    never be chosen (their logits at -inf, as llama-server does it); placed after the Recorder,
+    so reported logprobs stay the model's own. Rows without a minimum are untouched."""
 
-    def __init__(self, rows: Sequence[int], ends: set[int]):
-        self.want, self.ends = set(rows), sorted(ends)
+    def __init__(self, minimum: dict[int, int], ends: set[int]):
+        self.want, self.ends = minimum, sorted(ends)  # want: batch row -> tokens it must make
         self.rows: list[int] = []  # the batch rows in the call (set by select; a chunked prefill drops some)
+        self.start: int | None = None  # the padded prompt's width, seen at the first step
 
     def select(self, rows: Sequence[int]) -> None:
         self.rows = list(rows)
@@ -91,7 +93,10 @@ class EndSuppressor:
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        at = [j for j, i in enumerate(self.rows) if i in self.want]
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        made = input_ids.shape[1] - self.start
+        at = [j for j, i in enumerate(self.rows) if self.want.get(i, 0) > made]
         if not at or not self.ends:
             return scores
         scores = scores.clone()

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 PATH = "/completions"
 # validated sampling fields (schema.py) the backend reads as OpenAI/vLLM do; nothing else is sent
 PASSED = ("seed", "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k", "min_p",
-          "repetition_penalty", "ignore_eos")
+          "repetition_penalty", "ignore_eos", "min_tokens")
 
 
 def completion_body(body: Sampling, req: Request, model: str, ids: list[int]) -> dict:

@@ -204,15 +204,18 @@ class Preparer:
         if body.n != 1:
             raise ApiError(400, "n: only n=1 is supported", param="n")
         self.limits.stops(body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else [])
-        self.max_tokens(body)  # over the ceiling: refused before tokenizing
+        most = self.max_tokens(body)  # over the ceiling: refused before tokenizing
+        if body.min_tokens and body.min_tokens > most:
+            raise ApiError(400, f"min_tokens: {body.min_tokens} is more than max_tokens ({most})", param="min_tokens")
         top, scored = logprobs_asked(body)
         if not isinstance(rendered, list):  # tokenized here once: the worker and a backend get ids
             rendered = self.plain.ids(rendered)  # user text's special-token strings as plain text
         self.fits(len(rendered), body, field)
-        return Request(text=text, rendered=rendered, task=task, max_tokens=self.max_tokens(body),
+        return Request(text=text, rendered=rendered, task=task, max_tokens=most,
                        temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
                        deadline=time.monotonic() + self.settings.timeout_s, logprobs=top,
-                       prompt_logprobs=top if scored else None, echo=echo, ignore_eos=body.ignore_eos)
+                       prompt_logprobs=top if scored else None, echo=echo,
+                       min_tokens=most if body.ignore_eos else body.min_tokens or 0)
 
 
 def logprobs_asked(body: Sampling) -> tuple[int | None, bool]:

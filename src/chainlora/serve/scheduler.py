@@ -65,7 +65,7 @@ class Request:
     logprobs: int | None = None  # each generated token's logprob and this many alternatives (None: not asked)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI's echo)
     echo: str | None = None  # the prompt's text, when the response repeats it (completions' echo)
-    ignore_eos: bool = False  # never choose an end token: the answer runs to max_tokens
+    min_tokens: int = 0  # no end token before this many (vLLM's min_tokens; ignore_eos: max_tokens)
     on_route: Callable[[Route], None] | None = None  # called (worker thread) once routed
     on_text: Callable[[str, list, int], None] | None = None  # streaming (worker thread): per delta, its logprob
     # entries and the tokens made so far
@@ -363,7 +363,7 @@ class Scheduler:
             max_new_tokens=[r.max_tokens for r in group], temperature=first.temperature,
             top_p=first.top_p, stop=list(first.stop) or None, streamer=streamer, stopping=stopper,
             prefill_chunk=self.prefill_chunk, keep=keep, recorder=recorder,
-            prompt_logprobs=[r.prompt_logprobs for r in group], ignore_eos=[r.ignore_eos for r in group])
+            prompt_logprobs=[r.prompt_logprobs for r in group], min_tokens=[r.min_tokens for r in group])
         return [None if i in stopper.cut else a for i, a in enumerate(answers)], streamer, stopper.steps
 
 

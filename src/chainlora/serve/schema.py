@@ -116,6 +116,7 @@ class Sampling(BaseModel):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     ignore_eos: bool = False  # vLLM's and llama-server's: run to max_tokens (load benchmarks' fixed lengths)
+    min_tokens: int | None = Field(default=None, ge=0, le=1_000_000)  # vLLM's: no end token before this many
 
     def stops(self) -> tuple[str, ...]:
         items = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
