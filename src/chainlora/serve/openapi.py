@@ -19,10 +19,16 @@ REF = "#/components/schemas/{model}"
 
 
 class _Documented:
-    def __call__(self, *codes: int) -> dict[int | str, Any]:
-        """Error responses for a route, each with the error shape."""
-        return {code: {"model": ErrorBody, "description": CODES.get(code, "error").replace("_", " ")}
-                for code in codes}
+    def __call__(self, *codes: int, streams: bool = False) -> dict[int | str, Any]:
+        """Error responses for a route, each with the error shape; `streams`: its 200 is JSON, or
+        server-sent events when the body asks `stream: true`."""
+        out: dict[int | str, Any] = {code: {"model": ErrorBody, "description": CODES.get(code, "error").replace("_", " ")}
+                                     for code in codes}
+        if streams:
+            out[200] = {"description": "the completion; with `stream: true`, server-sent events (chunks, then "
+                                       "`data: [DONE]`)",
+                        "content": {"application/json": {}, "text/event-stream": {}}}
+        return out
 
     @staticmethod
     def body(model: type) -> dict:

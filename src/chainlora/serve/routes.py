@@ -103,12 +103,12 @@ async def answer(request: HttpRequest, kind: str) -> Any:
 
 
 @router.post("/v1/chat/completions", openapi_extra=documented.body(ChatBody),
-             responses=documented(*COMPLETION_ERRORS), response_model=None)
+             responses=documented(*COMPLETION_ERRORS, streams=True), response_model=None)
 async def chat(request: HttpRequest) -> Any:
     return await answer(request, "chat")
 
 
 @router.post("/v1/completions", openapi_extra=documented.body(CompletionBody),
-             responses=documented(*COMPLETION_ERRORS), response_model=None)
+             responses=documented(*COMPLETION_ERRORS, streams=True), response_model=None)
 async def completions(request: HttpRequest) -> Any:
     return await answer(request, "text")
