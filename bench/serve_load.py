@@ -44,32 +44,12 @@ from typing import Iterator
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from llamaserver_check import free_port, wait_for  # noqa: E402  (the same helpers as the llama-server check)
 RESULTS = ROOT / "bench" / "serve-load.jsonl"
 PLOT = ROOT / "bench" / "serve_load.png"
 SYSTEMS = ("pool", "peft", "llamacpp-f32", "llamacpp-q8", "llama-server-f32", "llamacpp-f32-nocache")
 TTFT_GOAL_S = 2.0  # the sustainable-rate bound on p99 TTFT
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"error: {proc.args[0]} exited with {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"error: {url} did not answer in {seconds:.0f} s")
 
 
 @contextmanager
