@@ -176,8 +176,10 @@ def rows_of(report: dict, system_: str, traffic: str, session: str) -> list[dict
 def run(args: argparse.Namespace) -> None:
     from chainlora.library.export import export
 
-    if shutil.which(args.llama_server) is None and not Path(args.llama_server).exists():
+    found = shutil.which(args.llama_server)  # a name on PATH, or a path (kept relative by which)
+    if found is None:
         raise SystemExit(f"error: --llama-server {args.llama_server}: not found (make llama-server builds it)")
+    args.llama_server = str(Path(found).resolve())  # absolute: llama-server runs in the export's folder
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     exports = {}
