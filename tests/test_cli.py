@@ -47,12 +47,19 @@ def test_demo_quick(tmp_path, default_base, cli):
     assert len(report["test_loss"]) == 10
     for task, loss in report["test_loss"].items():
         assert loss["adapter"] < loss["base"], task
-    assert report["mixed_test_loss"] > 0 and report["router_test_loss"] > 0
+    assert report["mixed_test_loss"] > 0 and report["router_test_loss"] is None  # no router in the demo
+    # the growth step: nine tasks first, then rhyme added; the trunk and nine adapters byte-identical
+    growth = report["growth"]
+    assert growth["task"] == "rhyme" and growth["kept"] == growth["of"] == 10
+    assert growth["new_steps"] == 2 and growth["selectors"] == ["classifier", "encoder"]
+    assert growth["mixed_steps"] > growth["new_steps"] and growth["seconds"] > 0
+    assert "stage 1" in result.stdout and "10 keep, 2 train, 2 retrain" in result.stdout
+    assert "10 of 10 trained adapters kept byte-identical" in result.stdout
+    assert report["chain_vs_mixed"]["tasks"] == 10 and "chain vs mixed, paired over 10 tasks" in result.stdout
     assert len(report["answers"]) == 3 and all(a["chain"] and a["routed_to"] for a in report["answers"])
     selection = report["selection"]
-    # every selector the demo config trains (score, classifier, encoder), less generate (slow;
-    # `chainlora eval` has it); the chain routes with the one `chainlora train` measured best
-    assert set(selection) == {"score", "classifier", "encoder"}
+    # every selector the demo config trains; the chain routes with the one `chainlora train` measured best
+    assert set(selection) == {"classifier", "encoder"}
     assert report["selector"] in selection
     assert selection["classifier"]["top1"] >= 0.5  # MiniLM + linear head: far above chance (0.1)
     assert [r["task"] for r in report["perplexity"]] == sorted(report["test_loss"], key=list(report["test_loss"]).index)
@@ -67,3 +74,4 @@ def test_demo_quick(tmp_path, default_base, cli):
     assert "report.html" in result.stdout
     again = cli("demo", "--quick", "--out", str(tmp_path))  # reuses the trained library
     assert again.returncode == 0 and "already trained" in again.stdout
+    assert "(measured by the first run)" in again.stdout and "stage 1" not in again.stdout

@@ -190,15 +190,20 @@ def system_answers(engine, records: Sequence[Record], systems: Sequence[str], ma
     return out
 
 
+ANSWER_SYSTEMS = ("base", "mixed", "chain", "arrow")
+
+
 def task_metrics(engine, by_task: dict[str, list[Record]], routes: dict[str, list],
-                 max_new_tokens: int = 16, batch_size: int = 32, arrow: Any = None) -> tuple[dict, dict]:
-    """Greedy answers of base / mixed / chain (/ arrow); EM, token F1, chrF per task and system.
-    Each system answers all records in full batches across tasks (the chain's batches mix
-    adapters): a task's 16 records alone would leave half of every batch empty.
+                 max_new_tokens: int = 16, batch_size: int = 32, arrow: Any = None,
+                 only: Sequence[str] = ANSWER_SYSTEMS) -> tuple[dict, dict]:
+    """Greedy answers of base / mixed / chain (/ arrow), those of them in `only`; EM, token F1,
+    chrF per task and system. Each system answers all records in full batches across tasks (the
+    chain's batches mix adapters): a task's 16 records alone would leave half of every batch empty.
     Returns (metrics, answers) — answers[system][task] is the list of texts."""
     from chainlora.inference.engine import BASE
 
-    systems = ["base"] + (["mixed"] if engine.lib.mixed else []) + ["chain"] + (["arrow"] if arrow else [])
+    systems = [s for s in ["base"] + (["mixed"] if engine.lib.mixed else []) + ["chain"] + (["arrow"] if arrow else [])
+               if s in only]
     flat = [r for rs in by_task.values() for r in rs]
     flat_routes = [rt for t in by_task for rt in routes[t]]
     texts = [r.text for r in flat]
@@ -242,10 +247,12 @@ def by_task_of(engine, records: Sequence[Record], per_task: int | None = None) -
 
 def evaluate(engine, records: Sequence[Record], *, heldout: dict[str, set] | None = None,
              per_task: int | None = None, max_new_tokens: int = 16, generate: bool = True,
-             selectors: Sequence[str] | None = None, arrow: bool = True) -> dict:
+             selectors: Sequence[str] | None = None, arrow: bool = True,
+             answer_systems: Sequence[str] = ANSWER_SYSTEMS) -> dict:
     """Tables I-III and the task metrics for `records` (the whole evaluation, as JSON-able data).
     arrow: also evaluate PEFT's Arrow router over the task adapters (skipped, with the reason in
-    result["arrow"], where the adapters do not allow it)."""
+    result["arrow"], where the adapters do not allow it). answer_systems: which systems answer
+    every record for the task metrics (all by default)."""
     from chainlora.console import bar
     from chainlora.eval import arrow as arrow_
 
@@ -293,7 +300,8 @@ def evaluate(engine, records: Sequence[Record], *, heldout: dict[str, set] | Non
     steps.update()
     if generate:
         steps.set_postfix_str("answers")
-        metrics, answers = task_metrics(engine, by_task, routes, max_new_tokens, arrow=peer)
+        metrics, answers = task_metrics(engine, by_task, routes, max_new_tokens, arrow=peer,
+                                        only=answer_systems)
         result["metrics"], result["answers"] = metrics, answers
         result["routes"] = {t: [rt.adapter for rt in rs] for t, rs in routes.items()}
         result["references"] = {t: [{"instruction": r.text, "output": r.output} for r in rs]

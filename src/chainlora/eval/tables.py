@@ -115,3 +115,28 @@ def exact_match_line(result: dict) -> str:
         return ""
     n = len(result.get("metrics") or {})
     return f"exact match, mean over {n} tasks: " + ", ".join(f"{s} {v:.3f}" for s, v in means.items())
+
+
+def paired(result: dict, a: str = "chain", b: str = "mixed") -> dict | None:
+    """`a` against `b` in Table I, paired by task: the geometric-mean perplexity ratio, its
+    standard error over tasks (log scale) and the number of tasks `a` wins. Why: one run of a
+    few records a task swings by tens of percent per task; a count of wins alone hides that."""
+    d = [math.log(r[a] / r[b]) for r in result.get("perplexity", []) if r.get(a) and r.get(b)]
+    if len(d) < 2:
+        return None
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return {"tasks": len(d), "wins": sum(x < 0 for x in d), "change": math.exp(mean) - 1, "se": se,
+            "beyond_2se": abs(mean) > 2 * se}
+
+
+def paired_line(result: dict, a: str = "chain", b: str = "mixed") -> str:
+    """"chain vs mixed, paired over 10 tasks: -4.9% ± 3.3% perplexity (geometric mean ± 1 SE),
+    ahead on 7; within two standard errors of no difference: a lean, not a win"."""
+    p = paired(result, a, b)
+    if p is None:
+        return ""
+    verdict = (f"beyond two standard errors: {a if p['change'] < 0 else b} is better" if p["beyond_2se"]
+               else "within two standard errors of no difference: a lean, not a win")
+    return (f"{a} vs {b}, paired over {p['tasks']} tasks: {p['change']:+.1%} ± {p['se']:.1%} answer perplexity "
+            f"(geometric mean ± 1 SE), {a} ahead on {p['wins']}; {verdict}")
