@@ -48,6 +48,8 @@ def summary(before: dict[str, str], lib: Library, seconds: float) -> dict:
     new = lib.task(GROWN)
     per_step = (lib.manifest.get("training") or {}).get("training", {}).get("batch_size", 0)
     selectors = {kind: entry.get("seconds", 0.0) for kind, entry in lib.selector_entries()}
+    if lib.router:  # the paper's task-selection LoRA relearns the task list too
+        selectors["router"] = lib.router.get("seconds", 0.0)
     trunk, mixed = lib.trunk or {}, lib.mixed or {}
     mixed_steps = mixed.get("steps", 0) + (trunk.get("steps", 0) if mixed.get("branch") else 0)
     mixed_s = mixed.get("seconds", 0.0) + (trunk.get("seconds", 0.0) if mixed.get("branch") else 0.0)
