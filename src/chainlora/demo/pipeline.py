@@ -121,7 +121,7 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     # measures it): on a 2-core CPU it alone costs about 3 minutes of the demo.
     selectors = [s for s in selectors_of(engine) if s != "generate"]
     ev = evaluate(engine, records, heldout=heldout_templates(tasks), per_task=per_task, max_new_tokens=12,
-                  selectors=selectors, answer_systems=("mixed", "chain", "arrow"))
+                  selectors=selectors, answer_systems=("mixed", "chain"))
     save_eval(root, "demo", ev, "demo")
     eval_s = time.perf_counter() - t1
     shown = [tasks[t].test[0] for t in lib.task_names[: 3 if quick else None]]  # = each task's first scored record

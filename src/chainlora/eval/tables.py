@@ -132,11 +132,11 @@ def paired(result: dict, a: str = "chain", b: str = "mixed") -> dict | None:
 
 def paired_line(result: dict, a: str = "chain", b: str = "mixed") -> str:
     """"chain vs mixed, paired over 10 tasks: -4.9% ± 3.3% perplexity (geometric mean ± 1 SE),
-    ahead on 7; within two standard errors of no difference: a lean, not a win"."""
+    ahead on 7; within two standard errors of no difference: no clear winner"."""
     p = paired(result, a, b)
     if p is None:
         return ""
     verdict = (f"beyond two standard errors: {a if p['change'] < 0 else b} is better" if p["beyond_2se"]
-               else "within two standard errors of no difference: a lean, not a win")
+               else "within two standard errors of no difference: no clear winner")
     return (f"{a} vs {b}, paired over {p['tasks']} tasks: {p['change']:+.1%} ± {p['se']:.1%} answer perplexity "
             f"(geometric mean ± 1 SE), {a} ahead on {p['wins']}; {verdict}")
