@@ -71,6 +71,7 @@ def test_demo_quick(tmp_path, default_base, cli):
     assert "…" not in result.stdout and "\r" not in result.stderr and "\x1b[" not in result.stderr
     lib = tmp_path / "library-quick"
     assert (lib / "report.html").is_file() and (lib / "eval" / "demo.json").is_file()
+    assert "Growth — rhyme added to the trained library" in (lib / "report.html").read_text()
     assert "report.html" in result.stdout
     again = cli("demo", "--quick", "--out", str(tmp_path))  # reuses the trained library
     assert again.returncode == 0 and "already trained" in again.stdout

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from chainlora.demo import growth
 from chainlora.eval import tables
+from chainlora.eval.report import growth_table
 from chainlora.library import Library
 
 
@@ -50,6 +51,10 @@ def test_growth_adds_the_task_and_keeps_every_old_adapter_byte_identical(grown):
     # the mixed adapter from its start: the trunk it continues plus its own steps
     assert g["mixed_steps"] == lib.trunk["steps"] + lib.mixed["steps"] > g["new_steps"]
     assert "kept byte-identical" in growth.line(g)
+    title, header, rows = growth_table(g)  # the report's table
+    assert growth.GROWN in title and len(rows) == 2 and len(header) == len(rows[0])
+    assert rows[0][1] == str(g["new_steps"]) and rows[0][4] == f"{len(TASKS)} of {len(TASKS)} byte-identical"
+    assert rows[1][1] == str(g["mixed_steps"])
 
 
 def test_a_second_run_adds_nothing(grown):

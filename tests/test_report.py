@@ -52,7 +52,8 @@ def reported(tiny_model_dir, tmp_path_factory) -> Path:
 
 def test_report_files_hold_every_table_and_plot(reported):
     page = (reported / "report.html").read_text()
-    for title in ("Table I", "Tables II / III", "Task metrics", "Adapters", "Provenance", "Training config"):
+    for title in ("Table I", "Chain vs mixed, paired by task", "Tables II / III", "Task metrics", "Adapters",
+                  "Provenance", "Training config"):
         assert title in page, title
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
     assert images == ["Perplexity per task", "Confusion matrix", "Selector confidence", "Training loss",

@@ -23,7 +23,7 @@ from typing import Any
 from chainlora import atomic
 from chainlora.errors import ChainloraError
 from chainlora.eval import sweep
-from chainlora.eval.tables import SELECTION_HEADER, arrow_caption, gate_caption, selection_rows
+from chainlora.eval.tables import SELECTION_HEADER, arrow_caption, gate_caption, paired, selection_rows
 from chainlora.library.store import Library
 
 SYSTEMS = (("base", "base (zero-shot)", "#9aa5b1"), ("own", "own adapter M_t", "#3b82f6"),
@@ -171,6 +171,17 @@ def _f(x: Any, fmt: str = ".2f") -> str:
     return "—" if x is None else format(x, fmt)
 
 
+def growth_table(g: dict) -> tuple[str, list[str], list[list[str]]]:
+    """`chainlora demo`'s growth step (demo/growth.py): what adding a task cost the chain, and
+    what one mixed adapter needs to learn it."""
+    return (f"Growth — {g['task']} added to the trained library",
+            ["how the new task is learnt", "optimizer steps", "examples", "seconds", "the other adapters"],
+            [["chain: one more adapter + selectors retrained", str(g["new_steps"]), str(g["new_examples"]),
+              f"{g['new_seconds'] + g['selector_seconds']:.1f}", f"{g['kept']} of {g['of']} byte-identical"],
+             ["mixed: relearn all tasks from its start", str(g["mixed_steps"]), str(g["mixed_examples"]),
+              f"{g['mixed_seconds']:.1f}", "all weights new"]])
+
+
 def tables(lib: Library, ev: dict | None, jd: dict | None, human: dict | None) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) for every table the data allows."""
     out = []
@@ -182,7 +193,15 @@ def tables(lib: Library, ev: dict | None, jd: dict | None, human: dict | None) -
                 f"{gate_caption(ev)}" if "mixed" in ev["perplexity_mean"] else "")
         out.append((f"Table I — answer perplexity per task (lower is better){note}",
                     ["task", *[label for _, label, _ in keys], "routed right"], rows))
+        p = paired(ev)
+        if p:
+            out.append(("Chain vs mixed, paired by task (geometric-mean answer perplexity)",
+                        ["tasks", "change", "± 1 SE", "chain ahead on", "beyond two SE"],
+                        [[str(p["tasks"]), f"{p['change']:+.1%}", f"{p['se']:.1%}", str(p["wins"]),
+                          "yes" if p["beyond_2se"] else "no"]]))
         out.append(("Tables II / III — task selection (* the default)", SELECTION_HEADER, selection_rows(ev)))
+        if ev.get("growth"):
+            out.append(growth_table(ev["growth"]))
         if "metrics" in ev:
             systems = list(next(iter(ev["metrics"].values())))
             out.append(("Task metrics — exact match / token F1 / chrF of greedy answers", ["task", *systems],
