@@ -184,6 +184,14 @@ def cells(rows: list[dict]) -> dict[tuple[int, int], dict[str, dict]]:
     return out
 
 
+def _beyond(logs: list[float]) -> str:
+    """Mean of log(system / mixed r) over (seed, task) pairs as a percentage ± one standard error,
+    in bold when beyond two standard errors of zero (bench/chain_vs_mixed.py's paired reading)."""
+    m, se = _mean_se(logs)
+    text = f"{100 * (math.exp(m) - 1):+.1f}% ± {100 * se:.1f}"
+    return f"**{text}**" if abs(m) > 2 * se else text
+
+
 def table(rows: list[dict]) -> str:
     """Per rank: each system's geometric-mean perplexity and exact match (mean ± SE over seeds), its
     perplexity relative to the mixed adapter of rank r in the same seed (paired; negative = better)
@@ -191,8 +199,8 @@ def table(rows: list[dict]) -> str:
     by = cells(rows)
     order = ["mixed r", "mixed r (trunk)", "mixed10", "none oracle", "none routed", "warm oracle", "warm routed",
              "residual oracle", "residual routed"]
-    lines = ["| rank | system | seeds | geomean PPL | vs mixed r (paired) | tasks < mixed r | exact match |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| rank | system | seeds | geomean PPL | vs mixed r (paired) | by seed x task ± 1 SE | tasks < mixed r "
+             "| exact match |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for rank in sorted({k[0] for k in by}):
         seeds = sorted(s for (r, s) in by if r == rank)
         for name in order:
@@ -212,8 +220,11 @@ def table(rows: list[dict]) -> str:
                        f"{100 * _mean_se(rel)[0]:+.1f}% ± {100 * _mean_se(rel)[1]:.1f}" if len(rel) > 1
                        else f"{100 * rel[0]:+.1f}% (1 seed)")
             win_txt = "—" if name == "mixed r" or not wins else f"{sum(wins) / len(wins):.1f} of 10"
+            logs = [math.log(by[(rank, s)][name]["ppl"][t] / by[(rank, s)]["mixed r"]["ppl"][t])
+                    for s in paired for t in by[(rank, s)]["mixed r"]["ppl"]]
+            log_txt = "—" if name == "mixed r" or len(logs) < 2 else _beyond(logs)
             se = lambda x: "" if math.isnan(x) else f" ± {x:.2f}"  # noqa: E731
-            lines.append(f"| {rank} | {name} | {len(have)} | {gm:.2f}{se(gse)} | {rel_txt} | {win_txt} | "
+            lines.append(f"| {rank} | {name} | {len(have)} | {gm:.2f}{se(gse)} | {rel_txt} | {log_txt} | {win_txt} | "
                          f"{em_m:.3f}{se(em_se) if math.isnan(em_se) else f' ± {em_se:.3f}'} |")
     return "\n".join(lines)
 
