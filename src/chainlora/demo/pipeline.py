@@ -155,6 +155,9 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     atomic.write_json(out / "demo.json", json_safe(result))
     if result["growth"]:
         console.print("\n" + growth.line(grown) + ("" if measured else " (measured by the first run)"))
+    else:  # a library of an older demo (one stage) in this folder: nothing to repeat
+        console.print("\ngrowth: not measured in this folder (its library predates the demo's two stages; "
+                      "give --out a new folder to see a task added)")
     report, _ = build_report(root)
     better = sum(t["test_loss"] < t["base_test_loss"] for t in lib.tasks)
     console.print(f"\n{better}/{len(lib.tasks)} task adapters beat the base model on their task's "
