@@ -50,7 +50,8 @@ def test_growth_adds_the_task_and_keeps_every_old_adapter_byte_identical(grown):
     assert g["selectors"] == ["classifier", "router"] and g["selector_seconds"] >= 0
     # the mixed adapter from its start: the trunk it continues plus its own steps
     assert g["mixed_steps"] == lib.trunk["steps"] + lib.mixed["steps"] > g["new_steps"]
-    assert "kept byte-identical" in growth.line(g)
+    assert g["tasks_before"] == len(TASKS) - 1 and g["new_examples"] == g["new_steps"] * cfg.training.batch_size
+    assert f"added to the {len(TASKS) - 1}-task library" in growth.line(g) and "kept byte-identical" in growth.line(g)
     title, header, rows = growth_table(g)  # the report's table
     assert growth.GROWN in title and len(rows) == 2 and len(header) == len(rows[0])
     assert rows[0][1] == str(g["new_steps"]) and rows[0][4] == f"{len(TASKS)} of {len(TASKS)} byte-identical"

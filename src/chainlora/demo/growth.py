@@ -46,14 +46,15 @@ def summary(before: dict[str, str], lib: Library, seconds: float) -> dict:
     """What adding GROWN cost, read from the grown library's manifest and the files on disk."""
     after = _hashes(lib)
     new = lib.task(GROWN)
-    per_step = (lib.manifest.get("training") or {}).get("training", {}).get("batch_size", 0)
+    t = (lib.manifest.get("training") or {}).get("training") or {}
+    per_step = (t.get("batch_size") or 0) * (t.get("gradient_accumulation_steps") or 1)  # as eval's compute_of
     selectors = {kind: entry.get("seconds", 0.0) for kind, entry in lib.selector_entries()}
     if lib.router:  # the paper's task-selection LoRA relearns the task list too
         selectors["router"] = lib.router.get("seconds", 0.0)
     trunk, mixed = lib.trunk or {}, lib.mixed or {}
     mixed_steps = mixed.get("steps", 0) + (trunk.get("steps", 0) if mixed.get("branch") else 0)
     mixed_s = mixed.get("seconds", 0.0) + (trunk.get("seconds", 0.0) if mixed.get("branch") else 0.0)
-    return {"task": GROWN, "seconds": round(seconds, 1),
+    return {"task": GROWN, "seconds": round(seconds, 1), "tasks_before": len(lib.tasks) - 1,
             "kept": sum(after.get(name) == sha for name, sha in before.items()), "of": len(before),
             "new_steps": new.get("steps", 0), "new_examples": new.get("steps", 0) * per_step,
             "new_seconds": new.get("seconds", 0.0),
@@ -63,11 +64,12 @@ def summary(before: dict[str, str], lib: Library, seconds: float) -> dict:
 
 def line(g: dict) -> str:
     """The growth result in two sentences."""
-    return (f"growth: `{g['task']}` added to the nine-task library in {g['seconds']:.0f} s — "
-            f"{g['kept']} of {g['of']} trained adapters kept byte-identical (sha256, trunk included), 1 trained "
-            f"({g['new_steps']} steps, {g['new_examples']} examples, {g['new_seconds']:.1f} s), selectors retrained "
+    n = g["tasks_before"]
+    return (f"growth: `{g['task']}` added to the {n}-task library in {g['seconds']:.0f} s — {g['kept']} of "
+            f"{g['of']} trained adapters kept byte-identical (sha256, trunk included), 1 trained ({g['new_steps']} "
+            f"steps, {g['new_examples']} examples, {g['new_seconds']:.1f} s), selectors retrained "
             f"({', '.join(g['selectors']) or 'none'}: {g['selector_seconds']:.1f} s).\n"
-            f"One mixed adapter cannot add a task without relearning the others: on all ten from its start "
+            f"One mixed adapter cannot add a task without relearning the others: on all {n + 1} from its start "
             f"it takes {g['mixed_steps']} steps, {g['mixed_examples']} examples, {g['mixed_seconds']:.1f} s "
             f"(trained in the same run for Table I, so the {g['seconds']:.0f} s above include it).")
 
@@ -77,14 +79,14 @@ def train(cfg: config.Config, root: Path, tasks: list[str], console: Console) ->
     None when this run added nothing (the library already held GROWN: a second run)."""
     lib = _complete(root)
     if lib is None:  # first run (or its first stage was cut off: resumed)
-        console.print(f"[bold]stage 1[/bold]: the chain on the nine tasks other than {GROWN}")
+        console.print(f"[bold]stage 1[/bold]: the chain on the {len(tasks) - 1} tasks other than {GROWN}")
         train_library(first_stage(cfg, tasks), root, resume=True)
         lib = _complete(root)
     if lib is None or GROWN in lib.task_names:  # already grown: keep what matches the config
         train_library(cfg, root, resume=True)
         return None
     before = _hashes(lib)
-    console.print(f"[bold]stage 2[/bold]: add {GROWN} (and the mixed baseline on all ten, for Table I)")
+    console.print(f"[bold]stage 2[/bold]: add {GROWN} (and the mixed baseline on all {len(tasks)}, for Table I)")
     t0 = time.perf_counter()
     train_library(cfg, root, resume=True)
     g = summary(before, Library.open(root, verify=False), time.perf_counter() - t0)

@@ -89,9 +89,10 @@ def _earlier_growth(out: Path) -> dict | None:
     import json
 
     try:
-        return json.loads((out / "demo.json").read_text(encoding="utf-8")).get("growth")
+        g = json.loads((out / "demo.json").read_text(encoding="utf-8")).get("growth")
     except (OSError, ValueError, AttributeError):
         return None
+    return g if isinstance(g, dict) and "tasks_before" in g else None  # this version's summary only
 
 
 def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
