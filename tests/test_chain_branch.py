@@ -26,7 +26,8 @@ def test_matched_compute_and_schedules():
     """Chain and mixed get the same optimizer steps and examples; the trunk holds its learning
     rate, branches decay from it without a second warm-up."""
     cfg = config.load(Path(__file__).parents[1] / "configs" / "demo.yaml",
-                      ["chain.branch=warm", "chain.trunk_fraction=0.5", "training.max_steps=8"])
+                      ["chain.branch=warm", "chain.trunk_fraction=0.5", "training.max_steps=8",
+                       "router.enabled=true"])
     jobs = {j.name: j for j in plan_train(cfg, load_data(cfg)).jobs}
     trunk, mixed = jobs["trunk"], jobs["mixed"]
     branches = [j for j in jobs.values() if j.kind == "task"]
