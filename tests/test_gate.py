@@ -26,7 +26,8 @@ SMALL = ["chain.branch=warm", "chain.trunk_steps=4", "classifier.enabled=false",
 
 
 def test_held_out_records_train_nothing_and_stay_put_when_a_task_is_added():
-    cfg = config.load(DEMO, ["chain.gate=true", "chain.gate_per_task=24", "tasks=[antonym, rhyme]"])
+    cfg = config.load(DEMO, ["chain.gate=true", "chain.gate_per_task=24", "tasks=[antonym, rhyme]",
+                             "router.enabled=true"])  # every kind of job, the router too
     data = load_data(cfg)
     held = gate_records(cfg, data)
     assert {t: len(v) for t, v in held.items()} == {"antonym": 24, "rhyme": 24}
