@@ -18,28 +18,29 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SCORED_BY_DEMO = 16  # demo/pipeline.py's per_task
 
 
 def measure(library: Path) -> dict:
     from chainlora.data.records import load_demo
+    from chainlora.demo.pipeline import SCORED_PER_TASK
     from chainlora.eval import tables
     from chainlora.eval.evaluate import evaluate
     from chainlora.inference.engine import Engine
 
     engine = Engine.load(library)
     demo = load_demo()
-    records = [r for t in engine.tasks for r in demo[t].test[SCORED_BY_DEMO:]]
+    records = [r for t in engine.tasks for r in demo[t].test[SCORED_PER_TASK:]]
     t0 = time.perf_counter()
     ev = evaluate(engine, records, generate=False, arrow=False, selectors=[engine.selector])
     return {"rows": ev["perplexity"], "paired": tables.paired(ev), "line": tables.paired_line(ev),
-            "selector": ev["selector"], "n": ev["n"], "seconds": round(time.perf_counter() - t0, 1)}
+            "selector": ev["selector"], "n": ev["n"], "skipped": SCORED_PER_TASK,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def render(res: dict, library: Path) -> str:
     p = res["paired"]
     lines = [f"Library: `{library}` (as `make demo` trains it); {res['n']} test records (each task's records "
-             f"after the first {SCORED_BY_DEMO}), chain routed by `{res['selector']}`; {platform.machine()}, "
+             f"after the first {res['skipped']}), chain routed by `{res['selector']}`; {platform.machine()}, "
              f"{platform.python_version()}, torch CPU, {res['seconds']:.0f} s.",
              "Command: `python bench/demo_unseen.py`", "",
              "| task | records | mixed PPL | chain PPL | change | routed right |", "|---|---:|---:|---:|---:|---:|"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from chainlora.eval.evaluate import examples_per_step
 from chainlora.library.store import Library, adapter_sha256, read_manifest
 from chainlora.train import config
 from chainlora.train.recipe import train_library
@@ -46,8 +47,7 @@ def summary(before: dict[str, str], lib: Library, seconds: float) -> dict:
     """What adding GROWN cost, read from the grown library's manifest and the files on disk."""
     after = _hashes(lib)
     new = lib.task(GROWN)
-    t = (lib.manifest.get("training") or {}).get("training") or {}
-    per_step = (t.get("batch_size") or 0) * (t.get("gradient_accumulation_steps") or 1)  # as eval's compute_of
+    per_step = examples_per_step(lib)
     selectors = {kind: entry.get("seconds", 0.0) for kind, entry in lib.selector_entries()}
     if lib.router:  # the paper's task-selection LoRA relearns the task list too
         selectors["router"] = lib.router.get("seconds", 0.0)

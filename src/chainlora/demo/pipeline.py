@@ -31,6 +31,8 @@ from chainlora.inference.engine import Engine
 from chainlora.library.store import Library
 from chainlora.train import config
 
+SCORED_PER_TASK = 16  # test records a task the evaluation scores (each task's first); --quick: 4
+QUICK_SCORED_PER_TASK = 4
 QUICK = ["training.max_steps=2", "training.batch_size=4", "data.max_test_per_task=4",
          "classifier.max_train_per_task=32", "encoder.max_train_per_task=32"]
 
@@ -116,7 +118,7 @@ def run(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     # The chain routes with the selector `chainlora train` measured best on validation data (no
     # test record decides it); Table II measures them side by side on the test split.
     engine = Engine.load(root)
-    per_task = 4 if quick else 16  # test records per task for the evaluation
+    per_task = QUICK_SCORED_PER_TASK if quick else SCORED_PER_TASK
     records = [r for t in lib.task_names for r in tasks[t].test[:per_task]]
     t1 = time.perf_counter()
     # Table II without the generate selector, should the router be enabled (the slowest, least

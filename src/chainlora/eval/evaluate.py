@@ -144,12 +144,17 @@ def perplexity_table(engine, by_task: dict[str, list[Record]], routes: dict[str,
     return rows
 
 
+def examples_per_step(lib) -> int:
+    """Examples one optimizer step saw in this library's training: batch x accumulation."""
+    t = (lib.manifest.get("training") or {}).get("training") or {}
+    return (t.get("batch_size") or 0) * (t.get("gradient_accumulation_steps") or 1)
+
+
 def compute_of(lib) -> dict:
     """What each system cost to train, from the manifest: optimizer steps, examples (steps x
     batch x accumulation) and the non-padding tokens the Trainer counted. A shared trunk counts
     once for the chain (trunk + every branch) and once for the mixed adapter that continues it."""
-    t = (lib.manifest.get("training") or {}).get("training") or {}
-    per_step = (t.get("batch_size") or 0) * (t.get("gradient_accumulation_steps") or 1)
+    per_step = examples_per_step(lib)
     trunk = lib.trunk or {}
 
     def cost(entries: list[dict]) -> dict:
