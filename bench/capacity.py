@@ -44,6 +44,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 SYSTEMS = ("none", "warm", "residual", "mixed10")  # training order: warm copies none, residual copies warm
 LIB_SYSTEMS = ("mixed", "own", "chain")  # what each chain library reports (mixed r, oracle, routed)
+MAP_SYSTEMS = ("none routed", "warm routed", "residual routed", "mixed10")  # the map's rows: what users deploy
 
 
 def overrides(rank: int, seed: int, system: str, budget: int, regime: int | None, args) -> list[str]:
@@ -192,6 +193,49 @@ def _beyond(logs: list[float]) -> str:
     return f"**{text}**" if abs(m) > 2 * se else text
 
 
+def paired_logs(by: dict, rank: int, name: str) -> list[float]:
+    """log(system / mixed r) for every (seed, task) where both ran: the paired reading's samples."""
+    return [math.log(by[(r, s)][name]["ppl"][t] / by[(r, s)]["mixed r"]["ppl"][t])
+            for (r, s) in sorted(by) if r == rank and name in by[(r, s)] and "mixed r" in by[(r, s)]
+            for t in by[(r, s)]["mixed r"]["ppl"]]
+
+
+def _seeds(by: dict, rank: int, name: str) -> int:
+    return sum(1 for (r, s) in by if r == rank and name in by[(r, s)] and "mixed r" in by[(r, s)])
+
+
+def map_table(rows: list[dict]) -> str:
+    """The capacity map: each routed system against the same-rank mixed adapter, rank by rank —
+    the paired change over (seed, task) ± 1 SE, bold beyond two standard errors, with its seeds."""
+    by = cells(rows)
+    ranks = sorted({k[0] for k in by})
+    lines = ["| system | " + " | ".join(f"rank {r}" for r in ranks) + " |", "|---|" + "---:|" * len(ranks)]
+    for name in MAP_SYSTEMS:
+        row = [(_beyond(logs) + f" ({_seeds(by, r, name)}s)") if len(logs := paired_logs(by, r, name)) > 1 else "—"
+               for r in ranks]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def findings(rows: list[dict]) -> str:
+    """Where a system is ahead of (or behind) the same-rank mixed adapter beyond two standard
+    errors, written out so the reading stays current as seeds land."""
+    by = cells(rows)
+    ahead, behind = [], []
+    for rank in sorted({k[0] for k in by}):
+        for name in MAP_SYSTEMS:
+            logs = paired_logs(by, rank, name)
+            if len(logs) < 2:
+                continue
+            m, se = _mean_se(logs)
+            if abs(m) > 2 * se:
+                text = f"{name} at rank {rank} ({100 * (math.exp(m) - 1):+.1f}% ± {100 * se:.1f}, " \
+                       f"{_seeds(by, rank, name)} seed{'s' if _seeds(by, rank, name) > 1 else ''})"
+                (ahead if m < 0 else behind).append(text)
+    return ("Beyond two standard errors (paired over seed x task), ahead of the same-rank mixed adapter: "
+            + ("; ".join(ahead) or "none") + ". Behind it: " + ("; ".join(behind) or "none") + ".")
+
+
 def table(rows: list[dict]) -> str:
     """Per rank: each system's geometric-mean perplexity and exact match (mean ± SE over seeds), its
     perplexity relative to the mixed adapter of rank r in the same seed (paired; negative = better)
@@ -220,13 +264,52 @@ def table(rows: list[dict]) -> str:
                        f"{100 * _mean_se(rel)[0]:+.1f}% ± {100 * _mean_se(rel)[1]:.1f}" if len(rel) > 1
                        else f"{100 * rel[0]:+.1f}% (1 seed)")
             win_txt = "—" if name == "mixed r" or not wins else f"{sum(wins) / len(wins):.1f} of 10"
-            logs = [math.log(by[(rank, s)][name]["ppl"][t] / by[(rank, s)]["mixed r"]["ppl"][t])
-                    for s in paired for t in by[(rank, s)]["mixed r"]["ppl"]]
+            logs = paired_logs(by, rank, name)
             log_txt = "—" if name == "mixed r" or len(logs) < 2 else _beyond(logs)
             se = lambda x: "" if math.isnan(x) else f" ± {x:.2f}"  # noqa: E731
             lines.append(f"| {rank} | {name} | {len(have)} | {gm:.2f}{se(gse)} | {rel_txt} | {log_txt} | {win_txt} | "
                          f"{em_m:.3f}{se(em_se) if math.isnan(em_se) else f' ± {em_se:.3f}'} |")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """The map as a picture: paired perplexity change against the same-rank mixed adapter (± 2 SE
+    bars) and exact match, against rank (log scale), one line a system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = cells(rows)
+    ranks = sorted({k[0] for k in by})
+    color = {name: f"C{i}" for i, name in enumerate(("mixed r", *MAP_SYSTEMS))}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, name in enumerate(MAP_SYSTEMS):
+        xs = [r for r in ranks if len(paired_logs(by, r, name)) > 1]
+        stats = [_mean_se(paired_logs(by, r, name)) for r in xs]
+        if xs:  # nudged sideways so the error bars do not hide each other
+            ax1.errorbar([x * 2 ** ((i - 1.5) * 0.06) for x in xs], [100 * (math.exp(m) - 1) for m, _ in stats],
+                         yerr=[200 * se for _, se in stats], marker="o", capsize=3, color=color[name], label=name)
+    for name in ("mixed r", *MAP_SYSTEMS):
+        xs = [r for r in ranks if any(name in by[k] for k in by if k[0] == r)]
+        ems = [[sum(by[k][name]["em"].values()) / len(by[k][name]["em"]) for k in by if k[0] == r and name in by[k]]
+               for r in xs]
+        if xs:
+            ax2.plot(xs, [sum(e) / len(e) for e in ems], marker="o", color=color[name], label=name)
+    ax1.axhline(0, color="grey", lw=1)
+    for ax, title in ((ax1, "perplexity vs mixed r, paired (%; ± 2 SE; lower is better)"),
+                      (ax2, "exact match, mean over seeds (higher is better)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.minorticks_off()
+        ax.set_xlabel("LoRA rank r")
+        ax.set_title(title, fontsize=9)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def stops(rows: list[dict]) -> str:
@@ -251,7 +334,10 @@ def render(rows: list[dict], meta: dict) -> str:
     lines = [f"Settings: {meta['settings']}; {meta['machine']}.", f"Command: `{meta['command']}`", ""]
     if not rows:
         return "\n".join(lines + ["No runs recorded yet."])
-    lines += [table(rows), "", "Where each adapter stopped (best validation checkpoint):", "", stops(rows)]
+    lines += ["The map (each routed chain and the rank-10r adapter against the mixed adapter of rank r, paired "
+              "over seed x task, ± 1 SE, bold beyond two standard errors; (Ns) = seeds):", "", map_table(rows), "",
+              findings(rows), "", f"![capacity map]({meta['plot']})", "", "All systems:", "",
+              table(rows), "", "Where each adapter stopped (best validation checkpoint):", "", stops(rows)]
     return "\n".join(lines)
 
 
@@ -291,9 +377,12 @@ def main() -> int:
                         f"{args.patience}), step cap "
                         f"B={args.budget} (tasks B/10 from zero, trunk B/2 + B/20 a branch, mixed B), {args.regime or 'all'} training records a task, "
                         f"{args.per_task} test records a task, {args.max_new_tokens} new tokens",
+            "plot": f"capacity-{args.regime or 'all'}.png",
             "machine": f"{platform.machine()}, {platform.python_version()}, torch CPU",
             "command": " ".join(["python bench/capacity.py", *(a for a in sys.argv[1:] if a != "--render")])}
     section = render(rows, meta)
+    if rows:
+        plot(rows, BENCH / meta["plot"])
     write_results(section, args.regime)
     print(section)
     return 0

@@ -1,0 +1,55 @@
+"""bench/capacity.py's reading of its saved rows: the paired map, the "beyond two standard errors"
+line and the plot (synthetic rows; the sweep itself runs for hours and is not a test)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from conftest import REPO
+
+TASKS = [f"t{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def capacity():
+    sys.path.insert(0, str(REPO / "bench"))
+    import capacity
+
+    return capacity
+
+
+def _row(system: str, seed: int, chain_factor: float, mixed: float = 20.0) -> dict:
+    """One chain library's scores: the mixed adapter at `mixed` (+ a per-task wobble), the chain at
+    `chain_factor` times it; or mixed10's one adapter."""
+    ppl = {t: mixed + i + seed for i, t in enumerate(TASKS)}
+    if system == "mixed10":
+        return {"rank": 1, "seed": seed, "system": system, "train_s": 60.0, "steps": {},
+                "perplexity": {t: {"mixed10": p * chain_factor} for t, p in ppl.items()},
+                "exact_match": {t: {"mixed10": 0.1} for t in TASKS}}
+    wobble = [1.0 + (0.01 if i % 2 else -0.01) for i in range(len(TASKS))]
+    return {"rank": 1, "seed": seed, "system": system, "train_s": 60.0, "steps": {},
+            "perplexity": {t: {"mixed": p, "own": p * chain_factor * w, "chain": p * chain_factor * w}
+                           for (t, p), w in zip(ppl.items(), wobble)},
+            "exact_match": {t: {"mixed": 0.1, "own": 0.2, "chain": 0.2} for t in TASKS}}
+
+
+def test_map_bolds_what_is_beyond_two_standard_errors_and_says_so(capacity, tmp_path):
+    rows = [_row("none", s, 0.8) for s in (0, 1)] + [_row("warm", s, 1.0) for s in (0, 1)] + \
+           [_row("mixed10", 0, 1.3)]
+    m = capacity.map_table(rows)
+    none_row = next(line for line in m.splitlines() if line.startswith("| none routed"))
+    assert "**-20.0% ± " in none_row and "(2s)" in none_row  # 20% ahead on every task, two seeds
+    warm_row = next(line for line in m.splitlines() if line.startswith("| warm routed"))
+    assert "**" not in warm_row  # a tie with task-to-task noise is not bold
+    assert next(line for line in m.splitlines() if line.startswith("| residual routed")).count("—") == 1
+    f = capacity.findings(rows)
+    assert "ahead of the same-rank mixed adapter: none routed at rank 1 (-20.0%" in f and "2 seeds" in f
+    assert "Behind it: mixed10 at rank 1 (+30.0%" in f and "warm" not in f
+    capacity.plot(rows, tmp_path / "map.png")
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nothing_beyond_two_standard_errors_is_said_plainly(capacity):
+    rows = [_row("none", s, 1.0) for s in (0, 1)]
+    assert capacity.findings(rows).endswith("mixed adapter: none. Behind it: none.")
