@@ -200,18 +200,34 @@ def paired_logs(by: dict, rank: int, name: str) -> list[float]:
             for t in by[(r, s)]["mixed r"]["ppl"]]
 
 
+def paired_em(by: dict, rank: int, name: str) -> list[float]:
+    """Exact match minus the mixed adapter's, for every (seed, task) where both ran."""
+    return [by[(r, s)][name]["em"][t] - by[(r, s)]["mixed r"]["em"][t]
+            for (r, s) in sorted(by) if r == rank and name in by[(r, s)] and "mixed r" in by[(r, s)]
+            for t in by[(r, s)]["mixed r"]["em"]]
+
+
+def _points(diffs: list[float]) -> str:
+    """A paired exact-match difference in points ± one SE, bold beyond two standard errors."""
+    m, se = _mean_se(diffs)
+    text = f"{100 * m:+.1f} ± {100 * se:.1f}"
+    return f"**{text}**" if abs(m) > 2 * se else text
+
+
 def _seeds(by: dict, rank: int, name: str) -> int:
     return sum(1 for (r, s) in by if r == rank and name in by[(r, s)] and "mixed r" in by[(r, s)])
 
 
-def map_table(rows: list[dict]) -> str:
+def map_table(rows: list[dict], metric: str = "ppl") -> str:
     """The capacity map: each routed system against the same-rank mixed adapter, rank by rank —
-    the paired change over (seed, task) ± 1 SE, bold beyond two standard errors, with its seeds."""
+    the paired change over (seed, task) ± 1 SE, bold beyond two standard errors, with its seeds:
+    perplexity (%, `ppl`) or exact match (points, `em`)."""
     by = cells(rows)
     ranks = sorted({k[0] for k in by})
+    values, text = (paired_logs, _beyond) if metric == "ppl" else (paired_em, _points)
     lines = ["| system | " + " | ".join(f"rank {r}" for r in ranks) + " |", "|---|" + "---:|" * len(ranks)]
     for name in MAP_SYSTEMS:
-        row = [(_beyond(logs) + f" ({_seeds(by, r, name)}s)") if len(logs := paired_logs(by, r, name)) > 1 else "—"
+        row = [(text(v) + f" ({_seeds(by, r, name)}s)") if len(v := values(by, r, name)) > 1 else "—"
                for r in ranks]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -219,21 +235,24 @@ def map_table(rows: list[dict]) -> str:
 
 def findings(rows: list[dict]) -> str:
     """Where a system is ahead of (or behind) the same-rank mixed adapter beyond two standard
-    errors, written out so the reading stays current as seeds land."""
+    errors, in perplexity and in exact match, written out so the reading stays current as seeds land."""
     by = cells(rows)
-    ahead, behind = [], []
-    for rank in sorted({k[0] for k in by}):
-        for name in MAP_SYSTEMS:
-            logs = paired_logs(by, rank, name)
-            if len(logs) < 2:
-                continue
-            m, se = _mean_se(logs)
-            if abs(m) > 2 * se:
-                text = f"{name} at rank {rank} ({100 * (math.exp(m) - 1):+.1f}% ± {100 * se:.1f}, " \
-                       f"{_seeds(by, rank, name)} seed{'s' if _seeds(by, rank, name) > 1 else ''})"
-                (ahead if m < 0 else behind).append(text)
-    return ("Beyond two standard errors (paired over seed x task), ahead of the same-rank mixed adapter: "
-            + ("; ".join(ahead) or "none") + ". Behind it: " + ("; ".join(behind) or "none") + ".")
+    out = []
+    for metric, values, better in (("answer perplexity", paired_logs, -1), ("exact match", paired_em, 1)):
+        ahead, behind = [], []
+        for rank in sorted({k[0] for k in by}):
+            for name in MAP_SYSTEMS:
+                v = values(by, rank, name)
+                if len(v) < 2 or abs((m := _mean_se(v))[0]) <= 2 * m[1]:
+                    continue
+                change = (f"{100 * (math.exp(m[0]) - 1):+.1f}% ± {100 * m[1]:.1f}" if values is paired_logs
+                          else f"{100 * m[0]:+.1f} points ± {100 * m[1]:.1f}")
+                n = _seeds(by, rank, name)
+                (ahead if m[0] * better > 0 else behind).append(
+                    f"{name} at rank {rank} ({change}, {n} seed{'s' if n > 1 else ''})")
+        out.append(f"{metric.capitalize()}, ahead of the same-rank mixed adapter: {'; '.join(ahead) or 'none'}; "
+                   f"behind it: {'; '.join(behind) or 'none'}.")
+    return "Beyond two standard errors (paired over seed x task). " + " ".join(out)
 
 
 def table(rows: list[dict]) -> str:
@@ -335,7 +354,10 @@ def render(rows: list[dict], meta: dict) -> str:
     if not rows:
         return "\n".join(lines + ["No runs recorded yet."])
     lines += ["The map (each routed chain and the rank-10r adapter against the mixed adapter of rank r, paired "
-              "over seed x task, ± 1 SE, bold beyond two standard errors; (Ns) = seeds):", "", map_table(rows), "",
+              "over seed x task, ± 1 SE, bold beyond two standard errors; (Ns) = seeds). Answer perplexity "
+              "(negative = the system is better):", "", map_table(rows), "",
+              "Exact match of greedy answers, difference in points (positive = the system is better):", "",
+              map_table(rows, "em"), "",
               findings(rows), "", f"![capacity map]({meta['plot']})", "", "All systems:", "",
               table(rows), "", "Where each adapter stopped (best validation checkpoint):", "", stops(rows)]
     return "\n".join(lines)

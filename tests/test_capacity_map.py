@@ -44,12 +44,21 @@ def test_map_bolds_what_is_beyond_two_standard_errors_and_says_so(capacity, tmp_
     assert "**" not in warm_row  # a tie with task-to-task noise is not bold
     assert next(line for line in m.splitlines() if line.startswith("| residual routed")).count("—") == 1
     f = capacity.findings(rows)
-    assert "ahead of the same-rank mixed adapter: none routed at rank 1 (-20.0%" in f and "2 seeds" in f
-    assert "Behind it: mixed10 at rank 1 (+30.0%" in f and "warm" not in f
+    ppl, em = f.split("Exact match")
+    assert "ahead of the same-rank mixed adapter: none routed at rank 1 (-20.0%" in ppl and "2 seeds" in ppl
+    assert "behind it: mixed10 at rank 1 (+30.0%" in ppl and "warm" not in ppl
+    # exact match: every chain answers 0.2 where the mixed adapter answers 0.1 (no spread: beyond 2 SE)
+    assert "none routed at rank 1 (+10.0 points ± 0.0, 2 seeds)" in em and "warm routed at rank 1" in em
+    assert em.endswith("behind it: none.")
+    assert "| none routed | **+10.0 ± 0.0** (2s) |" in capacity.map_table(rows, "em")
     capacity.plot(rows, tmp_path / "map.png")
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_nothing_beyond_two_standard_errors_is_said_plainly(capacity):
     rows = [_row("none", s, 1.0) for s in (0, 1)]
-    assert capacity.findings(rows).endswith("mixed adapter: none. Behind it: none.")
+    for r in rows:  # exact match tied too
+        r["exact_match"] = {t: {k: 0.1 for k in v} for t, v in r["exact_match"].items()}
+    assert capacity.findings(rows) == ("Beyond two standard errors (paired over seed x task). Answer perplexity, "
+                                       "ahead of the same-rank mixed adapter: none; behind it: none. Exact match, "
+                                       "ahead of the same-rank mixed adapter: none; behind it: none.")
