@@ -11,6 +11,9 @@ loss on validation records held out of ALL training kept; the test split decides
               adapter continues the same trunk (cap B in all)
     residual  the same trunk merged into W, a fresh rank-r LoRA per task (cap B/20)
     mixed10   ONE adapter on all tasks at rank 10 r (`chainlora finetune`): the chain's disk (cap B)
+    mixed10a  the same with the rank-r adapters' alpha (2r, not 20r): its update a step the size of a
+              rank-r adapter's (fixed alpha, as "LoRA Without Regret" scales rank); not in the default
+              --systems, a check that mixed10's showing at high rank is not its learning rate
 
 The caps are room, not budgets: with --patience an adapter stops after that many evaluations
 without a new best, and the checkpoint kept is its best (a cap an adapter was still improving
@@ -42,9 +45,10 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-SYSTEMS = ("none", "warm", "residual", "mixed10")  # training order: warm copies none, residual copies warm
+SYSTEMS = ("none", "warm", "residual", "mixed10", "mixed10a")  # training order: warm copies none, residual warm
+ONE = {"mixed10": "mixed10", "mixed10a": "mixed10 (alpha 2r)"}  # the one-adapter systems and their labels
 LIB_SYSTEMS = ("mixed", "own", "chain")  # what each chain library reports (mixed r, oracle, routed)
-MAP_SYSTEMS = ("none routed", "warm routed", "residual routed", "mixed10")  # the map's rows: what users deploy
+MAP_SYSTEMS = ("none routed", "warm routed", "residual routed", "mixed10", "mixed10 (alpha 2r)")  # the map's rows: what users deploy
 
 
 def overrides(rank: int, seed: int, system: str, budget: int, regime: int | None, args) -> list[str]:
@@ -57,8 +61,9 @@ def overrides(rank: int, seed: int, system: str, budget: int, regime: int | None
             "encoder.enabled": "true", "selection.selectors": "[encoder]",
             "training.max_steps": budget // 10 if system == "none" else budget // 20,
             "chain.branch": system, "chain.trunk_fraction": 0.5, "mixed.budget": budget}
-    if system == "mixed10":  # one adapter on every task: the chain's ten rank-r adapters' disk at rank 10 r
-        keys.update({"lora.r": 10 * rank, "lora.alpha": 20 * rank, "training.max_steps": budget,
+    if system in ONE:  # one adapter on every task: the chain's ten rank-r adapters' disk at rank 10 r
+        keys.update({"lora.r": 10 * rank, "lora.alpha": (20 if system == "mixed10" else 2) * rank,
+                     "training.max_steps": budget,
                      "chain.branch": "none", "mixed.enabled": "false"})
     if regime:
         keys["data.max_train_per_task"] = regime
@@ -74,7 +79,7 @@ def train(rank: int, seed: int, system: str, budget: int, regime: int | None, ar
         shutil.copytree(lib.parent / previous, lib)  # its selector (and trunk, mixed) are kept by fingerprint
     cfg = config.load(REPO / "configs" / "demo.yaml", overrides(rank, seed, system, budget, regime, args))
     t0 = time.perf_counter()
-    train_library(cfg, lib, finetune=system == "mixed10", resume=True)  # a killed sweep continues its adapter
+    train_library(cfg, lib, finetune=system in ONE, resume=True)  # a killed sweep continues its adapter
     return lib, time.perf_counter() - t0
 
 
@@ -87,7 +92,7 @@ def steps_of(lib) -> dict:
 
 def score(lib_dir: Path, per_task: int, max_new_tokens: int, system: str) -> dict:
     """Per task: perplexity and exact match of mixed (rank r), own (oracle) and the routed chain —
-    or, for mixed10, of its one adapter."""
+    or, for mixed10 / mixed10a, of its one adapter."""
     from chainlora.data import load_demo
     from chainlora.eval import evaluate
     from chainlora.inference.engine import Engine
@@ -95,15 +100,15 @@ def score(lib_dir: Path, per_task: int, max_new_tokens: int, system: str) -> dic
 
     engine = Engine.load(lib_dir, device="cpu")
     demo = load_demo()
-    if system == "mixed10":
+    if system in ONE:
         (name,) = engine.tasks
         tasks = sorted(t for t in demo)
         ppl, em = {}, {}
         for t in tasks:
             records = demo[t].test[:per_task]
-            ppl[t] = {"mixed10": perplexity(*pooled(record_nll(engine, records, name)))}
+            ppl[t] = {system: perplexity(*pooled(record_nll(engine, records, name)))}
             answers = engine.generate([r.text for r in records], task=name, max_new_tokens=max_new_tokens)
-            em[t] = {"mixed10": sum(evaluate.exact_match(a.text, r.output) for a, r in zip(answers, records))
+            em[t] = {system: sum(evaluate.exact_match(a.text, r.output) for a, r in zip(answers, records))
                      / len(records)}
         return {"perplexity": ppl, "exact_match": em, "steps": steps_of(engine.lib)}
     records = [r for t in engine.tasks for r in demo[t].test[:per_task]]
@@ -129,7 +134,7 @@ def run(args, out: Path) -> None:
     done = {(r["rank"], r["seed"], r["system"]) for r in load(args.regime) if r["budget"] == args.budget}
     for seed in args.seeds:  # seeds outermost: every rank gets its first seed before any gets a second
         for rank in args.ranks:
-            for system in SYSTEMS:
+            for system in args.systems:
                 if (rank, seed, system) in done:
                     continue
                 print(f"== regime {args.regime or 'all'}, rank {rank}, seed {seed}, {system}", flush=True)
@@ -170,9 +175,9 @@ def cells(rows: list[dict]) -> dict[tuple[int, int], dict[str, dict]]:
     out: dict[tuple[int, int], dict[str, dict]] = {}
     for r in rows:
         cell = out.setdefault((r["rank"], r["seed"]), {})
-        if r["system"] == "mixed10":
-            cell["mixed10"] = {"ppl": {t: v["mixed10"] for t, v in r["perplexity"].items()},
-                               "em": {t: v["mixed10"] for t, v in r["exact_match"].items()}}
+        if r["system"] in ONE:
+            cell[ONE[r["system"]]] = {"ppl": {t: v[r["system"]] for t, v in r["perplexity"].items()},
+                                      "em": {t: v[r["system"]] for t, v in r["exact_match"].items()}}
             continue
         names = {"chain": f"{r['system']} routed", "own": f"{r['system']} oracle"}
         if r["system"] == "none":
@@ -229,7 +234,8 @@ def map_table(rows: list[dict], metric: str = "ppl") -> str:
     for name in MAP_SYSTEMS:
         row = [(text(v) + f" ({_seeds(by, r, name)}s)") if len(v := values(by, r, name)) > 1 else "—"
                for r in ranks]
-        lines.append(f"| {name} | " + " | ".join(row) + " |")
+        if any(cell != "—" for cell in row):  # a check not run (mixed10a) leaves no empty row
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -260,7 +266,7 @@ def table(rows: list[dict]) -> str:
     perplexity relative to the mixed adapter of rank r in the same seed (paired; negative = better)
     and the tasks it beats that mixed adapter on."""
     by = cells(rows)
-    order = ["mixed r", "mixed r (trunk)", "mixed10", "none oracle", "none routed", "warm oracle", "warm routed",
+    order = ["mixed r", "mixed r (trunk)", "mixed10", "mixed10 (alpha 2r)", "none oracle", "none routed", "warm oracle", "warm routed",
              "residual oracle", "residual routed"]
     lines = ["| rank | system | seeds | geomean PPL | vs mixed r (paired) | by seed x task ± 1 SE | tasks < mixed r "
              "| exact match |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -376,6 +382,8 @@ def main() -> int:
     ap.add_argument("--regime", type=int, default=40,
                     help="training records a task (default 40: several epochs; 0 = all 800)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS[:4]),
+                    help="in this order (warm copies none's library, residual warm's); mixed10a: the check")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=640,
                     help="step cap B of every system: tasks B/10 from zero, or trunk B/2 + B/20 a task; mixed B")

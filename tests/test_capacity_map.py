@@ -23,10 +23,10 @@ def _row(system: str, seed: int, chain_factor: float, mixed: float = 20.0) -> di
     """One chain library's scores: the mixed adapter at `mixed` (+ a per-task wobble), the chain at
     `chain_factor` times it; or mixed10's one adapter."""
     ppl = {t: mixed + i + seed for i, t in enumerate(TASKS)}
-    if system == "mixed10":
+    if system in ("mixed10", "mixed10a"):
         return {"rank": 1, "seed": seed, "system": system, "train_s": 60.0, "steps": {},
-                "perplexity": {t: {"mixed10": p * chain_factor} for t, p in ppl.items()},
-                "exact_match": {t: {"mixed10": 0.1} for t in TASKS}}
+                "perplexity": {t: {system: p * chain_factor} for t, p in ppl.items()},
+                "exact_match": {t: {system: 0.1} for t in TASKS}}
     wobble = [1.0 + (0.01 if i % 2 else -0.01) for i in range(len(TASKS))]
     return {"rank": 1, "seed": seed, "system": system, "train_s": 60.0, "steps": {},
             "perplexity": {t: {"mixed": p, "own": p * chain_factor * w, "chain": p * chain_factor * w}
@@ -42,7 +42,7 @@ def test_map_bolds_what_is_beyond_two_standard_errors_and_says_so(capacity, tmp_
     assert "**-20.0% ± " in none_row and "(2s)" in none_row  # 20% ahead on every task, two seeds
     warm_row = next(line for line in m.splitlines() if line.startswith("| warm routed"))
     assert "**" not in warm_row  # a tie with task-to-task noise is not bold
-    assert next(line for line in m.splitlines() if line.startswith("| residual routed")).count("—") == 1
+    assert not any(line.startswith(("| residual routed", "| mixed10 (alpha")) for line in m.splitlines())  # not run
     f = capacity.findings(rows)
     ppl, em = f.split("Exact match")
     assert "ahead of the same-rank mixed adapter: none routed at rank 1 (-20.0%" in ppl and "2 seeds" in ppl
@@ -51,6 +51,10 @@ def test_map_bolds_what_is_beyond_two_standard_errors_and_says_so(capacity, tmp_
     assert "none routed at rank 1 (+10.0 points ± 0.0, 2 seeds)" in em and "warm routed at rank 1" in em
     assert em.endswith("behind it: none.")
     assert "| none routed | **+10.0 ± 0.0** (2s) |" in capacity.map_table(rows, "em")
+    rows.append(_row("mixed10a", 0, 0.9))  # the alpha check, under its own label
+    assert "| mixed10 (alpha 2r) | **-10.0% ± 0.0** (1s) |" in capacity.map_table(rows)
+    assert "mixed10 (alpha 2r) at rank 1 (-10.0%" in capacity.findings(rows)
+    assert "rank 1, seed 0, mixed10a" in capacity.stops(rows)
     capacity.plot(rows, tmp_path / "map.png")
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
