@@ -29,6 +29,7 @@ are not kept; one sweep a directory), and --render writes bench/RESULTS.md's cap
     .venv/bin/python bench/capacity.py --regime 40 --ranks 1 16 --seeds 0      # the first cells
     .venv/bin/python bench/capacity.py                                          # everything (days on CPU)
     .venv/bin/python bench/capacity.py --render
+    .venv/bin/python bench/capacity.py --render --backfill   # older rows: validation losses from runs/
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ REPO = BENCH.parent
 SYSTEMS = ("none", "warm", "residual", "mixed10", "mixed10a")  # training order: warm copies none, residual warm
 ONE = {"mixed10": "mixed10", "mixed10a": "mixed10 (alpha 2r)"}  # the one-adapter systems and their labels
 LIB_SYSTEMS = ("mixed", "own", "chain")  # what each chain library reports (mixed r, oracle, routed)
-MAP_SYSTEMS = ("none routed", "warm routed", "residual routed", "mixed10", "mixed10 (alpha 2r)")  # the map's rows: what users deploy
+BEST_ALPHA = "mixed10 (validation's alpha)"  # of mixed10 / mixed10a, the lower best validation loss
+MAP_SYSTEMS = ("none routed", "warm routed", "residual routed", "mixed10", "mixed10 (alpha 2r)", BEST_ALPHA)  # the map's rows: what users deploy
 
 
 def overrides(rank: int, seed: int, system: str, budget: int, regime: int | None, args) -> list[str]:
@@ -86,8 +88,30 @@ def train(rank: int, seed: int, system: str, budget: int, regime: int | None, ar
 def steps_of(lib) -> dict:
     """Optimizer steps each system ran, and where each adapter's best checkpoint was."""
     entries = lib.tasks + ([lib.trunk] if lib.trunk else []) + ([lib.mixed] if lib.mixed else [])
-    return {e["name"]: {"steps": e.get("steps"), "best": (e.get("early_stopping") or {}).get("best_step")}
+    return {e["name"]: {"steps": e.get("steps"), "best": (e.get("early_stopping") or {}).get("best_step"),
+                        "loss": (e.get("early_stopping") or {}).get("best_validation_loss")}
             for e in entries}
+
+
+def backfill(regime: int | None) -> int:
+    """Add the best validation loss to recorded rows that predate it, from their libraries under
+    runs/bench-capacity-REGIME*/ (rows whose library is gone stay as they are). Rewrites the
+    results file: run it when no sweep of this regime is writing. Returns the rows filled."""
+    from chainlora import atomic
+    from chainlora.library.store import Library
+
+    rows, filled = load(regime), 0
+    for r in rows:
+        if all("loss" in v for v in (r.get("steps") or {}).values()):
+            continue
+        for lib in sorted(REPO.glob(f"runs/bench-capacity-{regime or 'all'}*/r{r['rank']}-s{r['seed']}/{r['system']}")):
+            fresh = steps_of(Library.open(lib))
+            if {k: v["steps"] for k, v in fresh.items()} == {k: v["steps"] for k, v in r["steps"].items()}:
+                r["steps"], filled = fresh, filled + 1  # the same run (same steps): its losses
+                break
+    if filled:
+        atomic.write_text(results_file(regime), "".join(json.dumps(r) + "\n" for r in rows))
+    return filled
 
 
 def score(lib_dir: Path, per_task: int, max_new_tokens: int, system: str) -> dict:
@@ -177,7 +201,8 @@ def cells(rows: list[dict]) -> dict[tuple[int, int], dict[str, dict]]:
         cell = out.setdefault((r["rank"], r["seed"]), {})
         if r["system"] in ONE:
             cell[ONE[r["system"]]] = {"ppl": {t: v[r["system"]] for t, v in r["perplexity"].items()},
-                                      "em": {t: v[r["system"]] for t, v in r["exact_match"].items()}}
+                                      "em": {t: v[r["system"]] for t, v in r["exact_match"].items()},
+                                      "loss": ((r.get("steps") or {}).get("finetune") or {}).get("loss")}
             continue
         names = {"chain": f"{r['system']} routed", "own": f"{r['system']} oracle"}
         if r["system"] == "none":
@@ -187,6 +212,10 @@ def cells(rows: list[dict]) -> dict[tuple[int, int], dict[str, dict]]:
         for key, name in names.items():
             cell[name] = {"ppl": {t: v[key] for t, v in r["perplexity"].items()},
                           "em": {t: v[key] for t, v in r["exact_match"].items()}}
+    for cell in out.values():  # the same-disk adapter at the alpha its validation loss prefers
+        a, b = cell.get(ONE["mixed10"]), cell.get(ONE["mixed10a"])
+        if a and b and a["loss"] and b["loss"]:
+            cell[BEST_ALPHA] = a if a["loss"] <= b["loss"] else b
     return out
 
 
@@ -266,7 +295,7 @@ def table(rows: list[dict]) -> str:
     perplexity relative to the mixed adapter of rank r in the same seed (paired; negative = better)
     and the tasks it beats that mixed adapter on."""
     by = cells(rows)
-    order = ["mixed r", "mixed r (trunk)", "mixed10", "mixed10 (alpha 2r)", "none oracle", "none routed", "warm oracle", "warm routed",
+    order = ["mixed r", "mixed r (trunk)", "mixed10", "mixed10 (alpha 2r)", BEST_ALPHA, "none oracle", "none routed", "warm oracle", "warm routed",
              "residual oracle", "residual routed"]
     lines = ["| rank | system | seeds | geomean PPL | vs mixed r (paired) | by seed x task ± 1 SE | tasks < mixed r "
              "| exact match |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -349,7 +378,8 @@ def stops(rows: list[dict]) -> str:
             parts.append(f"task adapters' best step median {tasks[len(tasks) // 2]} (range {tasks[0]}-{tasks[-1]})")
         for k in ("trunk", "mixed", "finetune"):
             if k in st and st[k]["best"]:
-                parts.append(f"{k} best {st[k]['best']} of {st[k]['steps']} run")
+                loss = f", validation loss {st[k]['loss']:.3f}" if st[k].get("loss") else ""
+                parts.append(f"{k} best {st[k]['best']} of {st[k]['steps']} run{loss}")
         lines.append(f"- rank {r['rank']}, seed {r['seed']}, {r['system']}: " + "; ".join(parts)
                      + f" ({r['train_s'] / 60:.0f} min)")
     return "\n".join(lines)
@@ -395,10 +425,14 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--out", default=None, help="results directory (default runs/bench-capacity-REGIME)")
     ap.add_argument("--render", action="store_true", help="only the tables from saved results")
+    ap.add_argument("--backfill", action="store_true",
+                    help="first add best validation losses to older rows from their libraries (no sweep running)")
     args = ap.parse_args()
     args.regime = args.regime or None
     out = Path(args.out or REPO / "runs" / f"bench-capacity-{args.regime or 'all'}")
     out.mkdir(parents=True, exist_ok=True)
+    if args.backfill:
+        print(f"backfilled {backfill(args.regime)} rows", flush=True)
     if not args.render:
         run(args, out)
     rows = [r for r in load(args.regime) if r["budget"] == args.budget]  # one cap per table
@@ -409,7 +443,8 @@ def main() -> int:
                         f"{args.per_task} test records a task, {args.max_new_tokens} new tokens",
             "plot": f"capacity-{args.regime or 'all'}.png",
             "machine": f"{platform.machine()}, {platform.python_version()}, torch CPU",
-            "command": " ".join(["python bench/capacity.py", *(a for a in sys.argv[1:] if a != "--render")])}
+            "command": " ".join(["python bench/capacity.py",
+                                 *(a for a in sys.argv[1:] if a not in ("--render", "--backfill"))])}
     section = render(rows, meta)
     if rows:
         plot(rows, BENCH / meta["plot"])

@@ -19,12 +19,13 @@ def capacity():
     return capacity
 
 
-def _row(system: str, seed: int, chain_factor: float, mixed: float = 20.0) -> dict:
+def _row(system: str, seed: int, chain_factor: float, mixed: float = 20.0, loss: float | None = None) -> dict:
     """One chain library's scores: the mixed adapter at `mixed` (+ a per-task wobble), the chain at
     `chain_factor` times it; or mixed10's one adapter."""
     ppl = {t: mixed + i + seed for i, t in enumerate(TASKS)}
     if system in ("mixed10", "mixed10a"):
-        return {"rank": 1, "seed": seed, "system": system, "train_s": 60.0, "steps": {},
+        steps = {"finetune": {"steps": 100, "best": 50, "loss": loss}}
+        return {"rank": 1, "seed": seed, "system": system, "train_s": 60.0, "steps": steps,
                 "perplexity": {t: {system: p * chain_factor} for t, p in ppl.items()},
                 "exact_match": {t: {system: 0.1} for t in TASKS}}
     wobble = [1.0 + (0.01 if i % 2 else -0.01) for i in range(len(TASKS))]
@@ -55,6 +56,7 @@ def test_map_bolds_what_is_beyond_two_standard_errors_and_says_so(capacity, tmp_
     assert "| mixed10 (alpha 2r) | **-10.0% ± 0.0** (1s) |" in capacity.map_table(rows)
     assert "mixed10 (alpha 2r) at rank 1 (-10.0%" in capacity.findings(rows)
     assert "rank 1, seed 0, mixed10a" in capacity.stops(rows)
+    assert "validation's alpha" not in capacity.map_table(rows)  # no validation losses recorded: no choice
     capacity.plot(rows, tmp_path / "map.png")
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -66,3 +68,16 @@ def test_nothing_beyond_two_standard_errors_is_said_plainly(capacity):
     assert capacity.findings(rows) == ("Beyond two standard errors (paired over seed x task). Answer perplexity, "
                                        "ahead of the same-rank mixed adapter: none; behind it: none. Exact match, "
                                        "ahead of the same-rank mixed adapter: none; behind it: none.")
+
+
+def test_the_same_disk_adapter_at_the_alpha_validation_prefers(capacity):
+    """Of mixed10 (alpha 20r) and mixed10a (alpha 2r) the one with the lower best validation loss
+    stands for the same-disk adapter: the test split decides nothing."""
+    rows = [_row("none", 0, 1.0), _row("mixed10", 0, 1.3, loss=3.2), _row("mixed10a", 0, 0.9, loss=3.0)]
+    cell = capacity.cells(rows)[(1, 0)]
+    assert cell[capacity.BEST_ALPHA] is cell["mixed10 (alpha 2r)"]
+    rows[1]["steps"]["finetune"]["loss"] = 2.9  # now alpha 20r validates better, though its test is worse
+    cell = capacity.cells(rows)[(1, 0)]
+    assert cell[capacity.BEST_ALPHA] is cell["mixed10"]
+    assert "| mixed10 (validation's alpha) | **+30.0% ± 0.0** (1s) |" in capacity.map_table(rows)
+    assert "validation loss 2.900" in capacity.stops(rows)
