@@ -50,7 +50,10 @@ SYSTEMS = ("none", "warm", "residual", "mixed10", "mixed10a")  # training order:
 ONE = {"mixed10": "mixed10", "mixed10a": "mixed10 (alpha 2r)"}  # the one-adapter systems and their labels
 LIB_SYSTEMS = ("mixed", "own", "chain")  # what each chain library reports (mixed r, oracle, routed)
 BEST_ALPHA = "mixed10 (validation's alpha)"  # of mixed10 / mixed10a, the lower best validation loss
-MAP_SYSTEMS = ("none routed", "warm routed", "residual routed", "mixed10", "mixed10 (alpha 2r)", BEST_ALPHA)  # the map's rows: what users deploy
+RESIDUAL, RESIDUAL_2R = "residual routed", "residual routed vs mixed 2r"  # a residual branch serves at rank 2r
+# the map's rows: what a user deploys, each against the mixed adapter (and the plot's lines)
+MAP_SYSTEMS = ("none routed", "warm routed", RESIDUAL, RESIDUAL_2R, "mixed10", "mixed10 (alpha 2r)", BEST_ALPHA)
+PLOT_SYSTEMS = ("none routed", "warm routed", RESIDUAL, RESIDUAL_2R, "mixed10")
 
 
 def overrides(rank: int, seed: int, system: str, budget: int, regime: int | None, args) -> list[str]:
@@ -227,18 +230,23 @@ def _beyond(logs: list[float]) -> str:
     return f"**{text}**" if abs(m) > 2 * se else text
 
 
+def _pairs(by: dict, rank: int, name: str) -> list[tuple[dict, dict]]:
+    """(system, baseline) cells for every seed where both ran. The baseline is the mixed adapter
+    of the same rank; for RESIDUAL_2R it is the mixed adapter of rank 2r, the rank a residual
+    branch is served at (the trunk's factors and its own, concatenated)."""
+    system, base_rank = (RESIDUAL, 2 * rank) if name == RESIDUAL_2R else (name, rank)
+    return [(by[(rank, s)][system], by[(base_rank, s)]["mixed r"])
+            for (r, s) in sorted(by) if r == rank and system in by[(r, s)] and "mixed r" in by.get((base_rank, s), {})]
+
+
 def paired_logs(by: dict, rank: int, name: str) -> list[float]:
-    """log(system / mixed r) for every (seed, task) where both ran: the paired reading's samples."""
-    return [math.log(by[(r, s)][name]["ppl"][t] / by[(r, s)]["mixed r"]["ppl"][t])
-            for (r, s) in sorted(by) if r == rank and name in by[(r, s)] and "mixed r" in by[(r, s)]
-            for t in by[(r, s)]["mixed r"]["ppl"]]
+    """log(system / mixed) for every (seed, task) where both ran: the paired reading's samples."""
+    return [math.log(a["ppl"][t] / b["ppl"][t]) for a, b in _pairs(by, rank, name) for t in b["ppl"]]
 
 
 def paired_em(by: dict, rank: int, name: str) -> list[float]:
     """Exact match minus the mixed adapter's, for every (seed, task) where both ran."""
-    return [by[(r, s)][name]["em"][t] - by[(r, s)]["mixed r"]["em"][t]
-            for (r, s) in sorted(by) if r == rank and name in by[(r, s)] and "mixed r" in by[(r, s)]
-            for t in by[(r, s)]["mixed r"]["em"]]
+    return [a["em"][t] - b["em"][t] for a, b in _pairs(by, rank, name) for t in b["em"]]
 
 
 def _points(diffs: list[float]) -> str:
@@ -249,7 +257,7 @@ def _points(diffs: list[float]) -> str:
 
 
 def _seeds(by: dict, rank: int, name: str) -> int:
-    return sum(1 for (r, s) in by if r == rank and name in by[(r, s)] and "mixed r" in by[(r, s)])
+    return len(_pairs(by, rank, name))
 
 
 def map_table(rows: list[dict], metric: str = "ppl") -> str:
@@ -338,27 +346,28 @@ def plot(rows: list[dict], path: Path) -> None:
     ranks = sorted({k[0] for k in by})
     color = {name: f"C{i}" for i, name in enumerate(("mixed r", *MAP_SYSTEMS))}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for i, name in enumerate(MAP_SYSTEMS):
+    for i, name in enumerate(PLOT_SYSTEMS):
         xs = [r for r in ranks if len(paired_logs(by, r, name)) > 1]
         stats = [_mean_se(paired_logs(by, r, name)) for r in xs]
         if xs:  # nudged sideways so the error bars do not hide each other
-            ax1.errorbar([x * 2 ** ((i - 1.5) * 0.06) for x in xs], [100 * (math.exp(m) - 1) for m, _ in stats],
+            ax1.errorbar([x * 2 ** ((i - 2) * 0.05) for x in xs], [100 * (math.exp(m) - 1) for m, _ in stats],
                          yerr=[200 * se for _, se in stats], marker="o", capsize=3, color=color[name], label=name)
-    for name in ("mixed r", *MAP_SYSTEMS):
+    for name in ("mixed r", *PLOT_SYSTEMS):
         xs = [r for r in ranks if any(name in by[k] for k in by if k[0] == r)]
         ems = [[sum(by[k][name]["em"].values()) / len(by[k][name]["em"]) for k in by if k[0] == r and name in by[k]]
                for r in xs]
         if xs:
             ax2.plot(xs, [sum(e) / len(e) for e in ems], marker="o", color=color[name], label=name)
     ax1.axhline(0, color="grey", lw=1)
-    for ax, title in ((ax1, "perplexity vs mixed r, paired (%; ± 2 SE; lower is better)"),
+    for ax, title in ((ax1, "perplexity vs mixed r (2r for the 2r line), paired (%; ± 2 SE; lower is better)"),
                       (ax2, "exact match, mean over seeds (higher is better)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.minorticks_off()
         ax.set_xlabel("LoRA rank r")
         ax.set_title(title, fontsize=9)
-    ax2.legend(fontsize=7)
+    ax1.legend(fontsize=6)
+    ax2.legend(fontsize=6)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -81,3 +81,16 @@ def test_the_same_disk_adapter_at_the_alpha_validation_prefers(capacity):
     assert cell[capacity.BEST_ALPHA] is cell["mixed10"]
     assert "| mixed10 (validation's alpha) | **+30.0% ± 0.0** (1s) |" in capacity.map_table(rows)
     assert "validation loss 2.900" in capacity.stops(rows)
+
+
+def test_a_residual_branch_is_also_paired_with_the_mixed_adapter_of_twice_its_rank(capacity):
+    """A residual branch is served at rank 2r (the trunk's factors and its own): its row against
+    the rank-2r mixed adapter of the same seed."""
+    rows = [_row("none", 0, 1.0), _row("residual", 0, 0.8)]
+    twice = _row("none", 0, 1.0, mixed=25.0)
+    twice["rank"] = 2
+    rows.append(twice)
+    m = capacity.map_table(rows)
+    line = next(x for x in m.splitlines() if x.startswith("| residual routed vs mixed 2r"))
+    # 0.8 x (20 + i) against 25 + i, task by task: ahead at rank 1; nothing at rank 2 (no rank 4)
+    assert line.split(" | ")[1].startswith("**-") and line.endswith("| — |")
