@@ -1,5 +1,5 @@
-"""bench/capacity.py's reading of its saved rows: the paired map, the "beyond two standard errors"
-line and the plot (synthetic rows; the sweep itself runs for hours and is not a test)."""
+"""bench/capacity_report.py, bench/capacity.py's reading of its saved rows: the paired map, the
+"beyond two standard errors" line and the plot (synthetic rows; the sweep itself runs for hours and is not a test)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ TASKS = [f"t{i}" for i in range(10)]
 @pytest.fixture(scope="module")
 def capacity():
     sys.path.insert(0, str(REPO / "bench"))
-    import capacity
+    import capacity_report
 
-    return capacity
+    return capacity_report
 
 
 def _row(system: str, seed: int, chain_factor: float, mixed: float = 20.0, loss: float | None = None) -> dict:
