@@ -15,7 +15,7 @@ BEST_ALPHA = "mixed10 (validation's alpha)"  # of mixed10 / mixed10a, the lower 
 RESIDUAL, RESIDUAL_2R = "residual routed", "residual routed vs mixed 2r"  # a residual branch serves at rank 2r
 # the map's rows: what a user deploys, each against the mixed adapter (and the plot's lines)
 MAP_SYSTEMS = ("none routed", "warm routed", RESIDUAL, RESIDUAL_2R, "mixed10", "mixed10 (alpha 2r)", BEST_ALPHA)
-PLOT_SYSTEMS = ("none routed", "warm routed", RESIDUAL, RESIDUAL_2R, "mixed10")
+PLOT_SYSTEMS = ("none routed", "warm routed", RESIDUAL, RESIDUAL_2R, BEST_ALPHA)  # the fair same-disk line
 
 
 def _geomean(xs: list[float]) -> float:
