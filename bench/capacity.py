@@ -91,7 +91,7 @@ def steps_of(lib) -> dict:
 
 def backfill(regime: int | None) -> int:
     """Add the best validation loss to recorded rows that predate it, from their libraries under
-    runs/bench-capacity-REGIME*/ (rows whose library is gone stay as they are). Rewrites the
+    runs/bench-capacity-REGIME[-*]/ (rows whose library is gone stay as they are). Rewrites the
     results file: run it when no sweep of this regime is writing. Returns the rows filled."""
     from chainlora import atomic
     from chainlora.library.store import Library
@@ -100,7 +100,7 @@ def backfill(regime: int | None) -> int:
     for r in rows:
         if all("loss" in v for v in (r.get("steps") or {}).values()):
             continue
-        for lib in sorted(REPO.glob(f"runs/bench-capacity-{regime or 'all'}*/r{r['rank']}-s{r['seed']}/{r['system']}")):
+        for lib in saved_libraries(regime, r):
             fresh = steps_of(Library.open(lib))
             if {k: v["steps"] for k, v in fresh.items()} == {k: v["steps"] for k, v in r["steps"].items()}:
                 r["steps"], filled = fresh, filled + 1  # the same run (same steps): its losses
@@ -108,6 +108,13 @@ def backfill(regime: int | None) -> int:
     if filled:
         atomic.write_text(results_file(regime), "".join(json.dumps(r) + "\n" for r in rows))
     return filled
+
+
+def saved_libraries(regime: int | None, row: dict) -> list[Path]:
+    """The row's library in every sweep directory of this regime: runs/bench-capacity-40 and
+    runs/bench-capacity-40-* (another --out), not runs/bench-capacity-400."""
+    tag, leaf = f"bench-capacity-{regime or 'all'}", f"r{row['rank']}-s{row['seed']}/{row['system']}"
+    return sorted(lib for pattern in (tag, f"{tag}-*") for lib in (REPO / "runs").glob(f"{pattern}/{leaf}"))
 
 
 def score(lib_dir: Path, per_task: int, max_new_tokens: int, system: str) -> dict:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO
@@ -94,3 +97,33 @@ def test_a_residual_branch_is_also_paired_with_the_mixed_adapter_of_twice_its_ra
     line = next(x for x in m.splitlines() if x.startswith("| residual routed vs mixed 2r"))
     # 0.8 x (20 + i) against 25 + i, task by task: ahead at rank 1; nothing at rank 2 (no rank 4)
     assert line.split(" | ")[1].startswith("**-") and line.endswith("| — |")
+
+
+def test_backfill_fills_only_the_same_run_of_the_same_regime(monkeypatch, tmp_path):
+    """--backfill adds validation losses to older rows from libraries still on disk: only a library
+    whose step counts match the row's (the same run), only under this regime's sweep directories
+    (runs/bench-capacity-40 and -40-*, not -400), and the results file keeps every row."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import capacity
+    from chainlora.library.store import Library
+
+    monkeypatch.setattr(capacity, "REPO", tmp_path)
+    monkeypatch.setattr(capacity, "BENCH", tmp_path)
+    entry = {"name": "a", "steps": 64, "early_stopping": {"best_step": 40, "best_validation_loss": 2.5}}
+    saved = {"bench-capacity-40/r1-s0/none": [entry],
+             "bench-capacity-400/r1-s0/warm": [entry],                 # another regime: never read
+             "bench-capacity-40-a/r1-s0/residual": [{**entry, "steps": 30}]}  # another run: other steps
+    for leaf in saved:
+        (tmp_path / "runs" / leaf).mkdir(parents=True)
+    monkeypatch.setattr(Library, "open", staticmethod(lambda path: SimpleNamespace(
+        tasks=saved[str(Path(path).relative_to(tmp_path / "runs"))], trunk=None, mixed=None)))
+    old = {"a": {"steps": 64, "best": 40}}
+    rows = [{"rank": 1, "seed": 0, "system": s, "budget": 640, "steps": old} for s in ("none", "warm", "residual")]
+    rows.append({"rank": 1, "seed": 1, "system": "none", "budget": 640, "steps": {"a": {**old["a"], "loss": 3.0}}})
+    capacity.results_file(40).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    assert capacity.backfill(40) == 1
+    after = capacity.load(40)
+    assert [r["steps"]["a"].get("loss") for r in after] == [2.5, None, None, 3.0]
+    assert [(r["rank"], r["seed"], r["system"]) for r in after] == [(r["rank"], r["seed"], r["system"]) for r in rows]
+    assert capacity.backfill(40) == 0  # nothing left to fill: the file is not rewritten
