@@ -102,14 +102,17 @@ def data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("data"), TASKS)
 
 
-@pytest.mark.parametrize("mode", ["warm", "residual"])
-def test_branch_library_is_plain_peft(mode, data, tiny_model_dir, tmp_path):
-    lib = train_library(cfg_for(tiny_model_dir, data, TASKS, f"chain.branch={mode}", *BRANCH), tmp_path / "lib")
+@pytest.mark.parametrize("mode,rslora", [("warm", False), ("residual", False), ("residual", True)])
+def test_branch_library_is_plain_peft(mode, rslora, data, tiny_model_dir, tmp_path):
+    """rsLoRA: the trunk is scaled alpha / sqrt(r) (8 / 2) where plain LoRA has alpha / r (8 / 4)."""
+    lib = train_library(cfg_for(tiny_model_dir, data, TASKS, f"chain.branch={mode}", f"lora.use_rslora={rslora}",
+                                *BRANCH), tmp_path / "lib")
     opened = Library.open(lib)
     trunk = opened.trunk
     assert trunk["steps"] == 4 and trunk["tasks"] == TASKS and opened.mixed["steps"] == 3 * 4
     assert opened.mixed["branch"] == {"mode": "warm", "from": "trunk", "trunk_steps": 4, "total_steps": 16}
     trunk_w = load_file(str(lib / "trunk/adapter_model.safetensors"))
+    assert json.loads((lib / "trunk/adapter_config.json").read_text())["use_rslora"] is rslora
     for t in opened.tasks:
         assert t["branch"]["mode"] == mode and t["branch"]["from"] == "trunk"
         assert "trunk" in t["fingerprint"]["parts"]
@@ -118,9 +121,11 @@ def test_branch_library_is_plain_peft(mode, data, tiny_model_dir, tmp_path):
         key = next(k for k in trunk_w if k.endswith("q_proj.lora_A.weight"))
         if mode == "residual":  # trunk ⊕ residual: rank 2r, the trunk's A as its first r rows, exactly
             assert cfg["r"] == 8 and cfg["lora_alpha"] == 8 and t["branch"]["ranks"] == [4, 4]
+            assert cfg["use_rslora"] is False  # the scalings are inside B
             assert torch.equal(weights[key][:4], trunk_w[key].float())
             b_key = key.replace("lora_A", "lora_B")
-            torch.testing.assert_close(weights[b_key][:, :4], trunk_w[b_key].float() * (8 / 4), rtol=0, atol=0)
+            s = 8 / 2 if rslora else 8 / 4
+            torch.testing.assert_close(weights[b_key][:, :4], trunk_w[b_key].float() * s, rtol=0, atol=0)
         else:  # the trunk's LoRA, trained further
             assert cfg["r"] == 4 and weights[key].shape == trunk_w[key].shape
             assert not torch.equal(weights[key], trunk_w[key])

@@ -40,13 +40,13 @@ class Probe:
         self.seen[state.global_step] = self.fn(**kw)
 
 
-def peft_model(model_dir: Path, r: int = 4, dropout: float = 0.0, dtype: str = "float32"):
+def peft_model(model_dir: Path, r: int = 4, dropout: float = 0.0, dtype: str = "float32", rslora: bool = False):
     from peft import LoraConfig, get_peft_model
 
     base = load_base(str(model_dir), device="cpu", dtype=dtype)
     torch.manual_seed(0)
     cfg = LoraConfig(r=r, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"],
-                     task_type="CAUSAL_LM")
+                     use_rslora=rslora, task_type="CAUSAL_LM")
     return base, get_peft_model(base.model, cfg)
 
 
@@ -250,17 +250,22 @@ def logits(model, ids) -> torch.Tensor:
         return model(ids).logits
 
 
-def test_export_is_one_plain_lora_with_the_links_logits(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("rslora", [False, True])
+def test_export_is_one_plain_lora_with_the_links_logits(tiny_model_dir, tmp_path, rslora):
+    """Links of ranks 4, 2, 2 (each scaled by PEFT's s: alpha / r, or alpha / sqrt(r) with
+    rsLoRA) export to ONE plain rank-8 LoRA with scaling 1 that gives the trained logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base, model = peft_model(tiny_model_dir)
+    base, model = peft_model(tiny_model_dir, rslora=rslora)
     ids = base.tokenizer("Give the antonym of the word hot.", return_tensors="pt")["input_ids"]
     with model.disable_adapter():
         w0_logits = logits(model, ids)
     cb = cola.ColaCallback(model, cola.LinkPlan([2, 4], [4, 2, 2]), ColaSettings(), 8)
     train(model, base.tokenizer, tmp_path, [cb])
     trained = logits(model, ids)
+    root = (lambda r: r ** 0.5) if rslora else (lambda r: r)
+    assert cb.scalings == [8 / root(4), 8 / root(2)] and cb._scaling() == 8 / root(2)
     info = cb.export()
     assert info == {"links": 3, "knots": [2, 4], "ranks": [4, 2, 2], "export_rank": 8}
     assert (trained - logits(model, ids)).abs().max() <= 1e-5
@@ -268,7 +273,7 @@ def test_export_is_one_plain_lora_with_the_links_logits(tiny_model_dir, tmp_path
         assert torch.equal(logits(model, ids), w0_logits)  # W0 restored exactly, by copy
     model.save_pretrained(str(tmp_path / "adapter"))
     saved = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
-    assert saved["r"] == 8 and saved["lora_alpha"] == 8
+    assert saved["r"] == 8 and saved["lora_alpha"] == 8 and saved["use_rslora"] is False
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "adapter"))
     assert (trained - logits(plain, ids)).abs().max() <= 1e-5
     assert (trained - w0_logits).abs().max() > 1e-3  # the links did change the model

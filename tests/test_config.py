@@ -166,6 +166,21 @@ def test_digest_and_to_dict_are_those_of_existing_libraries(name):
     assert measured == PINNED[name]
 
 
+def test_use_rslora_keeps_existing_libraries_and_retrains_when_on():
+    """Off (the default), lora.use_rslora is out of the config's digest and every fingerprint, so
+    a library trained before the key existed keeps all its adapters; on, the LoRA part changes."""
+    from chainlora.train.changes import fingerprint
+    from chainlora.train.plan import Job
+
+    off, on = config.from_dict({}), config.from_dict({"lora": {"use_rslora": True}})
+    assert "use_rslora" not in off.to_dict()["lora"] and on.to_dict()["lora"]["use_rslora"] is True
+    assert on.digest() != off.digest()  # off: the pinned digests above are unchanged
+    job = Job("task", "t", "task/t", [], [], off.training_for("mixed"), steps=10)
+    a, b = (fingerprint(job, c, "sha256:abc", 1, "tok") for c in (off, on))
+    assert a["sha256"] == PINNED["default"][2]
+    assert [k for k in a["parts"] if a["parts"][k] != b["parts"][k]] == ["LoRA settings"]
+
+
 def test_target_modules_may_be_one_name():
     """`target_modules: all-linear` (PEFT's spelling, a string) reads as a list of one."""
     assert config.from_dict({"lora": {"target_modules": "all-linear"}}).lora.target_modules == ["all-linear"]

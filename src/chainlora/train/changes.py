@@ -78,7 +78,7 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
         parts["encoder settings"] = _digest([e, job.info.get("tasks")])
     else:
         if kinds.ENTRIES[job.kind].lora:  # the sft selector trains every weight, no LoRA
-            parts["LoRA settings"] = _digest(cfg.lora.model_dump())
+            parts["LoRA settings"] = _digest(cfg.to_dict()["lora"])  # use_rslora off: as before
         parts["system prompt"] = _digest(cfg.system_prompt)
     if job.start is not None:
         parts["trunk"] = _digest([job.branch, job.start, (start or {}).get("sha256")])

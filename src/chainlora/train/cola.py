@@ -78,7 +78,8 @@ def link_plan(settings: ColaSettings, steps: int, rank: int, key: str) -> LinkPl
 
 def lora_layers(model: Any) -> dict[str, Any]:
     """Every LoRA-wrapped Linear of `model`, by module name (the unit of merging); plain LoRA
-    only: merging s·BA assumes no DoRA, rsLoRA, LoRA bias or other LoRA variant."""
+    only: merging s·BA assumes no DoRA, LoRA bias or other LoRA variant (rsLoRA is plain LoRA
+    with another s, read from the layer)."""
     import torch.nn as nn
     from peft.tuners.lora import LoraLayer
 
@@ -88,10 +89,10 @@ def lora_layers(model: Any) -> dict[str, Any]:
             if not isinstance(module.lora_A[ADAPTER], nn.Linear) or getattr(module, "fan_in_fan_out", False):
                 raise ChainloraError(f"cola: {name}: only Linear layers can form a residual chain (not "
                                      f"{type(module.get_base_layer()).__name__}); change lora.target_modules")
-            if module.use_dora.get(ADAPTER) or module.use_rslora.get(ADAPTER) \
-                    or module.lora_bias.get(ADAPTER) or ADAPTER in getattr(module, "lora_variant", {}):
+            if module.use_dora.get(ADAPTER) or module.lora_bias.get(ADAPTER) \
+                    or ADAPTER in getattr(module, "lora_variant", {}):
                 raise ChainloraError(f"cola: {name}: only plain LoRA layers can form a residual chain "
-                                     "(no DoRA, rsLoRA, LoRA bias or other variant)")
+                                     "(no DoRA, LoRA bias or other variant)")
             layers[name] = module
     if not layers:
         raise ChainloraError("cola: the model has no LoRA layers for a residual chain")
@@ -281,7 +282,8 @@ class ColaCallback(TrainerCallback):
         except KeyError as e:
             raise ChainloraError(f"{directory}: the trunk has no LoRA factors for {e.args[0]} "
                                  "(trained with other target modules?)")
-        self.links, self.scalings = [link], [config.lora_alpha / config.r]
+        root_r = math.sqrt(config.r) if getattr(config, "use_rslora", False) else config.r  # rsLoRA
+        self.links, self.scalings = [link], [config.lora_alpha / root_r]
         self._merge()
 
     # ---------------------------------------------------------------- the end
@@ -308,6 +310,8 @@ class ColaCallback(TrainerCallback):
             raise ChainloraError(f"{key}: {compress_rank} is above the links' total rank {total}")
         rank = compress_rank or total
         self.restore_base()
+        peft_cfg = self.model.peft_config[ADAPTER]
+        peft_cfg.use_rslora = False  # before _install rebuilds the layers: scaling rank / rank = 1
         errors, dropped, norm = {}, 0.0, 0.0
         for name, layer in self.layers.items():
             a = torch.cat([link[name][0] for link in links], dim=0)
@@ -317,7 +321,6 @@ class ColaCallback(TrainerCallback):
                 errors[name] = round(math.sqrt(tail / full), 6) if full > 0 else 0.0
                 dropped, norm = dropped + tail, norm + full
             self._install(layer, a, b, rank)
-        peft_cfg = self.model.peft_config[ADAPTER]
         peft_cfg.r, peft_cfg.lora_alpha = rank, rank  # scaling 1: the s_j are inside B
         peft_cfg.init_lora_weights = True
         info: dict[str, Any] = {"links": len(links), "knots": self.link_plan.knots,

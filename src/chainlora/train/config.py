@@ -64,6 +64,9 @@ class LoraSettings(_Section):
     r: int = Field(8, ge=1, le=4096)
     alpha: Number = Field(16.0, ge=0.0)
     dropout: Number = Field(0.05, ge=0.0, le=0.99)
+    # scale B A by alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023) instead of alpha / r: with a
+    # fixed alpha, a high rank keeps learning (PEFT's, LLaMA-Factory's and axolotl's use_rslora)
+    use_rslora: bool = False
     # the model's own Linear names (q_proj, v_proj: llama, Gemma, Qwen, Mistral), or all-linear
     target_modules: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = Field(
         default_factory=lambda: ["q_proj", "v_proj"])
@@ -275,7 +278,8 @@ class Config(_Section):
         d = self.model_dump()
         if d["training"]["early_stopping"] == EarlyStoppingSettings().model_dump():
             del d["training"]["early_stopping"]
-        for part, key in ((d, "base_quantization"), (d["training"], "gradient_checkpointing")):
+        for part, key in ((d, "base_quantization"), (d["training"], "gradient_checkpointing"),
+                          (d["lora"], "use_rslora")):
             if not part[key]:
                 del part[key]
         return d
