@@ -58,6 +58,10 @@ BAD = [
     ("- just\n- a list\n", "c.yaml: (top level): expected a mapping"),
     ("training: [1, 2\n", "c.yaml:2: invalid YAML"),
     ("router:\n  enabled: yes please\n", "c.yaml: router.enabled: expected true or false"),
+    # a LLaMA-Factory or axolotl YAML: their key, chainlora's spelling of the same setting
+    ("lora_rank: 16\n", "c.yaml: lora_rank: unknown key (LLaMA-Factory's name; chainlora's is lora.r)"),
+    ("micro_batch_size: 2\n", "c.yaml: micro_batch_size: unknown key (axolotl's name; chainlora's is training.batch_size)"),
+    ("bf16: true\n", "c.yaml: bf16: unknown key (LLaMA-Factory's and axolotl's name; chainlora's is training.precision: bf16)"),
 ]
 
 

@@ -2,7 +2,8 @@
 
 pydantic checks keys, types and ranges; this module follows its error location through the
 schema and the data to name the dotted key, what it accepts and what it got, with a "did you
-mean" hint for a mistyped key. Used by train/config.py for every section of the YAML.
+mean" hint for a mistyped key (chainlora's spelling for a LLaMA-Factory or axolotl key). Used
+by train/config.py for every section of the YAML.
 """
 
 from __future__ import annotations
@@ -24,6 +25,32 @@ class ConfigError(ChainloraError):
     def __init__(self, source: str, key: str, message: str):
         super().__init__(f"{source}: {key}: {message}")
         self.key, self.problem = key, message
+
+
+# Keys of a LLaMA-Factory (LF) or axolotl (AX) training YAML, at the top level where those tools put
+# them, and what chainlora calls the same setting: a user's first config is often one of theirs.
+FOREIGN = {
+    "model_name_or_path": ("LF", "base_model"), "dataset": ("LF", "data.train"),
+    "datasets": ("AX", "data.train"), "val_size": ("LF", "data.test_fraction"),
+    "val_set_size": ("AX", "data.test_fraction"), "lora_rank": ("LF", "lora.r"), "lora_r": ("AX", "lora.r"),
+    "lora_alpha": ("LF, AX", "lora.alpha"), "lora_dropout": ("LF, AX", "lora.dropout"),
+    "lora_target": ("LF", "lora.target_modules"), "lora_target_modules": ("AX", "lora.target_modules"),
+    "use_rslora": ("LF", "lora.use_rslora"), "peft_use_rslora": ("AX", "lora.use_rslora"),
+    "learning_rate": ("LF, AX", "training.learning_rate"), "num_train_epochs": ("LF", "training.epochs"),
+    "num_epochs": ("AX", "training.epochs"), "max_steps": ("LF, AX", "training.max_steps"),
+    "per_device_train_batch_size": ("LF", "training.batch_size"), "micro_batch_size": ("AX", "training.batch_size"),
+    "gradient_accumulation_steps": ("LF, AX", "training.gradient_accumulation_steps"),
+    "lr_scheduler_type": ("LF", "training.lr_scheduler"), "lr_scheduler": ("AX", "training.lr_scheduler"),
+    "warmup_ratio": ("LF, AX", "training.warmup_ratio"), "weight_decay": ("LF, AX", "training.weight_decay"),
+    "cutoff_len": ("LF", "training.max_length"), "sequence_len": ("AX", "training.max_length"),
+    "seed": ("LF, AX", "training.seed"), "bf16": ("LF, AX", "training.precision: bf16"),
+    "fp16": ("LF, AX", "training.precision: fp16"), "quantization_bit": ("LF", "base_quantization: 4bit or 8bit"),
+    "load_in_4bit": ("AX", "base_quantization: 4bit"), "load_in_8bit": ("AX", "base_quantization: 8bit"),
+    "gradient_checkpointing": ("AX", "training.gradient_checkpointing"),
+    "early_stopping_patience": ("AX", "training.early_stopping.patience"),
+    "save_steps": ("LF, AX", "training.save_steps"), "logging_steps": ("LF, AX", "training.logging_steps"),
+}
+TOOLS = {"LF": "LLaMA-Factory's", "AX": "axolotl's", "LF, AX": "LLaMA-Factory's and axolotl's"}
 
 
 def fail(source: str, key: str, message: str) -> ConfigError:
@@ -79,10 +106,14 @@ def _explain(error: ValidationError, model: type[BaseModel], data: Any, prefix: 
     key, tp, value, rest = _locate(model, err["loc"], data, prefix)
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind == "extra_forbidden":
+        dotted = f"{key}.{rest[0]}" if key else str(rest[0])
+        if dotted in FOREIGN:
+            tool, ours = FOREIGN[dotted]
+            return fail(source, dotted, f"unknown key ({TOOLS[tool]} name; chainlora's is {ours})")
         known = list(tp.model_fields)
         hint = difflib.get_close_matches(str(rest[0]), known, n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
-        return fail(source, f"{key}.{rest[0]}" if key else rest[0], f"unknown key{suggestion}")
+        return fail(source, dotted, f"unknown key{suggestion}")
     bounds = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"),
               "greater_than": (">", "gt"), "less_than": ("<", "lt")}
     if kind in bounds:
