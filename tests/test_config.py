@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,32 @@ def test_use_rslora_keeps_existing_libraries_and_retrains_when_on():
     a, b = (fingerprint(job, c, "sha256:abc", 1, "tok") for c in (off, on))
     assert a["sha256"] == PINNED["default"][2]
     assert [k for k in a["parts"] if a["parts"][k] != b["parts"][k]] == ["LoRA settings"]
+
+
+def test_every_foreign_key_names_a_chainlora_key_and_shadows_none():
+    """The LLaMA-Factory / axolotl table: each target resolves to a field of the schema, and no
+    foreign name is one of chainlora's own top-level keys (it is only read for unknown keys)."""
+    from pydantic import BaseModel
+
+    from chainlora.train.config_check import FOREIGN, TOOLS
+
+    for name, (tool, ours) in FOREIGN.items():
+        assert tool in TOOLS and name not in config.Config.model_fields, name
+        words = re.split(r"[ ,():]+", ours)  # the first word and every dotted word are keys
+        for target in [words[0]] + [w for w in words[1:] if "." in w]:
+            model: type[BaseModel] = config.Config
+            for part in target.split("."):
+                assert part in model.model_fields, (name, target)
+                ann = model.model_fields[part].annotation
+                model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else config.Config
+
+
+def test_a_foreign_key_inside_a_section_is_answered_only_for_that_section():
+    with pytest.raises(ChainloraError, match=r"training.num_train_epochs: unknown key \(LLaMA-Factory's name; "
+                                             r"chainlora's is training.epochs, with training.max_steps: null\)"):
+        config.from_dict({"training": {"num_train_epochs": 3}}, "x.yaml")
+    with pytest.raises(ChainloraError, match=r"router.training.num_train_epochs: unknown key \(known: max_steps, epochs"):
+        config.from_dict({"router": {"training": {"num_train_epochs": 3}}}, "x.yaml")
 
 
 def test_target_modules_may_be_one_name():

@@ -29,15 +29,18 @@ class ConfigError(ChainloraError):
 
 # Keys of a LLaMA-Factory (LF) or axolotl (AX) training YAML, at the top level where those tools put
 # them, and what chainlora calls the same setting: a user's first config is often one of theirs.
+EPOCHS = "training.epochs, with training.max_steps: null"
+VAL = ("data.test_fraction (the held-out test share) or training.early_stopping.validation_per_task "
+       "(validation records a task)")
 FOREIGN = {
     "model_name_or_path": ("LF", "base_model"), "dataset": ("LF", "data.train"),
-    "datasets": ("AX", "data.train"), "val_size": ("LF", "data.test_fraction"),
-    "val_set_size": ("AX", "data.test_fraction"), "lora_rank": ("LF", "lora.r"), "lora_r": ("AX", "lora.r"),
+    "datasets": ("AX", "data.train"), "val_size": ("LF", VAL),
+    "val_set_size": ("AX", VAL), "lora_rank": ("LF", "lora.r"), "lora_r": ("AX", "lora.r"),
     "lora_alpha": ("LF, AX", "lora.alpha"), "lora_dropout": ("LF, AX", "lora.dropout"),
     "lora_target": ("LF", "lora.target_modules"), "lora_target_modules": ("AX", "lora.target_modules"),
     "use_rslora": ("LF", "lora.use_rslora"), "peft_use_rslora": ("AX", "lora.use_rslora"),
-    "learning_rate": ("LF, AX", "training.learning_rate"), "num_train_epochs": ("LF", "training.epochs"),
-    "num_epochs": ("AX", "training.epochs"), "max_steps": ("LF, AX", "training.max_steps"),
+    "learning_rate": ("LF, AX", "training.learning_rate"), "num_train_epochs": ("LF", EPOCHS),
+    "num_epochs": ("AX", EPOCHS), "max_steps": ("LF, AX", "training.max_steps"),
     "per_device_train_batch_size": ("LF", "training.batch_size"), "micro_batch_size": ("AX", "training.batch_size"),
     "gradient_accumulation_steps": ("LF, AX", "training.gradient_accumulation_steps"),
     "lr_scheduler_type": ("LF", "training.lr_scheduler"), "lr_scheduler": ("AX", "training.lr_scheduler"),
@@ -46,8 +49,8 @@ FOREIGN = {
     "seed": ("LF, AX", "training.seed"), "bf16": ("LF, AX", "training.precision: bf16"),
     "fp16": ("LF, AX", "training.precision: fp16"), "quantization_bit": ("LF", "base_quantization: 4bit or 8bit"),
     "load_in_4bit": ("AX", "base_quantization: 4bit"), "load_in_8bit": ("AX", "base_quantization: 8bit"),
-    "gradient_checkpointing": ("AX", "training.gradient_checkpointing"),
-    "early_stopping_patience": ("AX", "training.early_stopping.patience"),
+    "gradient_checkpointing": ("LF, AX", "training.gradient_checkpointing"),
+    "early_stopping_patience": ("AX", "training.early_stopping.patience, with training.early_stopping.enabled: true"),
     "save_steps": ("LF, AX", "training.save_steps"), "logging_steps": ("LF, AX", "training.logging_steps"),
 }
 TOOLS = {"LF": "LLaMA-Factory's", "AX": "axolotl's", "LF, AX": "LLaMA-Factory's and axolotl's"}
@@ -107,8 +110,8 @@ def _explain(error: ValidationError, model: type[BaseModel], data: Any, prefix: 
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind == "extra_forbidden":
         dotted = f"{key}.{rest[0]}" if key else str(rest[0])
-        if dotted in FOREIGN:
-            tool, ours = FOREIGN[dotted]
+        tool, ours = FOREIGN.get(str(rest[0]), ("", ""))
+        if ours and (not key or ours.startswith(f"{key}.")):  # at the top level, or in its own section
             return fail(source, dotted, f"unknown key ({TOOLS[tool]} name; chainlora's is {ours})")
         known = list(tp.model_fields)
         hint = difflib.get_close_matches(str(rest[0]), known, n=1)
