@@ -30,6 +30,12 @@ are not kept; one sweep a directory), and --render writes bench/RESULTS.md's cap
     .venv/bin/python bench/capacity.py                                          # everything (days on CPU)
     .venv/bin/python bench/capacity.py --render
     .venv/bin/python bench/capacity.py --render --backfill   # older rows: validation losses from runs/
+    .venv/bin/python bench/capacity.py --rslora --ranks 4 16   # the same map at a fixed step size
+
+--rslora is the separate sweep of the rank axis without the step size moving with it: every
+adapter at alpha 2 with `lora.use_rslora` (scale 2/sqrt(r): rank 1 as above, rank 16 a quarter of
+it), the same-disk adapter at 2/sqrt(10r); its rows, libraries and section are its own
+(capacity-rslora-REGIME), so the two maps never mix.
 """
 
 from __future__ import annotations
@@ -49,8 +55,14 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 
 
+def sweep_key(regime: int | None, rslora: bool = False) -> str:
+    """The name of a sweep's rows, libraries and section: `40`, `all`, `rslora-40`."""
+    return f"{'rslora-' if rslora else ''}{regime or 'all'}"
+
+
 def overrides(rank: int, seed: int, system: str, budget: int, regime: int | None, args) -> list[str]:
-    """The demo config at rank r (alpha 2r), with early stopping on every answer adapter."""
+    """The demo config at rank r (alpha 2r; --rslora: alpha 2 at scale 2/sqrt(r)), with early
+    stopping on every answer adapter."""
     keys = {"lora.r": rank, "lora.alpha": 2 * rank, "training.seed": seed, "training.save_steps": 10000,
             "training.early_stopping.enabled": "true", "training.early_stopping.eval_steps": args.eval_steps,
             "training.early_stopping.validation_per_task": args.validation_per_task,
@@ -63,6 +75,8 @@ def overrides(rank: int, seed: int, system: str, budget: int, regime: int | None
         keys.update({"lora.r": 10 * rank, "lora.alpha": (20 if system == "mixed10" else 2) * rank,
                      "training.max_steps": budget,
                      "chain.branch": "none", "mixed.enabled": "false"})
+    if getattr(args, "rslora", False):  # one alpha for every rank and system: the scale is 2/sqrt(rank)
+        keys.update({"lora.alpha": 2, "lora.use_rslora": "true"})
     if regime:
         keys["data.max_train_per_task"] = regime
     return [f"{k}={v}" for k, v in keys.items()]
@@ -89,31 +103,31 @@ def steps_of(lib) -> dict:
             for e in entries}
 
 
-def backfill(regime: int | None) -> int:
+def backfill(key: str) -> int:
     """Add the best validation loss to recorded rows that predate it, from their libraries under
     runs/bench-capacity-REGIME[-*]/ (rows whose library is gone stay as they are). Rewrites the
     results file: run it when no sweep of this regime is writing. Returns the rows filled."""
     from chainlora import atomic
     from chainlora.library.store import Library
 
-    rows, filled = load(regime), 0
+    rows, filled = load(key), 0
     for r in rows:
         if all("loss" in v for v in (r.get("steps") or {}).values()):
             continue
-        for lib in saved_libraries(regime, r):
+        for lib in saved_libraries(key, r):
             fresh = steps_of(Library.open(lib))
             if {k: v["steps"] for k, v in fresh.items()} == {k: v["steps"] for k, v in r["steps"].items()}:
                 r["steps"], filled = fresh, filled + 1  # the same run (same steps): its losses
                 break
     if filled:
-        atomic.write_text(results_file(regime), "".join(json.dumps(r) + "\n" for r in rows))
+        atomic.write_text(results_file(key), "".join(json.dumps(r) + "\n" for r in rows))
     return filled
 
 
-def saved_libraries(regime: int | None, row: dict) -> list[Path]:
-    """The row's library in every sweep directory of this regime: runs/bench-capacity-40 and
-    runs/bench-capacity-40-* (another --out), not runs/bench-capacity-400."""
-    tag, leaf = f"bench-capacity-{regime or 'all'}", f"r{row['rank']}-s{row['seed']}/{row['system']}"
+def saved_libraries(key: str, row: dict) -> list[Path]:
+    """The row's library in every directory of this sweep: runs/bench-capacity-40 and
+    runs/bench-capacity-40-* (another --out), not runs/bench-capacity-400 or -rslora-40."""
+    tag, leaf = f"bench-capacity-{key}", f"r{row['rank']}-s{row['seed']}/{row['system']}"
     return sorted(lib for pattern in (tag, f"{tag}-*") for lib in (REPO / "runs").glob(f"{pattern}/{leaf}"))
 
 
@@ -158,7 +172,8 @@ def run(args, out: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         sys.exit(f"{out}: another capacity.py is running on this directory; wait for it or give --out")
-    done = {(r["rank"], r["seed"], r["system"]) for r in load(args.regime) if r["budget"] == args.budget}
+    key = sweep_key(args.regime, args.rslora)
+    done = {(r["rank"], r["seed"], r["system"]) for r in load(key) if r["budget"] == args.budget}
     for seed in args.seeds:  # seeds outermost: every rank gets its first seed before any gets a second
         for rank in args.ranks:
             for system in args.systems:
@@ -167,19 +182,20 @@ def run(args, out: Path) -> None:
                 print(f"== regime {args.regime or 'all'}, rank {rank}, seed {seed}, {system}", flush=True)
                 lib, seconds = train(rank, seed, system, args.budget, args.regime, args, out)
                 row = {"rank": rank, "seed": seed, "system": system, "budget": args.budget,
-                       "regime": args.regime, "train_s": round(seconds, 1),
+                       "regime": args.regime, **({"rslora": True} if args.rslora else {}),
+                       "train_s": round(seconds, 1),
                        **score(lib, args.per_task, args.max_new_tokens, system)}
-                with open(results_file(args.regime), "a") as f:
+                with open(results_file(key), "a") as f:
                     f.write(json.dumps(row) + "\n")
 
 
-def results_file(regime: int | None) -> Path:
+def results_file(key: str) -> Path:
     """Where finished runs are recorded: tracked beside this script (runs/ is not)."""
-    return BENCH / f"capacity-{regime or 'all'}.jsonl"
+    return BENCH / f"capacity-{key}.jsonl"
 
 
-def load(regime: int | None) -> list[dict]:
-    path = results_file(regime)
+def load(key: str) -> list[dict]:
+    path = results_file(key)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
@@ -200,32 +216,39 @@ def main() -> int:
     ap.add_argument("--per-task", type=int, default=16, help="test records a task")
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--out", default=None, help="results directory (default runs/bench-capacity-REGIME)")
+    ap.add_argument("--rslora", action="store_true",
+                    help="the separate sweep at alpha 2 with lora.use_rslora (scale 2/sqrt r at every rank)")
     ap.add_argument("--render", action="store_true", help="only the tables from saved results")
     ap.add_argument("--backfill", action="store_true",
                     help="first add best validation losses to older rows from their libraries (no sweep running)")
     args = ap.parse_args()
     args.regime = args.regime or None
-    out = Path(args.out or REPO / "runs" / f"bench-capacity-{args.regime or 'all'}")
+    if args.rslora and "mixed10a" in args.systems:
+        ap.error("mixed10a is the alpha check of the alpha-2r sweep; --rslora fixes alpha for every system")
+    key = sweep_key(args.regime, args.rslora)
+    out = Path(args.out or REPO / "runs" / f"bench-capacity-{key}")
     out.mkdir(parents=True, exist_ok=True)
     if args.backfill:
-        print(f"backfilled {backfill(args.regime)} rows", flush=True)
+        print(f"backfilled {backfill(key)} rows", flush=True)
     if not args.render:
         run(args, out)
-    rows = [r for r in load(args.regime) if r["budget"] == args.budget]  # one cap per table
-    meta = {"settings": f"configs/demo.yaml (SmolLM2-135M, q/v, alpha 2r, batch 8, lr 2e-3), early stopping every "
+    rows = [r for r in load(key) if r["budget"] == args.budget]  # one cap per table
+    alpha = "alpha 2 with rsLoRA (scale 2/sqrt r)" if args.rslora else "alpha 2r"
+    meta = {"settings": f"configs/demo.yaml (SmolLM2-135M, q/v, {alpha}, batch 8, lr 2e-3), early stopping every "
                         f"{args.eval_steps} steps on {args.validation_per_task} validation records a task (patience "
                         f"{args.patience}), step cap "
                         f"B={args.budget} (tasks B/10 from zero, trunk B/2 + B/20 a branch, mixed B), "
                         f"{args.regime or 'all'} training records a task, "
                         f"{args.per_task} test records a task, {args.max_new_tokens} new tokens",
-            "plot": f"capacity-{args.regime or 'all'}.png",
+            "plot": f"capacity-{key}.png",
             "machine": f"{platform.machine()}, {platform.python_version()}, torch CPU",
             "command": " ".join(["python bench/capacity.py",
                                  *(a for a in sys.argv[1:] if a not in ("--render", "--backfill"))])}
     section = render(rows, meta)
     if rows:
         plot(rows, BENCH / meta["plot"])
-    write_results(section, args.regime)
+    write_results(section, key, f"{args.regime or 'all'} training records a task"
+                  + (", rsLoRA at alpha 2" if args.rslora else ""))
     print(section)
     return 0
 

@@ -240,9 +240,8 @@ def render(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(section: str, regime: int | None) -> None:
-    """Replace this regime's block of bench/RESULTS.md (its markers), or append it."""
+def write_results(section: str, key: str, what: str) -> None:
+    """Replace this sweep's block of bench/RESULTS.md (its markers), or append it."""
     from results_md import write_section
 
-    write_section(f"capacity-{regime or 'all'}", section,
-                  f"### Capacity: rank x system, {regime or 'all'} training records a task")
+    write_section(f"capacity-{key}", section, f"### Capacity: rank x system, {what}")

@@ -120,10 +120,35 @@ def test_backfill_fills_only_the_same_run_of_the_same_regime(monkeypatch, tmp_pa
     old = {"a": {"steps": 64, "best": 40}}
     rows = [{"rank": 1, "seed": 0, "system": s, "budget": 640, "steps": old} for s in ("none", "warm", "residual")]
     rows.append({"rank": 1, "seed": 1, "system": "none", "budget": 640, "steps": {"a": {**old["a"], "loss": 3.0}}})
-    capacity.results_file(40).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capacity.results_file("40").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    assert capacity.backfill(40) == 1
-    after = capacity.load(40)
+    assert capacity.backfill("40") == 1
+    after = capacity.load("40")
     assert [r["steps"]["a"].get("loss") for r in after] == [2.5, None, None, 3.0]
     assert [(r["rank"], r["seed"], r["system"]) for r in after] == [(r["rank"], r["seed"], r["system"]) for r in rows]
-    assert capacity.backfill(40) == 0  # nothing left to fill: the file is not rewritten
+    assert capacity.backfill("40") == 0  # nothing left to fill: the file is not rewritten
+
+
+def test_the_rslora_sweep_fixes_alpha_and_keeps_its_own_rows_and_libraries(monkeypatch, tmp_path):
+    """--rslora: every system at alpha 2 with lora.use_rslora (the same-disk adapter too, at rank
+    10r); its rows, libraries and section are named rslora-REGIME, which the plain sweep never reads."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import capacity
+    from chainlora.train import config
+
+    def cfg(system: str, rslora: bool):
+        args = SimpleNamespace(eval_steps=10, validation_per_task=8, patience=4, per_task=16, rslora=rslora)
+        return config.load(REPO / "configs" / "demo.yaml", capacity.overrides(4, 0, system, 640, 40, args))
+
+    for system, rank in (("none", 4), ("residual", 4), ("mixed10", 40)):
+        on = cfg(system, True)
+        assert on.lora.use_rslora and on.lora.alpha == 2 and on.lora.r == rank, system
+    off = cfg("mixed10", False)
+    assert not off.lora.use_rslora and (off.lora.r, off.lora.alpha) == (40, 80)
+    assert [capacity.sweep_key(40), capacity.sweep_key(None), capacity.sweep_key(40, True)] == ["40", "all", "rslora-40"]
+    monkeypatch.setattr(capacity, "REPO", tmp_path)
+    for d in ("bench-capacity-40", "bench-capacity-40-s2", "bench-capacity-rslora-40"):
+        (tmp_path / "runs" / d / "r1-s0" / "none").mkdir(parents=True)
+    row = {"rank": 1, "seed": 0, "system": "none"}
+    found = {key: [p.parent.parent.name for p in capacity.saved_libraries(key, row)] for key in ("40", "rslora-40")}
+    assert found == {"40": ["bench-capacity-40", "bench-capacity-40-s2"], "rslora-40": ["bench-capacity-rslora-40"]}
