@@ -208,6 +208,23 @@ def test_a_verified_adapter_is_read_straight_into_its_slot(tiny_model_dir, tmp_p
     assert sorted(engine.pool.free) == sorted(free) and "antonym" not in engine.pool.resident
 
 
+def test_the_slots_take_the_library_s_largest_rank(lib, tiny_model_dir, tmp_path):
+    """A rank-4 library gets rank-4 slots: each adapter's B fills its slot, so a cold load reads
+    the file straight into the slot tensors (no padded, strided copy) and gives PEFT's logits. A
+    library of mixed ranks gets its largest (here the rank-16 mixed adapter)."""
+    assert Engine.load(lib, device="cpu", adapters="pool").pool.r_max == 16
+    root = make_random_library(tmp_path / "lib", tiny_model_dir, ["antonym", "definition"], r=4)
+    peft, engine = Engine.load(root, device="cpu"), Engine.load(root, device="cpu", adapters="pool")
+    assert engine.pool.r_max == 4
+    ids = torch.randint(3, 100, (4, 7), generator=torch.Generator().manual_seed(1))
+    names = ["antonym", "definition", "mixed", BASE]
+    for _ in range(2):  # the second time from the CPU tier: a staged file, read into the slot
+        engine.pool.drop({"antonym", "definition", "mixed"})
+        assert torch.allclose(logits(peft, names, ids), logits(engine, names, ids), atol=1e-5, rtol=1e-4)
+    views = [v for p in engine.pool.plans.values() if p is not None for v in p.views.values()]
+    assert views and all(flat and buffers is not None for _, flat, _, buffers in views)
+
+
 def test_a_header_that_lies_is_refused_not_loaded(tmp_path):
     """A safetensors header whose shapes or offsets do not match its data is never viewed or
     read into a slot: the file goes to safetensors' own parser, which refuses it."""

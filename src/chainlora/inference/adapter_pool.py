@@ -348,6 +348,15 @@ class _Plan:
         torch._foreach_copy_(scale, self._scales(config))
 
 
+def library_rank(lib: Any, default: int = 8) -> int:
+    """The largest rank among the library's answer adapters: the pool's slots sized to it hold a
+    smaller-rank library's B contiguously (read straight from the file) and compute no padding."""
+    from chainlora.library.store import adapter_rank
+
+    entries = lib.tasks + ([lib.mixed] if lib.mixed else [])
+    return max((r for e in entries if (r := adapter_rank(lib.path(e)))), default=default)
+
+
 def _scaling(config: Any, path: str, rank: int) -> float:
     """PEFT's scaling for one module: lora_alpha (or its alpha_pattern match) over r (rsLoRA: sqrt r)."""
     alpha = config.lora_alpha

@@ -25,7 +25,7 @@ from chainlora.errors import ChainloraError, NotFound
 from chainlora.inference import label_ranking as router
 from chainlora.inference import selectors
 from chainlora.inference.adapter_cache import AdapterCache
-from chainlora.inference.adapter_pool import ZERO, AdapterPool, unsupported
+from chainlora.inference.adapter_pool import ZERO, AdapterPool, library_rank, unsupported
 from chainlora.inference.answers import BASE, Answer, Route  # noqa: F401  (the API: chainlora.inference.engine.Route)
 from chainlora.inference.logprobs import PromptScores, Recorder
 from chainlora.inference.prefill import Keep, Prefill
@@ -65,7 +65,8 @@ class Engine:
         self.system = lib.manifest.get("system_prompt")
         self.cache = AdapterCache(base.model, lib, device_bytes=device_cache_bytes, cpu_bytes=cpu_cache_bytes,
                                   max_adapters=max_adapters)
-        self.pool = AdapterPool(base.model, self.cache.stage, slots=max_adapters or 8) if adapters == "pool" else None
+        self.pool = AdapterPool(base.model, self.cache.stage, slots=max_adapters or 8,
+                                rank=library_rank(lib)) if adapters == "pool" else None
         self.lock = threading.Lock()  # one generate at a time on the shared model
         self.selectors = selectors.Loaded(lib, base, self.system, self.cache)
         if lib.router:

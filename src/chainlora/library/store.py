@@ -103,6 +103,17 @@ def intact(directory: Path, entry: dict, files: tuple[str, ...] = ADAPTER_FILES)
         return False
 
 
+def adapter_rank(directory: Path | None) -> int | None:
+    """The largest LoRA rank in `directory`'s adapter_config.json (its r, or a rank_pattern's);
+    None when there is none or the file cannot be read."""
+    try:
+        cfg = json.loads((directory / ADAPTER_FILES[0]).read_text()) if directory else None
+    except (OSError, ValueError):
+        return None
+    ranks = [cfg.get("r"), *(cfg.get("rank_pattern") or {}).values()] if isinstance(cfg, dict) else []
+    return max((r for r in ranks if isinstance(r, int) and r > 0), default=None)
+
+
 def task_path(name: str) -> str:
     """Where a task's adapter lives, relative to the library; the name is checked first."""
     return f"tasks/{check_task_name(name, 'task')}"

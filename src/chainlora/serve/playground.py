@@ -31,7 +31,7 @@ from fastapi import Request as HttpRequest  # module level: FastAPI resolves ann
 from fastapi.responses import HTMLResponse, Response
 
 from chainlora.errors import ChainloraError
-from chainlora.library import kinds
+from chainlora.library import kinds, store
 from chainlora.serve.browser import REPORT_POLICY, document_headers
 from chainlora.serve.errors import ApiError
 from chainlora.serve.guard import REPORT, report_ticket
@@ -131,22 +131,13 @@ def adapter(lib: Any, kind: str, entry: dict, row: dict | None) -> dict:
     cola = entry.get("cola") if isinstance(entry.get("cola"), dict) else {}
     fingerprint = entry.get("fingerprint") if isinstance(entry.get("fingerprint"), dict) else {}
     return {"name": entry.get("name", kind), "kind": kind, "label": entry.get("label"),
-            "size_bytes": sum(f.stat().st_size for f in files), "rank": rank(where),
+            "size_bytes": sum(f.stat().st_size for f in files), "rank": store.adapter_rank(where),
             "branch": branch.get("mode"), "cola_links": cola.get("links"),
             "trained": None if written is None else
             dt.datetime.fromtimestamp(written, dt.timezone.utc).isoformat(timespec="seconds"),
             "fingerprint": str(fingerprint.get("sha256") or "")[:12] or None,
             **{k: entry.get(k) for k in ("n_train", "steps", "train_loss", "test_loss", "base_test_loss")},
             "eval": None if row is None else {k: row.get(k) for k in EVAL_KEYS if k in row}}
-
-
-def rank(where: Path | None) -> int | None:
-    """The LoRA rank in adapter_config.json (None: not a LoRA, or unreadable)."""
-    try:
-        r = json.loads((where / "adapter_config.json").read_text()).get("r") if where else None
-    except (OSError, ValueError):
-        return None
-    return r if isinstance(r, int) else None
 
 
 def trained_selection(selection: Any) -> dict | None:
