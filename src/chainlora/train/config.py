@@ -64,9 +64,7 @@ class LoraSettings(_Section):
     r: int = Field(8, ge=1, le=4096)
     alpha: Number = Field(16.0, ge=0.0)
     dropout: Number = Field(0.05, ge=0.0, le=0.99)
-    # scale B A by alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023) instead of alpha / r: with a
-    # fixed alpha, a high rank keeps learning (PEFT's, LLaMA-Factory's and axolotl's use_rslora)
-    use_rslora: bool = False
+    use_rslora: bool = False  # B A scaled alpha / sqrt(r) (rsLoRA): a high rank at a fixed alpha keeps learning
     # the model's own Linear names (q_proj, v_proj: llama, Gemma, Qwen, Mistral), or all-linear
     target_modules: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = Field(
         default_factory=lambda: ["q_proj", "v_proj"])
@@ -155,9 +153,8 @@ class EncoderSettings(_Section):
     batch_size: int = Field(32, ge=1)
     learning_rate: Number = Field(5e-5, ge=0.0, le=1.0)
     max_length: int = Field(64, ge=8)  # tokens of the instruction the encoder reads
-    # share of the training instructions whose content words (the rare words a template is filled
-    # with) are swapped for other records' (chainlora.data.content); off by default: on the demo data
-    # it measured within noise of off (bench/selector_cv.py)
+    # share of the training instructions whose content words (a template's rare fillers) are swapped for
+    # other records' (chainlora.data.content); off by default: within noise of off (bench/selector_cv.py)
     swap_content: Number = Field(0.0, ge=0.0, le=1.0)
 
 
@@ -246,8 +243,7 @@ class Config(_Section):
     base_quantization: Literal["4bit", "8bit"] | None = None  # QLoRA by bitsandbytes (chainlora.quantization)
     # all: every task of the data; auto: tasks discovered from unlabelled data (`discover`)
     tasks: Union[Literal["all", "auto"], list[str]] = "all"
-    # System message for every prompt; null keeps the chat template's own default. Recorded in
-    # the library so inference renders prompts exactly as training did.
+    # System message for every prompt (null: the chat template's default); the library records it for inference
     system_prompt: str | None = None
     data: DataSettings = Field(default_factory=DataSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)

@@ -94,9 +94,8 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
     c = job.settings.cola
     lora = LoraConfig(r=job.link_plan.ranks[0] if job.link_plan else cfg.lora.r, lora_alpha=cfg.lora.alpha,
                       lora_dropout=cfg.lora.dropout, use_rslora=cfg.lora.use_rslora,
-                      target_modules=targets.peft_targets(cfg.lora.target_modules),
-                      init_lora_weights=True if not job.link_plan or c.init == "kaiming" else "gaussian",
-                      task_type="CAUSAL_LM")
+                      target_modules=targets.peft_targets(cfg.lora.target_modules), task_type="CAUSAL_LM",
+                      init_lora_weights=True if not job.link_plan or c.init == "kaiming" else "gaussian")
     prepare_for_training(base.model, cfg.base_quantization, f"{cfg.source}: base_quantization")
     targets.check(base.model, cfg.lora.target_modules, str(cfg.source))
     try:
