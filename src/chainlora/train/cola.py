@@ -33,6 +33,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from chainlora.errors import ChainloraError
+from chainlora.library import lora_math
 from chainlora.library.lora_math import truncate
 from chainlora.train.config import ColaSettings
 
@@ -282,8 +283,8 @@ class ColaCallback(TrainerCallback):
         except KeyError as e:
             raise ChainloraError(f"{directory}: the trunk has no LoRA factors for {e.args[0]} "
                                  "(trained with other target modules?)")
-        root_r = math.sqrt(config.r) if getattr(config, "use_rslora", False) else config.r  # rsLoRA
-        self.links, self.scalings = [link], [config.lora_alpha / root_r]
+        scale = lora_math.peft_scale(config.to_dict(), next(iter(self.layers)))  # alpha / r, or rsLoRA's
+        self.links, self.scalings = [link], [scale]
         self._merge()
 
     # ---------------------------------------------------------------- the end
