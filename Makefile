@@ -64,6 +64,7 @@ bench: $(TEST_STAMP)
 	$(PY) bench/train_throughput.py
 	test -f runs/demo/library/chainlora.json || $(VENV)/bin/chainlora demo
 	$(PY) bench/engine.py --library runs/demo/library
+	$(PY) bench/pool_gather.py --micro
 	$(PY) bench/cola.py --throughput
 	$(PY) bench/serve_memory.py --library runs/demo/library
 

@@ -93,9 +93,13 @@ class _Target:
         if self not in self.pool.batch_targets:  # no adapter of the batch targets this Linear
             return None
         r = self.pool.batch_rank  # the batch's largest rank, computed once a batch
-        A, B = self.A[rows, :r], self.B[rows, :, :r]  # the gather: [b, r, in], [b, out, r]
+        # the gather: [b, r, in], [b, out, r]. index_select, not A[rows]: advanced indexing costs
+        # 4-6x as much, at a decode step about what the base Linear's matmul does (bench/pool_gather.py)
+        A, B = self.A.index_select(0, rows), self.B.index_select(0, rows)
+        if r < A.shape[1]:
+            A, B = A[:, :r], B[:, :, :r]
         delta = x.reshape(x.shape[0], -1, x.shape[-1]).bmm(A.transpose(1, 2)).bmm(B.transpose(1, 2))
-        delta = delta * self.scale[rows].view(-1, 1, 1)
+        delta = delta * self.scale.index_select(0, rows).view(-1, 1, 1)
         return output + delta.view(*x.shape[:-1], -1).to(output.dtype)
 
 
