@@ -33,8 +33,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from chainlora.errors import ChainloraError
-from chainlora.library import lora_math
-from chainlora.library.lora_math import truncate
+from chainlora.library.lora_math import peft_scale, truncate
 from chainlora.train.config import ColaSettings
 
 ADAPTER = "default"  # get_peft_model's adapter name
@@ -283,7 +282,7 @@ class ColaCallback(TrainerCallback):
         except KeyError as e:
             raise ChainloraError(f"{directory}: the trunk has no LoRA factors for {e.args[0]} "
                                  "(trained with other target modules?)")
-        scale = lora_math.peft_scale(config.to_dict(), next(iter(self.layers)))  # alpha / r, or rsLoRA's
+        scale = peft_scale(config.to_dict(), next(iter(self.layers)))  # alpha / r, or rsLoRA's
         self.links, self.scalings = [link], [scale]
         self._merge()
 
