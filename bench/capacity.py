@@ -86,9 +86,12 @@ def train(rank: int, seed: int, system: str, budget: int, regime: int | None, ar
     from chainlora.train import config, train_library
 
     lib = out / f"r{rank}-s{seed}" / system
-    previous = {"warm": "none", "residual": "warm"}.get(system)
-    if previous and not lib.exists() and (lib.parent / previous).exists():
-        shutil.copytree(lib.parent / previous, lib)  # its selector (and trunk, mixed) are kept by fingerprint
+    # A chain starts from a sibling's library: its selector and mixed adapter (and the trunk that
+    # warm and residual share) are kept by fingerprint, so only what differs trains.
+    siblings = {"warm": ("residual", "none"), "residual": ("warm", "none")}.get(system, ())
+    previous = next((s for s in siblings if (lib.parent / s).exists()), None)
+    if previous and not lib.exists():
+        shutil.copytree(lib.parent / previous, lib)
     cfg = config.load(REPO / "configs" / "demo.yaml", overrides(rank, seed, system, budget, regime, args))
     t0 = time.perf_counter()
     train_library(cfg, lib, finetune=system in ONE, resume=True)  # a killed sweep continues its adapter
@@ -205,7 +208,8 @@ def main() -> int:
                     help="training records a task (default 40: several epochs; 0 = all 800)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS[:4]),
-                    help="in this order (warm copies none's library, residual warm's); mixed10a: the check")
+                    help="in this order (warm and residual start from each other's library, else none's); "
+                         "mixed10a: the check")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=640,
                     help="step cap B of every system: tasks B/10 from zero, or trunk B/2 + B/20 a task; mixed B")
