@@ -152,3 +152,29 @@ def test_the_rslora_sweep_fixes_alpha_and_keeps_its_own_rows_and_libraries(monke
     row = {"rank": 1, "seed": 0, "system": "none"}
     found = {key: [p.parent.parent.name for p in capacity.saved_libraries(key, row)] for key in ("40", "rslora-40")}
     assert found == {"40": ["bench-capacity-40", "bench-capacity-40-s2"], "rslora-40": ["bench-capacity-rslora-40"]}
+
+
+def test_warm_and_residual_start_from_each_others_library_else_nones(monkeypatch, tmp_path):
+    """The chain systems share the selector and mixed adapter (none's) and warm and residual share
+    the trunk: each starts from a finished sibling's library so that only what differs trains."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import capacity
+    from chainlora import train as train_pkg
+    from chainlora.train import config
+
+    seen: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(config, "load", lambda path, overrides: overrides)
+    monkeypatch.setattr(train_pkg, "train_library", lambda cfg, lib, **kw: seen.append(
+        (lib.name, sorted(p.name for p in lib.iterdir()) if lib.exists() else [])))
+    args = SimpleNamespace(eval_steps=10, validation_per_task=8, patience=4, per_task=16, rslora=False)
+    seed_dir = tmp_path / "r8-s1"
+    (seed_dir / "none").mkdir(parents=True)
+    (seed_dir / "none" / "from-none").write_text("")
+    (seed_dir / ".warm.partial").mkdir()  # an unfinished sibling is never copied
+    capacity.train(8, 1, "residual", 640, 40, args, tmp_path)
+    assert seen[-1] == ("residual", ["from-none"])
+    (seed_dir / "residual" / "trunk").write_text("")
+    capacity.train(8, 1, "warm", 640, 40, args, tmp_path)
+    assert seen[-1] == ("warm", ["from-none", "trunk"])  # residual's, trunk included
+    capacity.train(8, 1, "none", 640, 40, args, tmp_path)
+    assert seen[-1] == ("none", ["from-none"])  # none starts from nothing but its own
