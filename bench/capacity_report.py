@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-SYSTEMS = ("none", "warm", "residual", "mixed10", "mixed10a")  # default order; warm and residual start from each other, else none
+SYSTEMS = ("none", "warm", "residual", "mixed10", "mixed10a")  # warm, residual start from each other, else none
 ONE = {"mixed10": "mixed10", "mixed10a": "mixed10 (alpha 2r)"}  # the one-adapter systems and their labels
 LIB_SYSTEMS = ("mixed", "own", "chain")  # what each chain library reports (mixed r, oracle, routed)
 BEST_ALPHA = "mixed10 (validation's alpha)"  # of mixed10 / mixed10a, the lower best validation loss
