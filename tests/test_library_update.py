@@ -131,6 +131,39 @@ def test_a_config_key_that_decides_no_adapter_only_updates_the_manifest(base_lib
     assert Library.open(lib).manifest["training"]["training"]["logging_steps"] == 1
 
 
+def test_the_task_adapters_learning_rate_keeps_the_classifier(base_lib, tiny_model_dir, tmp_path, capsys):
+    data = write_data(tmp_path, TASKS)
+
+    def plan(*extra: str) -> dict:
+        capsys.readouterr()
+        train_library(cfg_for(tiny_model_dir, data, TASKS, *extra), base_lib, dry_run=True)
+        return plan_lines(capsys.readouterr().out)
+
+    tuned = plan("training.learning_rate=5.0e-3")
+    assert tuned["antonym"] == ("retrain", "changed: training settings") and tuned["(classifier)"][0] == "keep"
+    reseeded = plan("training.seed=7")["(classifier)"]  # the seed also draws the held-out records
+    assert reseeded[0] == "retrain" and "training settings" in reseeded[1]
+    assert plan("classifier.learning_rate=0.5")["(classifier)"] == ("retrain", "changed: classifier settings")
+
+
+def test_the_encoder_fingerprint_holds_what_trains_it(tiny_model_dir, tmp_path):
+    from chainlora.train import changes
+    from chainlora.train.plan import load_data, plan_train
+
+    data = write_data(tmp_path, TASKS)
+
+    def print_of(*extra: str) -> str:
+        cfg = cfg_for(tiny_model_dir, data, TASKS, "encoder.enabled=true", *extra)
+        job = next(j for j in plan_train(cfg, load_data(cfg)).jobs if j.kind == "encoder")
+        return changes.fingerprint(job, cfg, "sha256:x")["sha256"]
+
+    same = print_of()
+    assert print_of("training.learning_rate=5.0e-3") == print_of("training.max_steps=9") == same
+    # its seed, its own section, and the linear probe its head starts from (classifier.*) retrain it
+    others = {print_of("training.seed=7"), print_of("encoder.epochs=2"), print_of("classifier.learning_rate=0.5")}
+    assert len(others | {same}) == 4
+
+
 @pytest.mark.slow
 def test_force_retrains_all_beside_the_old_library(base_lib, tiny_model_dir, tmp_path, capsys):
     lib = tmp_path / "lib"

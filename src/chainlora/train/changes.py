@@ -15,6 +15,8 @@ selectors, and the mixed baseline whose data grew); editing one task's records r
 adapter plus the same dependants; the other task adapters are kept byte for byte. Branches of
 a shared trunk (chain.branch) carry the trunk's fingerprint: a retrained trunk retrains them.
 Test examples do not enter the fingerprint: they do not change an adapter's weights.
+The classifier and encoder selectors train by their own sections' keys: of `training` only the
+seed is theirs, so tuning the task adapters' learning rate or steps keeps them.
 Memory features: `base_quantization` is part of the base model (a 4-bit base is other weights);
 mixed precision is a training setting (`precision: auto` as what it means on this machine);
 `gradient_checkpointing` is not in: it recomputes the same activations with the same dropout
@@ -39,6 +41,9 @@ FINGERPRINT_VERSION = 1
 # Settings that change how a run is logged or checkpointed, never the weights it produces.
 NOT_IN_FINGERPRINT = ("save_steps", "logging_steps", "eval_batch_size", "gradient_checkpointing")
 EARLIER_RUN = "finished by the interrupted run"
+# Selectors trained by their own config section: of `training` they read the seed alone, so the
+# task adapters' learning rate or steps do not retrain them.
+OWN_SECTION = ("classifier", "encoder")
 
 
 def _digest(obj: Any) -> str:
@@ -56,6 +61,8 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
         del settings["early_stopping"]
     if settings["precision"] == "auto" and resolved_precision(job.settings) != "fp32":  # auto on a CPU: as before
         settings["precision"] = f"auto:{resolved_precision(job.settings)}"
+    if job.kind in OWN_SECTION:  # trained in fp32 by their own section's keys
+        settings = {"seed": settings["seed"]}
     # A hub model whose revision is unknown is told apart by its name at least.
     name = cfg.base_model if base_fingerprint.startswith("revision:") else None
     parts = {
@@ -75,7 +82,8 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
         e = cfg.encoder.model_dump()
         if not e["swap_content"]:  # added later: off, it trains as before, so it keeps the fingerprint
             del e["swap_content"]
-        parts["encoder settings"] = _digest([e, job.info.get("tasks")])
+        c = cfg.classifier  # the head starts as a linear probe fitted with classifier.epochs / learning_rate
+        parts["encoder settings"] = _digest([e, job.info.get("tasks"), c.epochs, c.learning_rate])
     else:
         if kinds.ENTRIES[job.kind].lora:  # the sft selector trains every weight, no LoRA
             parts["LoRA settings"] = _digest(cfg.to_dict()["lora"])  # use_rslora off: as before
