@@ -137,6 +137,21 @@ def test_quantization_modes_and_precision_auto_fingerprints_differ(tiny_model_di
     assert on_gpu["parts"]["training settings"] != on_cpu["parts"]["training settings"]
 
 
+def test_dtype_auto_under_4bit_is_what_it_means_on_this_machine(tiny_model_dir, data, monkeypatch):
+    from chainlora.train import changes
+    from chainlora.train.plan import load_data, plan_train
+
+    def base_part(*extra: str) -> str:
+        cfg = cfg_for(tiny_model_dir, data, ["antonym"], *ONE_TASK, "base_quantization=4bit", *extra)
+        return changes.fingerprint(plan_train(cfg, load_data(cfg)).jobs[0], cfg, "sha256:x")["parts"]["base model"]
+
+    on_cpu, float32 = base_part("dtype=auto"), base_part("dtype=float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
+    # the 4-bit layers multiply in bf16 there: other weights; float32 stays float32 anywhere
+    assert base_part("dtype=auto") != on_cpu and base_part("dtype=float32") == float32
+
+
 # --------------------------------------------------------------------------- gradient checkpointing
 
 

@@ -258,3 +258,24 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_the_frozen_encoder_embeds_in_eval_mode_and_restores_the_mode(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chainlora.inference.classifier import FrozenEncoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.5).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    encoder = FrozenEncoder("base", model, tok)
+    texts = ["Give the opposite of the word: hot", "Is this review positive or negative?"]
+    want = encoder.embed(texts)
+    model.train()  # as a LoRA job's Trainer leaves the shared base: dropout on
+    torch.manual_seed(0)
+    first = encoder.embed(texts)
+    torch.manual_seed(1)
+    second = encoder.embed(texts)
+    assert torch.equal(first, second) and torch.allclose(first, want)  # no dropout in the features
+    assert model.training  # the caller's mode is back

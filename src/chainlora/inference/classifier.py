@@ -61,6 +61,16 @@ class FrozenEncoder:
         return self
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
+        """Mean-pooled, L2-normalised last hidden states, in eval mode whatever mode the model is
+        in (a base left in train mode by a LoRA job would embed through dropout), restored after."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._embed(texts, batch_size)
+        finally:
+            self.model.train(was_training)
+
+    def _embed(self, texts: Sequence[str], batch_size: int) -> Any:
         import torch
 
         no_adapter = getattr(self.model, "disable_adapter", None)

@@ -35,6 +35,8 @@ class EntryKind:
     lora: bool = True  # a PEFT LoRA over the base model (trained by the LoRA runner, COLA-capable)
     trainer: bool = True  # trains with transformers' Trainer: its steps weigh on the run's ETA
     selector: bool = False  # a selector's model: its fingerprint decides the `selection` block
+    # trained by its own config section's keys: of `training` only the seed is in its fingerprint
+    own_section: bool = False
     listed: bool = False  # the manifest holds a list of them (tasks), not one entry under its name
     # "module:function" (cfg, ctx) -> Job | None, building its job from the run's shared data
     # (chainlora.train.plan.PlanContext); "" for the kinds the planner builds itself
@@ -132,11 +134,13 @@ register_entry(EntryKind("task", listed=True))
 register_entry(EntryKind("trunk"))
 register_entry(EntryKind("router", selector=True, plan=f"{_PLAN}:plan_router"))
 register_entry(EntryKind("classifier", ("classifier.json", "head.safetensors"), lora=False, trainer=False,
-                         selector=True, plan=f"{_PLAN}:plan_classifier", train=f"{_TRAIN}:run_classifier_job"))
+                         selector=True, own_section=True, plan=f"{_PLAN}:plan_classifier",
+                         train=f"{_TRAIN}:run_classifier_job"))
 register_entry(EntryKind("sft", ("config.json", "model.safetensors"), lora=False, selector=True,
                          plan=f"{_PLAN}:plan_sft", train=f"{_TRAIN}:run_sft_job"))
 register_entry(EntryKind("encoder", ("encoder.json", "model.safetensors"), lora=False, trainer=False,
-                         selector=True, plan=f"{_PLAN}:plan_encoder", train=f"{_TRAIN}:run_encoder_job"))
+                         selector=True, own_section=True, plan=f"{_PLAN}:plan_encoder",
+                         train=f"{_TRAIN}:run_encoder_job"))
 register_entry(EntryKind("mixed"))
 
 register_selector(SelectorKind("score", "router", "router", f"{_RANK}:rank_score", preference=2))

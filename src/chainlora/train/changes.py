@@ -38,16 +38,46 @@ from chainlora.train.config import Config
 from chainlora.train.plan import Job
 
 FINGERPRINT_VERSION = 1
-# Settings that change how a run is logged or checkpointed, never the weights it produces.
+# Settings that change how a run is logged or checkpointed, never the weights it produces
+# (eval_batch_size: unless early stopping picks the checkpoint by the loss it batches, _settings).
 NOT_IN_FINGERPRINT = ("save_steps", "logging_steps", "eval_batch_size", "gradient_checkpointing")
 EARLIER_RUN = "finished by the interrupted run"
-# Selectors trained by their own config section: of `training` they read the seed alone, so the
-# task adapters' learning rate or steps do not retrain them.
-OWN_SECTION = ("classifier", "encoder")
 
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _settings(job: Job) -> dict:
+    """The training settings that decide the job's weights (keys added later enter only when
+    they differ from what trained before them, so older libraries keep their fingerprints)."""
+    settings = {k: v for k, v in job.settings.model_dump().items() if k not in NOT_IN_FINGERPRINT}
+    if not settings["early_stopping"]["enabled"]:  # added later: off, it trains as before (same fingerprint)
+        del settings["early_stopping"]
+    if settings["precision"] == "auto" and resolved_precision(job.settings) != "fp32":  # auto on a CPU: as before
+        settings["precision"] = f"auto:{resolved_precision(job.settings)}"
+    default_eval = type(job.settings).model_fields["eval_batch_size"].default
+    if job.validation and job.settings.eval_batch_size != default_eval:
+        # the Trainer's eval loss is a mean of batch means: the batching weighs the validation
+        # loss that picks the checkpoint (at the default: as before)
+        settings["eval_batch_size"] = job.settings.eval_batch_size
+    if kinds.ENTRIES[job.kind].own_section:  # trained in fp32 by their section's keys: the task
+        settings = {"seed": settings["seed"]}  # adapters' learning rate or steps do not retrain it
+    return settings
+
+
+def _base_part(cfg: Config, base_fingerprint: str, tokenizer: str | None) -> str:
+    """The base model as the job trains on it: weights, dtype, tokenizer, quantization."""
+    from chainlora.quantization import compute_dtype
+
+    name = cfg.base_model if base_fingerprint.startswith("revision:") else None  # a hub model, revision unknown
+    part = [base_fingerprint, cfg.dtype, tokenizer, name]
+    if cfg.base_quantization:  # null: as before
+        part.append(cfg.base_quantization)
+        compute = str(compute_dtype(cfg.dtype)).removeprefix("torch.")
+        if cfg.base_quantization == "4bit" and cfg.dtype == "auto" and compute != "float32":
+            part.append(f"compute:{compute}")  # 4-bit layers multiply in what auto means here (a CPU: as before)
+    return _digest(part)
 
 
 def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 1,
@@ -56,20 +86,10 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
     `tokenizer`: a digest of the base model's tokenizer files (models.tokenizer_digest);
     `start`: the fingerprint of the adapter the job continues (the trunk): a new trunk makes
     its branches stale."""
-    settings = {k: v for k, v in job.settings.model_dump().items() if k not in NOT_IN_FINGERPRINT}
-    if not settings["early_stopping"]["enabled"]:  # added later: off, it trains as before (same fingerprint)
-        del settings["early_stopping"]
-    if settings["precision"] == "auto" and resolved_precision(job.settings) != "fp32":  # auto on a CPU: as before
-        settings["precision"] = f"auto:{resolved_precision(job.settings)}"
-    if job.kind in OWN_SECTION:  # trained in fp32 by their own section's keys
-        settings = {"seed": settings["seed"]}
-    # A hub model whose revision is unknown is told apart by its name at least.
-    name = cfg.base_model if base_fingerprint.startswith("revision:") else None
     parts = {
-        "base model": _digest([base_fingerprint, cfg.dtype, tokenizer, name]
-                              + ([cfg.base_quantization] if cfg.base_quantization else [])),  # null: as before
+        "base model": _base_part(cfg, base_fingerprint, tokenizer),
         # The processes' count is in: a step then holds world_size x batch_size examples.
-        "training settings": _digest([settings, job.steps, world_size]),
+        "training settings": _digest([_settings(job), job.steps, world_size]),
         "training examples": _digest([[p.text, p.answer] for p in job.train]),
     }
     if job.validation:  # early stopping: the records that choose the checkpoint decide the adapter
