@@ -56,21 +56,6 @@ def test_fingerprints_include_the_option_and_leave_libraries_without_it_alone(ti
     assert more["mixed"] != on["mixed"]
 
 
-def test_the_eval_batch_size_is_in_the_fingerprint_only_where_it_picks_a_checkpoint(tiny_model_dir):
-    def prints(*extra: str) -> dict[str, str]:
-        cfg = tiny_config(tiny_model_dir, *extra)
-        return {j.path: fingerprint(j, cfg, "sha256:x")["sha256"] for j in plan_train(cfg, load_data(cfg)).jobs}
-
-    # without early stopping it only batches the test loss; at its default, libraries keep their prints
-    assert prints("training.eval_batch_size=4") == prints()
-    on = prints(*EARLY)
-    assert prints(*EARLY, "training.eval_batch_size=16") == on
-    # under early stopping the eval loss is a mean of batch means: the batching picks the checkpoint
-    batched = prints(*EARLY, "training.eval_batch_size=4")
-    assert batched["tasks/antonym"] != on["tasks/antonym"] and batched["mixed"] != on["mixed"]
-    assert batched["router"] == on["router"]  # no validation records, no checkpoint to pick
-
-
 def test_cola_and_early_stopping_are_refused_together(tiny_model_dir):
     with pytest.raises(ChainloraError, match=r"training.early_stopping: not with method: cola"):
         tiny_config(tiny_model_dir, *EARLY, "training.method=cola")

@@ -38,8 +38,11 @@ from chainlora.train.config import Config
 from chainlora.train.plan import Job
 
 FINGERPRINT_VERSION = 1
-# Settings that change how a run is logged or checkpointed, never the weights it produces
-# (eval_batch_size: unless early stopping picks the checkpoint by the loss it batches, _settings).
+# Settings that change how a run is logged or checkpointed, never the weights it produces.
+# eval_batch_size is the exception under early stopping: the Trainer's validation loss is a mean
+# of batch means, so the batching can move the chosen checkpoint. It stays out: in, it would
+# retrain every early-stopped library trained with a non-default value (the demo config's 24),
+# where nothing changed (docs/training.md says to retrain with --force after changing it).
 NOT_IN_FINGERPRINT = ("save_steps", "logging_steps", "eval_batch_size", "gradient_checkpointing")
 EARLIER_RUN = "finished by the interrupted run"
 
@@ -56,11 +59,6 @@ def _settings(job: Job) -> dict:
         del settings["early_stopping"]
     if settings["precision"] == "auto" and resolved_precision(job.settings) != "fp32":  # auto on a CPU: as before
         settings["precision"] = f"auto:{resolved_precision(job.settings)}"
-    default_eval = type(job.settings).model_fields["eval_batch_size"].default
-    if job.validation and job.settings.eval_batch_size != default_eval:
-        # the Trainer's eval loss is a mean of batch means: the batching weighs the validation
-        # loss that picks the checkpoint (at the default: as before)
-        settings["eval_batch_size"] = job.settings.eval_batch_size
     if kinds.ENTRIES[job.kind].own_section:  # trained in fp32 by their section's keys: the task
         settings = {"seed": settings["seed"]}  # adapters' learning rate or steps do not retrain it
     return settings
