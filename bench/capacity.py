@@ -82,6 +82,13 @@ def overrides(rank: int, seed: int, system: str, budget: int, regime: int | None
     return [f"{k}={v}" for k, v in keys.items()]
 
 
+def set_aside(lib: Path) -> None:
+    """Move a library and its unfinished run to `.stale-<name>` beside it (kept, never deleted)."""
+    for path in (lib, lib.parent / f".{lib.name}.partial"):
+        if path.exists():
+            shutil.move(path, lib.parent / f".stale-{path.name.lstrip('.')}-{int(time.time())}")
+
+
 def train(rank: int, seed: int, system: str, budget: int, regime: int | None, args, out: Path) -> tuple[Path, float]:
     from chainlora.train import config, train_library
 
@@ -90,6 +97,8 @@ def train(rank: int, seed: int, system: str, budget: int, regime: int | None, ar
     # warm and residual share) are kept by fingerprint, so only what differs trains.
     siblings = {"warm": ("residual", "none"), "residual": ("warm", "none")}.get(system, ())
     previous = next((s for s in siblings if (lib.parent / s).exists()), None)
+    if previous and lib.exists() and not (lib / "trunk").exists() and (lib.parent / previous / "trunk").exists():
+        set_aside(lib)  # a copy of none's from before its sibling had a trunk: would train the trunk again
     if previous and not lib.exists():
         shutil.copytree(lib.parent / previous, lib)
     cfg = config.load(REPO / "configs" / "demo.yaml", overrides(rank, seed, system, budget, regime, args))

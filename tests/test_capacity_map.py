@@ -178,3 +178,11 @@ def test_warm_and_residual_start_from_each_others_library_else_nones(monkeypatch
     assert seen[-1] == ("warm", ["from-none", "trunk"])  # residual's, trunk included
     capacity.train(8, 1, "none", 640, 40, args, tmp_path)
     assert seen[-1] == ("none", ["from-none"])  # none starts from nothing but its own
+    # a chain library copied from none's before its sibling had a trunk is set aside, not trained on
+    stale = tmp_path / "r4-s1"
+    for name in ("none", "warm", ".warm.partial", "residual"):
+        (stale / name).mkdir(parents=True)
+    (stale / "residual" / "trunk").write_text("")
+    capacity.train(4, 1, "warm", 640, 40, args, tmp_path)
+    assert seen[-1] == ("warm", ["trunk"])
+    assert sorted(p.name.split("-")[1] for p in stale.glob(".stale-*")) == ["warm", "warm.partial"]
