@@ -150,6 +150,13 @@ PINNED = {  # name: (digest(), sha256 of json.dumps(to_dict()), fingerprint of a
                   "2804f9ecdfd377a6b295d09a5e2a05d6e81ccb8c3b467f5ec725f2cd1b1528ad",
                   "96189907de19457263fa9e8b647760156cab523c92978385213b2474169190db"),
 }
+# The same job's fingerprint by version 2's rule (changes.py: FINGERPRINT_VERSION), measured when
+# it was introduced (2026-12-07); libraries version 1 wrote are compared by the pins above.
+PINNED_V2 = {
+    "default": "5371589a1adef68e38eb1613e9729b54a6a8ba7a6aa928c52dbd6e4d926bbebc",
+    "demo": "9753955029d53757c3ce85eb295e3d132b4f13788fccbf23c570f914208507fe",
+    "overrides": "5bd9f5f1d39efa8a55ce7da7f746434d682774968494404f003720c7d1327da0",
+}
 
 
 @pytest.mark.parametrize("name", sorted(PINNED))
@@ -157,7 +164,7 @@ def test_digest_and_to_dict_are_those_of_existing_libraries(name):
     import hashlib
     import json
 
-    from chainlora.train.changes import fingerprint
+    from chainlora.train.changes import BaseFiles, fingerprint
     from chainlora.train.plan import Job
 
     cfg = {"default": lambda: config.from_dict({}), "demo": lambda: config.load(REPO / "configs" / "demo.yaml"),
@@ -166,23 +173,25 @@ def test_digest_and_to_dict_are_those_of_existing_libraries(name):
     old = {k: v for k, v in cfg.to_dict().items() if k not in ADDED_SINCE}
     digest = hashlib.sha256(json.dumps({k: v for k, v in old.items() if k != "output_dir"},
                                        sort_keys=True).encode()).hexdigest()
+    base = BaseFiles("sha256:abc", "tok")
     measured = (digest, hashlib.sha256(json.dumps(old).encode()).hexdigest(),
-                fingerprint(job, cfg, "sha256:abc", 1, "tok")["sha256"])
-    assert measured == PINNED[name]
+                fingerprint(job, cfg, base, 1, version=1)["sha256"])
+    assert measured == PINNED[name]  # version 1's rule still gives what libraries it wrote hold
+    assert fingerprint(job, cfg, base, 1)["sha256"] == PINNED_V2[name]
 
 
 def test_use_rslora_keeps_existing_libraries_and_retrains_when_on():
     """Off (the default), lora.use_rslora is out of the config's digest and every fingerprint, so
     a library trained before the key existed keeps all its adapters; on, the LoRA part changes."""
-    from chainlora.train.changes import fingerprint
+    from chainlora.train.changes import BaseFiles, fingerprint
     from chainlora.train.plan import Job
 
     off, on = config.from_dict({}), config.from_dict({"lora": {"use_rslora": True}})
     assert "use_rslora" not in off.to_dict()["lora"] and on.to_dict()["lora"]["use_rslora"] is True
     assert on.digest() != off.digest()  # off: the pinned digests above are unchanged
     job = Job("task", "t", "task/t", [], [], off.training_for("mixed"), steps=10)
-    a, b = (fingerprint(job, c, "sha256:abc", 1, "tok") for c in (off, on))
-    assert a["sha256"] == PINNED["default"][2]
+    a, b = (fingerprint(job, c, BaseFiles("sha256:abc", "tok"), 1) for c in (off, on))
+    assert a["sha256"] == PINNED_V2["default"]
     assert [k for k in a["parts"] if a["parts"][k] != b["parts"][k]] == ["LoRA settings"]
 
 

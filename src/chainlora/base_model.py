@@ -298,6 +298,31 @@ def tokenizer_digest(name: str) -> str | None:
     return h.hexdigest()
 
 
+CONFIG_SAVER_KEYS = ("transformers_version", "_name_or_path")  # say who saved it, not what it computes
+
+
+def config_digest(name: str) -> str | None:
+    """sha256 of a local model directory's config.json (rope theta, norm epsilon, dropout decide
+    the forward pass as much as the weights do), less the keys that only say which transformers
+    saved it (torch_dtype read as its transformers-5 name, dtype). None for a hub id (its revision
+    covers it) and a GGUF (its file does: the converted config is derived from it)."""
+    kind, where = resolve(name)
+    if kind != "dir":
+        return None
+    path = Path(where) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ChainloraError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ChainloraError(f"{path}: expected a JSON object")
+    for key in CONFIG_SAVER_KEYS:
+        config.pop(key, None)
+    if "torch_dtype" in config:
+        config.setdefault("dtype", config.pop("torch_dtype"))
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
 def _cached_weights_sha256(directory: Path) -> str:
     """_weights_sha256, remembered per (path, sizes, mtimes) in the cache: hashing a 14 GB model
     on every library load would cost half a minute."""

@@ -1,8 +1,9 @@
 """What a training run changes in a library: keep, train, retrain or remove each adapter.
 
 Every adapter's manifest entry records a fingerprint: sha256 digests of everything that decides
-its weights — the base model, its training settings and step count, its LoRA (or classifier)
-settings, the prompt it was trained with, and the exact training examples it saw, in order.
+its weights — the base model (weights, tokenizer, a local model's config.json), its training
+settings and step count, its LoRA (or classifier) settings, the prompt it was trained with, and
+the exact training examples it saw, in order.
 `chainlora train` compares the planned jobs with the library on disk:
 
     keep     same fingerprint and the files still hash to the manifest: no model work
@@ -21,6 +22,13 @@ Memory features: `base_quantization` is part of the base model (a 4-bit base is 
 mixed precision is a training setting (`precision: auto` as what it means on this machine);
 `gradient_checkpointing` is not in: it recomputes the same activations with the same dropout
 masks (the RNG state is replayed), so the weights are the same (tests/test_memory_features.py).
+
+Versions: a fingerprint records the rule that made it. Version 2 adds a local model's
+config.json to the base model and leaves out what cannot change the weights (`training.cola`
+under `method: lora`, early stopping for a job without validation records, `epochs` and
+`max_steps`: the step count is in, the base model for a selector over its own encoder). An entry
+an older chainlora wrote is compared by its own version's rule (kept in `_rule`), and a kept one
+is rewritten with the current fingerprint: upgrading retrains nothing that did not change.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from chainlora.errors import ChainloraError
 from chainlora.library import kinds, store
@@ -37,7 +45,8 @@ from chainlora.train.arguments import resolved_precision
 from chainlora.train.config import Config
 from chainlora.train.plan import Job
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
+OLDER_VERSIONS = (1,)  # rules still known: an entry of one of them is compared by it, then upgraded
 # Settings that change how a run is logged or checkpointed, never the weights it produces.
 # eval_batch_size is the exception under early stopping: the Trainer's validation loss is a mean
 # of batch means, so the batching can move the chosen checkpoint. It stays out: in, it would
@@ -51,45 +60,72 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def _settings(job: Job) -> dict:
+def _settings(job: Job, version: int) -> dict:
     """The training settings that decide the job's weights (keys added later enter only when
     they differ from what trained before them, so older libraries keep their fingerprints)."""
     settings = {k: v for k, v in job.settings.model_dump().items() if k not in NOT_IN_FINGERPRINT}
-    if not settings["early_stopping"]["enabled"]:  # added later: off, it trains as before (same fingerprint)
-        del settings["early_stopping"]
+    if not settings["early_stopping"]["enabled"] or (version >= 2 and not job.validation):
+        del settings["early_stopping"]  # added later: off, it trains as before; v2: nothing to stop on
     if settings["precision"] == "auto" and resolved_precision(job.settings) != "fp32":  # auto on a CPU: as before
         settings["precision"] = f"auto:{resolved_precision(job.settings)}"
+    if version >= 2:
+        del settings["epochs"], settings["max_steps"]  # the Trainer runs job.steps, which is in
+        if settings["method"] != "cola":
+            del settings["cola"]  # read only by a residual chain's links
     if kinds.ENTRIES[job.kind].own_section:  # trained in fp32 by their section's keys: the task
         settings = {"seed": settings["seed"]}  # adapters' learning rate or steps do not retrain it
     return settings
 
 
-def _base_part(cfg: Config, base_fingerprint: str, tokenizer: str | None) -> str:
-    """The base model as the job trains on it: weights, dtype, tokenizer, quantization."""
+@dataclass(frozen=True)
+class BaseFiles:
+    """What identifies the base model on disk: its weights' fingerprint (base_model.fingerprint)
+    and digests of its tokenizer files and config.json (None: a hub id, or a GGUF for the config)."""
+
+    weights: str
+    tokenizer: str | None = None
+    config: str | None = None
+
+
+def _base_part(cfg: Config, base: BaseFiles, version: int) -> str:
+    """The base model as the job trains on it: weights, dtype, tokenizer, quantization (v2: and
+    a local model's config.json)."""
     from chainlora.quantization import compute_dtype
 
-    name = cfg.base_model if base_fingerprint.startswith("revision:") else None  # a hub model, revision unknown
-    part = [base_fingerprint, cfg.dtype, tokenizer, name]
+    name = cfg.base_model if base.weights.startswith("revision:") else None  # a hub model, revision unknown
+    part = [base.weights, cfg.dtype, base.tokenizer, name]
     if cfg.base_quantization:  # null: as before
         part.append(cfg.base_quantization)
         compute = str(compute_dtype(cfg.dtype)).removeprefix("torch.")
         if cfg.base_quantization == "4bit" and cfg.dtype == "auto" and compute != "float32":
             part.append(f"compute:{compute}")  # 4-bit layers multiply in what auto means here (a CPU: as before)
+    if version >= 2 and base.config:
+        part.append(base.config)
     return _digest(part)
 
 
-def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 1,
-                tokenizer: str | None = None, start: dict | None = None) -> dict:
-    """{"sha256": one digest, "parts": {what: digest}}; the parts say WHY a job must retrain.
-    `tokenizer`: a digest of the base model's tokenizer files (models.tokenizer_digest);
-    `start`: the fingerprint of the adapter the job continues (the trunk): a new trunk makes
-    its branches stale."""
+def fingerprint(job: Job, cfg: Config, base: BaseFiles | str, world_size: int = 1, start: dict | None = None,
+                version: int = FINGERPRINT_VERSION) -> dict:
+    """{"version", "sha256": one digest, "parts": {what: digest}}; the parts say WHY a job must
+    retrain. `base`: BaseFiles, or only the weights' fingerprint. `start`: the fingerprint of the
+    adapter the job continues (the trunk): a new trunk makes its branches stale. `version`: the
+    rule (an older one, to compare an entry an older chainlora wrote)."""
+    if version != FINGERPRINT_VERSION and version not in OLDER_VERSIONS:
+        raise ValueError(f"fingerprint version {version}: unknown")
+    base = BaseFiles(base) if isinstance(base, str) else base
+    parts = _rule(job, cfg, base, world_size, start, version)
+    return {"version": version, "sha256": _digest([version, job.kind, job.path, parts]), "parts": parts}
+
+
+def _rule(job: Job, cfg: Config, base: BaseFiles, world_size: int, start: dict | None, version: int) -> dict:
     parts = {
-        "base model": _base_part(cfg, base_fingerprint, tokenizer),
+        "base model": _base_part(cfg, base, version),
         # The processes' count is in: a step then holds world_size x batch_size examples.
-        "training settings": _digest([_settings(job), job.steps, world_size]),
+        "training settings": _digest([_settings(job, version), job.steps, world_size]),
         "training examples": _digest([[p.text, p.answer] for p in job.train]),
     }
+    if version >= 2 and not job.reads_base:  # a selector over its own encoder (MiniLM)
+        del parts["base model"]
     if job.validation:  # early stopping: the records that choose the checkpoint decide the adapter
         parts["validation examples"] = _digest([[p.text, p.answer] for p in job.validation])
     if job.kind == "classifier":
@@ -108,8 +144,19 @@ def fingerprint(job: Job, cfg: Config, base_fingerprint: str, world_size: int = 
         parts["system prompt"] = _digest(cfg.system_prompt)
     if job.start is not None:
         parts["trunk"] = _digest([job.branch, job.start, (start or {}).get("sha256")])
-    return {"version": FINGERPRINT_VERSION, "sha256": _digest([FINGERPRINT_VERSION, job.kind, job.path, parts]),
-            "parts": parts}
+    return parts
+
+
+def matches(entry: dict | None, path: str, prints: Callable[[int], dict[str, dict]]) -> bool:
+    """The entry was fingerprinted for this very job: compared by the rule of the version that
+    wrote it (`prints(version)`: every planned job's fingerprint by that rule)."""
+    print_ = (entry or {}).get("fingerprint")
+    if not isinstance(print_, dict):
+        return False
+    version = print_.get("version")
+    if version != FINGERPRINT_VERSION and version not in OLDER_VERSIONS:
+        return False
+    return print_.get("sha256") == prints(version)[path]["sha256"]
 
 
 @dataclass
@@ -155,10 +202,11 @@ def files_match(root: Path, entry: dict, kind: str) -> bool:
         return False
 
 
-def _why_retrain(old: dict, new: dict, root: Path, kind: str) -> str:
+def _why_retrain(old: dict, path: str, prints: Callable[[int], dict[str, dict]], root: Path, kind: str) -> str:
     print_ = old.get("fingerprint")
-    if not isinstance(print_, dict) or print_.get("version") != FINGERPRINT_VERSION:
+    if not isinstance(print_, dict) or print_.get("version") not in (FINGERPRINT_VERSION, *OLDER_VERSIONS):
         return "no fingerprint (trained by an older chainlora)"
+    new = prints(print_["version"])[path]  # the parts compared by the rule that wrote the entry
     changed = [k for k, v in new["parts"].items() if print_.get("parts", {}).get(k) != v]
     if changed:
         return "changed: " + ", ".join(changed)
@@ -170,13 +218,14 @@ def forced(force: bool, partial_manifest: dict | None) -> bool:
     return force or bool(partial_manifest and partial_manifest.get("forced"))
 
 
-def decide(jobs: list[Job], prints: dict[str, dict], root: Path, manifest: dict | None,
+def decide(jobs: list[Job], prints: Callable[[int], dict[str, dict]], root: Path, manifest: dict | None,
            partial: Path, partial_manifest: dict | None, force: bool) -> list[Change]:
     """The plan: every job kept or (re)trained, then every adapter of the library to remove.
 
-    A finished adapter is reused from the interrupted run being continued (`partial_manifest`,
-    None when there is none) first, then from the library itself. Under --force (or when
-    continuing a --force run) nothing of the library is reused. Reading only.
+    `prints(version)`: every job's fingerprint by that version's rule. A finished adapter is
+    reused from the interrupted run being continued (`partial_manifest`, None when there is none)
+    first, then from the library itself; a kept one carries the current fingerprint. Under
+    --force (or when continuing a --force run) nothing of the library is reused. Reading only.
     """
     sources = [(partial, partial_manifest, EARLIER_RUN)] if partial_manifest else []
     if not forced(force, partial_manifest):
@@ -184,12 +233,11 @@ def decide(jobs: list[Job], prints: dict[str, dict], root: Path, manifest: dict 
     force = forced(force, partial_manifest)
     changes = []
     for job in jobs:
-        fp = prints[job.path]
+        fp = prints(FINGERPRINT_VERSION)[job.path]
         change = None
         for where, m, reason in sources:
             entry = find_entry(m, job)
-            if (entry and (entry.get("fingerprint") or {}).get("sha256") == fp["sha256"]
-                    and files_match(where, entry, job.kind)):
+            if matches(entry, job.path, prints) and files_match(where, entry, job.kind):
                 change = Change("keep", job.kind, job.name, job.path, reason, job, entry, where, fp)
                 break
         if change is None:
@@ -197,7 +245,7 @@ def decide(jobs: list[Job], prints: dict[str, dict], root: Path, manifest: dict 
             if old is None:
                 action, reason = "train", "new"
             else:
-                action, reason = "retrain", "--force" if force else _why_retrain(old, fp, root, job.kind)
+                action, reason = "retrain", "--force" if force else _why_retrain(old, job.path, prints, root, job.kind)
             change = Change(action, job.kind, job.name, job.path, reason, job, fingerprint=fp)
         changes.append(change)
     planned = {job.path for job in jobs}
@@ -209,8 +257,10 @@ def decide(jobs: list[Job], prints: dict[str, dict], root: Path, manifest: dict 
 
 
 def up_to_date(changes: list[Change], root: Path) -> bool:
-    """Nothing to train, nothing to remove: every adapter kept from the library itself."""
-    return all(c.action == "keep" and c.source == root for c in changes)
+    """Nothing to train, nothing to remove: every adapter kept from the library itself, its
+    fingerprint written by this version (an older one is rewritten by a run)."""
+    return all(c.action == "keep" and c.source == root and c.entry.get("fingerprint") == c.fingerprint
+               for c in changes)
 
 
 def format_plan(root: Path, changes: list[Change]) -> str:

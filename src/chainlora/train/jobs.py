@@ -34,6 +34,7 @@ class Job:
     link_plan: Any = None  # cola.LinkPlan: knots and ranks, when trained as a residual chain (method: cola)
     start: str | None = None  # path of the adapter it continues (the trunk), None: from zero
     branch: str = "none"  # how it continues `start`: warm (its LoRA) or residual (merged, a fresh LoRA)
+    reads_base: bool = True  # False: a selector over its own encoder (MiniLM); the base model does not decide it
 
 
 def sample(records: list[Record], limit: int | None, seed: int) -> list[Record]:

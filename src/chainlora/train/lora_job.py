@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chainlora import atomic
 from chainlora.data.examples import build_dataset, collator
 from chainlora.errors import ChainloraError
 from chainlora.library import store
@@ -60,6 +61,23 @@ def _resumable(work: Path, files: tuple[str, ...], fingerprint: dict) -> Path | 
     return last_checkpoint(work, files)
 
 
+def work_dir(root: Path, job: Job) -> Path:
+    """Where a LoRA job keeps its Trainer checkpoints, inside the partial library."""
+    return root / staging.WORK / job.path.replace("/", "-")
+
+
+def relabel_work(root: Path, job: Job, older: list[str], fingerprint: dict) -> None:
+    """Main process: checkpoints an older chainlora labelled with its version's fingerprint of
+    this very job continue under --resume: they are relabelled with the current fingerprint."""
+    label = work_dir(root, job) / FINGERPRINT_FILE
+    try:
+        found = label.read_text().strip()
+    except OSError:
+        return
+    if found in older:
+        atomic.write_text(label, fingerprint["sha256"] + "\n")
+
+
 def _fresh_work(work: Path, fingerprint: dict) -> None:
     """Main process: an empty work directory for a job, labelled with its fingerprint."""
     if work.exists():
@@ -78,7 +96,7 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
     from transformers.trainer_callback import ProgressCallback
 
     state = PartialState()
-    work, tok = root / staging.WORK / job.path.replace("/", "-"), base.tokenizer
+    work, tok = work_dir(root, job), base.tokenizer
     residual = job.start is not None and job.branch == "residual"
     files = CHECKPOINT_FILES + ((cola.STATE_FILE,) if job.link_plan or residual else ())
 

@@ -37,7 +37,7 @@ def plan_classifier(cfg: Config, ctx: PlanContext) -> Job | None:
     return Job("classifier", "classifier", "classifier",
                [Pair(r.text, r.task) for r in ctx.training(c.max_train_per_task)],
                [Pair(r.text, r.task) for r in ctx.test_records()], cfg.training, steps=c.epochs,
-               info={"name": "classifier", "encoder": c.encoder, "tasks": ctx.names})
+               info={"name": "classifier", "encoder": c.encoder, "tasks": ctx.names}, reads_base=c.encoder == "base")
 
 
 def plan_sft(cfg: Config, ctx: PlanContext) -> Job | None:
@@ -57,4 +57,4 @@ def plan_encoder(cfg: Config, ctx: PlanContext) -> Job | None:
                       ctx.world_size)
     return Job("encoder", "encoder", "encoder", [Pair(r.text, r.task) for r in train],
                [Pair(r.text, r.task) for r in ctx.test_records()], cfg.training, steps=steps,
-               info={"name": "encoder", "encoder": "minilm", "tasks": ctx.names})
+               info={"name": "encoder", "encoder": "minilm", "tasks": ctx.names}, reads_base=False)

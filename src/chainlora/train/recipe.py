@@ -26,7 +26,7 @@ from chainlora.train.plan import (Job, Plan, gate_records, load_data, load_with_
                                   plan_train, selector_split, task_splits)
 from chainlora.train.arguments import early_stopping, stopping_facts, training_args, use_cpu  # noqa: F401
 from chainlora.train.lora_job import (CHECKPOINT_FILES, FINGERPRINT_FILE, last_checkpoint,  # noqa: F401  (the API)
-                                      run_job)
+                                      relabel_work, run_job)
 from chainlora.train.progress import RunProgress
 
 # --------------------------------------------------------------------------- the run
@@ -54,8 +54,11 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     base, base_fp, fingerprints = _fingerprints(cfg, state.num_processes)
     if not finetune and not force:
         plan = _keep_trunk(cfg, data, state.num_processes, plan, build.manifest, fingerprints)
-    prints = fingerprints(plan.jobs)
-    todo = changes.decide(plan.jobs, prints, root, build.manifest, build.partial, build.earlier, force)
+    by_version = _by_version(fingerprints, plan.jobs)
+    prints = by_version(changes.FINGERPRINT_VERSION)
+    todo = changes.decide(plan.jobs, by_version, root, build.manifest, build.partial, build.earlier, force)
+    if resume and build.continuing:  # an interrupted adapter's checkpoints, labelled by an older chainlora
+        on_main(state, lambda: _relabel(todo, build.partial, by_version))
     blocks = {"selection": _selection_fp(cfg, plan, prints), "gate": _gate_fp(cfg, plan, prints)}
     state.wait_for_everyone()  # every process has read the disk before the main one writes to it
     current = _current(build.manifest, todo, root, blocks)
@@ -80,13 +83,14 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
 def _fingerprints(cfg: Config, world_size: int) -> tuple[Any, str, Callable]:
     """(the base model when its fingerprint needed loading it, else None; the base model's
     fingerprint; jobs -> {path: fingerprint})."""
-    from chainlora.base_model import base_fingerprint, load_base, tokenizer_digest
+    from chainlora.base_model import base_fingerprint, config_digest, load_base, tokenizer_digest
 
     base, base_fp = None, base_fingerprint(cfg.base_model)
     if base_fp is None:  # a hub model: only loading it tells its revision
         base = load_base(cfg.base_model, dtype=cfg.dtype, quantization=cfg.base_quantization)
         base_fp = base.fingerprint
-    return base, base_fp, _fingerprinter(cfg, base_fp, world_size, tokenizer_digest(cfg.base_model))
+    files = changes.BaseFiles(base_fp, tokenizer_digest(cfg.base_model), config_digest(cfg.base_model))
+    return base, base_fp, _fingerprinter(cfg, files, world_size)
 
 
 def _config_digest(cfg: Config, finetune: bool, discovery: dict | None) -> str:
@@ -137,7 +141,7 @@ def _keep_trunk(cfg: Config, data: dict, world_size: int, plan: Plan, manifest: 
         return plan
     alt = plan_train(cfg, data, world_size, trunk_tasks=earlier)
     trunk = alt.of_kind("trunk")
-    same = trunk and fingerprints(trunk)[trunk[0].path]["sha256"] == (old.get("fingerprint") or {}).get("sha256")
+    same = trunk and changes.matches(old, trunk[0].path, _by_version(fingerprints, trunk))
     return alt if same else plan
 
 
@@ -160,16 +164,37 @@ def _print_selection(sel: dict | None, main: bool) -> None:
         print(f"chainlora: {warning}", file=sys.stderr, flush=True)
 
 
-def _fingerprinter(cfg: Config, base_fp: str, world_size: int, tokenizer: str | None) -> Callable:
-    """jobs -> {path: fingerprint}, in plan order: a branch's fingerprint includes its trunk's."""
-    def fingerprints(jobs: list[Job]) -> dict[str, dict]:
+def _fingerprinter(cfg: Config, base: changes.BaseFiles, world_size: int) -> Callable:
+    """(jobs, version) -> {path: fingerprint}, in plan order: a branch's fingerprint includes its trunk's."""
+    def fingerprints(jobs: list[Job], version: int = changes.FINGERPRINT_VERSION) -> dict[str, dict]:
         prints: dict[str, dict] = {}
         for j in jobs:
-            prints[j.path] = changes.fingerprint(j, cfg, base_fp, world_size, tokenizer,
-                                                 prints.get(j.start) if j.start else None)
+            prints[j.path] = changes.fingerprint(j, cfg, base, world_size,
+                                                 prints.get(j.start) if j.start else None, version)
         return prints
 
     return fingerprints
+
+
+def _by_version(fingerprints: Callable, jobs: list[Job]) -> Callable[[int], dict[str, dict]]:
+    """version -> the jobs' fingerprints by that version's rule, each rule computed once (an
+    older rule only for a library an older chainlora wrote)."""
+    cache: dict[int, dict[str, dict]] = {}
+
+    def prints(version: int) -> dict[str, dict]:
+        if version not in cache:
+            cache[version] = fingerprints(jobs, version)
+        return cache[version]
+
+    return prints
+
+
+def _relabel(todo: list[changes.Change], partial: Path, by_version: Callable[[int], dict[str, dict]]) -> None:
+    """Let --resume continue the checkpoints of a job an older version's fingerprint labelled."""
+    for c in todo:
+        if c.job is not None and c.action != "keep" and kinds.ENTRIES[c.job.kind].lora:
+            older = [by_version(v)[c.path]["sha256"] for v in changes.OLDER_VERSIONS]
+            relabel_work(partial, c.job, older, c.fingerprint)
 
 
 def _runner(job: Job, resume: bool, fingerprint: dict) -> Callable:

@@ -88,7 +88,8 @@ class Build:
         self.new = new
         for c in plan:
             if c.action == "keep":
-                record(new, c.job.kind, c.job.path, {**c.entry, **c.job.info, "path": c.path})
+                record(new, c.job.kind, c.job.path,  # an older version's fingerprint is upgraded
+                       {**c.entry, **c.job.info, "path": c.path, "fingerprint": c.fingerprint})
         prepare(self.partial, new, plan, not self.continuing, self.earlier)
 
     def add(self, kind: str, path: str, entry: dict) -> None:
