@@ -57,8 +57,6 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     by_version = _by_version(fingerprints, plan.jobs)
     prints = by_version(changes.FINGERPRINT_VERSION)
     todo = changes.decide(plan.jobs, by_version, root, build.manifest, build.partial, build.earlier, force)
-    if resume and build.continuing:  # an interrupted adapter's checkpoints, labelled by an older chainlora
-        on_main(state, lambda: _relabel(todo, build.partial, by_version))
     blocks = {"selection": _selection_fp(cfg, plan, prints), "gate": _gate_fp(cfg, plan, prints)}
     state.wait_for_everyone()  # every process has read the disk before the main one writes to it
     current = _current(build.manifest, todo, root, blocks)
@@ -74,6 +72,8 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     new = store.new_manifest(cfg.base_model, base_fp, cfg.to_dict(), digest, cfg.system_prompt)
     new.update(discovery=discovery, forced=changes.forced(force, build.earlier))  # a resumed --force stays one
     on_main(state, lambda: build.start(new, todo))
+    if resume and build.continuing:  # an interrupted adapter's checkpoints, labelled by an older chainlora
+        on_main(state, lambda: _relabel(todo, build.partial, by_version))
     _train_jobs([c for c in todo if c.job is not None], build, base, cfg, resume and build.continuing, state)
     _measure_blocks(build, plan, base, cfg, blocks, force, state)
     on_main(state, lambda: build.finish([j.path for j in plan.jobs], todo, _seen(data)))
@@ -82,7 +82,7 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
 
 def _fingerprints(cfg: Config, world_size: int) -> tuple[Any, str, Callable]:
     """(the base model when its fingerprint needed loading it, else None; the base model's
-    fingerprint; jobs -> {path: fingerprint})."""
+    fingerprint; (jobs, version) -> {path: fingerprint})."""
     from chainlora.base_model import base_fingerprint, config_digest, load_base, tokenizer_digest
 
     base, base_fp = None, base_fingerprint(cfg.base_model)
