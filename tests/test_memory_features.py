@@ -289,6 +289,39 @@ def test_qlora_trains_on_cpu_and_the_adapter_loads_on_the_plain_base(tiny_model_
     assert json.loads((root / "chainlora.json").read_text())["tasks"][0]["sha256"] == manifest["tasks"][0]["sha256"]
 
 
+@needs_bnb
+def test_a_lora_job_leaves_a_quantised_base_as_it_was_loaded(tiny_model_dir, data, tmp_path, mode):
+    """PEFT's k-bit preparation upcasts a quantised base's norms and embeddings to float32 for the
+    job; after it they are back in the dtype they were loaded in, so a classifier
+    over the base embeds the same whether a LoRA job trained before it or every one was kept."""
+    from chainlora.base_model import load_base
+    from chainlora.inference.classifier import FrozenEncoder
+    from chainlora.train import changes
+    from chainlora.train.lora_job import run_job
+    from chainlora.train.plan import load_data, plan_train
+    from chainlora.train.progress import RunProgress
+
+    cfg = cfg_for(tiny_model_dir, data, ["antonym"], *ONE_TASK, f"base_quantization={mode}", "dtype=bfloat16",
+                  "training.max_steps=2")
+    base = load_base(str(tiny_model_dir), device="cpu", quantization=mode, dtype="bfloat16")
+    loaded = {n: p.dtype for n, p in base.model.named_parameters()}
+    texts = ["Give the antonym of hot.", "Rhyme with cat."]
+
+    def embed() -> torch.Tensor:
+        return FrozenEncoder("base", base.model, base.tokenizer).embed(texts)
+
+    before = embed()
+    restore = quantization.prepare_for_training(base.model, mode)
+    upcast = {n for n, p in base.model.named_parameters() if p.dtype != loaded[n]}
+    assert upcast and (embed() - before).abs().max() > 1e-4  # the preparation changes the features
+    restore()
+    job = plan_train(cfg, load_data(cfg)).jobs[0]
+    run_job(job, base, cfg, tmp_path / "lib", False, RunProgress([job], enabled=False),
+            changes.fingerprint(job, cfg, base.fingerprint))
+    assert {n: p.dtype for n, p in base.model.named_parameters()} == loaded
+    assert torch.allclose(embed(), before, atol=1e-5)
+
+
 def test_bitsandbytes_hub_kernel_notices_are_dropped(caplog):
     quantization.quiet_hub_kernel_notices()
     quantization.quiet_hub_kernel_notices()  # idempotent

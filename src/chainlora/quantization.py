@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 from chainlora.errors import ChainloraError
 
@@ -131,19 +131,35 @@ def mode_of(model: Any) -> str | None:
     return "8bit" if getattr(model, "is_loaded_in_8bit", False) else None
 
 
-def prepare_for_training(model: Any, wanted: str | None, key: str = KEY) -> None:
+def prepare_for_training(model: Any, wanted: str | None, key: str = KEY) -> Callable[[], None]:
     """Before a LoRA is put on `model`: check it is quantised as the config says (the fingerprint
     promises it), then PEFT's k-bit preparation — every base weight frozen, the non-quantised
-    ones (norms, embeddings) in float32. Gradient checkpointing is the Trainer's (train/arguments.py)."""
+    ones (norms, embeddings) in float32. Gradient checkpointing is the Trainer's (train/arguments.py).
+
+    Returns `restore`, which puts those weights back in the dtype they were loaded in: after the
+    job the shared base is the model as loaded again, so what runs on it next (a classifier's
+    embeddings over the base, the selectors' measurement) sees the same features whether a LoRA
+    job trained before it or every one was kept."""
     found = mode_of(model)
     if found != wanted:
         raise ChainloraError(f"{key}: the config says {wanted or 'null'} but the base model was loaded "
                              f"{found or 'unquantised'} (load it with load_base(..., quantization={wanted!r}))")
-    if found:
-        from peft import prepare_model_for_kbit_training
+    if not found:
+        return lambda: None
+    from peft import prepare_model_for_kbit_training
 
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        _trainable_layout(model)
+    loaded = {name: p.dtype for name, p in model.named_parameters()}
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    _trainable_layout(model)
+    return lambda: _restore_dtypes(model, loaded)
+
+
+def _restore_dtypes(model: Any, loaded: dict[str, Any]) -> None:
+    """Cast back the parameters the preparation upcast (the same values: bf16/fp16 -> fp32 -> back
+    is exact)."""
+    for name, param in model.named_parameters():
+        if name in loaded and param.dtype != loaded[name]:
+            param.data = param.data.to(loaded[name])
 
 
 def _trainable_layout(model: Any) -> None:

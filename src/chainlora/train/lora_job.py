@@ -114,7 +114,7 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
                       lora_dropout=cfg.lora.dropout, use_rslora=cfg.lora.use_rslora,
                       target_modules=targets.peft_targets(cfg.lora.target_modules), task_type="CAUSAL_LM",
                       init_lora_weights=True if not job.link_plan or c.init == "kaiming" else "gaussian")
-    prepare_for_training(base.model, cfg.base_quantization, f"{cfg.source}: base_quantization")
+    restore = prepare_for_training(base.model, cfg.base_quantization, f"{cfg.source}: base_quantization")
     targets.check(base.model, cfg.lora.target_modules, str(cfg.source))
     try:
         model = get_peft_model(base.model, lora)
@@ -157,15 +157,23 @@ def run_job(job: Job, base: Any, cfg: Config, root: Path, resume: bool, progress
             entry["branch"] = {**entry["branch"], "ranks": facts["ranks"], "export_rank": facts["export_rank"]}
         else:
             entry["cola"] = facts
-    if test_ds is not None:
-        entry["test_loss"] = round(trainer.evaluate(test_ds)["eval_loss"], 5)
-        if job.kind == "task":
-            with model.disable_adapter():
-                entry["base_test_loss"] = round(trainer.evaluate(test_ds)["eval_loss"], 5)
+    entry.update(_test_losses(trainer, model, test_ds, job))
     entry["sha256"] = on_main(state, lambda: store.save_adapter(model, root, job.path))
     base.model = model.unload()  # the LoRA layers go; base weights were never touched
     end_checkpointing(base.model)  # the next job's Trainer turns it on again if it asks for it
+    restore()  # a quantised base: its norms and embeddings back in the dtype they were loaded in
     return entry
+
+
+def _test_losses(trainer: Any, model: Any, test_ds: Any, job: Job) -> dict:
+    """The adapter's loss on the job's test records and, for a task, the base model's."""
+    if test_ds is None:
+        return {}
+    losses = {"test_loss": round(trainer.evaluate(test_ds)["eval_loss"], 5)}
+    if job.kind == "task":
+        with model.disable_adapter():
+            losses["base_test_loss"] = round(trainer.evaluate(test_ds)["eval_loss"], 5)
+    return losses
 
 
 def _start_from(model: Any, trunk: Path, job: Job, cfg: Config, checkpoint: Path | None) -> Any:
