@@ -115,14 +115,19 @@ def test_version_2_leaves_out_what_cannot_change_the_weights(kind, both, extra, 
 
 
 def test_version_2_keeps_what_does_change_them(tiny_model_dir, tmp_path):
-    def print_of(kind: str, *extra: str, base: str = "sha256:x") -> str:
+    def print_of(kind: str, *extra: str, base: str = "sha256:x", version: int = changes.FINGERPRINT_VERSION) -> str:
         job, cfg = _job(kind, *extra, tmp_path=tmp_path, model=tiny_model_dir)
-        return changes.fingerprint(job, cfg, base)["sha256"]
+        return changes.fingerprint(job, cfg, base, version=version)["sha256"]
 
     same = print_of("task")
     assert print_of("task", "training.max_steps=5") != same  # the step count
     early = print_of("task", EARLY)
     assert print_of("task", EARLY, "training.early_stopping.patience=9") != early  # a task stops on validation
+    # the batching of the validation loss can move the chosen checkpoint: in where a job stops on it
+    assert print_of("task", EARLY, "training.eval_batch_size=3") != early
+    assert print_of("task", EARLY, "training.eval_batch_size=3", version=1) == print_of("task", EARLY, version=1)
+    assert print_of("task", "training.eval_batch_size=3") == same
+    assert print_of("router", EARLY, "training.eval_batch_size=3") == print_of("router", EARLY)
     # the MiniLM encoder never reads the base model; a classifier over the base does
     assert print_of("encoder", base="sha256:a") == print_of("encoder", base="sha256:b")
     assert print_of("classifier", base="sha256:a") != print_of("classifier", base="sha256:b")

@@ -24,7 +24,8 @@ mixed precision is a training setting (`precision: auto` as what it means on thi
 masks (the RNG state is replayed), so the weights are the same (tests/test_memory_features.py).
 
 Versions: a fingerprint records the rule that made it. Version 2 adds a local model's
-config.json to the base model and leaves out what cannot change the weights (`training.cola`
+config.json to the base model and `eval_batch_size` to a job that stops on validation records,
+and leaves out what cannot change the weights (`training.cola`
 under `method: lora`, early stopping for a job without validation records, `epochs` and
 `max_steps`: the step count is in, the base model for a selector over its own encoder). An entry
 an older chainlora wrote is compared by its own version's rule (kept in `_rule`), and a kept one
@@ -49,9 +50,8 @@ FINGERPRINT_VERSION = 2
 OLDER_VERSIONS = (1,)  # rules still known: an entry of one of them is compared by it, then upgraded
 # Settings that change how a run is logged or checkpointed, never the weights it produces.
 # eval_batch_size is the exception under early stopping: the Trainer's validation loss is a mean
-# of batch means, so the batching can move the chosen checkpoint. It stays out: in, it would
-# retrain every early-stopped library trained with a non-default value (the demo config's 24),
-# where nothing changed (docs/training.md says to retrain with --force after changing it).
+# of batch means, so the batching can move the chosen checkpoint. Version 2 holds it for a job
+# that stops on validation records (version 1 did not; its entries are compared by its rule).
 NOT_IN_FINGERPRINT = ("save_steps", "logging_steps", "eval_batch_size", "gradient_checkpointing")
 EARLIER_RUN = "finished by the interrupted run"
 
@@ -72,6 +72,8 @@ def _settings(job: Job, version: int) -> dict:
         del settings["epochs"], settings["max_steps"]  # the Trainer runs job.steps, which is in
         if settings["method"] != "cola":
             del settings["cola"]  # read only by a residual chain's links
+        if "early_stopping" in settings:  # it batches the validation loss that picks the checkpoint
+            settings["eval_batch_size"] = job.settings.eval_batch_size
     if kinds.ENTRIES[job.kind].own_section:  # trained in fp32 by their section's keys: the task
         settings = {"seed": settings["seed"]}  # adapters' learning rate or steps do not retrain it
     return settings
