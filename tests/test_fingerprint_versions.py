@@ -128,6 +128,10 @@ def test_version_2_keeps_what_does_change_them(tiny_model_dir, tmp_path):
     assert print_of("task", EARLY, "training.eval_batch_size=3", version=1) == print_of("task", EARLY, version=1)
     assert print_of("task", "training.eval_batch_size=3") == same
     assert print_of("router", EARLY, "training.eval_batch_size=3") == print_of("router", EARLY)
+    # a residual branch compresses trunk ⊕ branch to cola.compress_rank under method: lora too
+    residual = print_of("task", "chain.branch=residual")
+    assert print_of("task", "chain.branch=residual", "training.cola.compress_rank=4") != residual
+    assert print_of("task", "chain.branch=residual", "training.cola.links=3") == residual
     # the MiniLM encoder never reads the base model; a classifier over the base does
     assert print_of("encoder", base="sha256:a") == print_of("encoder", base="sha256:b")
     assert print_of("classifier", base="sha256:a") != print_of("classifier", base="sha256:b")

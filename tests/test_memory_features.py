@@ -307,6 +307,12 @@ def test_a_lora_job_leaves_a_quantised_base_as_it_was_loaded(tiny_model_dir, dat
     loaded = {n: p.dtype for n, p in base.model.named_parameters()}
     texts = ["Give the antonym of hot.", "Rhyme with cat."]
 
+    def kernels() -> dict[str, bool]:  # bitsandbytes' CPU inference kernel, where a layer has one
+        return {n: m.support_avx512bf16_for_cpu for n, m in base.model.named_modules()
+                if hasattr(m, "support_avx512bf16_for_cpu")}
+
+    inference = kernels()
+
     def embed() -> torch.Tensor:
         return FrozenEncoder("base", base.model, base.tokenizer).embed(texts)
 
@@ -318,7 +324,7 @@ def test_a_lora_job_leaves_a_quantised_base_as_it_was_loaded(tiny_model_dir, dat
     job = plan_train(cfg, load_data(cfg)).jobs[0]
     run_job(job, base, cfg, tmp_path / "lib", False, RunProgress([job], enabled=False),
             changes.fingerprint(job, cfg, base.fingerprint))
-    assert {n: p.dtype for n, p in base.model.named_parameters()} == loaded
+    assert {n: p.dtype for n, p in base.model.named_parameters()} == loaded and kernels() == inference
     assert torch.allclose(embed(), before, atol=1e-5)
 
 

@@ -150,27 +150,33 @@ def prepare_for_training(model: Any, wanted: str | None, key: str = KEY) -> Call
 
     loaded = {name: p.dtype for name, p in model.named_parameters()}
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    _trainable_layout(model)
-    return lambda: _restore_dtypes(model, loaded)
+    kernels = _trainable_layout(model)
+    return lambda: _restore(model, loaded, kernels)
 
 
-def _restore_dtypes(model: Any, loaded: dict[str, Any]) -> None:
+def _restore(model: Any, loaded: dict[str, Any], kernels: list[tuple[Any, bool]]) -> None:
     """Cast back the parameters the preparation upcast (the same values: bf16/fp16 -> fp32 -> back
-    is exact)."""
+    is exact) and give each 4-bit layer its inference kernel back (the next job's preparation
+    unpacks a weight it repacked)."""
     for name, param in model.named_parameters():
         if name in loaded and param.dtype != loaded[name]:
             param.data = param.data.to(loaded[name])
+    for module, flag in kernels:
+        module.support_avx512bf16_for_cpu = flag
 
 
-def _trainable_layout(model: Any) -> None:
+def _trainable_layout(model: Any) -> list[tuple[Any, bool]]:
     """bitsandbytes' CPU backend (0.50, CPUs with AVX512-BF16) repacks a 4-bit weight for its
     inference kernel on the first eval-mode forward without gradients, and the repacked weight has
     no backward: a job trained after an evaluation (early stopping, or the previous job's test loss
     on the shared base) silently gets no gradient through the base layers. A model that trains keeps
-    the trainable layout (a repacked weight is unpacked again); inference-only loads keep the fast one."""
+    the trainable layout (a repacked weight is unpacked again) while it trains; inference-only loads
+    keep the fast one. Returns each such layer with its flag before, for `_restore`."""
+    kernels = []
     for module in model.modules():
         if not hasattr(module, "support_avx512bf16_for_cpu"):
             continue
+        kernels.append((module, module.support_avx512bf16_for_cpu))
         module.support_avx512bf16_for_cpu = False
         state = getattr(module.weight, "quant_state", None)
         if getattr(state, "packing_format_for_cpu", False):
@@ -178,3 +184,4 @@ def _trainable_layout(model: Any) -> None:
 
             module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data,
                                                                                                    state)
+    return kernels

@@ -25,11 +25,11 @@ masks (the RNG state is replayed), so the weights are the same (tests/test_memor
 
 Versions: a fingerprint records the rule that made it. Version 2 adds a local model's
 config.json to the base model and `eval_batch_size` to a job that stops on validation records,
-and leaves out what cannot change the weights (`training.cola`
-under `method: lora`, early stopping for a job without validation records, `epochs` and
-`max_steps`: the step count is in, the base model for a selector over its own encoder). An entry
-an older chainlora wrote is compared by its own version's rule (kept in `_rule`), and a kept one
-is rewritten with the current fingerprint: upgrading retrains nothing that did not change.
+and leaves out what cannot change the weights (`training.cola` under `method: lora`, but for a
+residual branch's `compress_rank`; early stopping for a job without validation records; `epochs`
+and `max_steps`: the step count is in; the base model for a selector over its own encoder). An
+entry an older chainlora wrote is compared by its own version's rule (kept in `_rule`), and a
+kept one is rewritten with the current fingerprint: upgrading retrains nothing that did not change.
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ def _settings(job: Job, version: int) -> dict:
         settings["precision"] = f"auto:{resolved_precision(job.settings)}"
     if version >= 2:
         del settings["epochs"], settings["max_steps"]  # the Trainer runs job.steps, which is in
-        if settings["method"] != "cola":
-            del settings["cola"]  # read only by a residual chain's links
+        if settings["method"] != "cola":  # read only by a residual chain's links and a residual branch's export
+            cola = settings.pop("cola")
+            if job.start is not None and job.branch == "residual":  # trunk ⊕ branch, compressed to this rank
+                settings["cola_compress_rank"] = cola["compress_rank"]
         if "early_stopping" in settings:  # it batches the validation loss that picks the checkpoint
             settings["eval_batch_size"] = job.settings.eval_batch_size
     if kinds.ENTRIES[job.kind].own_section:  # trained in fp32 by their section's keys: the task
