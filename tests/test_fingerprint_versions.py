@@ -48,13 +48,16 @@ def test_a_library_version_1_wrote_keeps_every_adapter_and_is_upgraded(v2_lib, t
     before = files(lib)
     assert {e["fingerprint"]["version"] for _, e in changes.entries(store.read_manifest(lib))} == {1}
 
+    selection = store.read_manifest(lib)["selection"]
     train_library(cfg, lib)
-    plan = plan_lines(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    plan = plan_lines(out)
     assert len(plan) == 6 and all(a == "keep" for a, _ in plan.values()), plan
     assert files(lib) == before  # nothing retrained
+    assert "measuring the selectors" not in out  # nor measured: the block is carried over
     manifest = Library.open(lib).manifest
     assert {e["fingerprint"]["version"] for _, e in changes.entries(manifest)} == {changes.FINGERPRINT_VERSION}
-    assert manifest["selection"]["fingerprint"] == store.read_manifest(base_lib)["selection"]["fingerprint"]
+    assert manifest["selection"] == {**selection, "fingerprint": store.read_manifest(base_lib)["selection"]["fingerprint"]}
 
     train_library(cfg, lib)  # upgraded: nothing left to do
     assert "already trained with this config" in capsys.readouterr().out

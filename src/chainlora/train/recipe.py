@@ -58,6 +58,7 @@ def train_library(cfg: Config, out: str | Path | None = None, *, resume: bool = 
     prints = by_version(changes.FINGERPRINT_VERSION)
     todo = changes.decide(plan.jobs, by_version, root, build.manifest, build.partial, build.earlier, force)
     blocks = {"selection": _selection_fp(cfg, plan, prints), "gate": _gate_fp(cfg, plan, prints)}
+    _upgrade_blocks(build.manifest, blocks, cfg, plan, by_version)
     state.wait_for_everyone()  # every process has read the disk before the main one writes to it
     current = _current(build.manifest, todo, root, blocks)
     if state.is_main_process and (dry_run or not current):
@@ -115,6 +116,19 @@ def _gate_fp(cfg: Config, plan: Plan, prints: dict) -> str | None:
         return None
     return gate.fingerprint(plan.gate, {j.path: prints[j.path]["sha256"] for j in plan.of_kind("task", "mixed")},
                             cfg.system_prompt)
+
+
+def _upgrade_blocks(manifest: dict | None, blocks: dict, cfg: Config, plan: Plan, by_version: Callable) -> None:
+    """A `selection` / `gate` block an older chainlora measured, keyed by its version's fingerprints
+    of these very adapters, is carried over under the current key (in the manifest as read):
+    measuring it again would give the same, so upgrading measures nothing."""
+    for key, fp in blocks.items():
+        block = (manifest or {}).get(key)
+        if fp is None or not block or block.get("fingerprint") == fp:
+            continue
+        keyed = {"selection": _selection_fp, "gate": _gate_fp}[key]
+        if any(block.get("fingerprint") == keyed(cfg, plan, by_version(v)) for v in changes.OLDER_VERSIONS):
+            manifest[key] = {**block, "fingerprint": fp}
 
 
 def _current(manifest: dict | None, todo: list[changes.Change], root: Path, blocks: dict) -> bool:
