@@ -209,14 +209,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def stops(rows: list[dict]) -> str:
     """Where early stopping chose each system's checkpoint: median best step of the task adapters
-    and of the mixed adapters, against their caps."""
+    (and how many were best at their last step: still improving where the cap stopped them) and
+    of the mixed adapters, against their caps."""
     lines = []
     for r in sorted(rows, key=lambda r: (r["rank"], r["seed"], SYSTEMS.index(r["system"]))):
         st = r.get("steps") or {}
-        tasks = sorted(v["best"] for k, v in st.items() if k not in ("mixed", "trunk", "finetune") and v["best"])
+        own = [v for k, v in st.items() if k not in ("mixed", "trunk", "finetune") and v["best"]]
+        tasks = sorted(v["best"] for v in own)
         parts = []
         if tasks:
-            parts.append(f"task adapters' best step median {tasks[len(tasks) // 2]} (range {tasks[0]}-{tasks[-1]})")
+            last = sum(v["best"] == v["steps"] for v in own)
+            parts.append(f"task adapters' best step median {tasks[len(tasks) // 2]} (range {tasks[0]}-{tasks[-1]}; "
+                         f"{last} of {len(own)} best at their last step)")
         for k in ("trunk", "mixed", "finetune"):
             if k in st and st[k]["best"]:
                 loss = f", validation loss {st[k]['loss']:.3f}" if st[k].get("loss") else ""

@@ -186,3 +186,14 @@ def test_warm_and_residual_start_from_each_others_library_else_nones(monkeypatch
     capacity.train(4, 1, "warm", 640, 40, args, tmp_path)
     assert seen[-1] == ("warm", ["trunk"])
     assert sorted(p.name.split("-")[1] for p in stale.glob(".stale-*")) == ["warm", "warm.partial"]
+
+
+def test_where_each_adapter_stopped_counts_those_still_improving_at_the_cap(capacity):
+    """A task adapter whose best checkpoint is its last step was still improving when the cap
+    stopped it: the count says where the cap, not the system, decided."""
+    row = _row("none", 0, 1.0)
+    row["steps"] = {t: {"steps": 64, "best": 64 if i < 3 else 20, "loss": 2.0} for i, t in enumerate(TASKS)}
+    row["steps"]["mixed"] = {"steps": 460, "best": 420, "loss": 2.5}
+    line = capacity.stops([row])
+    assert "task adapters' best step median 20 (range 20-64; 3 of 10 best at their last step)" in line
+    assert "mixed best 420 of 460 run" in line
