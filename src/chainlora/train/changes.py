@@ -61,8 +61,9 @@ def _digest(obj: Any) -> str:
 
 
 def _settings(job: Job, version: int) -> dict:
-    """The training settings that decide the job's weights (keys added later enter only when
-    they differ from what trained before them, so older libraries keep their fingerprints)."""
+    """The training settings that decide the job's weights by `version`'s rule (keys added later
+    enter only when they differ from what trained before them, so older libraries keep their
+    fingerprints)."""
     settings = {k: v for k, v in job.settings.model_dump().items() if k not in NOT_IN_FINGERPRINT}
     if not settings["early_stopping"]["enabled"] or (version >= 2 and not job.validation):
         del settings["early_stopping"]  # added later: off, it trains as before; v2: nothing to stop on
@@ -122,6 +123,8 @@ def fingerprint(job: Job, cfg: Config, base: BaseFiles | str, world_size: int = 
 
 
 def _rule(job: Job, cfg: Config, base: BaseFiles, world_size: int, start: dict | None, version: int) -> dict:
+    """The fingerprint's parts by `version`'s rule (each `version >= N` marks what version N changed;
+    without one a line is every version's)."""
     parts = {
         "base model": _base_part(cfg, base, version),
         # The processes' count is in: a step then holds world_size x batch_size examples.
